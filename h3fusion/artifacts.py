@@ -1,0 +1,141 @@
+"""Artifacts on disk: atomic writes, manifests, and the "skip when complete and unchanged" rule.
+
+An artifact folder is complete only when its ``manifest.json`` exists, and the manifest is the
+last thing written, inside a temporary folder that is renamed into place. A killed stage thus
+leaves either nothing, a stale ``*.tmp-*`` folder (ignored and replaced), or a complete artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from h3fusion.config import PROJECT_ROOT, Profile
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("h3fusion", "torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(folder: Path, config_hash: str) -> bool:
+    """True when `folder` holds a fully written artifact made with the same config."""
+    manifest = read_manifest(folder)
+    return manifest is not None and manifest.get("config_hash") == config_hash
+
+
+def make_manifest(
+    profile: Profile, config_hash: str, wall_time_s: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "profile": profile.name,
+        "config_hash": config_hash,
+        "seed": profile.seed,
+        "config": profile.model_dump(mode="json"),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "hardware": hardware(),
+        "wall_time_s": round(wall_time_s, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success replace `final` with it in one rename.
+
+    The caller writes everything, manifest last. On an exception the temporary folder is removed
+    and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+class Stopwatch:
+    """`with Stopwatch() as sw: ...; sw.seconds`."""
+
+    def __enter__(self) -> Stopwatch:
+        self._t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0

@@ -1,0 +1,129 @@
+"""The `h3fusion` command: a thin layer over the library, one subcommand per pipeline stage.
+
+Each subcommand imports its module lazily, so `h3fusion --help` is instant. User mistakes
+(`H3FusionError`) print one clear message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from h3fusion.errors import H3FusionError
+
+TASK_CHOICES = ("helpful", "harmless", "honest", "all")
+
+
+def _parse_set(values: list[str] | None) -> dict[str, Any]:
+    """`--set fusion.top_k=1 --set data.max_length=128` -> overrides (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in values or []:
+        if "=" not in item:
+            raise H3FusionError(f"--set expects KEY=VALUE (e.g. fusion.top_k=1), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _profile(args: argparse.Namespace):
+    from h3fusion.config import load_profile
+
+    return load_profile(args.profile, _parse_set(args.set))
+
+
+def _call(module: str, function: str) -> Callable[..., Any]:
+    return getattr(importlib.import_module(f"h3fusion.{module}"), function)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    _call("data.report", "print_report")(_profile(args))
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    _call("experts", "align")(_profile(args), args.task)
+
+
+def cmd_fuse(args: argparse.Namespace) -> None:
+    _call("fusion", "fuse")(_profile(args), raw_only=args.raw_only)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    metrics = _call("evaluation.run", "evaluate_model")(_profile(args), args.model)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_judges(args: argparse.Namespace) -> None:
+    _call("evaluation.judges", "print_validation")(_profile(args))
+
+
+def cmd_baselines(args: argparse.Namespace) -> None:
+    _call("baselines", "run_baselines")(_profile(args), only=args.only)
+
+
+def cmd_run_notebooks(args: argparse.Namespace) -> None:
+    _call("notebooks", "run_notebooks")(args.profile, only=args.only, output_dir=args.output_dir)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    _call("bench", "run_bench")(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="h3fusion",
+        description="H3Fusion: fuse helpful, harmless and honest LoRA experts into one MoE model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help: str, profile: bool = True):
+        p = sub.add_parser(name, help=help, description=help)
+        if profile:
+            p.add_argument("--profile", "-p", default="cpu", help="profile name (profiles/NAME.yaml) or path")
+            p.add_argument(
+                "--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. fusion.top_k=1"
+            )
+        p.set_defaults(func=func)
+        return p
+
+    add("data", cmd_data, "print counts per task and split, one example each, and every deviation from the paper")
+    p = add("align", cmd_align, "stage 1: LoRA-align one expert per task")
+    p.add_argument("--task", "-t", choices=TASK_CHOICES, default="all")
+    p = add("fuse", cmd_fuse, "upcycle the experts into an MoE and run fusion training (stage 2)")
+    p.add_argument("--raw-only", action="store_true", help="only build the raw (untrained) MoE")
+    p = add("evaluate", cmd_evaluate, "evaluate one model on the helpful, harmless and honest dimensions")
+    p.add_argument("--model", "-m", required=True, help="base, an expert, a fused variant or a baseline")
+    p = add("judges", cmd_judges, "train (or load cached) offline judges and print their validation figures")
+    p.add_argument("--validate", action="store_true", help="(default) print the validation figures")
+    p = add("baselines", cmd_baselines, "build and evaluate the baselines (merges, ensembles, H3Fusion-Instruct)")
+    p.add_argument("--only", help="build only this baseline")
+    p = add("run-notebooks", cmd_run_notebooks, "execute the notebooks with papermill into book/", profile=False)
+    p.add_argument("--profile", "-p", default="cpu", help="profile name or path")
+    p.add_argument("--only", action="append", help="notebook number (e.g. 02); repeatable")
+    p.add_argument("--output-dir", help="where executed notebooks go (default: book/)")
+    p = add("bench", cmd_bench, "benchmark the MoE against the dense model (ratios in one process)", profile=False)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shapes (for CI)")
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON to this path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except H3FusionError as err:
+        print(f"h3fusion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

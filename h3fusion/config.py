@@ -1,0 +1,317 @@
+"""Validated run configuration: one YAML profile -> one typed, frozen `Profile`.
+
+Sizes, seeds and model ids live in profiles (``profiles/*.yaml``), never in code. Every
+section forbids unknown keys, so a typo is an error that names the key instead of a silently
+ignored setting. Errors are raised as `ConfigError` with one line per problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from h3fusion.errors import H3FusionError
+
+TASKS: tuple[str, ...] = ("helpful", "harmless", "honest")
+"""The three alignment dimensions; a task's position is its expert index."""
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_ROOT.parent
+PROFILES_DIR = PROJECT_ROOT / "profiles"
+
+
+class ConfigError(H3FusionError, ValueError):
+    """A profile or override that cannot be used, with a message that says how to fix it."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_task_names(names: list[str] | dict[str, Any], key: str) -> None:
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task name(s) {unknown} in `{key}`; allowed: {list(TASKS)}")
+
+
+class PerTask(Section):
+    """One number per task (examples, eval items, ...)."""
+
+    helpful: int = Field(ge=0)
+    harmless: int = Field(ge=0)
+    honest: int = Field(ge=0)
+
+    def __getitem__(self, task: str) -> int:
+        return getattr(self, task)
+
+
+class DataConfig(Section):
+    source: Literal["local", "hub"] = "local"
+    """`local`: files laid out as ../shared/data (see data/README.md); `hub`: the Hugging Face hub."""
+    dir: str | None = None
+    """Local data folder; default: $H3FUSION_DATA_DIR, else data/raw/ in the project."""
+    max_length: int = Field(gt=8)
+    train_examples: PerTask
+    """Training examples per task for both stages (capped by what the split holds)."""
+    eval_examples: PerTask
+    """Evaluation items per dimension (the paper: 50 AlpacaEval, all BeaverTails test, 409 TruthfulQA)."""
+    beavertails_eval_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt)."""
+    beavertails_judge_fraction: float = Field(0.3, ge=0, lt=1)
+    """Share of the remaining (non-eval) BeaverTails prompts reserved for the harmlessness judge."""
+
+
+class TinyModelConfig(Section):
+    """Shape of the random Llama used by tests and the smoke profile."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(512, gt=0)
+
+
+class ModelConfig(Section):
+    base: str
+    """`tiny-random`, `smollm2-offline`, a Hugging Face hub id, or a local folder."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModelConfig = TinyModelConfig()
+    cache_dir: str | None = None
+    """Where converted models are cached; default: ~/.cache/h3fusion."""
+
+
+class LoraConfig(Section):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    """Set exactly one of `max_steps` and `epochs` (the paper trains 3 epochs)."""
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of `max_steps` and `epochs`")
+        return self
+
+
+class ExpertsConfig(Section):
+    lora: LoraConfig
+    train: TrainConfig
+
+
+class ReleasedCodeSwitches(Section):
+    """Re-create the released code's bugs (DESIGN 8.5) to measure what each changes. All off = correct."""
+
+    labels: bool = False
+    """Mixed-dataset labels from a running total (honest samples labelled harmless)."""
+    gating_loss: bool = False
+    """Double softmax in the gating loss, padding tokens averaged in."""
+    drift: bool = False
+    """Penalise weight norms (frozen weights included) instead of drift from the upcycled experts."""
+
+
+class FusionConfig(Section):
+    top_k: int = Field(2, gt=0)
+    storage: Literal["delta", "materialised"] = "delta"
+    router_init: Literal["random", "hidden"] = "random"
+    router_init_examples: int = Field(32, gt=0)
+    """Training prompts per task averaged for the `hidden` router init."""
+    gate_weight: float = Field(ge=0)
+    """lambda, the weight of the gating loss."""
+    drift_gammas: dict[str, float]
+    """gamma_i per task (expert), the weight of expert i's drift penalty."""
+    load_balance_weight: float = Field(0.0, ge=0)
+    lora: LoraConfig
+    """LoRA on the experts during fusion training (trained with the router)."""
+    attention_lora: bool = False
+    """Also LoRA-tune attention (the released code does; the paper's text says frozen)."""
+    train: TrainConfig
+    released_code: ReleasedCodeSwitches = ReleasedCodeSwitches()
+
+    @field_validator("drift_gammas")
+    @classmethod
+    def _gammas(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_task_names(v, "fusion.drift_gammas")
+        negative = {k: g for k, g in v.items() if g < 0}
+        if negative:
+            raise ValueError(f"negative loss weight(s) {negative} in `fusion.drift_gammas`; use values >= 0")
+        return v
+
+    def gamma(self, task: str) -> float:
+        return self.drift_gammas.get(task, 0.0)
+
+    @property
+    def variant(self) -> str:
+        """Name of the trained model's folder, after lambda, gamma and k."""
+        gammas = "-".join(f"{self.gamma(t):g}" for t in TASKS)
+        return f"lam{self.gate_weight:g}_gam{gammas}_k{self.top_k}"
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy (default); > 0 = seeded sampling."""
+
+
+class EvaluationConfig(Section):
+    generation: GenerationConfig
+    helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
+    harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
+    honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
+
+
+class Profile(Section):
+    """A whole run's configuration (one YAML file in profiles/)."""
+
+    name: str
+    seed: int = 42
+    tasks: tuple[str, ...] = TASKS
+    runs_dir: str | None = None
+    """Artifacts root; default: $H3FUSION_RUNS_DIR, else runs/ in the project. Artifacts go to <runs_dir>/<name>/."""
+    data: DataConfig
+    model: ModelConfig
+    experts: ExpertsConfig
+    fusion: FusionConfig
+    evaluation: EvaluationConfig
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        _check_task_names(list(v), "tasks")
+        if len(set(v)) != len(v) or not v:
+            raise ValueError(f"`tasks` must list distinct task names, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        n = len(self.tasks)
+        if self.fusion.top_k > n:
+            raise ValueError(
+                f"`fusion.top_k` = {self.fusion.top_k} is larger than the number of experts ({n}, one per task "
+                f"in `tasks`); use a top_k between 1 and {n}"
+            )
+        return self
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def run_dir(self) -> Path:
+        root = self.runs_dir or os.environ.get("H3FUSION_RUNS_DIR") or str(PROJECT_ROOT / "runs")
+        return Path(root) / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir or os.environ.get("H3FUSION_DATA_DIR") or PROJECT_ROOT / "data" / "raw")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections: an artifact is reused only when these match."""
+        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid profile {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - `{key}`: unknown key; check its spelling against profiles/cpu.yaml")
+        elif e["type"] == "missing":
+            lines.append(f"  - `{key}`: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - `{key}`: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{'fusion.top_k': 1} -> {'fusion': {'top_k': 1}} (the form papermill parameters take)."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A profile name (`cpu`) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+        if not candidate.exists():
+            raise ConfigError(f"profile file {candidate} does not exist")
+        return candidate
+    path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {str(name_or_path)!r}; known profiles: {known} (in {PROFILES_DIR})")
+    return path
+
+
+def load_profile(name_or_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Profile:
+    """Load and validate a profile; `overrides` (nested or dotted keys) win over the file."""
+    path = profile_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"profile {path} must be a mapping of sections, got {type(raw).__name__}")
+    return profile_from_dict(raw, overrides, origin=str(path))
+
+
+def profile_from_dict(
+    raw: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<dict>"
+) -> Profile:
+    if overrides:
+        dotted = {k: v for k, v in overrides.items() if "." in k}
+        plain = {k: v for k, v in overrides.items() if "." not in k}
+        raw = _deep_update(_deep_update(raw, plain), dotted_to_nested(dotted))
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def save_resolved(profile: Profile, path: Path) -> None:
+    """Write the resolved profile beside an artifact (so the artifact says how it was made)."""
+    path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))
