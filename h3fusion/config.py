@@ -77,7 +77,8 @@ class TinyModelConfig(Section):
     num_hidden_layers: int = Field(2, gt=0)
     num_attention_heads: int = Field(4, gt=0)
     num_key_value_heads: int = Field(2, gt=0)
-    vocab_size: int = Field(512, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+    """The vocabulary is the real SmolLM2 tokenizer's (prompts tokenise as with the cpu profile)."""
 
 
 class ModelConfig(Section):
@@ -186,6 +187,32 @@ class EvaluationConfig(Section):
     honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
 
 
+class BaselinesConfig(Section):
+    """The baselines of DESIGN 8.4 (merges, ensembles, H3Fusion-Instruct); `h3fusion baselines` builds them.
+
+    The H3Fusion paper does not give the baselines' hyper-parameters; the defaults follow the method papers.
+    """
+
+    names: tuple[str, ...] | None = None
+    """Baselines built by `h3fusion baselines` (None = all; see `h3fusion.baselines.registry`)."""
+    task_arithmetic_scale: float = Field(0.5, gt=0)
+    """lambda of task arithmetic: base + lambda * sum of the experts' deltas."""
+    ties_density: float = Field(0.2, gt=0, le=1)
+    """Share of each delta's entries TIES keeps (largest magnitude), in (0, 1]."""
+    ties_scale: float = Field(1.0, gt=0)
+    """lambda applied to the TIES-merged delta."""
+    dare_drop_rate: float = Field(0.5, ge=0, lt=1)
+    """Share of delta entries DARE drops at random, in [0, 1) (0 = no drop; survivors are scaled by 1/(1-p))."""
+    dare_scale: float = Field(0.5, gt=0)
+    """lambda of the task arithmetic that follows DARE's drop-and-rescale."""
+    packllm_temperature: float = Field(1.0, gt=0)
+    """tau of the PackLLM weights softmax(-log perplexity / tau)."""
+    instruct_train_examples: int = Field(8, gt=0)
+    """Training prompts per task answered by the experts to train the LoRA fuser of H3Fusion-Instruct."""
+    instruct_lora: LoraConfig = LoraConfig(r=8, alpha=16)
+    instruct_train: TrainConfig = TrainConfig(max_steps=20, batch_size=4, lr=1.0e-3)
+
+
 class Profile(Section):
     """A whole run's configuration (one YAML file in profiles/)."""
 
@@ -199,6 +226,7 @@ class Profile(Section):
     experts: ExpertsConfig
     fusion: FusionConfig
     evaluation: EvaluationConfig
+    baselines: BaselinesConfig = BaselinesConfig()
 
     @field_validator("tasks")
     @classmethod
