@@ -1,0 +1,356 @@
+"""Analysis of fused models: routing statistics, hidden-state embeddings, t-SNE and expert drift.
+
+Everything here is a function of a model (or of arrays) that returns numpy arrays, so the notebooks only
+glue calls together and plot. Two kinds of MoE model are supported without hooks:
+
+- `h3fusion.moe.MoECausalLM`, whose forward always returns ``.router_logits``;
+- an exported fused model (a plain ``MixtralForCausalLM`` folder), asked for them with
+  ``output_router_logits=True``.
+
+Router logits come per layer, either as ``[B, T, E]`` or flattened ``[B*T, E]`` (Mixtral); both are reshaped
+with the attention mask's shape. Averages are taken over each prompt's non-padding tokens only (the attention
+mask), then over prompts, so padding never dilutes a statistic and a batch size never changes a result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from h3fusion.errors import H3FusionError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_BATCH_SIZE = 8
+"""Prompts per forward pass; results do not depend on it (padding is masked out of every average)."""
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def _batches(items: Sequence[str], batch_size: int) -> Iterator[list[str]]:
+    if batch_size < 1:
+        raise H3FusionError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        yield list(items[start : start + batch_size])
+
+
+def _check_prompts(prompts: Sequence[str], what: str) -> None:
+    if isinstance(prompts, str):
+        raise H3FusionError(f"{what}: pass a list of prompts, not one string")
+    if len(prompts) == 0:
+        raise H3FusionError(f"{what}: the list of prompts is empty; pass at least one prompt")
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenise a batch with padding (either side works: every average here uses the attention mask)."""
+    if tokenizer.pad_token is None:
+        raise ModelError(
+            "the tokenizer has no pad token; load it with h3fusion.models.load_tokenizer (or pass it through "
+            "h3fusion.models.prepare_tokenizer) so that batches can be padded"
+        )
+    enc = tokenizer(
+        list(prompts),
+        return_tensors="pt",
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class _EvalMode:
+    """Run a model in eval mode without grad, restoring its previous mode afterwards."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._no_grad = torch.no_grad()
+        self._no_grad.__enter__()
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+        self._no_grad.__exit__(*exc)
+
+
+def _progress(iterable: Any, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=total <= 1)
+
+
+def _n_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [B, T, ...] over the tokens where `mask` [B, T] is 1 -> [B, ...]."""
+    m = mask.to(values.dtype).reshape(*mask.shape, *([1] * (values.dim() - 2)))
+    counts = m.sum(dim=1).clamp(min=1)
+    return (values * m).sum(dim=1) / counts
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+
+def _accepts(model: Any, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def router_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per-layer router logits of one forward pass, for an MoECausalLM or an exported MixtralForCausalLM."""
+    kwargs: dict[str, Any] = {}
+    if _accepts(model, "output_router_logits"):
+        kwargs["output_router_logits"] = True
+    out = model(**batch, **kwargs)
+    logits = getattr(out, "router_logits", None)
+    if not logits:
+        raise ModelError(
+            f"{type(model).__name__} returned no router logits: routing statistics need a fused MoE model "
+            f"(h3fusion.moe.MoECausalLM or an exported MixtralForCausalLM), not a dense model"
+        )
+    return list(logits)
+
+
+def routing_probs_per_layer(logits: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Router logits (per layer, [B, T, E] or [B*T, E]) -> mean softmax probability per prompt [B, layers, E]."""
+    import torch
+
+    batch, tokens = attention_mask.shape
+    per_layer = []
+    for layer, lg in enumerate(logits):
+        if lg.shape[:-1].numel() != batch * tokens:
+            raise ModelError(
+                f"router logits of layer {layer} have shape {tuple(lg.shape)}, which does not match the batch "
+                f"({batch} prompts x {tokens} tokens)"
+            )
+        probs = lg.float().reshape(batch, tokens, lg.shape[-1]).softmax(dim=-1)
+        per_layer.append(masked_mean(probs, attention_mask.to(probs.device)))
+    return torch.stack(per_layer, dim=1)
+
+
+def routing_per_prompt(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """Mean router probability per prompt, layer and expert, [prompts, layers, experts] (each row sums to 1)."""
+    _check_prompts(prompts, "routing_per_prompt")
+    device, out = _device(model), []
+    with _EvalMode(model):
+        batches = _batches(prompts, batch_size)
+        for chunk in _progress(batches, _n_batches(len(prompts), batch_size), "routing"):
+            batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, max_length).items()}
+            probs = routing_probs_per_layer(router_logits(model, batch), batch["attention_mask"])
+            out.append(probs.cpu().double().numpy())
+    return np.concatenate(out, axis=0)
+
+
+def routing_profile(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """Mean router probability per layer and expert, [layers, experts]: tokens first, then prompts."""
+    return routing_per_prompt(model, tokenizer, prompts, batch_size, max_length).mean(axis=0)
+
+
+def routing_by_task(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts_by_task: Mapping[str, Sequence[str]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """{task: [layers, experts]} routing profile of each task's prompts (the heat-maps of the fusion notebook)."""
+    if not prompts_by_task:
+        raise H3FusionError("routing_by_task: no tasks given; pass {task: [prompt, ...]}")
+    return {
+        task: routing_profile(model, tokenizer, prompts, batch_size, max_length)
+        for task, prompts in prompts_by_task.items()
+    }
+
+
+def task_expert_matrix(profiles_by_task: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Layer-averaged routing, [tasks, experts] in the dict's task order (the paper's Figure 2 analogue)."""
+    if not profiles_by_task:
+        raise H3FusionError("task_expert_matrix: no routing profiles given")
+    shapes = {np.shape(m) for m in profiles_by_task.values()}
+    if len(shapes) != 1:
+        raise H3FusionError(f"task_expert_matrix: routing profiles of different shapes {sorted(shapes)}")
+    return np.stack([np.asarray(m, dtype=float).mean(axis=0) for m in profiles_by_task.values()])
+
+
+def routing_accuracy(per_prompt_by_task: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, float]:
+    """Share of each task's prompts whose highest layer-averaged expert is that task's expert.
+
+    `tasks` gives the expert order (expert i was aligned on tasks[i]); this is what the gating loss trains.
+    """
+    out = {}
+    for task, per_prompt in per_prompt_by_task.items():
+        if task not in tasks:
+            raise H3FusionError(f"routing_accuracy: task {task!r} has no expert; experts are {list(tasks)}")
+        top = np.asarray(per_prompt).mean(axis=1).argmax(axis=-1)
+        out[task] = float(np.mean(top == list(tasks).index(task)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+def hidden_embeddings(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    layer: int = -1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """Mean-pooled hidden states of one layer over each prompt's non-padding tokens, [prompts, hidden].
+
+    `layer` indexes ``output_hidden_states`` (0 = embeddings, -1 = the last layer after the final norm), so
+    the same index means the same depth for the dense base, an expert, and a fused model of that base.
+    """
+    _check_prompts(prompts, "hidden_embeddings")
+    device, out = _device(model), []
+    with _EvalMode(model):
+        batches = _batches(prompts, batch_size)
+        for chunk in _progress(batches, _n_batches(len(prompts), batch_size), "embeddings"):
+            batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, max_length).items()}
+            result = model(**batch, output_hidden_states=True)
+            states = getattr(result, "hidden_states", None)
+            if not states:
+                raise ModelError(
+                    f"{type(model).__name__} returned no hidden states for output_hidden_states=True"
+                )
+            if not -len(states) <= layer < len(states):
+                raise H3FusionError(
+                    f"layer {layer} does not exist: the model returns {len(states)} hidden states "
+                    f"(0 = embeddings ... {len(states) - 1} = last layer); pick a layer in that range or -1"
+                )
+            pooled = masked_mean(states[layer].float(), batch["attention_mask"])
+            out.append(pooled.cpu().double().numpy())
+    return np.concatenate(out, axis=0)
+
+
+def _paired(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise H3FusionError(
+            f"{what}: expects two [n, d] arrays of the same prompts, got shapes {a.shape} and {b.shape}"
+        )
+    return a, b
+
+
+def mean_l2_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over prompts of the L2 distance between two models' embeddings of the same prompt (row i vs row i)."""
+    a, b = _paired(a, b, "mean_l2_distance")
+    return float(np.linalg.norm(a - b, axis=1).mean())
+
+
+def distances_to(reference: np.ndarray, embeddings_by_model: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """{model: mean L2 distance to `reference`} (e.g. to the base model, or to one expert)."""
+    return {name: mean_l2_distance(emb, reference) for name, emb in embeddings_by_model.items()}
+
+
+def tsne_2d(
+    embeddings_by_model: Mapping[str, np.ndarray], seed: int, perplexity: float | None = None
+) -> dict[str, np.ndarray]:
+    """One joint t-SNE of all models' embeddings -> {model: [n, 2]} on comparable coordinates.
+
+    Fitting each model separately would give unrelated axes; stacking them puts all points in one map.
+    Perplexity defaults to min(30, (N - 1) / 3) for N points in all, as t-SNE needs perplexity < N.
+    """
+    from sklearn.manifold import TSNE
+
+    if not embeddings_by_model:
+        raise H3FusionError("tsne_2d: no embeddings given")
+    arrays = {k: np.asarray(v, dtype=float) for k, v in embeddings_by_model.items()}
+    dims = {a.shape[1] for a in arrays.values() if a.ndim == 2}
+    if len(dims) != 1 or any(a.ndim != 2 for a in arrays.values()):
+        raise H3FusionError(
+            f"tsne_2d: every model needs [n, d] embeddings of the same width d, got "
+            f"{ {k: a.shape for k, a in arrays.items()} }"
+        )
+    stacked = np.concatenate(list(arrays.values()), axis=0)
+    if len(stacked) < 4:
+        raise H3FusionError(f"tsne_2d: needs at least 4 points in all, got {len(stacked)}")
+    perplexity = perplexity if perplexity is not None else min(30.0, (len(stacked) - 1) / 3)
+    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(stacked)
+    out, start = {}, 0
+    for name, a in arrays.items():
+        out[name] = coords[start : start + len(a)]
+        start += len(a)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+_EXPERT = re.compile(r"experts\.(\d+)\.")
+
+
+def _expert_squares(key: str, diff: torch.Tensor) -> dict[int, float]:
+    """Squared Frobenius norm per expert of one tensor's difference (per-expert keys or packed [E, ...])."""
+    found = _EXPERT.search(key)
+    if found:
+        return {int(found.group(1)): float(diff.double().pow(2).sum())}
+    flat = diff.double().reshape(diff.shape[0], -1)
+    return {i: float(v) for i, v in enumerate(flat.pow(2).sum(dim=1))}
+
+
+def expert_drift(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Frobenius distance ||theta_i^a - theta_i^b|| of each expert's weights, per layer: [layers, experts].
+
+    Works on Mixtral-form state dicts, in memory (packed ``mlp.experts.gate_up_proj`` [E, 2f, d] and
+    ``down_proj`` [E, d, f]) or as saved (``block_sparse_moe.experts.{i}.w1/w2/w3``): e.g. the raw upcycled
+    MoE against a trained one shows how far fusion training moved each expert (what gamma_i limits).
+    """
+    keys = [k for k in state_a if ".experts." in k and _LAYER.search(k)]
+    if not keys:
+        raise H3FusionError(
+            "expert_drift: no expert weights found (keys with `layers.<l>.` and `.experts.`); pass the state dicts "
+            "of two MoE models in Mixtral form (e.g. exported fused models)"
+        )
+    missing = [k for k in keys if k not in state_b]
+    if missing:
+        raise H3FusionError(
+            f"expert_drift: the second state dict lacks {missing[:3]}; compare models of one shape"
+        )
+    squares: dict[tuple[int, int], float] = {}
+    for key in keys:
+        a, b = state_a[key], state_b[key]
+        if a.shape != b.shape:
+            raise H3FusionError(f"expert_drift: {key} has shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        layer = int(_LAYER.search(key).group(1))
+        for expert, sq in _expert_squares(key, a.detach().cpu() - b.detach().cpu()).items():
+            squares[(layer, expert)] = squares.get((layer, expert), 0.0) + sq
+    n_layers = 1 + max(layer for layer, _ in squares)
+    n_experts = 1 + max(expert for _, expert in squares)
+    out = np.zeros((n_layers, n_experts))
+    for (layer, expert), sq in squares.items():
+        out[layer, expert] = sq
+    return np.sqrt(out)
