@@ -1,0 +1,352 @@
+"""The MoE feed-forward layer that replaces a Llama MLP (DESIGN 8.1, 8.2).
+
+Routing is exactly Mixtral's, so a fused model exports to a standard `MixtralForCausalLM`:
+``p = softmax(W_g h)`` (in float32), ``S = top-k(p)``, ``p~_i = p_i / sum_{j in S} p_j``,
+``MoE(h) = sum_{i in S} p~_i E_i(h)``, ``E_i(h) = W_down_i (silu(W_gate_i h) * W_up_i h)``.
+
+Two storages of the same function (`storage`):
+
+* ``materialised``: full per-expert weights ``gate_proj``/``up_proj`` [E, f, d] and ``down_proj``
+  [E, d, f], as the paper. Each expert is its own slice of a packed tensor (no two experts share
+  memory; the released code aliased them).
+* ``delta``: ONE shared, frozen base FFN (``base_gate_proj`` ...) plus each expert's low-rank delta
+  kept factored (`expert_deltas`, the scale alpha/r folded into B). The base gate/up matmuls run
+  once for all tokens; because the down projection is linear, the base down matmul also runs once
+  on the routing-weighted mix of the experts' activations. Per expert only rank-r products and the
+  elementwise SwiGLU are computed, on the tokens routed to it.
+
+Fusion-stage training (DESIGN 8.3) adds a second, trainable set of per-expert LoRA factors
+(`add_fusion_lora`, stored in `fusion_lora`, B initialised to zero so the function is unchanged at
+init) in both storages; `merge_fusion_lora` folds them into the expert weights (materialised) or
+appends them to the factored deltas (delta: ranks concatenate, exact). The drift of expert i is
+``(alpha/r) B_i A_i`` per projection, exposed by `fusion_factors` for `losses.drift_loss`.
+
+The forward returns the hidden states (so the layer drops into any HF decoder layer) and keeps the
+router logits of its last call in `last_router_logits` ([tokens, E], tokens = B*T flattened);
+`MoECausalLM.forward` collects them into its output right after the inner forward (no hooks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from h3fusion.errors import ModelError
+
+PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+"""The three SwiGLU projections, with peft/Llama names."""
+
+Storage = Literal["delta", "materialised"]
+
+
+def projection_shapes(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection, as in `nn.Linear.weight`."""
+    return {
+        "gate_proj": (intermediate_size, hidden_size),
+        "up_proj": (intermediate_size, hidden_size),
+        "down_proj": (hidden_size, intermediate_size),
+    }
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ModelError(
+            f"top_k = {top_k} is impossible with {num_experts} expert(s); use a top_k between 1 and "
+            f"{num_experts} (profile key `fusion.top_k`)"
+        )
+
+
+class LowRankExperts(nn.Module):
+    """Per-expert low-rank deltas ``scale * B_e A_e`` for some of the projections.
+
+    ``A[p]`` is [E, r, in], ``B[p]`` is [E, out, r] (peft's lora_A / lora_B stacked over experts).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        rank: int,
+        shapes: dict[str, tuple[int, int]],
+        targets: Sequence[str] = PROJECTIONS,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = [t for t in targets if t not in shapes]
+        if unknown or not targets:
+            raise ModelError(
+                f"low-rank expert targets must be a non-empty subset of {list(shapes)}, got {list(targets)}"
+            )
+        self.num_experts, self.rank, self.scale = num_experts, rank, float(scale)
+        self.A = nn.ParameterDict(
+            {
+                p: nn.Parameter(torch.zeros(num_experts, rank, shapes[p][1], dtype=dtype, device=device))
+                for p in targets
+            }
+        )
+        self.B = nn.ParameterDict(
+            {
+                p: nn.Parameter(torch.zeros(num_experts, shapes[p][0], rank, dtype=dtype, device=device))
+                for p in targets
+            }
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.A.keys())
+
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """peft's default LoRA init: A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), B = 0."""
+        with torch.no_grad():
+            for p in self.targets:
+                a = self.A[p]
+                bound = 1.0 / math.sqrt(a.shape[-1])
+                noise = torch.rand(a.shape, generator=generator, dtype=torch.float32)
+                a.copy_(((noise * 2 - 1) * bound).to(a))
+                self.B[p].zero_()
+
+    def delta_of(self, proj: str, x: torch.Tensor, expert: int) -> torch.Tensor | None:
+        """``scale * B_e A_e x`` for tokens x [n, in]; None when `proj` is not targeted."""
+        if proj not in self.A:
+            return None
+        z = self.dropout(x) @ self.A[proj][expert].T
+        return (z @ self.B[proj][expert].T) * self.scale
+
+    def dense(self, proj: str) -> torch.Tensor | None:
+        """The full deltas [E, out, in] of one projection (differentiable)."""
+        if proj not in self.A:
+            return None
+        return torch.bmm(self.B[proj], self.A[proj]) * self.scale
+
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) per targeted projection, for `losses.drift_loss`."""
+        return [(self.A[p], self.B[p]) for p in self.targets]
+
+
+class MoEFeedForward(nn.Module):
+    """A top-k MoE SwiGLU FFN with any number of experts; drop-in for a Llama `mlp` module.
+
+    Build it with `upcycle` (h3fusion.moe.upcycle) or `from_mixtral_block`; the constructor makes
+    zero-filled tensors of the right shapes.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        storage: Storage = "delta",
+        delta_rank: int = 1,
+        hidden_act: str = "silu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if storage not in ("delta", "materialised"):
+            raise ModelError(
+                f"unknown MoE storage {storage!r}; use 'delta' or 'materialised' (profile key `fusion.storage`)"
+            )
+        check_top_k(top_k, num_experts)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k, self.storage = num_experts, top_k, storage
+        self.hidden_act = hidden_act
+        self.act_fn = ACT2FN[hidden_act]
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, dtype=dtype, device=device)
+        shapes = projection_shapes(hidden_size, intermediate_size)
+        if storage == "materialised":
+            for p, (out_f, in_f) in shapes.items():
+                self.register_parameter(
+                    p,
+                    nn.Parameter(
+                        torch.zeros(num_experts, out_f, in_f, dtype=dtype, device=device), requires_grad=False
+                    ),
+                )
+            self.expert_deltas: LowRankExperts | None = None
+        else:
+            for p, (out_f, in_f) in shapes.items():
+                self.register_parameter(
+                    f"base_{p}",
+                    nn.Parameter(torch.zeros(out_f, in_f, dtype=dtype, device=device), requires_grad=False),
+                )
+            self.expert_deltas = LowRankExperts(num_experts, delta_rank, shapes, dtype=dtype, device=device)
+            self.expert_deltas.requires_grad_(False)
+        self.fusion_lora: LowRankExperts | None = None
+        self.forced_expert: int | None = None
+        """When set, every token goes to this expert with weight 1 (analysis, tests); logits still computed."""
+        self.last_router_logits: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- routing
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [N, E], renormalised top-k weights [N, k] (float32) and expert indices [N, k]."""
+        logits = self.router(h)
+        if self.forced_expert is not None:
+            idx = torch.full((h.shape[0], 1), self.forced_expert, dtype=torch.long, device=h.device)
+            return logits, torch.ones(idx.shape, dtype=torch.float32, device=h.device), idx
+        probs = F.softmax(logits.float(), dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        return logits, weights / weights.sum(dim=-1, keepdim=True), idx
+
+    def _assignments(self, idx: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(expert, token positions, slot positions) for every expert that received tokens."""
+        for e in range(self.num_experts):
+            tok, slot = torch.where(idx == e)
+            if tok.numel():
+                yield e, tok, slot
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        logits, weights, idx = self.route(h)
+        self.last_router_logits = logits
+        out = (
+            self._forward_materialised(h, weights, idx)
+            if self.storage == "materialised"
+            else self._forward_delta(h, weights, idx)
+        )
+        return out.reshape(shape)
+
+    def _lora(
+        self, proj: str, x: torch.Tensor, e: int, sets: Sequence[LowRankExperts | None]
+    ) -> torch.Tensor | int:
+        total: torch.Tensor | int = 0
+        for s in sets:
+            if s is not None:
+                d = s.delta_of(proj, x, e)
+                if d is not None:
+                    total = total + d
+        return total
+
+    def _forward_materialised(
+        self, h: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(h)
+        sets = (self.fusion_lora,)
+        for e, tok, slot in self._assignments(idx):
+            x = h[tok]
+            gate = x @ self.gate_proj[e].T + self._lora("gate_proj", x, e, sets)
+            up = x @ self.up_proj[e].T + self._lora("up_proj", x, e, sets)
+            act = self.act_fn(gate) * up
+            y = act @ self.down_proj[e].T + self._lora("down_proj", act, e, sets)
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+    def _forward_delta(self, h: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        sets = (self.expert_deltas, self.fusion_lora)
+        gate0 = h @ self.base_gate_proj.T  # shared by all experts, computed once
+        up0 = h @ self.base_up_proj.T
+        mix = torch.zeros_like(gate0)  # sum_i p~_i act_i, fed to the base down projection once
+        out = torch.zeros_like(h)  # sum_i p~_i (down delta of expert i)
+        for e, tok, slot in self._assignments(idx):
+            x, w = h[tok], weights[tok, slot, None]
+            act = self.act_fn(gate0[tok] + self._lora("gate_proj", x, e, sets)) * (
+                up0[tok] + self._lora("up_proj", x, e, sets)
+            )
+            mix.index_add_(0, tok, (act * w).to(mix.dtype))
+            down_delta = self._lora("down_proj", act, e, sets)
+            if isinstance(down_delta, torch.Tensor):
+                out.index_add_(0, tok, (down_delta * w).to(out.dtype))
+        return out + mix @ self.base_down_proj.T
+
+    # ----------------------------------------------------------------- weights
+    def expert_weight(self, proj: str) -> torch.Tensor:
+        """Effective weights [E, out, in] of one projection, fusion LoRA included (differentiable)."""
+        if self.storage == "materialised":
+            w = getattr(self, proj)
+            extras = []
+        else:
+            w = getattr(self, f"base_{proj}").unsqueeze(0).expand(self.num_experts, -1, -1)
+            assert self.expert_deltas is not None
+            extras = [self.expert_deltas.dense(proj)]
+        if self.fusion_lora is not None:
+            extras.append(self.fusion_lora.dense(proj))
+        extras = [x for x in extras if x is not None]
+        if not extras:
+            return w
+        # sum in float32 so that bf16 bases lose no more than one rounding
+        return (w.float() + sum(x.float() for x in extras)).to(w.dtype)
+
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        return {p: self.expert_weight(p) for p in PROJECTIONS}
+
+    def add_fusion_lora(
+        self,
+        rank: int,
+        alpha: float,
+        targets: Sequence[str] = PROJECTIONS,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> LowRankExperts:
+        """Add trainable per-expert LoRA factors (B = 0: the function is unchanged at init)."""
+        if self.fusion_lora is not None:
+            raise ModelError("this MoE layer already has fusion LoRA factors; call merge_fusion_lora() first")
+        ref = self.router.weight
+        lora = LowRankExperts(
+            self.num_experts,
+            rank,
+            projection_shapes(self.hidden_size, self.intermediate_size),
+            targets,
+            scale=alpha / rank,
+            dropout=dropout,
+            dtype=ref.dtype,
+            device=ref.device,
+        )
+        lora.reset_lora(generator)
+        self.fusion_lora = lora
+        return lora
+
+    def fusion_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(A [E, r, in], B [E, out, r]) per projection of the fusion LoRA (empty if none)."""
+        return [] if self.fusion_lora is None else self.fusion_lora.factors()
+
+    @torch.no_grad()
+    def merge_fusion_lora(self) -> None:
+        """Fold the fusion LoRA into the expert weights (exact) and drop its factors."""
+        lora = self.fusion_lora
+        if lora is None:
+            return
+        if self.storage == "materialised":
+            for p in lora.targets:
+                w = getattr(self, p)
+                w.copy_((w.float() + lora.dense(p).float()).to(w.dtype))
+        else:
+            deltas = self.expert_deltas
+            assert deltas is not None
+            for p in lora.targets:
+                a = torch.cat([deltas.A[p], lora.A[p].to(deltas.A[p])], dim=1)
+                b = torch.cat([deltas.B[p], (lora.B[p] * lora.scale).to(deltas.B[p])], dim=2)
+                deltas.A[p] = nn.Parameter(a, requires_grad=False)
+                deltas.B[p] = nn.Parameter(b, requires_grad=False)
+        self.fusion_lora = None
+
+    @torch.no_grad()
+    def to_materialised(self) -> MoEFeedForward:
+        """A materialised copy of this layer (fusion LoRA merged in); used by export."""
+        ref = self.router.weight
+        out = MoEFeedForward(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_experts,
+            self.top_k,
+            "materialised",
+            hidden_act=self.hidden_act,
+            dtype=ref.dtype,
+            device=ref.device,
+        )
+        out.router.weight.copy_(self.router.weight)
+        for p in PROJECTIONS:
+            getattr(out, p).copy_(self.expert_weight(p))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, storage={self.storage}"

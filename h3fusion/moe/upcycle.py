@@ -1,0 +1,336 @@
+"""Upcycling: a dense Llama-family base + one LoRA adapter per task -> an MoE model (DESIGN 8.2).
+
+Expert i's FFN = base FFN + (lora_alpha / r) * B_i A_i of adapter i, per projection and layer;
+attention, embeddings, norms and LM head stay the base's. Every adapter is read and checked
+against the base (shapes, layers, targets) before any layer is touched, so a wrong folder fails in
+milliseconds with a message that says what to do.
+
+`upcycle` takes ownership of `base_model`: its MLP modules are replaced in place (delta storage
+reuses the base FFN tensors without a copy). Pass ``copy.deepcopy(base)`` to keep the dense model.
+
+Router init: ``random`` (seeded normal, std = the config's initializer_range, as Mixtral/the paper)
+or ``hidden`` (mergekit's hidden gate mode): row i of layer l's router is the unit-normalised mean,
+over the non-padding tokens of task i's prompts, of the dense base model's FFN input at layer l.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from h3fusion.errors import ArtifactError, ModelError
+from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, Storage, check_top_k, projection_shapes
+from h3fusion.moe.model import MoECausalLM, decoder_layers
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_KEY = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertAdapter:
+    """One expert's LoRA on the FFN: (layer, projection) -> (A [r, in], B [out, r]) and its scale."""
+
+    name: str
+    scale: float
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    source: str = "<memory>"
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.factors.values())
+
+    def delta(self, layer: int, proj: str) -> torch.Tensor | None:
+        """The full delta (alpha/r) B A in float32, or None when this projection was not adapted."""
+        ab = self.factors.get((layer, proj))
+        if ab is None:
+            return None
+        a, b = ab
+        return (b.float() @ a.float()) * self.scale
+
+
+def load_adapter(folder: str | Path, name: str | None = None) -> ExpertAdapter:
+    """Read a peft LoRA folder (as written by `h3fusion.experts`) into an `ExpertAdapter`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    name = name or folder.name
+    if not folder.is_dir():
+        raise ArtifactError(
+            f"expert adapter folder {folder} does not exist; train the experts first "
+            "(`h3fusion align --profile <profile>`) or point to an existing peft LoRA folder"
+        )
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / f).exists()]
+    if missing:
+        raise ArtifactError(
+            f"expert adapter folder {folder} lacks {missing}; it is not a complete peft LoRA folder "
+            "(re-run `h3fusion align` for this task)"
+        )
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelError(
+            f"adapter {folder} is a {cfg.get('peft_type')} adapter; upcycling needs LoRA adapters"
+        )
+    if cfg.get("use_dora"):
+        raise ModelError(
+            f"adapter {folder} uses DoRA, whose delta is not (alpha/r) B A; train plain LoRA experts"
+        )
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ModelError(
+            f"adapter {folder} uses per-module rank/alpha patterns, which upcycling does not support"
+        )
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return adapter_from_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)), scale, name, str(folder))
+
+
+def adapter_from_state_dict(
+    state: Mapping[str, torch.Tensor], scale: float, name: str, source: str = "<memory>"
+) -> ExpertAdapter:
+    """Group peft LoRA keys (saved or in-memory names) by (layer, projection)."""
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    ignored = []
+    for key, tensor in state.items():
+        m = _KEY.search(key)
+        if m is None:
+            if "lora_" in key:
+                ignored.append(key)
+            continue
+        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    if not parts:
+        raise ModelError(
+            f"adapter {source} has no LoRA weights on the FFN projections {list(PROJECTIONS)}; the experts must "
+            "target gate_proj/up_proj/down_proj (profile key `experts.lora.target_modules`)"
+        )
+    if ignored:
+        warnings.warn(
+            f"adapter {source}: {len(ignored)} LoRA tensors outside the FFN (e.g. {ignored[0]}) are ignored; "
+            "the experts share the base attention",
+            stacklevel=2,
+        )
+    factors = {}
+    for (layer, proj), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ModelError(
+                f"adapter {source}: layer {layer} {proj} has lora_{next(iter(ab))} without its partner"
+            )
+        factors[(layer, proj)] = (ab["A"], ab["B"])
+    return ExpertAdapter(name=name, scale=scale, factors=factors, source=source)
+
+
+def check_adapters(base_model: PreTrainedModel, adapters: Sequence[ExpertAdapter]) -> None:
+    """Every adapter must fit the base: layer indices and (out, in) shapes of each projection."""
+    cfg = base_model.config
+    shapes = projection_shapes(cfg.hidden_size, cfg.intermediate_size)
+    for ad in adapters:
+        for (layer, proj), (a, b) in ad.factors.items():
+            out_f, in_f = shapes[proj]
+            if layer >= cfg.num_hidden_layers:
+                raise ModelError(
+                    f"adapter {ad.source} adapts layer {layer}, but the base model has {cfg.num_hidden_layers} layers; "
+                    "it was trained on another base model: retrain the experts on this base (`h3fusion align`)"
+                )
+            if (
+                a.ndim != 2
+                or b.ndim != 2
+                or a.shape[1] != in_f
+                or b.shape[0] != out_f
+                or a.shape[0] != b.shape[1]
+            ):
+                raise ModelError(
+                    f"adapter {ad.source}: layer {layer} {proj} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                    f"which do not fit the base's {proj} (out {out_f}, in {in_f}); it was trained on another base "
+                    "model: retrain the experts on this base (`h3fusion align`) or set `model.base` to the experts' base"
+                )
+
+
+def _check_base(base_model: PreTrainedModel) -> None:
+    cfg = base_model.config
+    if getattr(cfg, "mlp_bias", False):
+        raise ModelError("the base model's MLP has biases; the Mixtral export (and this MoE layer) has none")
+    for layer in decoder_layers(base_model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not all(hasattr(mlp, p) for p in PROJECTIONS):
+            raise ModelError(
+                f"{type(base_model).__name__}'s MLP ({type(mlp).__name__}) is not a gated SwiGLU with "
+                "gate_proj/up_proj/down_proj; upcycling supports Llama-family models"
+            )
+
+
+# ------------------------------------------------------------------ router init
+class _InputRecorder(nn.Module):
+    """Wraps a dense MLP for the `hidden` router init: keeps its last input, returns its output."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.last_input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_input = x
+        return self.mlp(x)
+
+
+@torch.no_grad()
+def hidden_router_weights(
+    base_model: PreTrainedModel, batches_per_expert: Sequence[Iterable[Batch]], show_progress: bool = True
+) -> list[torch.Tensor]:
+    """Per layer, an [E, d] router weight: unit-normalised mean FFN input of each expert's prompts.
+
+    `batches_per_expert[i]` yields dicts with ``input_ids`` [B, T] and optionally ``attention_mask``.
+    """
+    layers = decoder_layers(base_model)
+    recorders = [_InputRecorder(layer.mlp) for layer in layers]
+    device = next(base_model.parameters()).device
+    rows: list[list[torch.Tensor]] = [[] for _ in layers]
+    was_training = base_model.training
+    base_model.eval()
+    for layer, rec in zip(layers, recorders, strict=True):
+        layer.mlp = rec
+    try:
+        for i, batches in enumerate(batches_per_expert):
+            sums = [torch.zeros(base_model.config.hidden_size, dtype=torch.float64) for _ in layers]
+            count = 0.0
+            for batch in tqdm(
+                batches, desc=f"router init: expert {i}", disable=not show_progress, leave=False
+            ):
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(device)
+                base_model(input_ids=ids, attention_mask=mask)
+                m = mask.unsqueeze(-1).double()
+                for s, rec in zip(sums, recorders, strict=True):
+                    assert rec.last_input is not None
+                    s += (rec.last_input.double() * m).sum(dim=(0, 1)).cpu()
+                count += float(mask.sum())
+            if count == 0:
+                raise ModelError(
+                    f"router init `hidden`: expert {i} got no prompt tokens; pass non-empty batches"
+                )
+            for layer_rows, s in zip(rows, sums, strict=True):
+                mean = s / count
+                layer_rows.append(mean / mean.norm().clamp_min(1e-12))
+    finally:
+        for layer, rec in zip(layers, recorders, strict=True):
+            layer.mlp = rec.mlp
+        base_model.train(was_training)
+    return [torch.stack(r).float() for r in rows]
+
+
+def random_router_weights(
+    num_layers: int, num_experts: int, hidden_size: int, std: float, seed: int
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(num_experts, hidden_size, generator=generator) * std for _ in range(num_layers)]
+
+
+# ----------------------------------------------------------------------- upcycle
+def _build_layer(
+    mlp: nn.Module,
+    layer_idx: int,
+    adapters: Sequence[ExpertAdapter],
+    top_k: int,
+    storage: Storage,
+    router_weight: torch.Tensor,
+    hidden_act: str,
+) -> MoEFeedForward:
+    base = {p: getattr(mlp, p).weight for p in PROJECTIONS}
+    ref = base["gate_proj"]
+    f, d = ref.shape
+    num = len(adapters)
+    rank = max(1, max((ad.rank for ad in adapters), default=1))
+    moe = MoEFeedForward(
+        d, f, num, top_k, storage, delta_rank=rank, hidden_act=hidden_act, dtype=ref.dtype, device=ref.device
+    )
+    with torch.no_grad():
+        moe.router.weight.copy_(router_weight)
+        if storage == "materialised":
+            for p in PROJECTIONS:
+                target = getattr(moe, p)
+                for e, ad in enumerate(adapters):
+                    delta = ad.delta(layer_idx, p)
+                    w = base[p].float() + delta.to(ref.device) if delta is not None else base[p]
+                    target[e].copy_(w)  # its own slice: experts never alias
+        else:
+            for p in PROJECTIONS:
+                moe.register_parameter(f"base_{p}", nn.Parameter(base[p].detach(), requires_grad=False))
+            deltas = moe.expert_deltas
+            assert deltas is not None
+            for e, ad in enumerate(adapters):
+                for p in PROJECTIONS:
+                    ab = ad.factors.get((layer_idx, p))
+                    if ab is None:
+                        continue
+                    a, b = ab
+                    r = a.shape[0]  # ranks may differ across experts: zero padding is exact
+                    deltas.A[p][e, :r].copy_(a)
+                    deltas.B[p][e, :, :r].copy_(b.float() * ad.scale)
+    return moe
+
+
+def upcycle(
+    base_model: PreTrainedModel,
+    adapters: Sequence[str | Path | ExpertAdapter],
+    top_k: int,
+    storage: Storage = "delta",
+    router_init: str = "random",
+    seed: int = 0,
+    hidden_batches: Sequence[Iterable[Batch]] | None = None,
+    expert_names: Sequence[str] | None = None,
+    show_progress: bool = True,
+) -> MoECausalLM:
+    """Fuse `base_model` and one LoRA adapter per expert into an `MoECausalLM` (base modified in place).
+
+    adapters: peft folders (``runs/<p>/experts/<task>/``) or loaded `ExpertAdapter`s, in expert order.
+    router_init: ``random`` (seeded by `seed`) or ``hidden`` (needs `hidden_batches`, one iterable of
+    token batches per expert, e.g. each task's training prompts).
+    """
+    if not adapters:
+        raise ModelError("upcycling needs at least one expert adapter")
+    check_top_k(top_k, len(adapters))
+    if storage not in ("delta", "materialised"):
+        raise ModelError(
+            f"unknown MoE storage {storage!r}; use 'delta' or 'materialised' (profile key `fusion.storage`)"
+        )
+    if router_init not in ("random", "hidden"):
+        raise ModelError(
+            f"unknown router init {router_init!r}; use 'random' or 'hidden' (profile key `fusion.router_init`)"
+        )
+    if router_init == "hidden" and (hidden_batches is None or len(hidden_batches) != len(adapters)):
+        raise ModelError(
+            "router init `hidden` needs `hidden_batches`: one iterable of token batches per expert"
+        )
+    _check_base(base_model)
+    loaded = [a if isinstance(a, ExpertAdapter) else load_adapter(a) for a in adapters]
+    check_adapters(base_model, loaded)
+    names = list(expert_names) if expert_names else [a.name for a in loaded]
+
+    cfg = base_model.config
+    layers = decoder_layers(base_model)
+    if router_init == "hidden":
+        assert hidden_batches is not None
+        routers = hidden_router_weights(base_model, hidden_batches, show_progress)
+    else:
+        routers = random_router_weights(
+            len(layers), len(loaded), cfg.hidden_size, cfg.initializer_range, seed
+        )
+    hidden_act = getattr(cfg, "hidden_act", "silu")
+    for i, layer in enumerate(
+        tqdm(layers, desc=f"upcycling ({storage})", disable=not show_progress, leave=False)
+    ):
+        layer.mlp = _build_layer(layer.mlp, i, loaded, top_k, storage, routers[i], hidden_act)
+    return MoECausalLM(base_model, names)
