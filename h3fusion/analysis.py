@@ -322,23 +322,49 @@ def _expert_squares(key: str, diff: torch.Tensor) -> dict[int, float]:
     return {i: float(v) for i, v in enumerate(flat.pow(2).sum(dim=1))}
 
 
-def expert_drift(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor]) -> np.ndarray:
+def expert_state(model_or_state: Any) -> Mapping[str, torch.Tensor]:
+    """Expert weights keyed like a Mixtral state dict, from a state dict, an MoECausalLM or a Mixtral model.
+
+    An `MoECausalLM` gives its effective expert weights (base + delta + fusion LoRA, whatever the storage) as
+    packed ``layers.<l>.experts.<projection>`` tensors [E, out, in]; any other module gives its state dict.
+    """
+    if isinstance(model_or_state, Mapping):
+        return model_or_state
+    if hasattr(model_or_state, "expert_weights"):
+        with _EvalMode(model_or_state):
+            per_layer = model_or_state.expert_weights()
+        return {
+            f"layers.{layer}.experts.proj{j}": weight.detach()
+            for layer, weights in enumerate(per_layer)
+            for j, weight in enumerate(weights)
+        }
+    if hasattr(model_or_state, "state_dict"):
+        return model_or_state.state_dict()
+    raise H3FusionError(
+        f"expert_drift: cannot read expert weights from a {type(model_or_state).__name__}; pass an MoECausalLM, "
+        f"a MixtralForCausalLM or a state dict"
+    )
+
+
+def expert_drift(model_a: Any, model_b: Any) -> np.ndarray:
     """Frobenius distance ||theta_i^a - theta_i^b|| of each expert's weights, per layer: [layers, experts].
 
-    Works on Mixtral-form state dicts, in memory (packed ``mlp.experts.gate_up_proj`` [E, 2f, d] and
-    ``down_proj`` [E, d, f]) or as saved (``block_sparse_moe.experts.{i}.w1/w2/w3``): e.g. the raw upcycled
-    MoE against a trained one shows how far fusion training moved each expert (what gamma_i limits).
+    Takes two models of one shape (MoECausalLM or MixtralForCausalLM) or their state dicts in Mixtral form,
+    in memory (packed ``mlp.experts.gate_up_proj`` [E, 2f, d] and ``down_proj`` [E, d, f]) or as saved
+    (``block_sparse_moe.experts.{i}.w1/w2/w3``). E.g. the raw upcycled MoE against a trained one shows how far
+    fusion training moved each expert: what gamma_i limits (the drift loss is gamma_i times its square).
     """
+    state_a, state_b = expert_state(model_a), expert_state(model_b)
     keys = [k for k in state_a if ".experts." in k and _LAYER.search(k)]
     if not keys:
         raise H3FusionError(
-            "expert_drift: no expert weights found (keys with `layers.<l>.` and `.experts.`); pass the state dicts "
-            "of two MoE models in Mixtral form (e.g. exported fused models)"
+            "expert_drift: no expert weights found (keys with `layers.<l>.` and `.experts.`); pass two MoE models "
+            "(MoECausalLM or MixtralForCausalLM) or their state dicts"
         )
     missing = [k for k in keys if k not in state_b]
     if missing:
         raise H3FusionError(
-            f"expert_drift: the second state dict lacks {missing[:3]}; compare models of one shape"
+            f"expert_drift: the second model lacks {missing[:3]}; compare models of one shape"
         )
     squares: dict[tuple[int, int], float] = {}
     for key in keys:

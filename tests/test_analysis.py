@@ -206,3 +206,59 @@ def test_expert_drift_saved_per_expert_keys():
 def test_expert_drift_needs_experts(llama):
     with pytest.raises(H3FusionError, match="no expert weights"):
         analysis.expert_drift(llama.state_dict(), llama.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- MoECausalLM
+
+
+@pytest.fixture(scope="module")
+def moe(profile, tokenizer):
+    from h3fusion.moe import ExpertAdapter, upcycle
+    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
+
+    base = tiny_random_llama(profile.model.tiny, len(tokenizer), profile.seed)
+    shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
+    generator = torch.Generator().manual_seed(0)
+    adapters = [
+        ExpertAdapter(
+            name=task,
+            scale=2.0,
+            factors={
+                (layer, p): (
+                    0.1 * torch.randn(4, shapes[p][1], generator=generator),
+                    0.1 * torch.randn(shapes[p][0], 4, generator=generator),
+                )
+                for layer in range(base.config.num_hidden_layers)
+                for p in PROJECTIONS
+            },
+        )
+        for task in profile.tasks
+    ]
+    return upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
+
+
+def test_moe_causal_lm_and_its_mixtral_export_route_alike(moe, tokenizer, profile):
+    from h3fusion.moe import to_mixtral
+
+    prof = analysis.routing_profile(moe, tokenizer, PROMPTS, batch_size=2)
+    assert prof.shape == (profile.model.tiny.num_hidden_layers, profile.num_experts)
+    np.testing.assert_allclose(prof.sum(axis=1), 1.0, atol=1e-6)
+    exported = analysis.routing_profile(to_mixtral(moe), tokenizer, PROMPTS, batch_size=3)
+    np.testing.assert_allclose(prof, exported, atol=1e-5)
+    emb = analysis.hidden_embeddings(moe, tokenizer, PROMPTS[:2])
+    assert emb.shape == (2, profile.model.tiny.hidden_size)
+
+
+def test_expert_drift_of_moe_models(moe, profile):
+    from h3fusion.moe import to_mixtral
+
+    drift = analysis.expert_drift(moe, moe)
+    assert drift.shape == (profile.model.tiny.num_hidden_layers, profile.num_experts)
+    assert (drift == 0).all()
+    mixtral = to_mixtral(moe)
+    moved = {k: v.clone() for k, v in mixtral.state_dict().items()}
+    key = next(k for k in moved if "layers.0." in k and "experts" in k)
+    moved[key][1] += 1.0
+    drift = analysis.expert_drift(mixtral, moved)
+    assert drift[0, 1] == pytest.approx(np.sqrt(moved[key][1].numel()), rel=1e-5)
+    assert drift.sum() == pytest.approx(drift[0, 1])
