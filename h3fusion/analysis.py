@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from h3fusion.config import Profile
+
 DEFAULT_BATCH_SIZE = 8
 """Prompts per forward pass; results do not depend on it (padding is masked out of every average)."""
 
@@ -104,6 +106,37 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(values.dtype).reshape(*mask.shape, *([1] * (values.dim() - 2)))
     counts = m.sum(dim=1).clamp(min=1)
     return (values * m).sum(dim=1) / counts
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+_EVAL_INSTRUCTION = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}
+"""Field of each task's evaluation items that holds the instruction (data/README.md)."""
+
+
+def task_prompts(profile: Profile, split: str = "eval", n: int | None = None) -> dict[str, list[str]]:
+    """{task: Alpaca-formatted prompts} of the profile's tasks, as the models see them (no response).
+
+    split: ``eval`` (held-out items; the default, so routing is measured on prompts no model trained on) or
+    ``train`` (the training examples of both stages). `n` keeps the first n per task (all when None).
+    """
+    from h3fusion.data import format_prompt, load_eval_items, load_train_examples
+
+    if split not in ("eval", "train"):
+        raise H3FusionError(f"task_prompts: split must be 'eval' or 'train', got {split!r}")
+    if n is not None and n < 1:
+        raise H3FusionError(f"task_prompts: n must be at least 1 (or None for all), got {n}")
+    out = {}
+    for task in profile.tasks:
+        if split == "train":
+            prompts = [format_prompt(ex.instruction, ex.input) for ex in load_train_examples(profile, task)]
+        else:
+            field = _EVAL_INSTRUCTION[task]
+            prompts = [
+                format_prompt(it[field], it.get("input", "") or "") for it in load_eval_items(profile, task)
+            ]
+        out[task] = prompts[:n]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- routing

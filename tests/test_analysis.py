@@ -262,3 +262,15 @@ def test_expert_drift_of_moe_models(moe, profile):
     drift = analysis.expert_drift(mixtral, moved)
     assert drift[0, 1] == pytest.approx(np.sqrt(moved[key][1].numel()), rel=1e-5)
     assert drift.sum() == pytest.approx(drift[0, 1])
+
+
+def test_task_prompts_are_formatted_per_task(profile):
+    prompts = analysis.task_prompts(profile, "eval", n=2)
+    assert list(prompts) == list(profile.tasks)
+    for task_prompts in prompts.values():
+        assert len(task_prompts) == 2
+        assert all(p.rstrip().endswith("### Response:") for p in task_prompts)
+    train = analysis.task_prompts(profile, "train")
+    assert all(len(v) == profile.data.train_examples[t] for t, v in train.items())
+    with pytest.raises(H3FusionError, match="split"):
+        analysis.task_prompts(profile, "test")
