@@ -64,9 +64,8 @@ class DataConfig(Section):
     eval_examples: PerTask
     """Evaluation items per dimension (the paper: 50 AlpacaEval, all BeaverTails test, 409 TruthfulQA)."""
     beavertails_eval_fraction: float = Field(0.5, gt=0, lt=1)
-    """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt)."""
-    beavertails_judge_fraction: float = Field(0.3, ge=0, lt=1)
-    """Share of the remaining (non-eval) BeaverTails prompts reserved for the harmlessness judge."""
+    """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt); the
+    rest ("non_eval") trains the harmless expert (safe rows) and the harmlessness judge (all rows)."""
 
 
 class TinyModelConfig(Section):
