@@ -44,7 +44,9 @@ class TokenizedDataset(Dataset):
 
 def _task_index(profile: Profile, task: str) -> int:
     if task not in profile.tasks:
-        raise DataError(f"task {task!r} is not in this profile's `tasks` {list(profile.tasks)}; add it there first")
+        raise DataError(
+            f"task {task!r} is not in this profile's `tasks` {list(profile.tasks)}; add it there first"
+        )
     return profile.tasks.index(task)
 
 
@@ -63,7 +65,9 @@ def _tokenize_task(profile: Profile, tokenizer: Any, task: str) -> tuple[list[di
             f"data.max_length={profile.data.max_length} and were left out; raise data.max_length"
         )
     if not items:
-        raise DataError(f"{task}: no usable training example (of {len(examples)}); check the data and data.max_length")
+        raise DataError(
+            f"{task}: no usable training example (of {len(examples)}); check the data and data.max_length"
+        )
     return items, dropped
 
 
@@ -108,11 +112,15 @@ class PadCollator:
 
     def __init__(self, pad_token_id: int) -> None:
         if pad_token_id is None:
-            raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token) first")
+            raise DataError(
+                "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token) first"
+            )
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs = {k: [torch.as_tensor(f[k], dtype=torch.long) for f in features] for k in ("input_ids", "labels")}
+        seqs = {
+            k: [torch.as_tensor(f[k], dtype=torch.long) for f in features] for k in ("input_ids", "labels")
+        }
         if "attention_mask" in features[0]:
             masks = [torch.as_tensor(f["attention_mask"], dtype=torch.long) for f in features]
         else:

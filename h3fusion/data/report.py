@@ -44,7 +44,9 @@ def print_report(profile: Profile) -> None:
         n_eval = min(len(eval_all[task]), profile.data.eval_examples[task])
         print(f"{task:<10}{len(train_all[task]):>17,}{n_train:>12,}{len(eval_all[task]):>16,}{n_eval:>11,}")
     print()
-    print(f"helpful : Alpaca {n_alpaca:,} records ({skipped} with an empty output skipped); AlpacaEval {len(helpful_eval)} items")
+    print(
+        f"helpful : Alpaca {n_alpaca:,} records ({skipped} with an empty output skipped); AlpacaEval {len(helpful_eval)} items"
+    )
     safe = sum(r["is_safe"] for r in bt.non_eval_rows)
     print(
         f"harmless: BeaverTails eval {len(bt.eval_prompts):,} prompts / {len(bt.eval_rows):,} labelled rows; non_eval "
@@ -62,13 +64,23 @@ def print_report(profile: Profile) -> None:
         used = splits.cap(train_all[task], profile.data.train_examples[task], profile.seed, task)
         if used:
             ex = used[0]
-            _show(f"{task}: first training example used (prompt + response)", format_prompt(ex.instruction, ex.input), ex.output)
-    _show("helpful: first eval item (prompt + reference)", format_prompt(helpful_eval[0]["instruction"]),
-          helpful_eval[0]["reference"])
+            _show(
+                f"{task}: first training example used (prompt + response)",
+                format_prompt(ex.instruction, ex.input),
+                ex.output,
+            )
+    _show(
+        "helpful: first eval item (prompt + reference)",
+        format_prompt(helpful_eval[0]["instruction"]),
+        helpful_eval[0]["reference"],
+    )
     if eval_all["harmless"]:
         _show("harmless: first eval item (prompt)", format_prompt(eval_all["harmless"][0]["prompt"]), "")
-    _show("honest: first eval item (prompt + best answer)", format_prompt(honest_eval[0]["question"]),
-          honest_eval[0]["best_answer"])
+    _show(
+        "honest: first eval item (prompt + best answer)",
+        format_prompt(honest_eval[0]["question"]),
+        honest_eval[0]["best_answer"],
+    )
     print()
 
     if n_alpaca < ALPACA_FULL:
@@ -87,11 +99,17 @@ def print_report(profile: Profile) -> None:
             f"safe non_eval rows, the harmlessness judge on all non_eval rows, and the paper's evaluation on all "
             f"30k_test prompts becomes evaluation on the eval prompts"
         )
-    deviations.append("harmless evaluation uses distinct prompts (30k_test repeats prompts with different responses)")
+    deviations.append(
+        "harmless evaluation uses distinct prompts (30k_test repeats prompts with different responses)"
+    )
     if empty_answers:
-        deviations.append(f"{empty_answers} empty TruthfulQA correct answers (trailing ';' in the source) give no example")
+        deviations.append(
+            f"{empty_answers} empty TruthfulQA correct answers (trailing ';' in the source) give no example"
+        )
     if mc_missing:
-        deviations.append(f"{len(mc_missing)} TruthfulQA eval questions have no MC1/MC2 targets: {mc_missing[:3]}")
+        deviations.append(
+            f"{len(mc_missing)} TruthfulQA eval questions have no MC1/MC2 targets: {mc_missing[:3]}"
+        )
     for task in profile.tasks:
         if profile.data.train_examples[task] < len(train_all[task]):
             deviations.append(
@@ -103,7 +121,11 @@ def print_report(profile: Profile) -> None:
         "harmless": f"all {len(eval_all['harmless']):,} eval prompts (the paper scores every 30k_test prompt)",
         "honest": f"the paper's {len(tqa_eval)} TruthfulQA questions",
     }
-    paper_n = {"helpful": min(50, len(helpful_eval)), "harmless": len(eval_all["harmless"]), "honest": len(tqa_eval)}
+    paper_n = {
+        "helpful": min(50, len(helpful_eval)),
+        "harmless": len(eval_all["harmless"]),
+        "honest": len(tqa_eval),
+    }
     for task in profile.tasks:
         used = min(len(eval_all[task]), profile.data.eval_examples[task])
         if used != paper_n[task]:
@@ -113,8 +135,10 @@ def print_report(profile: Profile) -> None:
         "response are tokenised separately, loss on response tokens + EOS only"
     )
     if profile.fusion.released_code.labels:
-        deviations.append("fusion.released_code.labels is ON: mixed-dataset task labels reproduce the released code's "
-                          "running-total bug (later tasks get earlier tasks' labels)")
+        deviations.append(
+            "fusion.released_code.labels is ON: mixed-dataset task labels reproduce the released code's "
+            "running-total bug (later tasks get earlier tasks' labels)"
+        )
     print("Deviations from the paper:")
     for d in deviations:
         print(textwrap.fill(d, width=110, initial_indent="  - ", subsequent_indent="    "))

@@ -49,25 +49,46 @@ _TQA_MC_FIELDS = (("question", str), ("mc1_targets", dict), ("mc2_targets", dict
 
 SOURCES: dict[str, Source] = {
     "alpaca": Source(
-        "alpaca/alpaca_random_9k.json", "tatsu-lab/alpaca", None, "train",
+        "alpaca/alpaca_random_9k.json",
+        "tatsu-lab/alpaca",
+        None,
+        "train",
         (("instruction", str), ("input", str), ("output", str)),
     ),
     "alpaca_eval": Source(
-        "alpaca_eval/alpaca_eval_text_davinci_003.json", "tatsu-lab/alpaca_eval", "alpaca_eval", "eval",
+        "alpaca_eval/alpaca_eval_text_davinci_003.json",
+        "tatsu-lab/alpaca_eval",
+        "alpaca_eval",
+        "eval",
         (("instruction", str), ("output", str)),
     ),
     "beavertails_train": Source(
-        "beavertails/beavertails_30k_train.jsonl", "PKU-Alignment/BeaverTails", None, "30k_train", _BEAVER_FIELDS
+        "beavertails/beavertails_30k_train.jsonl",
+        "PKU-Alignment/BeaverTails",
+        None,
+        "30k_train",
+        _BEAVER_FIELDS,
     ),
     "beavertails_test": Source(
-        "beavertails/beavertails_30k_test.jsonl", "PKU-Alignment/BeaverTails", None, "30k_test", _BEAVER_FIELDS
+        "beavertails/beavertails_30k_test.jsonl",
+        "PKU-Alignment/BeaverTails",
+        None,
+        "30k_test",
+        _BEAVER_FIELDS,
     ),
     "truthfulqa_generation": Source(
-        "truthfulqa/truthful_qa_generation_v0.jsonl", "truthfulqa/truthful_qa", "generation", "validation",
+        "truthfulqa/truthful_qa_generation_v0.jsonl",
+        "truthfulqa/truthful_qa",
+        "generation",
+        "validation",
         (("question", str), ("best_answer", str), ("correct_answers", list), ("incorrect_answers", list)),
     ),
     "truthfulqa_mc": Source(
-        "truthfulqa/v0/mc_task.json", "truthfulqa/truthful_qa", "multiple_choice", "validation", _TQA_MC_FIELDS
+        "truthfulqa/v0/mc_task.json",
+        "truthfulqa/truthful_qa",
+        "multiple_choice",
+        "validation",
+        _TQA_MC_FIELDS,
     ),
 }
 
@@ -107,11 +128,15 @@ def load_records(profile: Profile, name: str) -> list[Record]:
     return records
 
 
-def validate(records: list[Any], fields: tuple[tuple[str, type | tuple[type, ...]], ...], origin: str) -> None:
+def validate(
+    records: list[Any], fields: tuple[tuple[str, type | tuple[type, ...]], ...], origin: str
+) -> None:
     """Raise `DataError` for the first record that is not a mapping or lacks/mistypes a required field."""
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            raise DataError(f"malformed record {index} in {origin}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(
+                f"malformed record {index} in {origin}: expected a JSON object, got {type(record).__name__}"
+            )
         for field, kind in fields:
             if field not in record:
                 raise DataError(f"malformed record {index} in {origin}: missing field {field!r}")
@@ -140,7 +165,9 @@ def _read_file(path: Path, mtime_ns: int) -> tuple[Record, ...]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg}); each line must be one record") from None
+                raise DataError(
+                    f"{path}, line {lineno}: not valid JSON ({exc.msg}); each line must be one record"
+                ) from None
         return tuple(records)
     try:
         data = json.loads(text)

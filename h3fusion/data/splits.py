@@ -56,7 +56,9 @@ def helpful_train_all(profile: Profile) -> tuple[list[TrainExample], int]:
     """All usable Alpaca examples and the number skipped for an empty output."""
     records = sources.load_records(profile, "alpaca")
     examples = [
-        TrainExample("helpful", r["instruction"], r["input"], r["output"]) for r in records if r["output"].strip()
+        TrainExample("helpful", r["instruction"], r["input"], r["output"])
+        for r in records
+        if r["output"].strip()
     ]
     skipped = len(records) - len(examples)
     if skipped:
@@ -87,7 +89,12 @@ class BeaverSplit:
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
-    return {"prompt": r["prompt"], "response": r["response"], "is_safe": r["is_safe"], "category": r["category"]}
+    return {
+        "prompt": r["prompt"],
+        "response": r["response"],
+        "is_safe": r["is_safe"],
+        "category": r["category"],
+    }
 
 
 def distinct_in_order(values: list[str]) -> list[str]:
@@ -100,12 +107,17 @@ def beavertails_split(profile: Profile) -> BeaverSplit:
     if sources.available(profile, "beavertails_train"):
         train = [_row(r) for r in sources.load_records(profile, "beavertails_train")]
         return BeaverSplit(
-            False, test, train, distinct_in_order([r["prompt"] for r in test]),
+            False,
+            test,
+            train,
+            distinct_in_order([r["prompt"] for r in test]),
             distinct_in_order([r["prompt"] for r in train]),
         )
     prompts = distinct_in_order([r["prompt"] for r in test])
     if len(prompts) < 2:
-        raise DataError(f"BeaverTails 30k_test has {len(prompts)} distinct prompt(s); at least 2 are needed to split it")
+        raise DataError(
+            f"BeaverTails 30k_test has {len(prompts)} distinct prompt(s); at least 2 are needed to split it"
+        )
     shuffled = list(prompts)
     random.Random(profile.seed).shuffle(shuffled)
     n_eval = min(max(round(profile.data.beavertails_eval_fraction * len(prompts)), 1), len(prompts) - 1)
@@ -128,7 +140,9 @@ def beavertails_split(profile: Profile) -> BeaverSplit:
 def harmless_train_all(profile: Profile) -> tuple[list[TrainExample], int]:
     """Safe (prompt -> response) rows of the non_eval split, and the number of safe rows with an empty response."""
     safe = [r for r in beavertails_split(profile).non_eval_rows if r["is_safe"]]
-    examples = [TrainExample("harmless", r["prompt"], "", r["response"]) for r in safe if r["response"].strip()]
+    examples = [
+        TrainExample("harmless", r["prompt"], "", r["response"]) for r in safe if r["response"].strip()
+    ]
     skipped = len(safe) - len(examples)
     if skipped:
         say_once(f"BeaverTails: skipped {skipped} safe rows with an empty response")
@@ -179,17 +193,21 @@ def honest_eval_all(profile: Profile) -> tuple[list[dict[str, Any]], list[str]]:
         match = mc.get(r["question"].strip())
         if match is None:
             missing.append(r["question"])
-        items.append({
-            "id": f"truthfulqa-{offset + i}",
-            "question": r["question"],
-            "best_answer": r["best_answer"],
-            "correct_answers": [a for a in r["correct_answers"] if a.strip()],
-            "incorrect_answers": [a for a in r["incorrect_answers"] if a.strip()],
-            "mc1_targets": dict(match["mc1_targets"]) if match else {},
-            "mc2_targets": dict(match["mc2_targets"]) if match else {},
-        })
+        items.append(
+            {
+                "id": f"truthfulqa-{offset + i}",
+                "question": r["question"],
+                "best_answer": r["best_answer"],
+                "correct_answers": [a for a in r["correct_answers"] if a.strip()],
+                "incorrect_answers": [a for a in r["incorrect_answers"] if a.strip()],
+                "mc1_targets": dict(match["mc1_targets"]) if match else {},
+                "mc2_targets": dict(match["mc2_targets"]) if match else {},
+            }
+        )
     if missing:
-        say_once(f"TruthfulQA: {len(missing)} eval question(s) have no MC1/MC2 targets in mc_task: {missing[:3]}")
+        say_once(
+            f"TruthfulQA: {len(missing)} eval question(s) have no MC1/MC2 targets in mc_task: {missing[:3]}"
+        )
     return items, missing
 
 
@@ -240,7 +258,9 @@ def _preference(value: Any, index: int, origin: str) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise DataError(f"malformed record {index} in {origin}: field 'preference' is {value!r}, not a number") from None
+        raise DataError(
+            f"malformed record {index} in {origin}: field 'preference' is {value!r}, not a number"
+        ) from None
 
 
 def load_alpaca_eval_annotations(profile: Profile) -> list[dict[str, Any]]:
@@ -250,15 +270,17 @@ def load_alpaca_eval_annotations(profile: Profile) -> list[dict[str, Any]]:
     folder = profile.data_dir / sources.ANNOTATIONS_DIR
     for model, records in sources.load_annotation_files(profile).items():
         for i, r in enumerate(records):
-            out.append({
-                "model": model,
-                "index": i,
-                "instruction": r["instruction"],
-                "output_1": r["output_1"],
-                "output_2": r["output_2"],
-                "generator_1": r.get("generator_1"),
-                "generator_2": r.get("generator_2", model),
-                "dataset": r.get("dataset"),
-                "preference": _preference(r["preference"], i, str(folder / f"{model}.json")),
-            })
+            out.append(
+                {
+                    "model": model,
+                    "index": i,
+                    "instruction": r["instruction"],
+                    "output_1": r["output_1"],
+                    "output_2": r["output_2"],
+                    "generator_1": r.get("generator_1"),
+                    "generator_2": r.get("generator_2", model),
+                    "dataset": r.get("dataset"),
+                    "preference": _preference(r["preference"], i, str(folder / f"{model}.json")),
+                }
+            )
     return out
