@@ -1,0 +1,282 @@
+"""Stage 1: LoRA-align one expert per task (peft + the transformers Trainer).
+
+Each expert is the base model with LoRA on the FFN projections only (`experts.lora.target_modules`), trained
+on its task's examples with the loss on response tokens. Artifacts: ``runs/<profile>/experts/<task>/`` holds
+the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash), written atomically; a
+complete expert with the same config hash is skipped. Trainer checkpoints go to a working folder
+``experts/.work-<task>/``, so a killed run resumes from its last checkpoint when re-run.
+
+Upcycling reads the trained deltas through `load_expert_adapter_weights` (A, B and alpha/r per layer and
+projection), not through peft module paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
+from h3fusion.config import ConfigError, Profile
+from h3fusion.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+HASHED_SECTIONS = ("data", "model", "experts", "seed", "tasks")
+"""The profile sections an expert depends on: a change in any of them re-trains it."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_WORK_HASH = "config_hash.txt"
+_LORA_KEY = re.compile(r"layers\.(\d+)\..*?\.(\w+)\.lora_([AB])\.weight$")
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def expert_dir(profile: Profile, task: str) -> Path:
+    """The finished expert: peft adapter folder + manifest.json."""
+    return profile.run_dir / "experts" / task
+
+
+def work_dir(profile: Profile, task: str) -> Path:
+    """Trainer checkpoints of an expert still in training (removed once the expert is complete)."""
+    return profile.run_dir / "experts" / f".work-{task}"
+
+
+def expert_hash(profile: Profile) -> str:
+    return profile.section_hash(*HASHED_SECTIONS)
+
+
+def _tasks(profile: Profile, task: str) -> list[str]:
+    if task == "all":
+        return list(profile.tasks)
+    if task not in profile.tasks:
+        raise ConfigError(f"task {task!r} is not one of this profile's tasks {list(profile.tasks)}; use one of them or 'all'")
+    return [task]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _lora_model(profile: Profile, model: PreTrainedModel) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = profile.experts.lora
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def _training_args(profile: Profile, out: Path) -> Any:
+    from transformers import TrainingArguments
+
+    t = profile.experts.train
+    length = {"max_steps": t.max_steps} if t.max_steps is not None else {"num_train_epochs": t.epochs}
+    return TrainingArguments(
+        output_dir=str(out),
+        **length,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        seed=profile.seed,
+        data_seed=profile.seed,
+        remove_unused_columns=False,  # the collator decides what the model sees
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+class LMCollator:
+    """The data collator without `task_labels`: stage 1 is plain SFT and the LM's forward takes no task label."""
+
+    def __init__(self, pad: Any) -> None:
+        self.pad = pad
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.pad(features)
+        batch.pop("task_labels", None)
+        return batch
+
+
+def _prepare_work_dir(work: Path, config_hash: str) -> str | None:
+    """Checkpoint to resume from, or None. Checkpoints of another config are discarded, never resumed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = work / _WORK_HASH
+    if work.exists() and (not marker.exists() or marker.read_text().strip() != config_hash):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(config_hash)
+    return get_last_checkpoint(str(work))
+
+
+def loss_log(trainer: Trainer) -> list[dict[str, float]]:
+    return [
+        {"step": int(e["step"]), "loss": float(e["loss"])}
+        for e in trainer.state.log_history
+        if "loss" in e and "step" in e
+    ]
+
+
+def _write_expert(
+    profile: Profile, task: str, model: Any, tok: PreTrainedTokenizerBase, trainer: Trainer, info: dict[str, Any]
+) -> None:
+    config_hash = expert_hash(profile)
+    losses = loss_log(trainer)
+    with atomic_dir(expert_dir(profile, task)) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        manifest = make_manifest(
+            profile,
+            config_hash,
+            info.pop("wall_time_s"),
+            stage="experts",
+            task=task,
+            base=profile.model.base,
+            lora=profile.experts.lora.model_dump(mode="json"),
+            scale=profile.experts.lora.scale,
+            final_train_loss=losses[-1]["loss"] if losses else None,
+            loss_log=losses,
+            global_step=trainer.state.global_step,
+            **info,
+        )
+        atomic_write_json(tmp / MANIFEST, manifest)
+
+
+def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None) -> Path:
+    """Train (or resume) one expert and write its artifact; returns the artifact folder.
+
+    `callbacks` are extra `transformers.TrainerCallback`s (progress hooks, early stopping, tests).
+    """
+    from transformers import Trainer, set_seed
+
+    from h3fusion.data import PadCollator, build_task_dataset
+    from h3fusion.models import load_base
+
+    config_hash = expert_hash(profile)
+    work = work_dir(profile, task)
+    with Stopwatch() as sw:
+        set_seed(profile.seed)
+        base, tok = load_base(profile)
+        base.train()
+        model = _lora_model(profile, base)
+        dataset = build_task_dataset(profile, tok, task)
+        if len(dataset) == 0:
+            raise ConfigError(f"no training examples for task {task!r}; raise `data.train_examples.{task}`")
+        resume = _prepare_work_dir(work, config_hash)
+        trainer = Trainer(
+            model=model,
+            args=_training_args(profile, work),
+            train_dataset=dataset,
+            data_collator=LMCollator(PadCollator(tok.pad_token_id)),
+            callbacks=callbacks,
+        )
+        print(f"[experts] {task}: {len(dataset)} examples" + (f", resuming from {resume}" if resume else ""))
+        result = trainer.train(resume_from_checkpoint=resume)
+    trainable, total = model.get_nb_trainable_parameters()
+    info = {
+        "wall_time_s": sw.seconds,
+        "train_examples": len(dataset),
+        "train_loss_mean": result.training_loss,
+        "resumed_from": Path(resume).name if resume else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    if trainer.is_world_process_zero():
+        _write_expert(profile, task, model, tok, trainer, info)
+        shutil.rmtree(work, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return expert_dir(profile, task)
+
+
+def align(profile: Profile, task: str = "all") -> dict[str, Path]:
+    """Stage 1 for one task or "all": skip experts that are complete with this config, train the others."""
+    config_hash = expert_hash(profile)
+    out = {}
+    for t in _tasks(profile, task):
+        folder = expert_dir(profile, t)
+        if is_complete(folder, config_hash):
+            print(f"[experts] {t}: complete with this config, skipped ({folder})")
+        else:
+            train_expert(profile, t)
+        out[t] = folder
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ExpertAdapter:
+    """A trained expert's low-rank deltas: delta W = scale * B @ A for each (layer, projection).
+
+    `factors[(layer, projection)] = (A [r, in], B [out, r])`, projection being e.g. "gate_proj".
+    """
+
+    task: str
+    r: int
+    alpha: float
+    scale: float
+    target_modules: tuple[str, ...]
+    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+
+    def delta(self, layer: int, projection: str) -> torch.Tensor:
+        a, b = self.factors[(layer, projection)]
+        return self.scale * (b @ a)
+
+    @property
+    def num_layers(self) -> int:
+        return 1 + max(layer for layer, _ in self.factors)
+
+
+def load_expert_adapter_weights(profile: Profile, task: str) -> ExpertAdapter:
+    """Read an expert's LoRA factors and scale straight from its adapter folder (no peft model needed)."""
+    folder = expert_dir(profile, task)
+    if not is_complete(folder, expert_hash(profile)):
+        raise ArtifactError(
+            f"expert {task!r} is missing or was trained with another config ({folder}); "
+            f"run `h3fusion align --profile {profile.name} --task {task}` first"
+        )
+    return read_adapter_folder(folder, task)
+
+
+def read_adapter_folder(folder: Path, task: str = "") -> ExpertAdapter:
+    """Parse a peft LoRA folder: A/B per (layer, projection) and the scale alpha/r (alpha/sqrt(r) for rsLoRA)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ArtifactError(f"{folder}: per-module LoRA ranks/alphas are not supported; train with one r and alpha")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():
+        m = _LORA_KEY.search(key)
+        if m is None:
+            continue
+        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    if not parts:
+        raise ArtifactError(f"{folder}: no LoRA weights found in {ADAPTER_WEIGHTS}")
+    factors = {k: (v["A"], v["B"]) for k, v in sorted(parts.items())}
+    targets = cfg.get("target_modules") or []
+    return ExpertAdapter(task, r, alpha, scale, tuple(sorted(targets)), factors)

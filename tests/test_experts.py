@@ -1,0 +1,132 @@
+"""Stage 1 (experts) on the tiny random Llama: artifacts, skip/re-run rules, FFN-only LoRA, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from h3fusion import experts
+from h3fusion.artifacts import MANIFEST, read_manifest
+from h3fusion.config import ConfigError, load_profile
+from h3fusion.errors import ArtifactError
+
+TASK = "helpful"
+
+
+def smoke(tmp_path: Path, **overrides):
+    return load_profile("smoke", {"runs_dir": str(tmp_path / "runs"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One expert trained once for the read-only checks below."""
+    profile = smoke(tmp_path_factory.mktemp("experts"))
+    experts.align(profile, TASK)
+    return profile
+
+
+def test_align_writes_adapter_and_manifest(trained):
+    folder = experts.expert_dir(trained, TASK)
+    assert (folder / experts.ADAPTER_WEIGHTS).exists() and (folder / experts.ADAPTER_CONFIG).exists()
+    manifest = read_manifest(folder)
+    assert manifest["config_hash"] == experts.expert_hash(trained)
+    assert manifest["task"] == TASK and manifest["global_step"] == trained.experts.train.max_steps
+    assert [e["step"] for e in manifest["loss_log"]] == sorted(e["step"] for e in manifest["loss_log"])
+    assert manifest["final_train_loss"] == manifest["loss_log"][-1]["loss"] > 0
+    assert not experts.work_dir(trained, TASK).exists()  # checkpoints are removed once the expert is complete
+    assert not list(folder.parent.glob(f"{TASK}.tmp-*"))
+
+
+def test_lora_targets_only_ffn_and_b_is_trained(trained):
+    cfg = json.loads((experts.expert_dir(trained, TASK) / experts.ADAPTER_CONFIG).read_text())
+    assert set(cfg["target_modules"]) == set(trained.experts.lora.target_modules)
+    adapter = experts.load_expert_adapter_weights(trained, TASK)
+    layers = trained.model.tiny.num_hidden_layers
+    lora = trained.experts.lora
+    assert adapter.num_layers == layers
+    assert set(adapter.factors) == {(i, p) for i in range(layers) for p in lora.target_modules}
+    assert adapter.scale == pytest.approx(lora.alpha / lora.r)
+    tiny = trained.model.tiny
+    for (_, proj), (a, b) in adapter.factors.items():
+        assert a.shape[0] == lora.r and b.shape[1] == lora.r
+        out_dim = tiny.hidden_size if proj == "down_proj" else tiny.intermediate_size
+        assert b.shape[0] == out_dim
+        assert b.abs().max() > 0  # peft initialises B to zero: non-zero means it was trained
+    a, b = adapter.factors[(0, "up_proj")]
+    assert torch.allclose(adapter.delta(0, "up_proj"), adapter.scale * b @ a)
+
+
+def test_second_call_is_skipped(trained, monkeypatch):
+    manifest = experts.expert_dir(trained, TASK) / MANIFEST
+    mtime = manifest.stat().st_mtime_ns
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a complete expert with the same config was trained again")
+
+    monkeypatch.setattr(experts, "train_expert", must_not_train)
+    assert experts.align(trained, TASK) == {TASK: experts.expert_dir(trained, TASK)}
+    assert manifest.stat().st_mtime_ns == mtime
+
+
+def test_changed_config_reruns(trained, monkeypatch):
+    changed = trained.model_copy(update={"experts": trained.experts.model_copy(
+        update={"train": trained.experts.train.model_copy(update={"lr": 2e-3})})})
+    assert experts.expert_hash(changed) != experts.expert_hash(trained)
+    calls = []
+    monkeypatch.setattr(experts, "train_expert", lambda p, t, callbacks=None: calls.append((p, t)))
+    experts.align(changed, TASK)
+    assert calls == [(changed, TASK)]
+    # Hash covers what an expert depends on, and not where runs are stored.
+    assert experts.expert_hash(trained.model_copy(update={"runs_dir": "/elsewhere"})) == experts.expert_hash(trained)
+
+
+def test_unknown_task_and_missing_expert_are_user_errors(tmp_path):
+    profile = smoke(tmp_path, tasks=["helpful", "honest"])
+    with pytest.raises(ConfigError, match="harmless"):
+        experts.align(profile, "harmless")
+    with pytest.raises(ArtifactError, match="h3fusion align"):
+        experts.load_expert_adapter_weights(profile, "honest")
+
+
+class KillAtFirstSave(TrainerCallback):
+    """Stands in for `kill -9` right after the first checkpoint is on disk."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, trained):
+    profile = smoke(tmp_path)
+    train = profile.experts.train
+    assert train.save_steps < train.max_steps  # the smoke profile must checkpoint before the end
+    with pytest.raises(KeyboardInterrupt):
+        experts.train_expert(profile, TASK, callbacks=[KillAtFirstSave()])
+    assert not (experts.expert_dir(profile, TASK) / MANIFEST).exists()  # nothing half-written looks complete
+    assert (experts.work_dir(profile, TASK) / f"checkpoint-{train.save_steps}").exists()
+
+    experts.align(profile, TASK)
+    manifest = read_manifest(experts.expert_dir(profile, TASK))
+    assert manifest["resumed_from"] == f"checkpoint-{train.save_steps}"
+    assert manifest["global_step"] == train.max_steps
+    assert manifest["loss_log"][0]["step"] == 1  # the log from before the kill is kept
+    # Resuming restores weights, optimizer, scheduler, RNG and data order: same expert as an uninterrupted run.
+    reference = read_manifest(experts.expert_dir(trained, TASK))["loss_log"]
+    assert [e["step"] for e in manifest["loss_log"]] == [e["step"] for e in reference]
+    assert [e["loss"] for e in manifest["loss_log"]] == pytest.approx([e["loss"] for e in reference], rel=1e-5)
+    resumed = experts.load_expert_adapter_weights(profile, TASK).factors
+    uninterrupted = experts.load_expert_adapter_weights(trained, TASK).factors
+    for key, (a, b) in uninterrupted.items():
+        assert torch.allclose(resumed[key][0], a, atol=1e-6) and torch.allclose(resumed[key][1], b, atol=1e-6)
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
+    profile = smoke(tmp_path)
+    work = experts.work_dir(profile, TASK)
+    (work / "checkpoint-2").mkdir(parents=True)
+    (work / "config_hash.txt").write_text("another-config")
+    assert experts._prepare_work_dir(work, experts.expert_hash(profile)) is None
+    assert not (work / "checkpoint-2").exists()
