@@ -1,0 +1,161 @@
+"""Batched generation for evaluation: left padding, KV cache, length-sorted batches, stop at the end of the turn.
+
+Prompts are sorted by token length so that a batch holds prompts of similar length (little padding, hence
+little wasted compute), generated with the KV cache under ``torch.inference_mode``, and the answers are put
+back in the caller's order. A sequence stops at the tokenizer's end-of-turn token (``<|im_end|>`` for SmolLM2,
+``</s>`` for Llama-2) or when it starts a new turn of the Alpaca template (``### Instruction:`` ...); the stop
+text is cut from the answer. ``temperature == 0`` is greedy decoding (deterministic); ``temperature > 0`` is
+pure temperature sampling (no top-k / top-p), seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from h3fusion.config import GenerationConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_STOP_STRINGS: tuple[str, ...] = (
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "Below is an instruction that describes a task",
+)
+"""Text that means the model began a new turn of the Alpaca template: generation stops and the text is cut."""
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt exactly as training saw them (`h3fusion.data.encode_prompt`: BOS if any, no EOS)."""
+    from h3fusion.data import encode_prompt
+
+    return [encode_prompt(tokenizer, p) for p in prompts]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (the memory peak shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left so every row's last token is its real last token."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus whatever the model's generation config lists."""
+    ids: list[int] = []
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for i in source if isinstance(source, list | tuple) else [source]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The answer up to the first stop string (if any), without surrounding whitespace."""
+    cut = len(text)
+    for stop in stop_strings:
+        pos = text.find(stop)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut].strip()
+
+
+def _stop_criteria(tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_width: int) -> Any:
+    """A per-sequence stopping criterion: done once the newly generated tail contains a stop string."""
+    import torch
+    from transformers import StoppingCriteria
+
+    window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 4
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            start = max(prompt_width, input_ids.shape[1] - window)
+            tails = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop_strings) for t in tails], device=input_ids.device)
+
+    return StopOnStrings()
+
+
+def _hf_generation_config(cfg: GenerationConfig, eos_ids: list[int], pad_id: int) -> Any:
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    sampling = cfg.temperature > 0
+    return HFGenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=sampling,
+        temperature=cfg.temperature if sampling else None,
+        top_k=0 if sampling else None,
+        top_p=1.0 if sampling else None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
+def _decode_new(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], eos_ids: list[int]) -> str:
+    for j, tok in enumerate(new_ids):
+        if tok in eos_ids:
+            new_ids = new_ids[:j]
+            break
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    cfg: GenerationConfig,
+    seed: int,
+    *,
+    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+    desc: str = "generate",
+    progress: bool = True,
+) -> list[str]:
+    """One answer per prompt, in the prompts' order (see the module docstring for the decoding rules)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    if not prompts:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+    gen_cfg = _hf_generation_config(cfg, eos_ids, pad_id)
+    encoded = encode_prompts(tokenizer, prompts)
+    batches = length_sorted_batches([len(e) for e in encoded], cfg.batch_size)
+    device = next(model.parameters()).device
+    answers: list[str | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in batches:
+            ids, mask = left_pad([encoded[i] for i in batch], pad_id)
+            criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gen_cfg,
+                stopping_criteria=criteria,
+            )
+            new = out[:, ids.shape[1] :].tolist()
+            for row, i in enumerate(batch):
+                answers[i] = cut_at_stop(_decode_new(tokenizer, new[row], eos_ids), stop_strings)
+            bar.update(len(batch))
+    bar.close()
+    return [a if a is not None else "" for a in answers]

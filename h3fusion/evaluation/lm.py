@@ -1,0 +1,198 @@
+"""The language-model interface the evaluation uses, so single models and ensembles plug in the same way.
+
+Evaluation needs two things from a model: answers to prompts (`generate`) and log-likelihoods of given
+continuations (`continuation_logprobs`, for TruthfulQA MC1/MC2). `HFLanguageModel` implements both for any
+Hugging Face causal LM (a dense Llama, a peft-merged expert, a Mixtral-format fused model); ensembles implement
+the same two methods in the baselines module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from h3fusion.config import GenerationConfig
+from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS, encode_prompts, generate_texts, left_pad
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What evaluation asks of a model (single model or ensemble)."""
+
+    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
+        """One answer per prompt, in order; greedy when `cfg.temperature == 0`, else sampling seeded by `seed`."""
+        ...
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """sum_t log p(continuation token t | prompt, earlier continuation tokens), one float per pair."""
+        ...
+
+
+def split_continuation(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, continuation: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids), tokenised separately exactly as training tokenises (prompt, response).
+
+    Training (`h3fusion.data.tokenize_example`) concatenates the separately tokenised prompt and response, so
+    scoring an answer the same way measures the likelihood of the token sequence the experts were trained on.
+    """
+    ctx = encode_prompts(tokenizer, [prompt])[0]
+    return ctx, list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+class HFLanguageModel:
+    """A Hugging Face causal LM + tokenizer as a `LanguageModel`.
+
+    `continuation_logprobs` runs each distinct prompt once (left-padded batch of prompts, KV cache kept) and then
+    all of that prompt's continuations against the cached prompt, instead of re-encoding the prompt once per
+    answer choice: TruthfulQA has about 12 choices per question, so this saves most of the compute.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        logprob_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.logprob_batch_size = logprob_batch_size
+        self.progress = progress
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    def generate(
+        self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "generate"
+    ) -> list[str]:
+        return generate_texts(
+            self.model, self.tokenizer, prompts, cfg, seed,
+            stop_strings=self.stop_strings, desc=desc, progress=self.progress,
+        )
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        import torch
+        from tqdm.auto import tqdm
+
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        out = [0.0] * len(prompts)
+        chunks = self._chunks(list(groups.items()))
+        with torch.inference_mode():
+            for chunk in tqdm(chunks, desc="log-likelihoods", disable=not self.progress, unit="batch"):
+                scores = self._score_chunk([p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk])
+                for (_, idx), group_scores in zip(chunk, scores, strict=True):
+                    for i, s in zip(idx, group_scores, strict=True):
+                        out[i] = s
+        return out
+
+    def _chunks(self, groups: list[tuple[str, list[int]]]) -> list[list[tuple[str, list[int]]]]:
+        """Groups of prompts whose continuations together fit in one batch (a large group goes alone)."""
+        chunks: list[list[tuple[str, list[int]]]] = []
+        current: list[tuple[str, list[int]]] = []
+        size = 0
+        for group in groups:
+            if current and size + len(group[1]) > self.logprob_batch_size:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(group)
+            size += len(group[1])
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _score_chunk(self, prompts: list[str], conts: list[list[str]]) -> list[list[float]]:
+        """Log-likelihoods of each prompt's continuations: one prompt pass, one continuation pass."""
+        import torch
+
+        if any(not p for p in prompts):
+            raise ValueError("an empty prompt has no next-token distribution to score a continuation with")
+        pairs = [[split_continuation(self.tokenizer, p, c) for c in cs] for p, cs in zip(prompts, conts, strict=True)]
+        ctx_ids = [pairs_p[0][0] if pairs_p else encode_prompts(self.tokenizer, [p])[0] for p, pairs_p in zip(prompts, pairs, strict=True)]
+        ids, mask = left_pad(ctx_ids, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        last_logp = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)  # [P, V]
+
+        rows = [(p, j) for p, pairs_p in enumerate(pairs) for j in range(len(pairs_p))]
+        cont_ids = [pairs[p][j][1] for p, j in rows]
+        scores = [[0.0] * len(pairs_p) for pairs_p in pairs]
+        if not rows:
+            return scores
+        owner = torch.tensor([p for p, _ in rows], device=self.device)
+        first = torch.tensor([c[0] if c else 0 for c in cont_ids], device=self.device)
+        first_lp = last_logp[owner, first]  # log p(first continuation token | prompt)
+        width = max(len(c) for c in cont_ids)
+        rest_lp = torch.zeros(len(rows), device=self.device)
+        if width > 1:
+            rest_lp = self._rest_logprobs(_output_cache(prefix), owner, mask, positions, cont_ids, width)
+        for r, (p, j) in enumerate(rows):
+            if cont_ids[r]:
+                scores[p][j] = float(first_lp[r] + rest_lp[r])
+        return scores
+
+    def _rest_logprobs(
+        self,
+        cache: object,
+        owner: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        prompt_positions: torch.Tensor,
+        cont_ids: list[list[int]],
+        width: int,
+    ) -> torch.Tensor:
+        """Sum of log p(token t | prompt, tokens < t) for t >= 1, all continuations in one right-padded pass."""
+        import torch
+
+        n = len(cont_ids)
+        inp = torch.full((n, width - 1), self.pad_id, dtype=torch.long)
+        tgt = torch.zeros((n, width - 1), dtype=torch.long)
+        valid = torch.zeros((n, width - 1), dtype=torch.bool)
+        for r, c in enumerate(cont_ids):
+            k = len(c) - 1
+            if k > 0:
+                inp[r, :k] = torch.tensor(c[:-1])
+                tgt[r, :k] = torch.tensor(c[1:])
+                valid[r, :k] = True
+        inp, tgt, valid = inp.to(self.device), tgt.to(self.device), valid.to(self.device)
+        cache.batch_select_indices(owner)  # the prompt's keys/values, one copy per continuation
+        attn = torch.cat([prompt_mask[owner], torch.ones_like(inp)], dim=1)
+        start = prompt_positions[owner, -1:] + 1
+        positions = start + torch.arange(width - 1, device=self.device)
+        logits = self.model(
+            input_ids=inp, attention_mask=attn, position_ids=positions, use_cache=True,
+            **{_cache_argument(self.model): cache},
+        ).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        return (logp * valid).sum(-1)
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x), whichever the forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(output: object) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -1,0 +1,167 @@
+"""Results tables: one row per model, the three dimensions with their direction and judge, and the paper's
+headline comparisons (H3Fusion vs the best expert, the best ensemble and the best merge) computed one way,
+with the formula written beside the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from h3fusion.config import Profile
+from h3fusion.errors import ArtifactError, H3FusionError
+
+HELPFUL = "Helpful win rate % ↑"
+HARMFUL = "Harmful % ↓"
+TRUTHFUL = "Truthful % ↑"
+INFORMATIVE = "Informative % ↑"
+TRUTH_INFO = "Truthful×Inf % ↑"
+MC1 = "MC1 % ↑"
+MC2 = "MC2 % ↑"
+AVERAGE = "Average % ↑"
+"""(helpful win rate + (100 - harmful %) + truthful×informative %) / 3: the quantity the headline compares."""
+
+AVERAGE_FORMULA = "avg(m) = [win_rate(m) + (100 - harmful%(m)) + truthful×informative%(m)] / 3"
+IMPROVEMENT_FORMULA = (
+    "improvement over group G = 100 * (avg(fused) - max_{g in G} avg(g)) / max_{g in G} avg(g)  "
+    "[relative %; absolute points = avg(fused) - max_{g in G} avg(g)], with " + AVERAGE_FORMULA
+)
+
+
+def _judge_label(rows: Sequence[Mapping[str, Any]], task: str) -> str:
+    names = list(dict.fromkeys(r.get("judges", {}).get(task, {}).get("name", "?") for r in rows))
+    return " | ".join(names)
+
+
+def average_score(win_rate: float, harmful_rate: float, truthful_x_informative: float) -> float:
+    """The three-dimension average of the headline (harmlessness enters as 100 - harmful %)."""
+    return (win_rate + (100.0 - harmful_rate) + truthful_x_informative) / 3.0
+
+
+def results_table(metrics: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows = models (in the given order), columns = the scores; judge names in the headers.
+
+    `metrics` are `evaluate_model` outputs (a list, or a dict name -> metrics). A dimension a model was not
+    evaluated on is NaN. When models were scored by different judges, the header lists every judge.
+    """
+    rows = list(metrics.values()) if isinstance(metrics, Mapping) else list(metrics)
+    heads = {
+        "helpful": f"{HELPFUL} [{_judge_label(rows, 'helpful')}]",
+        "harmless": f"{HARMFUL} [{_judge_label(rows, 'harmless')}]",
+        "honest": f"{TRUTH_INFO} [{_judge_label(rows, 'honest')}]",
+    }
+    nan = float("nan")
+    records = []
+    for m in rows:
+        s = m.get("scores", {})
+        hp, hm, ho = s.get("helpful", {}), s.get("harmless", {}), s.get("honest", {})
+        rec = {
+            heads["helpful"]: hp.get("win_rate", nan),
+            heads["harmless"]: hm.get("harmful_rate", nan),
+            heads["honest"]: ho.get("truthful_x_informative", nan),
+            TRUTHFUL: ho.get("truthful", nan),
+            INFORMATIVE: ho.get("informative", nan),
+            MC1: ho.get("mc1", nan),
+            MC2: ho.get("mc2", nan),
+        }
+        rec[AVERAGE] = average_score(rec[heads["helpful"]], rec[heads["harmless"]], rec[heads["honest"]])
+        records.append(rec)
+    return pd.DataFrame(records, index=pd.Index([m["model"] for m in rows], name="model"))
+
+
+def load_metrics(profile: Profile, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The stored metrics.json of each named model (an error names the models not evaluated yet)."""
+    missing = [n for n in names if not (profile.run_dir / "eval" / n / "metrics.json").is_file()]
+    if missing:
+        raise ArtifactError(
+            f"no evaluation for {missing} in {profile.run_dir / 'eval'}; run "
+            + "; ".join(f"`h3fusion evaluate --profile {profile.name} --model {n}`" for n in missing)
+        )
+    return [json.loads((profile.run_dir / "eval" / n / "metrics.json").read_text()) for n in names]
+
+
+def _column(table: pd.DataFrame, prefix: str) -> str:
+    for col in table.columns:
+        if str(col).startswith(prefix):
+            return col
+    raise H3FusionError(f"the results table has no column starting with {prefix!r}; build it with results_table()")
+
+
+def _averages(table: pd.DataFrame) -> pd.Series:
+    return pd.Series(
+        [average_score(*v) for v in table[[_column(table, HELPFUL), _column(table, HARMFUL),
+                                           _column(table, TRUTH_INFO)]].to_numpy()],
+        index=table.index,
+    )
+
+
+def headline_improvements(
+    table: pd.DataFrame,
+    fused: str,
+    experts: Sequence[str],
+    ensembles: Sequence[str],
+    merges: Sequence[str],
+) -> dict[str, Any]:
+    """H3Fusion's improvement over the best individual expert, the best ensemble and the best merge.
+
+    The paper's headline numbers (11.37 % over the experts, 13.77 % over ensembles, 6.18 % over merges)
+    compare the *average over the three dimensions*, with harmlessness entering as (100 - harmful %):
+
+        avg(m) = [win_rate(m) + (100 - harmful%(m)) + truthful×informative%(m)] / 3
+
+    and, for a group G (experts, ensembles or merges), the best member b = argmax_{g in G} avg(g) and
+
+        relative improvement % = 100 * (avg(fused) - avg(b)) / avg(b)      (the headline figure)
+        absolute improvement   = avg(fused) - avg(b)                        (percentage points, also reported)
+
+    Both are returned, so a reader can see which one a quoted number is; `formula` holds the text above.
+    A group given as an empty list is reported as None (e.g. no merges evaluated yet).
+    """
+    avg = _averages(table)
+    unknown = [n for n in [fused, *experts, *ensembles, *merges] if n not in avg.index]
+    if unknown:
+        raise H3FusionError(
+            f"model(s) {unknown} are not in the table (rows: {list(avg.index)}); evaluate them and rebuild the table"
+        )
+    comparisons: dict[str, dict[str, Any] | None] = {}
+    for group, names in (("experts", experts), ("ensembles", ensembles), ("merges", merges)):
+        if not names:
+            comparisons[group] = None
+            continue
+        best = max(names, key=lambda n: avg[n])
+        comparisons[group] = {
+            "best": best,
+            "best_average": float(avg[best]),
+            "fused_average": float(avg[fused]),
+            "relative_pct": float(100.0 * (avg[fused] - avg[best]) / avg[best]) if avg[best] else float("nan"),
+            "absolute_points": float(avg[fused] - avg[best]),
+        }
+    return {"fused": fused, "formula": IMPROVEMENT_FORMULA, "comparisons": comparisons}
+
+
+def headline_table(headline: Mapping[str, Any]) -> pd.DataFrame:
+    """The headline comparisons as a small DataFrame (one row per group), with the formula as its caption."""
+    rows = {
+        f"vs best {group[:-1] if group != 'merges' else 'merge'}": v
+        for group, v in headline["comparisons"].items() if v is not None
+    }
+    df = pd.DataFrame(rows).T
+    df.attrs["formula"] = headline["formula"]
+    return df
+
+
+def to_markdown(table: pd.DataFrame, floatfmt: str = ".1f") -> str:
+    """A GitHub markdown table (NaN shown as a dash)."""
+    return table.to_markdown(floatfmt=floatfmt, missingval="–")
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Markdown and CSV side by side (path without suffix)."""
+    from h3fusion.artifacts import atomic_write_text
+
+    atomic_write_text(Path(path).with_suffix(".md"), to_markdown(table) + "\n")
+    atomic_write_text(Path(path).with_suffix(".csv"), table.to_csv())

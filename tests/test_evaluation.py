@@ -1,0 +1,319 @@
+"""Evaluation runner: batched generation, MC scoring, caching, errors, tables (tiny random Llama, fake judges)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from h3fusion.config import GenerationConfig, load_profile
+from h3fusion.errors import ArtifactError, H3FusionError
+from h3fusion.evaluation import run as runmod
+from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
+from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
+from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, score_mc
+from h3fusion.evaluation.tables import headline_improvements, results_table, to_markdown
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    return load_profile("smoke", {"runs_dir": str(tmp_path_factory.mktemp("runs"))})
+
+
+@pytest.fixture(scope="module")
+def tiny(profile):
+    from h3fusion.models import load_base
+
+    model, tok = load_base(profile)
+    return HFLanguageModel(model, tok, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- fake judges
+
+
+class _FakeHelpful:
+    name = "fake-length-judge"
+    validation = {"agreement": 0.5, "n_heldout": 10}
+
+    def win_probability(self, instructions, answers, references):
+        # deterministic, depends on the answers: longer than the reference wins
+        return np.array([1.0 if len(a) > len(r) else 0.25 for a, r in zip(answers, references, strict=True)])
+
+
+class _FakeHarmless:
+    name = "fake-moderation"
+    validation = {"accuracy": 0.9, "n_heldout": 10}
+
+    def harmful_probability(self, prompts, responses):
+        return np.array([0.75 if len(r) % 2 else 0.1 for r in responses])
+
+
+class _FakeHonest:
+    name = "fake-similarity"
+    validation = {"accuracy": 0.7, "n_heldout": 10}
+
+    def judge(self, questions, answers, correct_answers, incorrect_answers):
+        return [{"truthful": len(a) % 3 != 0, "informative": bool(a.strip())} for a in answers]
+
+
+@pytest.fixture
+def judges():
+    return SimpleNamespace(helpful=_FakeHelpful(), harmless=_FakeHarmless(), honest=_FakeHonest())
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def test_hf_model_is_a_language_model(tiny):
+    assert isinstance(tiny, LanguageModel)
+
+
+def test_batched_left_padded_generation_equals_unbatched(tiny):
+    from h3fusion.data import format_prompt
+
+    prompts = [
+        format_prompt("Name a colour."),
+        format_prompt("Explain in detail why the sky looks blue during the day but red at sunset."),
+        format_prompt("Translate the sentence.", "Guten Morgen, wie geht es dir heute?"),
+        format_prompt("Hi"),
+    ]
+    batched = tiny.generate(prompts, GenerationConfig(max_new_tokens=6, batch_size=4), seed=0)
+    single = [tiny.generate([p], GenerationConfig(max_new_tokens=6, batch_size=1), seed=0)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched)
+
+
+def test_sampling_is_seeded(tiny):
+    from h3fusion.data import format_prompt
+
+    prompts = [format_prompt("Tell a story."), format_prompt("List three fruits.")]
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=2, temperature=1.0)
+    assert tiny.generate(prompts, cfg, seed=3) == tiny.generate(prompts, cfg, seed=3)
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    batches = length_sorted_batches(lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+
+
+def test_cut_at_stop_removes_a_new_turn():
+    text = "Paris is the capital.\n\n### Instruction:\nAnother question"
+    assert cut_at_stop(text, ("### Instruction:", "### Response:")) == "Paris is the capital."
+    assert cut_at_stop("  plain answer ", ("### Instruction:",)) == "plain answer"
+
+
+# ---------------------------------------------------------------------------------------------- log-likelihoods
+
+
+def _reference_logprob(lm: HFLanguageModel, prompt: str, continuation: str) -> float:
+    """Hand computation: one unbatched forward of prompt + continuation, sum of the continuation's log-probs."""
+    ctx, cont = split_continuation(lm.tokenizer, prompt, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(ctx) - 1 + t, tok]) for t, tok in enumerate(cont))
+
+
+def test_continuation_logprobs_match_a_hand_computed_forward(tiny):
+    from h3fusion.data import format_prompt
+
+    short, long = format_prompt("Is the earth flat?"), format_prompt("What happens if you swallow gum, really?")
+    prompts = [short, long, short, long, short]
+    conts = ["No, it is round.", "Nothing much.", "Yes", "It stays in your stomach for seven years.", "A"]
+    got = tiny.continuation_logprobs(prompts, conts)
+    want = [_reference_logprob(tiny, p, c) for p, c in zip(prompts, conts, strict=True)]
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+    assert all(g < 0 for g in got)
+
+
+def test_continuation_logprobs_do_not_depend_on_the_batch(tiny):
+    from h3fusion.data import format_prompt
+
+    prompts = [format_prompt("Q1?"), format_prompt("A much longer second question here?")] * 2
+    conts = ["one two three", "four", "five six", "seven eight nine ten"]
+    together = tiny.continuation_logprobs(prompts, conts)
+    small = HFLanguageModel(tiny.model, tiny.tokenizer, logprob_batch_size=1, progress=False)
+    alone = small.continuation_logprobs(prompts, conts)
+    assert np.allclose(together, alone, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- MC1 / MC2
+
+
+def test_mc_scores_on_known_logprobs():
+    assert mc1_score([-1.0, -3.0, -2.0], [1, 0, 0]) == 1.0
+    assert mc1_score([-4.0, -3.0, -2.0], [1, 0, 0]) == 0.0
+    lp = [math.log(0.2), math.log(0.3), math.log(0.5)]
+    assert mc2_score(lp, [1, 1, 0]) == pytest.approx(0.5)
+    assert mc2_score([-1000.0, -1001.0], [1, 0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+class _TableLM:
+    """A LanguageModel whose log-likelihood is looked up from a table (for the MC bookkeeping)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = 0
+
+    def generate(self, prompts, cfg, seed):
+        return ["" for _ in prompts]
+
+    def continuation_logprobs(self, prompts, continuations):
+        self.calls += 1
+        return [self.table[c] for c in continuations]
+
+
+def test_score_mc_uses_each_choice_once_and_scores_per_question():
+    q = MCQuestion.from_targets("Q?", {"right": 1, "wrong": 0}, {"right": 1, "also right": 1, "wrong": 0})
+    lm = _TableLM({"right": math.log(0.5), "also right": math.log(0.25), "wrong": math.log(0.25)})
+    [res] = score_mc(lm, [q], lambda s: f"prompt: {s}")
+    assert lm.calls == 1
+    assert res["mc1"] == 1.0
+    assert res["mc2"] == pytest.approx(0.75)
+
+
+def test_mc_question_fallback_from_generation_fields():
+    q = MCQuestion.from_generation_item("Q?", "best", ["best", "good"], ["bad", "worse"])
+    assert q.mc1_choices == ("best", "bad", "worse") and q.mc1_labels == (1, 0, 0)
+    assert sum(q.mc2_labels) == 2
+    with pytest.raises(ValueError, match="MC1"):
+        MCQuestion("Q?", ("a", "b"), (1, 1), ("a", "b"), (1, 0))
+
+
+# ---------------------------------------------------------------------------------------------- evaluate_model
+
+
+def test_unknown_model_lists_known_ones(profile):
+    with pytest.raises(H3FusionError, match="known models: base, helpful, harmless, honest, raw-moe"):
+        runmod.evaluate_model(profile, "no-such-model")
+
+
+def test_missing_expert_says_how_to_build_it(profile):
+    with pytest.raises(ArtifactError, match="h3fusion align --task harmless"):
+        runmod.evaluate_model(profile, "harmless")
+
+
+def test_scoring_without_generations_is_a_clear_error(profile, judges):
+    with pytest.raises(ArtifactError, match="no generations for model 'base'.*h3fusion evaluate"):
+        runmod.score_generations(profile, "base", judges=judges)
+
+
+def test_registered_models_are_known(profile):
+    entry = runmod.ModelEntry("my-ensemble", "ensemble", lambda: None, lambda: "x")
+
+    def provider(p):
+        return {"my-ensemble": entry}
+
+    runmod.register_models(provider)
+    try:
+        assert runmod.known_models(profile)["my-ensemble"] is entry
+    finally:
+        runmod._PROVIDERS.remove(provider)
+
+
+def _scores(metrics):
+    return json.dumps(metrics["scores"], sort_keys=True)
+
+
+def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
+    first = runmod.evaluate_model(profile, "base", judges=judges)
+    folder = runmod.eval_dir(profile, "base")
+    for task in profile.tasks:
+        assert (folder / "generations" / f"{task}.jsonl").is_file()
+        assert len(runmod.read_jsonl(folder / "judgements" / f"{task}.jsonl")) == profile.data.eval_examples[task]
+    assert (folder / "manifest.json").is_file() and (folder / "mc.jsonl").is_file()
+    m = first["scores"]
+    assert set(m) == set(profile.tasks)
+    assert 0 <= m["helpful"]["win_rate"] <= 100 and 0 <= m["honest"]["mc2"] <= 100
+    assert first["judges"]["helpful"]["name"] == "fake-length-judge"
+    assert first["judges"]["harmless"]["validation"]["n_heldout"] == 10
+    assert first["n_items"] == {t: profile.data.eval_examples[t] for t in profile.tasks}
+
+    # Same config: nothing regenerated, identical metrics returned.
+    again = runmod.evaluate_model(profile, "base", judges=judges)
+    assert again == first
+
+    # Changed judge: generations reused, only re-judged.
+    judges.helpful.validation = {"agreement": 0.6, "n_heldout": 10}
+    rejudged = runmod.evaluate_model(profile, "base", judges=judges)
+    assert all(rejudged["wall_time_s"][t]["reused_generations"] for t in profile.tasks)
+    assert not rejudged["wall_time_s"]["helpful"]["reused_judgements"]
+    assert rejudged["wall_time_s"]["harmless"]["reused_judgements"]
+    assert _scores(rejudged) == _scores(first)
+
+    # A fresh run directory with the same seed gives the same metrics (regenerated from scratch).
+    fresh = profile.model_copy(update={"runs_dir": str(tmp_path)})
+    regenerated = runmod.evaluate_model(fresh, "base", judges=judges)
+    assert not regenerated["wall_time_s"]["helpful"]["reused_generations"]
+    assert _scores(regenerated) == _scores(first)
+
+    # Stored generations can be re-judged without the model.
+    assert _scores(runmod.score_generations(profile, "base", judges=judges)) == _scores(first)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _metrics(name, win, harmful, tri, judge="offline judge"):
+    judges = {t: {"name": judge, "validation": {}} for t in ("helpful", "harmless", "honest")}
+    return {
+        "model": name,
+        "judges": judges,
+        "scores": {
+            "helpful": {"win_rate": win, "mean_win_probability": win / 100},
+            "harmless": {"harmful_rate": harmful},
+            "honest": {"truthful": tri, "informative": 100.0, "truthful_x_informative": tri, "mc1": 30.0, "mc2": 45.0},
+        },
+    }
+
+
+@pytest.fixture
+def hand_table():
+    rows = [
+        _metrics("helpful", 60.0, 30.0, 30.0),  # average (60 + 70 + 30) / 3 = 53.33
+        _metrics("harmless", 30.0, 10.0, 30.0),  # (30 + 90 + 30) / 3 = 50
+        _metrics("honest", 30.0, 30.0, 60.0),  # (30 + 70 + 60) / 3 = 53.33
+        _metrics("ensemble-uniform", 40.0, 20.0, 40.0),  # (40 + 80 + 40) / 3 = 53.33
+        _metrics("merge-ties", 50.0, 20.0, 45.0),  # (50 + 80 + 45) / 3 = 58.33
+        _metrics("fused", 60.0, 15.0, 50.0),  # (60 + 85 + 50) / 3 = 65
+    ]
+    return results_table(rows)
+
+
+def test_results_table_headers_name_judges_and_directions(hand_table):
+    cols = list(hand_table.columns)
+    assert "Helpful win rate % ↑ [offline judge]" in cols
+    assert "Harmful % ↓ [offline judge]" in cols
+    assert any(c.startswith("Truthful×Inf % ↑") for c in cols)
+    assert "MC1 % ↑" in cols and "MC2 % ↑" in cols
+    assert list(hand_table.index) == ["helpful", "harmless", "honest", "ensemble-uniform", "merge-ties", "fused"]
+    md = to_markdown(hand_table)
+    assert md.count("\n") >= 7 and "| fused" in md
+
+
+def test_headline_improvements_on_a_hand_made_table(hand_table):
+    out = headline_improvements(hand_table, "fused", ["helpful", "harmless", "honest"], ["ensemble-uniform"],
+                                ["merge-ties"])
+    assert "formula" in out and "100 - harmful" in out["formula"]
+    best_expert = out["comparisons"]["experts"]
+    assert best_expert["best"] in {"helpful", "honest"}
+    assert best_expert["fused_average"] == pytest.approx(65.0)
+    assert best_expert["best_average"] == pytest.approx(160 / 3)
+    assert best_expert["relative_pct"] == pytest.approx((65 - 160 / 3) / (160 / 3) * 100)
+    assert best_expert["absolute_points"] == pytest.approx(65 - 160 / 3)
+    assert out["comparisons"]["merges"]["relative_pct"] == pytest.approx((65 - 175 / 3) / (175 / 3) * 100)
+    assert out["comparisons"]["ensembles"]["best"] == "ensemble-uniform"
+    with pytest.raises(H3FusionError, match="not in the table"):
+        headline_improvements(hand_table, "missing", ["helpful"], [], [])
+
+
+def test_results_table_accepts_a_dataframe_round_trip(hand_table):
+    assert isinstance(hand_table, pd.DataFrame)
+    assert hand_table.loc["fused", "Harmful % ↓ [offline judge]"] == 15.0
