@@ -1,0 +1,375 @@
+"""Inference-time ensembles of the experts (DESIGN 8.4), as `LanguageModel`s the evaluation treats like any model.
+
+- `AdapterBank`: the base weights loaded ONCE with every expert's LoRA adapter attached (peft multi-adapter);
+  `use(name)` switches the active adapter, so n experts cost about one model's memory.
+- `TokenEnsemble`: at every decoding step each expert (with its own KV cache) gives a next-token distribution
+  p_i; the ensemble decodes from p = sum_i w_i p_i (probability averaging). Weights are uniform, or PackLLM-sim
+  (Mavromatis et al., "Pack of LLMs: Model Fusion at Test-Time via Perplexity Optimization", arXiv 2404.11531,
+  eq. for PackLLM-sim): w_i = softmax_i(-log PPL_i(prompt) / tau), where log PPL_i is expert i's mean negative
+  log-likelihood of the prompt's tokens; computed once per prompt, from the same forward pass that fills the
+  cache. With temperature T > 0 each expert's logits are divided by T before mixing, then the mixture is sampled.
+- `SelectEnsemble`: each expert answers; a selector picks one answer per prompt (see `likelihood_selector`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from h3fusion.config import GenerationConfig
+from h3fusion.evaluation.generate import (
+    DEFAULT_STOP_STRINGS,
+    cut_at_stop,
+    encode_prompts,
+    eos_token_ids,
+    generate_texts,
+    left_pad,
+    length_sorted_batches,
+)
+from h3fusion.evaluation.lm import split_continuation
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Weighting = Literal["uniform", "perplexity"]
+Selector = Callable[[list[str], list[list[str]]], list[int]]
+"""(prompts, candidates per prompt [one answer per expert]) -> index of the chosen answer per prompt."""
+
+
+class AdapterBank:
+    """One base model with n named LoRA adapters; `use(name)` activates one (the base weights are shared)."""
+
+    def __init__(self, base_model: PreTrainedModel, adapters: Mapping[str, str | Path]) -> None:
+        from peft import PeftModel
+
+        if not adapters:
+            raise ValueError("an adapter bank needs at least one adapter")
+        self.names: tuple[str, ...] = tuple(adapters)
+        first, *rest = self.names
+        model = PeftModel.from_pretrained(base_model, str(adapters[first]), adapter_name=first)
+        for name in rest:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+        self.model: PeftModel = model.eval()
+
+    def use(self, name: str) -> PeftModel:
+        self.model.set_adapter(name)
+        return self.model
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Attach one more adapter (e.g. the trained fuser of H3Fusion-Instruct)."""
+        self.model.load_adapter(str(folder), adapter_name=name)
+        self.model.eval()
+
+    @contextmanager
+    def base(self) -> Iterator[PeftModel]:
+        """The base model alone (every adapter disabled) inside the block."""
+        with self.model.disable_adapter():
+            yield self.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def perplexity_weights(prompt_nll: torch.Tensor, temperature: float) -> torch.Tensor:
+    """PackLLM-sim weights from [batch, experts] mean prompt NLLs (= log perplexities): softmax(-nll / tau)."""
+    import torch
+
+    if temperature <= 0:
+        raise ValueError(f"PackLLM temperature must be > 0, got {temperature}")
+    return torch.softmax(-prompt_nll / temperature, dim=-1)
+
+
+def mixture_logprobs(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """log sum_i w_i softmax(logits_i): the log of the weighted probability average, [batch, vocab]."""
+    import torch
+
+    logp = torch.stack([torch.log_softmax(lg.float(), dim=-1) for lg in logits], dim=1)  # [B, n, V]
+    return torch.logsumexp(logp + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1)
+
+
+def _mean_prompt_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each row's prompt tokens (from its second real token on), [batch]; 0 for one-token prompts."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    valid = (mask[:, 1:] * mask[:, :-1]).float()
+    return -(logp * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
+
+
+class TokenEnsemble:
+    """Token-level probability averaging of the bank's adapters (uniform or PackLLM-sim weights)."""
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        weighting: Weighting = "uniform",
+        temperature: float = 1.0,
+        experts: Sequence[str] | None = None,
+        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        logprob_batch_size: int = 16,
+        progress: bool = True,
+    ) -> None:
+        if weighting not in ("uniform", "perplexity"):
+            raise ValueError(f"unknown weighting {weighting!r}; use 'uniform' or 'perplexity'")
+        self.bank, self.tokenizer = bank, tokenizer
+        self.weighting, self.temperature = weighting, temperature
+        self.experts = tuple(experts or bank.names)
+        self.stop_strings = tuple(stop_strings)
+        self.logprob_batch_size = logprob_batch_size
+        self.progress = progress
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    def _weights(self, prompt_nll: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.weighting == "uniform":
+            return torch.full_like(prompt_nll, 1.0 / prompt_nll.shape[-1])
+        return perplexity_weights(prompt_nll, self.temperature)
+
+    def prompt_weights(self, prompts: list[str]) -> torch.Tensor:
+        """The ensemble weights of each prompt, [prompts, experts] (rows sum to one)."""
+        import torch
+
+        ids, mask = left_pad(encode_prompts(self.tokenizer, prompts), self.pad_id)
+        ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            nll = torch.stack(
+                [_mean_prompt_nll(self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, mask)
+                 for e in self.experts], dim=-1)
+        return self._weights(nll)
+
+    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate") -> list[str]:
+        import torch
+        from tqdm.auto import tqdm
+
+        if not prompts:
+            return []
+        encoded = encode_prompts(self.tokenizer, prompts)
+        answers = [""] * len(prompts)
+        gen = torch.Generator().manual_seed(seed)
+        bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, unit="prompt")
+        with torch.inference_mode():
+            for batch in length_sorted_batches([len(e) for e in encoded], cfg.batch_size):
+                texts = self._generate_batch([encoded[i] for i in batch], cfg, gen)
+                for i, text in zip(batch, texts, strict=True):
+                    answers[i] = text
+                bar.update(len(batch))
+        bar.close()
+        return answers
+
+    def _generate_batch(self, encoded: list[list[int]], cfg: GenerationConfig, gen: torch.Generator) -> list[str]:
+        """Greedy (or seeded sampling) decoding from the mixture, one KV cache per expert."""
+        import torch
+
+        device = self.bank.device
+        ids, mask = left_pad(encoded, self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(eos_token_ids(self.bank.model, self.tokenizer), device=device)
+        caches, last, nll = [], [], []
+        for e in self.experts:
+            out = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            caches.append(out.cache)
+            last.append(out.logits[:, -1])
+            nll.append(_mean_prompt_nll(out.logits, ids, mask))
+        weights = self._weights(torch.stack(nll, dim=-1))
+        done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+        new: list[torch.Tensor] = []
+        next_pos = pos[:, -1:] + 1
+        for _ in range(cfg.max_new_tokens):
+            scaled = [lg / cfg.temperature for lg in last] if cfg.temperature > 0 else last
+            logp = mixture_logprobs(scaled, weights)
+            if cfg.temperature > 0:
+                token = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(-1).to(device)
+            else:
+                token = logp.argmax(-1)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            new.append(token)
+            done |= torch.isin(token, eos) | self._hit_stop(torch.stack(new, dim=1))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            for i, e in enumerate(self.experts):
+                out = self.bank.use(e)(
+                    input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                    cache=caches[i], use_cache=True,
+                )
+                caches[i], last[i] = out.cache, out.logits[:, -1]
+            next_pos = next_pos + 1
+        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in encoded]
+        eos_ids = eos.tolist()
+        return [cut_at_stop(self._decode(r, eos_ids), self.stop_strings) for r in rows]
+
+    def _decode(self, tokens: list[int], eos_ids: list[int]) -> str:
+        for j, t in enumerate(tokens):
+            if t in eos_ids:
+                tokens = tokens[:j]
+                break
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _hit_stop(self, new: torch.Tensor) -> torch.Tensor:
+        """Rows whose generated tail contains a stop string (a new turn of the template)."""
+        import torch
+
+        if not self.stop_strings:
+            return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+        tails = self.tokenizer.batch_decode(new[:, -16:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in tails], device=new.device)
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """sum_t log sum_i w_i p_i(token t | prompt, earlier tokens): the mixture's likelihood of each continuation."""
+        import torch
+        from tqdm.auto import tqdm
+
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
+        pairs = [split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
+        out = [0.0] * len(pairs)
+        batches = length_sorted_batches([len(a) + len(b) for a, b in pairs], self.logprob_batch_size)
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="ensemble log-likelihoods", disable=not self.progress, unit="batch"):
+                for i, s in zip(batch, self._score([pairs[i] for i in batch]), strict=True):
+                    out[i] = s
+        return out
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        import torch
+
+        device = self.bank.device
+        ids, mask = left_pad([a + b for a, b in pairs], self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        width = ids.shape[1]
+        # target position j (predicting ids[:, j+1]) belongs to the continuation when j+1 >= width - len(cont)
+        j = torch.arange(width - 1, device=device)
+        cont_start = torch.tensor([width - len(b) for _, b in pairs], device=device)
+        prompt_start = torch.tensor([width - len(a) - len(b) for a, b in pairs], device=device)
+        is_cont = (j[None] + 1) >= cont_start[:, None]
+        is_prompt = ((j[None] + 1) > prompt_start[:, None]) & ~is_cont
+        token_logp, prompt_nll = [], []
+        for e in self.experts:
+            logits = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, W-1]
+            token_logp.append(lp)
+            prompt_nll.append(-(lp * is_prompt).sum(-1) / is_prompt.sum(-1).clamp_min(1))
+        weights = self._weights(torch.stack(prompt_nll, dim=-1))  # [B, n]
+        mix = torch.logsumexp(torch.stack(token_logp, dim=1) + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1)
+        return (mix * is_cont).sum(-1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def likelihood_selector(ensemble: TokenEnsemble) -> Selector:
+    """Consensus selection: the answer with the highest mean per-token log-likelihood under the uniform mixture
+    of all experts. Used when no judge is available: it prefers the answer the experts jointly find most
+    plausible (a minimum-Bayes-risk-like rule), not the longest one (per-token mean, not sum)."""
+
+    def select(prompts: list[str], candidates: list[list[str]]) -> list[int]:
+        flat_p = [p for p, cs in zip(prompts, candidates, strict=True) for _ in cs]
+        flat_c = [c for cs in candidates for c in cs]
+        scores = ensemble.continuation_logprobs(flat_p, flat_c)
+        lengths = [max(1, len(split_continuation(ensemble.tokenizer, p, c)[1])) for p, c in zip(flat_p, flat_c, strict=True)]
+        out, k = [], 0
+        for cs in candidates:
+            per_token = [scores[k + j] / lengths[k + j] if cs[j].strip() else float("-inf") for j in range(len(cs))]
+            out.append(max(range(len(cs)), key=lambda j, s=per_token: (s[j], -j)))
+            k += len(cs)
+        return out
+
+    return select
+
+
+def judge_selector(judges: Any) -> Selector:
+    """Selection by the evaluation's judges (`h3fusion.evaluation.judges.load_judges`): score_j =
+    (mean over the other answers k of P(answer j beats answer k), the pairwise helpfulness judge) *
+    (1 - P(answer j is harmful), the harmlessness judge); the highest score wins (ties: the first expert).
+
+    Honesty has no reference-free judge, so it does not enter the rule. Caveat for the tables: the same offline
+    judges score the evaluation, so this selection optimises the very metric it is scored with."""
+    from h3fusion.baselines.instruct import split_prompt
+
+    def select(prompts: list[str], candidates: list[list[str]]) -> list[int]:
+        requests = [split_prompt(p) for p in prompts]
+        flat_r = [r for r, cs in zip(requests, candidates, strict=True) for _ in cs]
+        flat_c = [c for cs in candidates for c in cs]
+        harmful = list(judges.harmless.harmful_probability(flat_r, flat_c))
+        pair_r, pair_a, pair_b, owner = [], [], [], []
+        k = 0
+        for r, cs in zip(requests, candidates, strict=True):
+            for j in range(len(cs)):
+                for m in range(len(cs)):
+                    if m != j:
+                        pair_r.append(r)
+                        pair_a.append(cs[j])
+                        pair_b.append(cs[m])
+                        owner.append(k + j)
+            k += len(cs)
+        wins = list(judges.helpful.win_probability(pair_r, pair_a, pair_b)) if pair_r else []
+        helpful = [0.0] * len(flat_c)
+        counts = [0] * len(flat_c)
+        for o, w in zip(owner, wins, strict=True):
+            helpful[o] += float(w)
+            counts[o] += 1
+        score = [(helpful[i] / counts[i] if counts[i] else 1.0) * (1.0 - float(harmful[i])) for i in range(len(flat_c))]
+        out, k = [], 0
+        for cs in candidates:
+            out.append(max(range(len(cs)), key=lambda j, base=k: (score[base + j], -j)))
+            k += len(cs)
+        return out
+
+    return select
+
+
+class SelectEnsemble:
+    """Output-level ensemble: every expert answers with its own adapter, `selector` picks one answer.
+
+    `continuation_logprobs` (TruthfulQA MC) is the uniform token-level mixture's: selection is defined on
+    generated answers only.
+    """
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        tokenizer: PreTrainedTokenizerBase,
+        selector: Selector | None = None,
+        *,
+        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        progress: bool = True,
+    ) -> None:
+        self.bank, self.tokenizer = bank, tokenizer
+        self.mixture = TokenEnsemble(bank, tokenizer, stop_strings=stop_strings, progress=progress)
+        self.selector = selector or likelihood_selector(self.mixture)
+        self.stop_strings, self.progress = tuple(stop_strings), progress
+        self.last_candidates: list[list[str]] = []
+        self.last_choices: list[int] = []
+
+    def candidates(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[list[str]]:
+        """Every expert's answer to every prompt, [prompt][expert]."""
+        per_expert = [
+            generate_texts(self.bank.use(e), self.tokenizer, prompts, cfg, seed,
+                           stop_strings=self.stop_strings, desc=f"answers of {e}", progress=self.progress)
+            for e in self.bank.names
+        ]
+        return [list(c) for c in zip(*per_expert, strict=True)]
+
+    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
+        cands = self.candidates(prompts, cfg, seed)
+        choices = self.selector(prompts, cands)
+        self.last_candidates, self.last_choices = cands, list(choices)
+        return [cs[j] for cs, j in zip(cands, choices, strict=True)]
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        return self.mixture.continuation_logprobs(prompts, continuations)

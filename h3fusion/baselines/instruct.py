@@ -1,0 +1,219 @@
+"""H3Fusion-Instruct (DESIGN 8.4): a fuser model reads the request and the experts' answers, writes the final answer.
+
+Two fusers share one `AdapterBank` (base weights loaded once): (a) the base model prompted zero-shot (every
+adapter disabled); (b) a LoRA fuser trained here on training prompts of every task: the experts answer them,
+the fuser learns to turn (request, answers) into the reference answer (loss on the answer only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from h3fusion.baselines.ensembles import AdapterBank
+from h3fusion.config import GenerationConfig, LoraConfig, TrainConfig
+from h3fusion.data import TrainExample, format_prompt, tokenize_example
+from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS, generate_texts
+from h3fusion.evaluation.lm import HFLanguageModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+FUSER_INSTRUCTION = (
+    "Several assistants answered the request below. Write one final answer to the request that is helpful, "
+    "harmless and honest: keep what is useful and correct, leave out anything unsafe or untrue, and do not "
+    "mention the assistants."
+)
+FUSER_INPUT = "Request:\n{request}\n\n{answers}"
+FUSER_ANSWER = "Answer of the {task} assistant:\n{answer}"
+FUSER_PROMPT_TEMPLATE = format_prompt(FUSER_INSTRUCTION, FUSER_INPUT)
+"""The H3Fusion-Instruct prompt, in full (the Alpaca template with the fusion request as its instruction and the
+request plus one `FUSER_ANSWER` block per expert, blank-line separated, as its input).
+
+This prompt is OURS: the paper shows its prompt only as an example in its Figure 5, whose text is not available
+to us. The book prints this constant."""
+
+_TEMPLATE = re.compile(
+    r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\n?$", re.S
+)
+
+
+def split_prompt(prompt: str) -> str:
+    """The request inside an Alpaca-template prompt (instruction, plus its input after a blank line); a prompt
+    that is not in the template is returned as it is."""
+    m = _TEMPLATE.search(prompt)
+    if m is None:
+        return prompt.strip()
+    inp = (m.group("input") or "").strip()
+    return m.group("instruction").strip() + (f"\n\n{inp}" if inp else "")
+
+
+def fuser_input(request: str, answers: Mapping[str, str]) -> str:
+    blocks = "\n\n".join(FUSER_ANSWER.format(task=t, answer=a.strip() or "(no answer)") for t, a in answers.items())
+    return FUSER_INPUT.format(request=request, answers=blocks)
+
+
+def fuser_prompt(request: str, answers: Mapping[str, str]) -> str:
+    """The fuser's prompt for one request and the experts' answers ({expert name: answer})."""
+    return format_prompt(FUSER_INSTRUCTION, fuser_input(request, answers))
+
+
+class InstructFusion:
+    """H3Fusion-Instruct as a `LanguageModel`: experts answer, then the fuser (base or LoRA adapter) writes.
+
+    `continuation_logprobs` scores a continuation under the fuser given the fuser prompt, whose candidate
+    answers are generated once per distinct prompt (greedy, `candidate_cfg`) and cached.
+    """
+
+    def __init__(
+        self,
+        bank: AdapterBank,
+        tokenizer: PreTrainedTokenizerBase,
+        experts: Sequence[str],
+        candidate_cfg: GenerationConfig,
+        *,
+        fuser: str | None = None,
+        seed: int = 0,
+        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        progress: bool = True,
+    ) -> None:
+        missing = [n for n in [*experts, *([fuser] if fuser else [])] if n not in bank.model.peft_config]
+        if missing:
+            raise ValueError(f"adapters {missing} are not loaded in the bank ({list(bank.model.peft_config)})")
+        self.bank, self.tokenizer, self.experts = bank, tokenizer, tuple(experts)
+        self.fuser, self.candidate_cfg, self.seed = fuser, candidate_cfg, seed
+        self.stop_strings, self.progress = tuple(stop_strings), progress
+        self._candidates: dict[str, dict[str, str]] = {}
+        self.last_prompts: list[str] = []
+
+    def candidates(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[dict[str, str]]:
+        """Each expert's answer to each prompt, {expert: answer} per prompt (cached per prompt, config and seed)."""
+        tag = f"{cfg.model_dump_json()}|{seed}|"
+        todo = [p for p in dict.fromkeys(prompts) if tag + p not in self._candidates]
+        if todo:
+            per_expert = {
+                e: generate_texts(self.bank.use(e), self.tokenizer, todo, cfg, seed,
+                                  stop_strings=self.stop_strings, desc=f"answers of {e}", progress=self.progress)
+                for e in self.experts
+            }
+            for i, p in enumerate(todo):
+                self._candidates[tag + p] = {e: per_expert[e][i] for e in self.experts}
+        return [self._candidates[tag + p] for p in prompts]
+
+    def fuser_prompts(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
+        return [fuser_prompt(split_prompt(p), c) for p, c in zip(prompts, self.candidates(prompts, cfg, seed), strict=True)]
+
+    def _fuser_lm(self) -> HFLanguageModel:
+        if self.fuser is not None:
+            self.bank.use(self.fuser)
+        return HFLanguageModel(self.bank.model, self.tokenizer, stop_strings=self.stop_strings, progress=self.progress)
+
+    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
+        fused = self.fuser_prompts(prompts, cfg, seed)
+        self.last_prompts = fused
+        if self.fuser is None:
+            with self.bank.base():
+                return self._fuser_lm().generate(fused, cfg, seed, desc="fuse (zero-shot)")
+        return self._fuser_lm().generate(fused, cfg, seed, desc="fuse (LoRA fuser)")
+
+    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        fused = self.fuser_prompts(prompts, self.candidate_cfg, self.seed)
+        if self.fuser is None:
+            with self.bank.base():
+                return self._fuser_lm().continuation_logprobs(fused, continuations)
+        return self._fuser_lm().continuation_logprobs(fused, continuations)
+
+
+# ---------------------------------------------------------------------------------------------- fuser training
+
+
+def fuser_examples(
+    fusion: InstructFusion, examples: Sequence[TrainExample], cfg: GenerationConfig, seed: int
+) -> list[TrainExample]:
+    """Training examples of the fuser: (fusion request with the experts' answers) -> the reference answer."""
+    prompts = [format_prompt(ex.instruction, ex.input) for ex in examples]
+    cands = fusion.candidates(prompts, cfg, seed)
+    return [
+        TrainExample(ex.task, FUSER_INSTRUCTION, fuser_input(split_prompt(p), c), ex.output)
+        for ex, p, c in zip(examples, prompts, cands, strict=True)
+    ]
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of indices, reshuffled (seeded) each epoch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=gen).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def train_fuser(
+    bank: AdapterBank,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TrainExample],
+    lora: LoraConfig,
+    train: TrainConfig,
+    max_length: int,
+    seed: int,
+    name: str = "fuser",
+) -> list[dict[str, float]]:
+    """Add a LoRA adapter `name` to the bank and train it on `examples` (loss on the answer); returns the loss log."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from tqdm.auto import tqdm
+
+    from h3fusion.data import PadCollator
+
+    items = [t for t in (tokenize_example(tokenizer, ex, max_length) for ex in examples) if t is not None]
+    if not items:
+        raise ValueError("no fuser training example has an answer token left; raise data.max_length")
+    model = bank.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(name, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    bank.use(name)
+    params = [p for n, p in model.named_parameters() if f".{name}." in n]
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{name}." in n)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    per_epoch = math.ceil(len(items) / train.batch_size)
+    steps = train.max_steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
+    warmup = int(train.warmup_ratio * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = bank.device
+    log: list[dict[str, float]] = []
+    model.train()
+    batches = _batches(len(items), train.batch_size, steps * train.grad_accum, seed)
+    for step in tqdm(range(steps), desc="train LoRA fuser", unit="step"):
+        total = 0.0
+        for micro in batches[step * train.grad_accum : (step + 1) * train.grad_accum]:
+            batch = {k: v.to(device) for k, v in collate([items[i] for i in micro]).items()}
+            loss = model(**batch).loss / train.grad_accum
+            loss.backward()
+            total += float(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % train.logging_steps == 0 or step + 1 == steps:
+            log.append({"step": step + 1, "loss": round(total, 5)})
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return log
+
+
+def write_fuser_examples(path: Path, examples: Sequence[TrainExample]) -> None:
+    with path.open("w") as fh:
+        for ex in examples:
+            row: dict[str, Any] = {"task": ex.task, "prompt": format_prompt(ex.instruction, ex.input), "target": ex.output}
+            fh.write(json.dumps(row) + "\n")
+

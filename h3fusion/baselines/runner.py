@@ -1,0 +1,287 @@
+"""Build, load and evaluate the baselines: `runs/<profile>/baselines/<name>/`, one folder per baseline.
+
+Merges are dense Hugging Face folders (base + merged delta, with the tokenizer). Ensembles and the zero-shot
+H3Fusion-Instruct hold only `baseline.json` (what they combine and how; the experts are loaded from their
+adapter folders at evaluation time). The LoRA fuser's folder holds its adapter (`fuser/`) and its training
+examples. Every folder is written atomically with a manifest (config hash, wall time) and is skipped when it
+is complete with the same hash; the hash covers the baseline's own parameters and the experts' manifests, so a
+re-trained expert rebuilds every baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
+from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
+from h3fusion.config import Profile
+from h3fusion.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from h3fusion.baselines.ensembles import AdapterBank
+    from h3fusion.evaluation.lm import LanguageModel
+    from h3fusion.evaluation.run import ModelEntry
+
+BASELINE_FORMAT = 1
+"""Bump when a baseline's construction changes: every baseline is then rebuilt."""
+CONFIG_FILE = "baseline.json"
+FUSER_ADAPTER = "fuser"
+
+
+def baseline_dir(profile: Profile, name: str) -> Path:
+    return profile.run_dir / "baselines" / name
+
+
+def expert_identities(profile: Profile) -> dict[str, str]:
+    """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
+    from h3fusion.evaluation.run import manifest_identity
+    from h3fusion.experts import expert_dir, expert_hash
+
+    out = {}
+    for task in profile.tasks:
+        folder = expert_dir(profile, task)
+        if not is_complete(folder, expert_hash(profile)):
+            raise ArtifactError(
+                f"the {task} expert is missing or was trained with another config ({folder}); the baselines combine "
+                f"the experts: run `h3fusion align --profile {profile.name} --task all` first"
+            )
+        out[task] = manifest_identity(folder, f"the {task} expert", "run `h3fusion align`")
+    return out
+
+
+def selection_rule() -> str:
+    """`judges` when the evaluation's judges module exists, else the likelihood-consensus rule."""
+    import importlib.util
+
+    return "judges" if importlib.util.find_spec("h3fusion.evaluation.judges") else "likelihood-consensus"
+
+
+def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
+    """The parameters that define baseline NAME (part of its hash and of its baseline.json)."""
+    b = profile.baselines
+    get_baseline(name)
+    if name == "merge-average":
+        return {"method": "average"}
+    if name == "merge-task-arithmetic":
+        return {"method": "task_arithmetic", "scale": b.task_arithmetic_scale}
+    if name == "merge-ties":
+        return {"method": "ties", "density": b.ties_density, "scale": b.ties_scale}
+    if name == "merge-dare":
+        return {"method": "dare", "drop_rate": b.dare_drop_rate, "scale": b.dare_scale, "seed": profile.seed}
+    if name == "ensemble-uniform":
+        return {"weighting": "uniform"}
+    if name == "ensemble-packllm":
+        return {"weighting": "perplexity", "temperature": b.packllm_temperature}
+    if name == "ensemble-select":
+        return {"selector": selection_rule()}
+    from h3fusion.baselines.instruct import FUSER_PROMPT_TEMPLATE
+
+    if name == "instruct-zeroshot":
+        return {"fuser": "base", "prompt": FUSER_PROMPT_TEMPLATE}
+    return {
+        "fuser": "lora", "prompt": FUSER_PROMPT_TEMPLATE, "examples_per_task": b.instruct_train_examples,
+        "lora": b.instruct_lora.model_dump(mode="json"), "train": b.instruct_train.model_dump(mode="json"),
+        "candidates": profile.evaluation.generation.model_dump(mode="json"), "seed": profile.seed,
+        "max_length": fuser_max_length(profile), "data": profile.model_dump(mode="json")["data"],
+    }
+
+
+def fuser_max_length(profile: Profile) -> int:
+    """Room for the request (data.max_length) plus one answer of max_new_tokens per expert."""
+    return profile.data.max_length + profile.num_experts * profile.evaluation.generation.max_new_tokens
+
+
+def baseline_hash(profile: Profile, name: str) -> str:
+    payload = {"format": BASELINE_FORMAT, "name": name, "params": baseline_params(profile, name),
+               "experts": expert_identities(profile), "model": profile.model_dump(mode="json")["model"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- shared state
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
+    """The base model loaded once with every expert's adapter (named after its task)."""
+    from h3fusion.baselines.ensembles import AdapterBank
+    from h3fusion.experts import expert_dir
+    from h3fusion.models import load_base
+
+    expert_identities(profile)
+    model, tok = load_base(profile)
+    bank = AdapterBank(model.to(_device()), {t: expert_dir(profile, t) for t in profile.tasks})
+    return bank, tok
+
+
+@dataclass
+class _Shared:
+    """One expert bank per `run_baselines` call (loaded on first use), so n experts cost one model."""
+
+    profile: Profile
+    _bank: tuple[AdapterBank, PreTrainedTokenizerBase] | None = field(default=None, init=False)
+
+    def bank(self) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
+        if self._bank is None:
+            self._bank = expert_bank(self.profile)
+        return self._bank
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def _build_merge(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+    from h3fusion.baselines.merging import MergeSpec, merge_into, read_adapter
+    from h3fusion.experts import expert_dir
+    from h3fusion.models import load_base
+
+    params = baseline_params(profile, name)
+    spec = MergeSpec(params["method"], scale=params.get("scale", 1.0), density=params.get("density", 1.0),
+                     drop_rate=params.get("drop_rate", 0.0), seed=params.get("seed", 0))
+    model, tok = load_base(profile)
+    norms = merge_into(model, [read_adapter(expert_dir(profile, t)) for t in profile.tasks], spec)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return {"merged_delta_norm": float(sum(v * v for v in norms.values()) ** 0.5), "merged_weights": len(norms)}
+
+
+def _build_config_only(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+    return {}
+
+
+def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+    from h3fusion.baselines.instruct import InstructFusion, fuser_examples, train_fuser, write_fuser_examples
+    from h3fusion.data import load_train_examples
+
+    b = profile.baselines
+    bank, tok = shared.bank()
+    fusion = InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, seed=profile.seed)
+    source = [ex for t in profile.tasks for ex in load_train_examples(profile, t)[: b.instruct_train_examples]]
+    examples = fuser_examples(fusion, source, profile.evaluation.generation, profile.seed)
+    write_fuser_examples(tmp / "fuser_train.jsonl", examples)
+    log = train_fuser(bank, tok, examples, b.instruct_lora, b.instruct_train, fuser_max_length(profile),
+                      profile.seed, FUSER_ADAPTER)
+    try:
+        bank.model.save_pretrained(str(tmp), selected_adapters=[FUSER_ADAPTER])
+    finally:
+        bank.model.delete_adapter(FUSER_ADAPTER)
+        bank.use(profile.tasks[0])
+    return {"train_examples": len(examples), "loss_log": log}
+
+
+_BUILDERS: dict[str, Callable[[Profile, str, Path, _Shared], dict[str, Any]]] = {
+    "merge": _build_merge, "ensemble": _build_config_only, "instruct": _build_config_only,
+}
+
+
+def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -> Path:
+    """Build baseline NAME into its folder (skipped when complete with the same hash); returns the folder."""
+    entry = get_baseline(name)
+    folder, key = baseline_dir(profile, name), baseline_hash(profile, name)
+    if is_complete(folder, key):
+        print(f"[baselines] {name}: complete with this config, skipped ({folder})")
+        return folder
+    shared = shared or _Shared(profile)
+    builder = _build_instruct_lora if name == "instruct-lora" else _BUILDERS[entry.kind]
+    with atomic_dir(folder) as tmp:
+        with Stopwatch() as sw:
+            info = builder(profile, name, tmp, shared)
+        config = {"name": name, "kind": entry.kind, "description": entry.description, "reference": entry.reference,
+                  "params": baseline_params(profile, name), "experts": expert_identities(profile)}
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        atomic_write_json(tmp / "manifest.json", make_manifest(profile, key, sw.seconds, baseline=name, **info))
+    print(f"[baselines] {name}: built in {sw.seconds:.1f} s ({folder})")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_baseline(profile: Profile, name: str) -> LanguageModel:
+    """Baseline NAME as a `LanguageModel` (an error naming the command to run when it is not built)."""
+    from h3fusion.evaluation.run import manifest_identity
+
+    entry = get_baseline(name)
+    folder = baseline_dir(profile, name)
+    manifest_identity(folder, f"the baseline {name}", f"run `h3fusion baselines --profile {profile.name} --only {name}`")
+    params = json.loads((folder / CONFIG_FILE).read_text())["params"]
+    if entry.kind == "merge":
+        return _load_merged(profile, folder)
+    bank, tok = expert_bank(profile)
+    if entry.kind == "ensemble":
+        from h3fusion.baselines.ensembles import SelectEnsemble, TokenEnsemble
+
+        if "selector" in params:
+            return SelectEnsemble(bank, tok, _selector(profile, bank, tok, params["selector"]))
+        return TokenEnsemble(bank, tok, weighting=params["weighting"], temperature=params.get("temperature", 1.0))
+    from h3fusion.baselines.instruct import InstructFusion
+
+    fuser = None
+    if params["fuser"] == "lora":
+        bank.add(FUSER_ADAPTER, folder / FUSER_ADAPTER)
+        fuser = FUSER_ADAPTER
+    return InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, fuser=fuser, seed=profile.seed)
+
+
+def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from h3fusion.evaluation.lm import HFLanguageModel
+    from h3fusion.models import prepare_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, profile.model.dtype))
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return HFLanguageModel(model.to(_device()).eval(), tok)
+
+
+def _selector(profile: Profile, bank: AdapterBank, tok: PreTrainedTokenizerBase, rule: str) -> Any:
+    from h3fusion.baselines.ensembles import TokenEnsemble, judge_selector, likelihood_selector
+
+    if rule == "judges":
+        from h3fusion.evaluation.judges import load_judges
+
+        return judge_selector(load_judges(profile))
+    return likelihood_selector(TokenEnsemble(bank, tok))
+
+
+def model_entries(profile: Profile) -> dict[str, ModelEntry]:
+    """Every baseline as an evaluation `ModelEntry` (registered with `h3fusion.evaluation.run.register_models`)."""
+    from h3fusion.evaluation.run import ModelEntry, manifest_identity
+
+    out = {}
+    for name, b in BASELINES.items():
+        folder = baseline_dir(profile, name)
+        fix = f"run `h3fusion baselines --profile {profile.name} --only {name}`"
+        out[name] = ModelEntry(
+            name, "baseline", lambda n=name: load_baseline(profile, n),
+            lambda f=folder, n=name, x=fix: manifest_identity(f, f"the baseline {n}", x), b.description,
+        )
+    return out
+
+
+def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[str, Any]]:
+    """Build every baseline (or ONLY one) and evaluate it like any model; returns {name: metrics}."""
+    from h3fusion.evaluation.run import evaluate_model
+
+    names = [only] if only else list(profile.baselines.names or baseline_names())
+    for n in names:
+        get_baseline(n)
+    shared = _Shared(profile)
+    for n in names:
+        build_baseline(profile, n, shared)
+    del shared  # evaluation loads each baseline itself; free the builders' expert bank first
+    return {n: evaluate_model(profile, n) for n in names}

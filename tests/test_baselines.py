@@ -1,0 +1,287 @@
+"""Baselines on the tiny random Llama: merge invariants, ensemble invariants, the fuser prompt, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from h3fusion.baselines import registry
+from h3fusion.baselines.ensembles import AdapterBank, TokenEnsemble, mixture_logprobs, perplexity_weights
+from h3fusion.baselines.instruct import FUSER_PROMPT_TEMPLATE, fuser_prompt, split_prompt
+from h3fusion.baselines.merging import (
+    MergeError,
+    MergeSpec,
+    dare,
+    merge_into,
+    read_adapter,
+    task_arithmetic,
+    ties,
+    trim,
+)
+from h3fusion.config import ConfigError, GenerationConfig, load_profile
+from h3fusion.data import format_prompt
+from h3fusion.evaluation.lm import HFLanguageModel
+from h3fusion.models import load_tokenizer, tiny_random_llama
+
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    return load_profile("smoke", {"runs_dir": str(tmp_path_factory.mktemp("runs"))})
+
+
+@pytest.fixture(scope="module")
+def tok(profile):
+    return load_tokenizer(profile)
+
+
+def make_base(profile, tok, tiny=None):
+    return tiny_random_llama(tiny or profile.model.tiny, len(tok), profile.seed,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def make_adapter(profile, tok, folder: Path, seed: int, tiny=None) -> Path:
+    """A peft LoRA adapter with a non-trivial random B (peft initialises B to zero)."""
+    torch.manual_seed(seed)
+    lora = profile.experts.lora
+    model = get_peft_model(make_base(profile, tok, tiny),
+                           LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(profile, tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(profile, tok, root / f"expert{i}", seed=i + 1) for i in range(3)]
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------- merges
+
+
+def test_merge_of_one_adapter_equals_peft_merge_and_unload(profile, tok, adapters):
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(make_base(profile, tok), str(adapters[0])).merge_and_unload()
+    merged = make_base(profile, tok)
+    merge_into(merged, [read_adapter(adapters[0])], MergeSpec("task_arithmetic", scale=1.0))
+    ref, got = state(reference), state(merged)
+    assert set(ref) == set(got)
+    changed = [k for k in ref if "mlp" in k]
+    assert changed and all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    assert not torch.allclose(got[changed[0]], state(make_base(profile, tok))[changed[0]])  # the delta is not zero
+
+
+def test_average_of_identical_adapters_is_that_adapter(profile, tok, adapters):
+    one, three = make_base(profile, tok), make_base(profile, tok)
+    merge_into(one, [read_adapter(adapters[0])], MergeSpec("task_arithmetic", scale=1.0))
+    merge_into(three, [read_adapter(adapters[0])] * 3, MergeSpec("average"))
+    a, b = state(one), state(three)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_merge_uses_full_deltas_not_factors(profile, tok, adapters):
+    """The average of (B_i A_i) differs from (mean B)(mean A): the merge must be the former."""
+    ads = [read_adapter(a) for a in adapters[:2]]
+    key = next(iter(ads[0].factors))
+    merged = make_base(profile, tok)
+    before = dict(make_base(profile, tok).named_parameters())[key].detach()
+    merge_into(merged, ads, MergeSpec("average"))
+    got = dict(merged.named_parameters())[key].detach() - before
+    full = (ads[0].factors[key].delta() + ads[1].factors[key].delta()) / 2
+    f0, f1 = ads[0].factors[key], ads[1].factors[key]
+    factors = f0.scale * ((f0.b + f1.b) / 2) @ ((f0.a + f1.a) / 2)
+    assert torch.allclose(got, full, atol=1e-6)
+    assert not torch.allclose(got, factors, atol=1e-4)
+
+
+def agreeing_deltas(n=3, shape=(6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randn(shape, generator=g).sign()
+    return torch.stack([sign * (torch.rand(shape, generator=g) + 0.1) for _ in range(n)])
+
+
+def test_ties_density_one_with_agreeing_signs_is_task_arithmetic():
+    deltas = agreeing_deltas()
+    n = deltas.shape[0]
+    # all signs agree and nothing is trimmed: the disjoint mean is the plain mean = task arithmetic with lambda / n
+    assert torch.allclose(ties(deltas, 1.0, 0.7), task_arithmetic(deltas, 0.7 / n), atol=1e-6)
+    assert torch.allclose(ties(deltas[:1], 1.0, 0.7), task_arithmetic(deltas[:1], 0.7), atol=1e-6)
+
+
+def test_ties_drops_disagreeing_entries_and_trims():
+    d = torch.tensor([[[1.0, -2.0, 0.5]], [[3.0, 1.0, -0.1]]])
+    # entry 0: both +, mean 2; entry 1: sum -1 -> sign -, only -2 kept; entry 2: sum 0.4 -> +, only 0.5 kept
+    assert torch.allclose(ties(d, 1.0, 1.0), torch.tensor([[2.0, -2.0, 0.5]]))
+    t = trim(torch.tensor([[0.1, -3.0, 2.0, 0.2]]), 0.5)
+    assert torch.equal(t, torch.tensor([[0.0, -3.0, 2.0, 0.0]]))
+
+
+def test_dare_without_drop_is_task_arithmetic_and_drop_is_seeded():
+    deltas = agreeing_deltas()
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(dare(deltas, 0.0, 0.5, gen), task_arithmetic(deltas, 0.5))
+    a = dare(deltas[:1], 0.5, 1.0, torch.Generator().manual_seed(1))
+    b = dare(deltas[:1], 0.5, 1.0, torch.Generator().manual_seed(1))
+    c = dare(deltas[:1], 0.5, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    kept = a != 0
+    assert 0 < kept.sum() < a.numel()  # some entries dropped, some kept
+    assert torch.allclose(a[kept], deltas[0][kept] / 0.5)  # survivors rescaled by 1 / (1 - p)
+
+
+@pytest.mark.parametrize("kwargs", [{"density": 0.0}, {"density": 1.5}, {"density": -0.1}])
+def test_density_outside_unit_interval_is_refused(kwargs):
+    with pytest.raises(MergeError, match="density"):
+        MergeSpec("ties", **kwargs)
+
+
+@pytest.mark.parametrize("drop", [1.0, 1.2, -0.1])
+def test_drop_rate_outside_range_is_refused(drop):
+    with pytest.raises(MergeError, match="drop rate"):
+        MergeSpec("dare", drop_rate=drop)
+
+
+def test_profile_refuses_bad_density(profile):
+    with pytest.raises(ConfigError, match="ties_density"):
+        load_profile("smoke", {"baselines.ties_density": 0})
+    with pytest.raises(ConfigError, match="dare_drop_rate"):
+        load_profile("smoke", {"baselines.dare_drop_rate": 1.0})
+
+
+def test_adapters_of_different_bases_are_refused(profile, tok, adapters, tmp_path):
+    other = make_adapter(profile, tok, tmp_path / "other", seed=9,
+                         tiny=profile.model.tiny.model_copy(update={"intermediate_size": 96}))
+    with pytest.raises(MergeError, match="shape"):
+        merge_into(make_base(profile, tok), [read_adapter(adapters[0]), read_adapter(other)], MergeSpec("average"))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in adapters[1].iterdir():
+        (renamed / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((renamed / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some/other-model"
+    (renamed / "adapter_config.json").write_text(json.dumps(cfg))
+    first = json.loads((adapters[0] / "adapter_config.json").read_text())
+    if not first.get("base_model_name_or_path"):
+        cfg0 = tmp_path / "first"
+        cfg0.mkdir()
+        for f in adapters[0].iterdir():
+            (cfg0 / f.name).write_bytes(f.read_bytes())
+        first["base_model_name_or_path"] = "tiny/base"
+        (cfg0 / "adapter_config.json").write_text(json.dumps(first))
+        first_dir = cfg0
+    else:
+        first_dir = adapters[0]
+    with pytest.raises(MergeError, match="different base models"):
+        merge_into(make_base(profile, tok), [read_adapter(first_dir), read_adapter(renamed)], MergeSpec("average"))
+
+
+def test_not_an_adapter_folder_is_refused(tmp_path):
+    with pytest.raises(MergeError, match="not a peft LoRA adapter"):
+        read_adapter(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+
+PROMPTS = [format_prompt("Name a colour."), format_prompt("What is the capital of France?")]
+
+
+def test_uniform_ensemble_of_identical_experts_is_that_expert(profile, tok, adapters):
+    from peft import PeftModel
+
+    bank = AdapterBank(make_base(profile, tok), {n: adapters[0] for n in ("a", "b", "c")})
+    ensemble = TokenEnsemble(bank, tok, progress=False)
+    single = HFLanguageModel(PeftModel.from_pretrained(make_base(profile, tok), str(adapters[0])).merge_and_unload(),
+                             tok, progress=False)
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=2)
+    assert ensemble.generate(PROMPTS, cfg, 0) == single.generate(PROMPTS, cfg, 0)
+    conts = [" Blue.", " Paris."]
+    got, want = ensemble.continuation_logprobs(PROMPTS, conts), single.continuation_logprobs(PROMPTS, conts)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_ensemble_of_different_experts_mixes_probabilities(profile, tok, adapters):
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1]})
+    both = TokenEnsemble(bank, tok, progress=False).continuation_logprobs(PROMPTS[:1], [" Blue"])[0]
+    singles = [TokenEnsemble(bank, tok, experts=[e], progress=False).continuation_logprobs(PROMPTS[:1], [" Blue"])[0]
+               for e in ("a", "b")]
+    # one-token continuation: log of the average of the two probabilities
+    want = torch.logsumexp(torch.tensor(singles), 0) - torch.log(torch.tensor(2.0))
+    assert both == pytest.approx(float(want), abs=1e-4)
+
+
+def test_perplexity_weights_sum_to_one_and_favour_low_perplexity():
+    nll = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.5, 0.5]])
+    w = perplexity_weights(nll, temperature=1.0)
+    assert torch.allclose(w.sum(-1), torch.ones(2))
+    assert w[0].argmax() == 1 and torch.allclose(w[1], torch.full((3,), 1 / 3))
+    assert perplexity_weights(nll, 0.1)[0, 1] > w[0, 1]  # a lower temperature sharpens towards the best expert
+
+
+def test_prompt_weights_of_packllm_ensemble_sum_to_one(profile, tok, adapters):
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    w = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).prompt_weights(PROMPTS)
+    assert w.shape == (2, 3) and torch.allclose(w.sum(-1), torch.ones(2)) and (w > 0).all()
+
+
+def test_mixture_of_one_distribution_is_its_log_softmax():
+    logits = torch.randn(2, 11)
+    assert torch.allclose(mixture_logprobs([logits], torch.ones(2, 1)), torch.log_softmax(logits, -1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- instruct
+
+
+def test_fuser_prompt_contains_request_and_every_answer():
+    answers = {"helpful": "Paris is the capital.", "harmless": "I can help: Paris.", "honest": "It is Paris."}
+    request = split_prompt(format_prompt("What is the capital of France?"))
+    assert request == "What is the capital of France?"
+    prompt = fuser_prompt(request, answers)
+    assert request in prompt and all(a in prompt for a in answers.values())
+    assert all(f"{t} assistant" in prompt for t in answers)
+    assert prompt.endswith("### Response:\n") and "{request}" in FUSER_PROMPT_TEMPLATE
+
+
+def test_split_prompt_keeps_the_input():
+    assert split_prompt(format_prompt("Translate.", "Bonjour")) == "Translate.\n\nBonjour"
+    assert split_prompt("plain text") == "plain text"
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def test_every_baseline_has_description_and_reference():
+    for b in registry.BASELINES.values():
+        assert b.description and b.reference and b.kind in ("merge", "ensemble", "instruct")
+    refs = " ".join(b.reference for b in registry.BASELINES.values())
+    for arxiv in ("2306.01708", "2311.03099", "2212.04089", "2203.05482", "2404.11531"):
+        assert arxiv in refs
+
+
+def test_unknown_baseline_lists_the_known_ones(profile):
+    from h3fusion.baselines import run_baselines
+
+    with pytest.raises(registry.UnknownBaselineError, match="merge-ties"):
+        registry.get_baseline("merge-tis")
+    with pytest.raises(registry.UnknownBaselineError, match="known baselines"):
+        run_baselines(profile, only="nope")
+
+
+def test_missing_experts_name_the_command(profile):
+    from h3fusion.baselines import build_baseline
+    from h3fusion.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="h3fusion align"):
+        build_baseline(profile, "merge-average")
