@@ -37,6 +37,8 @@ class Source:
     hub_config: str | None
     hub_split: str
     fields: tuple[tuple[str, type | tuple[type, ...]], ...]
+    hub_file: str | None = None
+    """A JSON file in the hub repository, read when the repository is a loading script (unsupported by datasets>=4)."""
 
     @property
     def hub_name(self) -> str:
@@ -61,6 +63,7 @@ SOURCES: dict[str, Source] = {
         "alpaca_eval",
         "eval",
         (("instruction", str), ("output", str)),
+        hub_file="alpaca_eval.json",
     ),
     "beavertails_train": Source(
         "beavertails/beavertails_30k_train.jsonl",
@@ -112,7 +115,7 @@ def load_records(profile: Profile, name: str) -> list[Record]:
     """All records of one source split, validated; from `profile.data_dir` or the hub per `data.source`."""
     source = SOURCES[name]
     if profile.data.source == "hub":
-        records = _from_hub(source)
+        records = list(_from_hub(source))
         origin = source.hub_name
     else:
         path = local_file(profile, name)
@@ -152,7 +155,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _read_file(path: Path, mtime_ns: int) -> tuple[Record, ...]:
     """Parse a JSON list or JSON-lines file once per (path, modification time)."""
     del mtime_ns  # part of the cache key only
@@ -178,12 +181,13 @@ def _read_file(path: Path, mtime_ns: int) -> tuple[Record, ...]:
     return tuple(data)
 
 
-def _from_hub(source: Source) -> list[Record]:
+@lru_cache(maxsize=8)
+def _from_hub(source: Source) -> tuple[Record, ...]:
     """Download one split with `datasets.load_dataset`; an unreachable hub says how to work offline."""
-    try:
-        import datasets
+    import datasets
 
-        ds = datasets.load_dataset(source.hub_id, source.hub_config, split=source.hub_split)
+    try:
+        ds = _hub_split(datasets, source)
     except Exception as exc:  # network, auth, missing config: all mean "cannot use the hub for this"
         raise DataError(
             f"could not load the {source.hub_name} from the Hugging Face hub: {type(exc).__name__}: {exc}. "
@@ -192,7 +196,20 @@ def _from_hub(source: Source) -> list[Record]:
     records = [dict(r) for r in ds]
     if source.hub_config == "multiple_choice":
         records = [_mc_from_hub(r) for r in records]
-    return records
+    return tuple(records)
+
+
+def _hub_split(datasets: Any, source: Source) -> Any:
+    try:
+        return datasets.load_dataset(source.hub_id, source.hub_config, split=source.hub_split)
+    except ConnectionError:
+        raise
+    except Exception:
+        if source.hub_file is None:
+            raise
+        # script-based repositories (tatsu-lab/alpaca_eval) cannot be loaded by name with datasets>=4
+        files = f"hf://datasets/{source.hub_id}/{source.hub_file}"
+        return datasets.load_dataset("json", data_files=files, split="train")
 
 
 def _mc_from_hub(record: Record) -> Record:
