@@ -119,7 +119,23 @@ def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT
         )
     except PapermillExecutionError as err:
         raise NotebookError(_failure_message(nb, out, err)) from None
+    finally:
+        if out.exists():
+            hide_parameter_cells(out)
     return time.perf_counter() - start
+
+
+def hide_parameter_cells(path: Path) -> None:
+    """Tag the parameters cells `remove-cell`: the book opens with the chapter's title, not with
+    defaults that papermill overrode (the setup cell prints the profile that was used)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if {"parameters", "injected-parameters"} & set(tags) and "remove-cell" not in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    nbformat.write(nb, path)
 
 
 def run_notebooks(

