@@ -126,13 +126,28 @@ def _load_base_lm(profile: Profile) -> HFLanguageModel:
     return _wrap(*load_base(profile))
 
 
-def _load_expert_lm(profile: Profile, task: str, folder: Path) -> HFLanguageModel:
+def _expert_identity(profile: Profile, task: str) -> str:
+    """The expert's manifest hash; an error when it is missing or was trained with another config."""
+    from h3fusion.artifacts import is_complete
+    from h3fusion.experts import expert_dir, expert_hash
+
+    folder = expert_dir(profile, task)
+    fix = f"train it with `h3fusion align --profile {profile.name} --task {task}`"
+    identity = manifest_identity(folder, f"the {task} expert", fix)
+    if not is_complete(folder, expert_hash(profile)):
+        raise ArtifactError(f"the {task} expert at {folder} was trained with another config than this profile's; {fix}")
+    return identity
+
+
+def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
     """Base + the task's LoRA adapter, merged into the weights (same function, dense-speed generation)."""
     from peft import PeftModel
 
+    from h3fusion.experts import expert_dir
     from h3fusion.models import load_base
 
-    manifest_identity(folder, f"the {task} expert", f"train it with `h3fusion align --task {task}`")
+    _expert_identity(profile, task)
+    folder = expert_dir(profile, task)
     model, tok = load_base(profile)
     try:
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
@@ -166,11 +181,9 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
         )
     }
     for task in profile.tasks:
-        folder = run / "experts" / task
         entries[task] = ModelEntry(
-            task, "expert", lambda t=task, f=folder: _load_expert_lm(profile, t, f),
-            lambda t=task, f=folder: manifest_identity(f, f"the {t} expert", f"run `h3fusion align --task {t}`"),
-            f"base + the {task} LoRA expert ({folder})",
+            task, "expert", lambda t=task: _load_expert_lm(profile, t), lambda t=task: _expert_identity(profile, t),
+            f"base + the {task} LoRA expert (merged into the weights)",
         )
     fusion_dirs = {"raw-moe": run / "fusion" / "raw", profile.fusion.variant: run / "fusion" / profile.fusion.variant}
     if (run / "fusion").is_dir():
