@@ -279,9 +279,67 @@ def test_unknown_baseline_lists_the_known_ones(profile):
         run_baselines(profile, only="nope")
 
 
-def test_missing_experts_name_the_command(profile):
+def test_missing_experts_name_the_command(tmp_path):
     from h3fusion.baselines import build_baseline
     from h3fusion.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="h3fusion align"):
-        build_baseline(profile, "merge-average")
+        build_baseline(load_profile("smoke", {"runs_dir": str(tmp_path)}), "merge-average")
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+
+
+@pytest.fixture(scope="module")
+def with_experts(profile, adapters):
+    """The random adapters installed as the profile's experts (complete manifests with the experts' hash)."""
+    import shutil
+
+    from h3fusion.artifacts import atomic_write_json, make_manifest
+    from h3fusion.experts import expert_dir, expert_hash
+
+    for task, folder in zip(profile.tasks, adapters, strict=False):
+        dest = expert_dir(profile, task)
+        shutil.copytree(folder, dest)
+        atomic_write_json(dest / "manifest.json", make_manifest(profile, expert_hash(profile), 0.0, task=task))
+    return profile
+
+
+def test_build_writes_skips_and_rebuilds_on_change(with_experts, tok, adapters):
+    from h3fusion.artifacts import read_manifest
+    from h3fusion.baselines import build_baseline, load_baseline
+
+    profile = with_experts
+    folder = build_baseline(profile, "merge-ties")
+    manifest = read_manifest(folder)
+    assert manifest["wall_time_s"] >= 0 and manifest["baseline"] == "merge-ties"
+    assert json.loads((folder / "baseline.json").read_text())["params"]["density"] == profile.baselines.ties_density
+    mtime = (folder / "manifest.json").stat().st_mtime_ns
+    build_baseline(profile, "merge-ties")
+    assert (folder / "manifest.json").stat().st_mtime_ns == mtime  # complete with the same config: skipped
+    changed = profile.model_copy(update={"baselines": profile.baselines.model_copy(update={"ties_density": 0.5})})
+    build_baseline(changed, "merge-ties")
+    assert read_manifest(folder)["config_hash"] != manifest["config_hash"]
+
+    lm = load_baseline(changed, "merge-ties")  # a dense folder: the merged weights, loadable without peft
+    want = make_base(profile, tok)
+    merge_into(want, [read_adapter(a) for a in adapters[: profile.num_experts]], MergeSpec("ties", density=0.5))
+    got = dict(lm.model.named_parameters())
+    assert all(torch.allclose(got[k], p, atol=1e-6) for k, p in want.named_parameters())
+
+
+def test_ensembles_and_instruct_build_and_load_as_language_models(with_experts, monkeypatch):
+    from h3fusion.baselines import build_baseline, load_baseline, runner
+
+    monkeypatch.setattr(runner, "selection_rule", lambda: "likelihood-consensus")  # no judge training here
+    from h3fusion.baselines.ensembles import SelectEnsemble
+    from h3fusion.baselines.instruct import InstructFusion
+    from h3fusion.evaluation.lm import LanguageModel
+
+    profile = with_experts
+    for name, kind in (("ensemble-packllm", TokenEnsemble), ("ensemble-select", SelectEnsemble),
+                       ("instruct-zeroshot", InstructFusion)):
+        build_baseline(profile, name)
+        lm = load_baseline(profile, name)
+        assert isinstance(lm, kind) and isinstance(lm, LanguageModel)
+    assert lm.bank.names == profile.tasks  # one base model, one adapter per expert
