@@ -427,6 +427,7 @@ def evaluate_model(
     """
     entry = resolve_model(profile, name) if lm is None else None
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
+    judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
     folder = eval_dir(profile, name)
     previous = _previous(folder)
     inputs = {task: dimension_inputs(task, _load_eval_items(profile, task)) for task in profile.tasks}
@@ -434,23 +435,26 @@ def evaluate_model(
     mc_h = mc_hash(profile, identity, inputs["honest"]) if "honest" in inputs else None
 
     model: LanguageModel | None = lm
+    times: dict[str, dict[str, float | bool]] = {}
 
     def get_model() -> LanguageModel:
         nonlocal model
         if model is None:
             assert entry is not None
             print(f"loading {name}: {entry.description}")
-            model = entry.load()
+            with Stopwatch() as sw:
+                model = entry.load()
+            times["load_model"] = {"load_s": round(sw.seconds, 2)}
         return model
 
     generations: dict[str, list[dict]] = {}
-    times: dict[str, dict[str, float | bool]] = {}
     for task in profile.tasks:
         cached = previous.generations(task, gen_hashes[task]) if previous else None
         reused = cached is not None
+        lm_now = None if reused else get_model()  # loading is timed on its own
         with Stopwatch() as sw:
-            if cached is None:
-                answers = _generate(get_model(), inputs[task].prompts, profile, f"{name}/{task}")
+            if lm_now is not None:
+                answers = _generate(lm_now, inputs[task].prompts, profile, f"{name}/{task}")
                 cached = [{"id": i, **k, "prompt": p, "answer": a}
                           for i, (k, p, a) in enumerate(zip(inputs[task].keys, inputs[task].prompts, answers, strict=True))]
         times[task] = {"generate_s": round(sw.seconds, 2), "reused_generations": reused}
@@ -459,9 +463,10 @@ def evaluate_model(
     mc_rows: list[dict] | None = None
     if mc_h is not None:
         mc_rows = previous.mc(mc_h) if previous else None
+        lm_now = None if mc_rows is not None else get_model()
         with Stopwatch() as sw:
-            if mc_rows is None:
-                mc_rows = score_mc(get_model(), inputs["honest"].mc, _format_prompt)
+            if lm_now is not None:
+                mc_rows = score_mc(lm_now, inputs["honest"].mc, _format_prompt)
         times["honest"]["mc_s"] = round(sw.seconds, 2)
 
     return _judge_and_write(profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h,
