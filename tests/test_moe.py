@@ -288,6 +288,24 @@ def test_router_gets_gradient_from_gating_loss(base, adapters, batch):
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in moe.router_parameters())
 
 
+def test_router_logits_keep_their_graph_under_gradient_checkpointing(base, adapters, batch):
+    grads = []
+    for checkpointing in (False, True):
+        moe = fused(base, adapters, top_k=2)
+        moe.freeze_for_fusion()
+        if checkpointing:
+            moe.gradient_checkpointing_enable()
+        moe.train()
+        out = moe(**batch, use_cache=False)
+        assert all(lg.requires_grad for lg in out.router_logits)
+        gating_loss(out.router_logits, batch["attention_mask"], torch.tensor([0, 1, 2])).backward()
+        grads.append([w.grad for w in moe.router_parameters()])
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g0, g1)
+    with pytest.raises(ModelError, match="reentrant"):
+        moe.gradient_checkpointing_enable({"use_reentrant": True})
+
+
 @pytest.mark.parametrize("storage", ["delta", "materialised"])
 def test_fusion_lora_starts_at_zero_and_merges_exactly(base, adapters, batch, storage):
     moe = fused(base, adapters, storage)

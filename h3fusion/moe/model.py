@@ -141,8 +141,19 @@ class MoECausalLM(nn.Module):
         """The inner HF model's `generate` (caching, sampling, stopping criteria as usual)."""
         return self.model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Non-reentrant checkpointing only: the reentrant form runs the first forward without autograd,
+        so the router logits in the output would carry no gradient (the gating loss would train nothing)."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise ModelError(
+                "use_reentrant=True gradient checkpointing detaches the router logits from the graph; "
+                "use the default (non-reentrant) checkpointing with MoECausalLM"
+            )
+        kwargs["use_reentrant"] = False
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
