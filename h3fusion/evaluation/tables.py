@@ -63,9 +63,9 @@ def results_table(metrics: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[st
             heads["helpful"]: hp.get("win_rate", nan),
             heads["harmless"]: hm.get("harmful_rate", nan),
             heads["honest"]: ho.get("truthful_x_informative", nan),
-            TRUTHFUL: ho.get("truthful", nan),
-            INFORMATIVE: ho.get("informative", nan),
-            MC1: ho.get("mc1", nan),
+            f"{TRUTHFUL} [{_judge_label(rows, 'honest')}]": ho.get("truthful", nan),
+            f"{INFORMATIVE} [{_judge_label(rows, 'honest')}]": ho.get("informative", nan),
+            MC1: ho.get("mc1", nan),  # the model's own log-likelihoods: no judge
             MC2: ho.get("mc2", nan),
         }
         rec[AVERAGE] = average_score(rec[heads["helpful"]], rec[heads["harmless"]], rec[heads["honest"]])
