@@ -71,27 +71,30 @@ report.print_report(P)
 # ## What the model sees
 #
 # Every example is rendered with the Alpaca template the paper uses (with the `### Input:` variant
-# when an Alpaca item has an input) and cut to `data.max_length` tokens. The training loss covers
-# only the response tokens: the prompt is context, not a target. Below, for the first training
-# example of each task, the tokens that carry a label, decoded back to text: exactly the response.
+# when an Alpaca item has an input) and cut to `data.max_length` tokens: the prompt loses tokens
+# from its start, the response from its end. The training loss covers only the response tokens;
+# the prompt is context, not a target. Per task: how long the tokenised examples are, how many
+# of their tokens carry a label, and how many reach `max_length`.
 
 # %%
+import pandas as pd
+
 from h3fusion.data import IGNORE_INDEX, load_eval_items, load_train_examples, tokenize_example
 from h3fusion.models import load_tokenizer
 
 tokenizer = load_tokenizer(P)
 train = {task: load_train_examples(P, task) for task in P.tasks}
 evaluation = {task: load_eval_items(P, task) for task in P.tasks}
+rows = []
 for task in P.tasks:
-    enc = tokenize_example(tokenizer, train[task][0], P.data.max_length)
-    if enc is None:
-        print(f"{task}: no response token fits in max_length={P.data.max_length}")
-        continue
-    pairs = zip(enc["input_ids"], enc["labels"])
-    in_loss = [t for t, label in pairs if label != IGNORE_INDEX]
-    n = len(enc["input_ids"])
-    print(f"{task}: {n} tokens, {len(in_loss)} in the loss:")
-    print(f"  {tokenizer.decode(in_loss)!r}\n")
+    encoded = [tokenize_example(tokenizer, ex, P.data.max_length) for ex in train[task]]
+    kept = [e for e in encoded if e is not None]
+    lengths = pd.Series([len(e["input_ids"]) for e in kept])
+    in_loss = pd.Series([sum(lab != IGNORE_INDEX for lab in e["labels"]) for e in kept])
+    rows.append({"task": task, "examples": len(kept), "dropped": len(encoded) - len(kept),
+                 "mean tokens": lengths.mean(), "mean tokens in the loss": in_loss.mean(),
+                 f"at max_length ({P.data.max_length})": (lengths == P.data.max_length).sum()})
+pd.DataFrame(rows).set_index("task").round(1)
 
 # %% [markdown]
 # ## Evaluation items
@@ -100,8 +103,6 @@ for task in P.tasks:
 # held-out TruthfulQA questions; the profile caps each (`data.eval_examples`). One item per task:
 
 # %%
-import pandas as pd
-
 rows = []
 for task in P.tasks:
     item = evaluation[task][0]
