@@ -1,0 +1,377 @@
+"""Stage 2: upcycle the experts into an MoE and fine-tune it on the task mix (H3Fusion-MoE).
+
+``L = L_LM + lambda * L_gate + L_drift (+ w_lb * L_balance)`` (DESIGN 8.3), trained on the mixed
+dataset with each example's own task label. Trainable: every layer's router and a per-expert LoRA
+on the expert FFNs (`fusion.lora`); attention stays frozen unless `fusion.attention_lora` (the
+released code's choice). The drift of expert i is its fusion LoRA's change (alpha/r) B_i A_i.
+
+Artifacts (each written atomically with a manifest):
+``runs/<p>/fusion/raw/``        the upcycled MoE before training (a standard Mixtral folder),
+``runs/<p>/fusion/<variant>/``  the trained model, LoRA merged, exported the same way;
+the variant is named after lambda, gamma and k (`FusionConfig.variant`). Trainer checkpoints hold
+only the trainable tensors and live in ``fusion/.work-<variant>/`` until the model is complete, so a
+run killed mid-way resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
+from h3fusion.config import Profile
+from h3fusion.errors import ArtifactError
+from h3fusion.training import loss_log, prepare_work_dir, training_arguments
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from h3fusion.moe import MoECausalLM
+
+LOSS_TERMS = ("lm_loss", "gate_loss", "drift_loss", "balance_loss")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+_RAW_FUSION_KEYS = ("top_k", "storage", "router_init", "router_init_examples")
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def fusion_dir(profile: Profile, variant: str | None = None) -> Path:
+    """``fusion/raw`` (variant "raw") or the trained variant's folder (default: the profile's variant)."""
+    return profile.run_dir / "fusion" / (variant or profile.fusion.variant)
+
+
+def raw_dir(profile: Profile) -> Path:
+    return fusion_dir(profile, "raw")
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def raw_hash(profile: Profile) -> str:
+    """The raw MoE depends on the experts and on how they are upcycled (not on fusion training)."""
+    from h3fusion.experts import expert_hash
+
+    fusion = profile.fusion.model_dump(mode="json")
+    return _digest({"experts": expert_hash(profile), **{k: fusion[k] for k in _RAW_FUSION_KEYS}})
+
+
+def variant_hash(profile: Profile) -> str:
+    return _digest(
+        {
+            "raw": raw_hash(profile),
+            "fusion": profile.fusion.model_dump(mode="json"),
+            "data": profile.data.model_dump(mode="json"),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- upcycling
+
+
+def _prompt_batches(
+    profile: Profile, tokenizer: Any, task: str, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Left-aligned, padded batches of a task's training prompts (for the `hidden` router init)."""
+    from h3fusion.data import encode_prompt, format_prompt, load_train_examples
+
+    examples = load_train_examples(profile, task)[: profile.fusion.router_init_examples]
+    ids = [
+        encode_prompt(tokenizer, format_prompt(e.instruction, e.input))[-profile.data.max_length :]
+        for e in examples
+    ]
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        width = max(len(x) for x in chunk)
+        batches.append(
+            {
+                "input_ids": torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in chunk]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk]),
+            }
+        )
+    return batches
+
+
+def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECausalLM, Any]:
+    """The raw MoE in memory, in the profile's storage: base + the profile's experts, router initialised."""
+    from h3fusion.experts import expert_dir, expert_hash
+    from h3fusion.models import load_base
+    from h3fusion.moe import upcycle
+
+    folders = []
+    for task in profile.tasks:
+        folder = expert_dir(profile, task)
+        if not is_complete(folder, expert_hash(profile)):
+            raise ArtifactError(
+                f"expert {task!r} is missing or was trained with another config ({folder}); run "
+                f"`h3fusion align --profile {profile.name} --task all` before `h3fusion fuse`"
+            )
+        folders.append(folder)
+    base, tok = load_base(profile)
+    f = profile.fusion
+    hidden = [_prompt_batches(profile, tok, t) for t in profile.tasks] if f.router_init == "hidden" else None
+    moe = upcycle(
+        base,
+        folders,
+        top_k=f.top_k,
+        storage=f.storage,
+        router_init=f.router_init,
+        seed=profile.seed,
+        hidden_batches=hidden,
+        expert_names=list(profile.tasks),
+        show_progress=show_progress,
+    )
+    return moe, tok
+
+
+def build_raw(profile: Profile) -> Path:
+    """Write ``fusion/raw/`` (skipped when complete with this config)."""
+    from h3fusion.moe import export_mixtral
+
+    folder = raw_dir(profile)
+    if is_complete(folder, raw_hash(profile)):
+        print(f"[fusion] raw MoE complete with this config, skipped ({folder})")
+        return folder
+    with Stopwatch() as sw:
+        moe, tok = upcycle_profile(profile)
+    manifest = make_manifest(
+        profile,
+        raw_hash(profile),
+        sw.seconds,
+        stage="fusion-raw",
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        storage=moe.storage,
+    )
+    export_mixtral(moe, tok, folder, manifest=manifest)
+    print(f"[fusion] raw MoE written to {folder} ({sw.seconds:.1f} s)")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def add_attention_lora(moe: MoECausalLM, r: int, alpha: float, dropout: float) -> None:
+    """LoRA on the attention projections (the released code's fusion setting; off in the paper's text)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(ATTENTION_PROJECTIONS))
+    inject_adapter_in_model(cfg, moe.model)
+
+
+def merge_attention_lora(moe: MoECausalLM) -> None:
+    """Fold attention LoRA into the base weights and restore plain Linear modules (for a clean export)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(moe.model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(moe.model.get_submodule(parent_name), child, module.get_base_layer())
+
+
+def prepare_for_training(moe: MoECausalLM, profile: Profile) -> None:
+    """Add the fusion LoRA (and optional attention LoRA); freeze everything else."""
+    lora = profile.fusion.lora
+    moe.add_fusion_lora(lora.r, lora.alpha, lora.target_modules, lora.dropout, seed=profile.seed)
+    moe.freeze_for_fusion()
+    if profile.fusion.attention_lora:
+        add_attention_lora(moe, lora.r, lora.alpha, lora.dropout)
+        for name, p in moe.named_parameters():
+            if "lora_" in name and ".self_attn." in name:
+                p.requires_grad_(True)
+
+
+def fusion_losses(
+    moe: MoECausalLM, out: Any, batch: dict[str, torch.Tensor], profile: Profile
+) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels."""
+    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss
+
+    f = profile.fusion
+    rc = f.released_code
+    terms = {
+        "lm_loss": out.loss,
+        "gate_loss": gating_loss(
+            out.router_logits, batch["attention_mask"], batch["task_labels"], released_code=rc.gating_loss
+        ),
+        "drift_loss": drift_loss(
+            moe.drift_factors(),
+            [f.gamma(t) for t in profile.tasks],
+            moe.fusion_lora_scale(),
+            released_code=rc.drift,
+            expert_weights=moe.expert_weights() if rc.drift else None,
+        ),
+    }
+    if f.load_balance_weight > 0:
+        terms["balance_loss"] = load_balancing_loss(
+            out.router_logits, batch["attention_mask"], moe.top_k, moe.num_experts
+        )
+    return terms
+
+
+def total_loss(terms: dict[str, torch.Tensor], profile: Profile) -> torch.Tensor:
+    """L = L_LM + lambda * L_gate + L_drift (gammas inside) + w_lb * L_balance."""
+    f = profile.fusion
+    total = terms["lm_loss"] + f.gate_weight * terms["gate_loss"] + terms["drift_loss"]
+    if "balance_loss" in terms:
+        total = total + f.load_balance_weight * terms["balance_loss"]
+    return total
+
+
+def _trainer_class() -> type[Trainer]:
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer
+
+    class FusionTrainer(Trainer):
+        """Adds the gating and drift terms to the LM loss and logs each term; checkpoints the trainable tensors."""
+
+        def __init__(self, *args: Any, profile: Profile, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.profile = profile
+            self.model_accepts_loss_kwargs = (
+                False  # the LM loss is a per-batch mean; the Trainer scales for accumulation
+            )
+            self._sums: dict[str, float] = {}
+            self._count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            moe = self.accelerator.unwrap_model(model)
+            task_labels = inputs.pop("task_labels")
+            out = model(**inputs)
+            terms = fusion_losses(moe, out, {**inputs, "task_labels": task_labels}, self.profile)
+            loss = total_loss(terms, self.profile)
+            for k, v in terms.items():
+                self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
+            self._count += 1
+            return (loss, out) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._count:
+                logs.update({k: round(v / self._count, 6) for k, v in self._sums.items()})
+                self._sums, self._count = {}, 0
+            super().log(logs, start_time)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if not self.args.should_save:
+                return
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(_trainable_state(self.model), str(out / TRAINABLE_WEIGHTS))
+            torch.save(self.args, out / "training_args.bin")
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = model if model is not None else self.model
+            state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS))
+            missing = set(_trainable_state(target)) - set(state)
+            if missing:
+                raise ArtifactError(
+                    f"checkpoint {resume_from_checkpoint} lacks {sorted(missing)[:3]}...; delete it and re-run"
+                )
+            target.load_state_dict(state, strict=False)
+
+    return FusionTrainer
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def work_dir(profile: Profile) -> Path:
+    return profile.run_dir / "fusion" / f".work-{profile.fusion.variant}"
+
+
+def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
+    """Fusion-train the profile's variant from the raw MoE and export it; returns its folder."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from h3fusion.data import PadCollator, build_mixed_dataset
+    from h3fusion.moe import export_mixtral
+
+    with PartialState(
+        cpu=not torch.cuda.is_available()
+    ).main_process_first():  # under torchrun, rank 0 writes the raw MoE, the others wait
+        build_raw(profile)
+    folder = fusion_dir(profile)
+    config_hash = variant_hash(profile)
+    work = work_dir(profile)
+    with Stopwatch() as sw:
+        set_seed(profile.seed)
+        moe, tok = upcycle_profile(profile, show_progress=False)
+        prepare_for_training(moe, profile)
+        moe.train()
+        dataset = build_mixed_dataset(profile, tok)
+        resume = prepare_work_dir(work, config_hash)
+        trainer = _trainer_class()(
+            model=moe,
+            args=training_arguments(
+                profile.fusion.train,
+                profile.seed,
+                work,
+                ddp_find_unused_parameters=profile.fusion.top_k < moe.num_experts,
+            ),
+            train_dataset=dataset,
+            data_collator=PadCollator(tok.pad_token_id),
+            callbacks=callbacks,
+            profile=profile,
+        )
+        print(
+            f"[fusion] {profile.fusion.variant}: {len(dataset)} mixed examples"
+            + (f", resuming from {resume}" if resume else "")
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        losses = loss_log(trainer, ("loss", *LOSS_TERMS))
+        moe.eval()
+        moe.merge_fusion_lora()
+        merge_attention_lora(moe)
+        manifest = make_manifest(
+            profile,
+            config_hash,
+            sw.seconds,
+            stage="fusion",
+            variant=profile.fusion.variant,
+            train_examples=len(dataset),
+            train_loss_mean=result.training_loss,
+            final=losses[-1] if losses else None,
+            loss_log=losses,
+            global_step=trainer.state.global_step,
+            world_size=trainer.args.world_size,
+            resumed_from=Path(resume).name if resume else None,
+            trainable_parameters=sum(v.numel() for v in _trainable_state(trainer.model).values()),
+        )
+        export_mixtral(moe, tok, folder, manifest=manifest)
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"[fusion] {profile.fusion.variant} written to {folder} ({sw.seconds:.1f} s)")
+    trainer.accelerator.wait_for_everyone()
+    return folder
+
+
+def fuse(profile: Profile, raw_only: bool = False) -> Path:
+    """`h3fusion fuse`: the raw MoE, then (unless `raw_only`) the trained variant; complete ones are skipped."""
+    if raw_only:
+        return build_raw(profile)
+    folder = fusion_dir(profile)
+    if is_complete(folder, variant_hash(profile)):
+        print(f"[fusion] {profile.fusion.variant} complete with this config, skipped ({folder})")
+        return folder
+    return train_fusion(profile)
+
+
+def trained_variants(profile: Profile) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(variant, manifest) of every complete fused model under ``fusion/`` (raw excluded)."""
+    root = profile.run_dir / "fusion"
+    for folder in sorted(root.glob("*")) if root.exists() else []:
+        manifest = read_manifest(folder)
+        if folder.name != "raw" and manifest is not None and manifest.get("stage") == "fusion":
+            yield folder.name, manifest

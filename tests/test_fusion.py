@@ -1,0 +1,179 @@
+"""Stage 2 on the smoke profile: upcycle, fusion-train, export; resume after kill -9; torchrun (gloo)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from h3fusion.artifacts import read_manifest
+from h3fusion.config import load_profile
+from h3fusion.errors import ArtifactError
+from h3fusion.experts import align
+from h3fusion.fusion import (
+    build_raw,
+    fuse,
+    fusion_dir,
+    fusion_losses,
+    prepare_for_training,
+    raw_dir,
+    total_loss,
+    upcycle_profile,
+)
+
+ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
+EXPERT = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+
+
+@pytest.fixture(scope="module")
+def experts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smoke experts trained once for this module; each test copies them into its own runs folder."""
+    root = tmp_path_factory.mktemp("experts") / "runs"
+    align(load_profile("smoke", {"runs_dir": str(root)}), "all")
+    return root
+
+
+def _profile(tmp_path: Path, experts_root: Path, **overrides):
+    runs = tmp_path / "runs"
+    if not (runs / "smoke" / "experts").exists():
+        shutil.copytree(experts_root / "smoke" / "experts", runs / "smoke" / "experts")
+    return load_profile("smoke", {"runs_dir": str(runs), **overrides})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_missing_experts_are_named_before_any_work(smoke_profile):
+    with pytest.raises(ArtifactError, match="h3fusion align --profile smoke"):
+        build_raw(smoke_profile)
+
+
+def test_raw_export_loads_without_custom_code_and_matches_memory(tmp_path, experts_root):
+    profile = _profile(tmp_path, experts_root)
+    folder = build_raw(profile)
+    assert read_manifest(folder)["stage"] == "fusion-raw"
+    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(exported).__name__ == "MixtralForCausalLM"
+    assert exported.config.num_local_experts == len(profile.tasks)
+    assert exported.config.num_experts_per_tok == profile.fusion.top_k
+    moe, _ = upcycle_profile(profile, show_progress=False)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, moe.eval()(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_fusion_steps_lower_the_total_loss(tmp_path, experts_root):
+    from h3fusion.data import PadCollator, build_mixed_dataset
+
+    profile = _profile(tmp_path, experts_root)
+    moe, tok = upcycle_profile(profile, show_progress=False)
+    prepare_for_training(moe, profile)
+    data = build_mixed_dataset(profile, tok)
+    batch = PadCollator(tok.pad_token_id)([data[i] for i in range(0, len(data), len(data) // 8)])
+    params = [p for p in moe.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-2)
+
+    def loss() -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "task_labels"}
+        return total_loss(fusion_losses(moe, moe(**inputs), batch, profile), profile)
+
+    before = loss().item()
+    for _ in range(6):
+        optim.zero_grad()
+        value = loss()
+        value.backward()
+        optim.step()
+    assert loss().item() < before
+
+
+def test_router_gets_gradient_from_the_gating_loss_alone(tmp_path, experts_root):
+    from h3fusion.data import PadCollator, build_mixed_dataset
+
+    profile = _profile(tmp_path, experts_root)
+    moe, tok = upcycle_profile(profile, show_progress=False)
+    prepare_for_training(moe, profile)
+    data = build_mixed_dataset(profile, tok)
+    batch = PadCollator(tok.pad_token_id)([data[0], data[len(data) - 1]])
+    inputs = {k: v for k, v in batch.items() if k != "task_labels"}
+    fusion_losses(moe, moe(**inputs), batch, profile)["gate_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router_parameters())
+
+
+def test_fuse_writes_variant_and_skips_when_complete(tmp_path, experts_root, capsys):
+    profile = _profile(tmp_path, experts_root)
+    folder = fuse(profile)
+    assert folder == fusion_dir(profile) and folder.name == profile.fusion.variant
+    manifest = read_manifest(folder)
+    assert {"lm_loss", "gate_loss", "drift_loss"} <= set(manifest["final"])
+    assert manifest["global_step"] == profile.fusion.train.max_steps
+    assert AutoModelForCausalLM.from_pretrained(folder).config.model_type == "mixtral"
+    # training changed the router and the experts, not the embeddings
+    raw, trained = _weights(raw_dir(profile)), _weights(folder)
+    assert not torch.equal(raw[ROUTER], trained[ROUTER])
+    assert not torch.equal(raw[EXPERT], trained[EXPERT])
+    assert torch.equal(raw["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
+    capsys.readouterr()
+    fuse(profile)
+    assert "skipped" in capsys.readouterr().out
+
+
+class _KillAfterFirstSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root):
+    """kill -9 right after the first checkpoint, re-run: same final weights as an uninterrupted run."""
+    straight = _profile(tmp_path / "a", experts_root)
+    fuse(straight)
+    interrupted = _profile(tmp_path / "b", experts_root)
+    script = (
+        "import sys; from h3fusion.config import load_profile; from h3fusion.fusion import train_fusion; "
+        "from tests.test_fusion import _KillAfterFirstSave; "
+        f"train_fusion(load_profile('smoke', {{'runs_dir': {str(interrupted.run_dir.parent)!r}}}), "
+        "callbacks=[_KillAfterFirstSave()])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not fusion_dir(interrupted).exists(), "a killed run must not leave a complete-looking artifact"
+    assert list((interrupted.run_dir / "fusion").glob(".work-*/checkpoint-*"))
+    folder = fuse(interrupted)
+    assert read_manifest(folder)["resumed_from"].startswith("checkpoint-")
+    a, b = _weights(fusion_dir(straight)), _weights(folder)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_torchrun_two_processes_gloo(tmp_path, experts_root):
+    profile = _profile(tmp_path, experts_root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "h3fusion.cli",
+        "fuse",
+        "--profile",
+        "smoke",
+        "--set",
+        f"runs_dir={profile.run_dir.parent}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(fusion_dir(profile))
+    assert manifest is not None and manifest["global_step"] == profile.fusion.train.max_steps
+    assert manifest["world_size"] == 2  # real DDP over gloo, not two independent copies
