@@ -1,7 +1,8 @@
 # The whole set-up on a fresh machine (see README):
 #   make test   create .venv if missing, install, run the test suite
 #   make book   create .venv if missing, install, run every notebook on PROFILE (default cpu), build the book
-# Other targets: setup, book-build (render the committed executed notebooks only), notebooks
+# Other targets: setup, book-build (render the committed executed notebooks only), book-check
+# (the strict smoke build and reader checks that tests/test_book.py runs), notebooks
 # (regenerate notebooks/*.ipynb from their jupytext sources), bench, lint, data.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +18,7 @@ MATHJAX_DIR := book/_mathjax/mathjax
 MATHJAX_JS := $(MATHJAX_DIR)/tex-mml-chtml.js
 NOTEBOOK_SOURCES := $(wildcard notebooks/[0-9][0-9]_*.py)
 
-.PHONY: setup test book book-build notebooks bench lint data
+.PHONY: setup test book book-build book-check notebooks bench lint data
 
 setup: $(SETUP_STAMP) $(MATHJAX_JS) data
 
@@ -55,6 +56,10 @@ book: setup
 
 book-build: setup
 	$(BIN)/jupyter-book build book/
+
+# What CI's book test does: smoke notebooks into a temp copy, strict build, HTML + browser checks.
+book-check: setup
+	$(BIN)/python -m h3fusion.bookcheck --profile smoke
 
 notebooks: setup
 	$(BIN)/jupytext --to ipynb $(NOTEBOOK_SOURCES)
