@@ -79,6 +79,7 @@ def _lora_model(profile: Profile, model: PreTrainedModel) -> Any:
 
 
 def _training_args(profile: Profile, out: Path) -> Any:
+    import torch
     from transformers import TrainingArguments
 
     t = profile.experts.train
@@ -103,6 +104,9 @@ def _training_args(profile: Profile, out: Path) -> Any:
         remove_unused_columns=False,  # the collator decides what the model sees
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        # Without a GPU, transformers 5 runs DDP (torchrun) only when told it is on the CPU; otherwise
+        # every rank would train alone and write the same artifact.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -168,6 +172,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
 
     `callbacks` are extra `transformers.TrainerCallback`s (progress hooks, early stopping, tests).
     """
+    from accelerate import PartialState
     from transformers import Trainer, set_seed
 
     from h3fusion.data import PadCollator, build_task_dataset
@@ -183,10 +188,12 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         dataset = build_task_dataset(profile, tok, task)
         if len(dataset) == 0:
             raise ConfigError(f"no training examples for task {task!r}; raise `data.train_examples.{task}`")
-        resume = _prepare_work_dir(work, config_hash)
+        args = _training_args(profile, work)  # also sets up torch.distributed under torchrun
+        with PartialState().main_process_first():  # one rank cleans the working folder, then the others look
+            resume = _prepare_work_dir(work, config_hash)
         trainer = Trainer(
             model=model,
-            args=_training_args(profile, work),
+            args=args,
             train_dataset=dataset,
             data_collator=LMCollator(PadCollator(tok.pad_token_id)),
             callbacks=callbacks,
@@ -201,6 +208,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         "resumed_from": Path(resume).name if resume else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "world_size": trainer.args.world_size,
     }
     if trainer.is_world_process_zero():
         _write_expert(profile, task, model, tok, trainer, info)
