@@ -103,6 +103,7 @@ def _training_args(profile: Profile, out: Path) -> Any:
         data_seed=profile.seed,
         remove_unused_columns=False,  # the collator decides what the model sees
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         # Without a GPU, transformers 5 runs DDP (torchrun) only when told it is on the CPU; otherwise
         # every rank would train alone and write the same artifact.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,16 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     (work / "config_hash.txt").write_text("another-config")
     assert experts._prepare_work_dir(work, experts.expert_hash(profile)) is None
     assert not (work / "checkpoint-2").exists()
+
+
+@pytest.mark.slow
+def test_align_under_torchrun_trains_once_with_both_ranks(tmp_path):
+    """Two CPU processes (gloo DDP): one artifact, written by rank 0, trained with world size 2."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
+           "-m", "h3fusion.cli", "align", "--profile", "smoke", "--task", TASK, "--set", f"runs_dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    profile = load_profile("smoke", {"runs_dir": str(tmp_path)})
+    manifest = read_manifest(experts.expert_dir(profile, TASK))
+    assert manifest["world_size"] == 2 and manifest["global_step"] == profile.experts.train.max_steps
+    assert not experts.work_dir(profile, TASK).exists()
