@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.config import ConfigError, Profile
 from h3fusion.errors import ArtifactError
+from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,6 @@ HASHED_SECTIONS = ("data", "model", "experts", "seed", "tasks")
 """The profile sections an expert depends on: a change in any of them re-trains it."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_WORK_HASH = "config_hash.txt"
 _LORA_KEY = re.compile(r"layers\.(\d+)\..*?\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -56,7 +56,9 @@ def _tasks(profile: Profile, task: str) -> list[str]:
     if task == "all":
         return list(profile.tasks)
     if task not in profile.tasks:
-        raise ConfigError(f"task {task!r} is not one of this profile's tasks {list(profile.tasks)}; use one of them or 'all'")
+        raise ConfigError(
+            f"task {task!r} is not one of this profile's tasks {list(profile.tasks)}; use one of them or 'all'"
+        )
     return [task]
 
 
@@ -78,39 +80,6 @@ def _lora_model(profile: Profile, model: PreTrainedModel) -> Any:
     return get_peft_model(model, cfg)
 
 
-def _training_args(profile: Profile, out: Path) -> Any:
-    import torch
-    from transformers import TrainingArguments
-
-    t = profile.experts.train
-    length = {"max_steps": t.max_steps} if t.max_steps is not None else {"num_train_epochs": t.epochs}
-    return TrainingArguments(
-        output_dir=str(out),
-        **length,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
-        lr_scheduler_type="linear",
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        report_to="none",
-        seed=profile.seed,
-        data_seed=profile.seed,
-        remove_unused_columns=False,  # the collator decides what the model sees
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-        # Without a GPU, transformers 5 runs DDP (torchrun) only when told it is on the CPU; otherwise
-        # every rank would train alone and write the same artifact.
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
 class LMCollator:
     """The data collator without `task_labels`: stage 1 is plain SFT and the LM's forward takes no task label."""
 
@@ -123,28 +92,13 @@ class LMCollator:
         return batch
 
 
-def _prepare_work_dir(work: Path, config_hash: str) -> str | None:
-    """Checkpoint to resume from, or None. Checkpoints of another config are discarded, never resumed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    marker = work / _WORK_HASH
-    if work.exists() and (not marker.exists() or marker.read_text().strip() != config_hash):
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(config_hash)
-    return get_last_checkpoint(str(work))
-
-
-def loss_log(trainer: Trainer) -> list[dict[str, float]]:
-    return [
-        {"step": int(e["step"]), "loss": float(e["loss"])}
-        for e in trainer.state.log_history
-        if "loss" in e and "step" in e
-    ]
-
-
 def _write_expert(
-    profile: Profile, task: str, model: Any, tok: PreTrainedTokenizerBase, trainer: Trainer, info: dict[str, Any]
+    profile: Profile,
+    task: str,
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    trainer: Trainer,
+    info: dict[str, Any],
 ) -> None:
     config_hash = expert_hash(profile)
     losses = loss_log(trainer)
@@ -189,9 +143,11 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         dataset = build_task_dataset(profile, tok, task)
         if len(dataset) == 0:
             raise ConfigError(f"no training examples for task {task!r}; raise `data.train_examples.{task}`")
-        args = _training_args(profile, work)  # also sets up torch.distributed under torchrun
+        args = training_arguments(
+            profile.experts.train, profile.seed, work
+        )  # also sets up torch.distributed under torchrun
         with PartialState().main_process_first():  # one rank cleans the working folder, then the others look
-            resume = _prepare_work_dir(work, config_hash)
+            resume = prepare_work_dir(work, config_hash)
         trainer = Trainer(
             model=model,
             args=args,
@@ -275,7 +231,9 @@ def read_adapter_folder(folder: Path, task: str = "") -> ExpertAdapter:
 
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ArtifactError(f"{folder}: per-module LoRA ranks/alphas are not supported; train with one r and alpha")
+        raise ArtifactError(
+            f"{folder}: per-module LoRA ranks/alphas are not supported; train with one r and alpha"
+        )
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -298,28 +298,28 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
     from h3fusion.data import PadCollator, build_mixed_dataset
     from h3fusion.moe import export_mixtral
 
-    with PartialState(
-        cpu=not torch.cuda.is_available()
-    ).main_process_first():  # under torchrun, rank 0 writes the raw MoE, the others wait
-        build_raw(profile)
     folder = fusion_dir(profile)
     config_hash = variant_hash(profile)
     work = work_dir(profile)
+    # an expert not selected in a batch gets no gradient: DDP must look for unused parameters
+    args = training_arguments(
+        profile.fusion.train,
+        profile.seed,
+        work,
+        ddp_find_unused_parameters=profile.fusion.top_k < profile.num_experts,
+    )  # also sets up torch.distributed under torchrun
+    with PartialState().main_process_first():  # under torchrun, rank 0 writes/cleans, the others wait
+        build_raw(profile)
+        resume = prepare_work_dir(work, config_hash)
     with Stopwatch() as sw:
         set_seed(profile.seed)
         moe, tok = upcycle_profile(profile, show_progress=False)
         prepare_for_training(moe, profile)
         moe.train()
         dataset = build_mixed_dataset(profile, tok)
-        resume = prepare_work_dir(work, config_hash)
         trainer = _trainer_class()(
             model=moe,
-            args=training_arguments(
-                profile.fusion.train,
-                profile.seed,
-                work,
-                ddp_find_unused_parameters=profile.fusion.top_k < moe.num_experts,
-            ),
+            args=args,
             train_dataset=dataset,
             data_collator=PadCollator(tok.pad_token_id),
             callbacks=callbacks,

@@ -44,6 +44,7 @@ def training_arguments(
         data_seed=seed,
         remove_unused_columns=False,  # the collator decides what the model sees
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         # without this, torchrun on CPU would run independent copies instead of DDP over gloo
         use_cpu=not torch.cuda.is_available(),

@@ -16,6 +16,7 @@ from h3fusion import experts
 from h3fusion.artifacts import MANIFEST, read_manifest
 from h3fusion.config import ConfigError, load_profile
 from h3fusion.errors import ArtifactError
+from h3fusion.training import prepare_work_dir
 
 TASK = "helpful"
 
@@ -131,7 +132,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     work = experts.work_dir(profile, TASK)
     (work / "checkpoint-2").mkdir(parents=True)
     (work / "config_hash.txt").write_text("another-config")
-    assert experts._prepare_work_dir(work, experts.expert_hash(profile)) is None
+    assert prepare_work_dir(work, experts.expert_hash(profile)) is None
     assert not (work / "checkpoint-2").exists()
 
 
