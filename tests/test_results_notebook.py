@@ -1,0 +1,114 @@
+"""h3fusion.report (chapters 03, 05, 06): stored evaluations -> tables, headline vs the paper, verdict, distances."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from h3fusion import report
+from h3fusion.config import load_profile
+from h3fusion.errors import H3FusionError
+
+
+@pytest.fixture
+def profile(tmp_path):
+    return load_profile("smoke", {"runs_dir": str(tmp_path / "runs")})
+
+
+def _write(profile, name, win, harmful, tri, judge="offline judge", validation=None):
+    folder = profile.run_dir / "eval" / name
+    folder.mkdir(parents=True)
+    judges = {t: {"name": judge, "validation": validation or {"accuracy": 0.8, "n_heldout": {"pairs": 10}}}
+              for t in profile.tasks}
+    scores = {"helpful": {"win_rate": win}, "harmless": {"harmful_rate": harmful},
+              "honest": {"truthful_x_informative": tri, "truthful": tri, "informative": 100.0}}
+    (folder / "metrics.json").write_text(json.dumps({"model": name, "scores": scores, "judges": judges}))
+
+
+def _avg(win, harmful, tri):
+    return (win + 100 - harmful + tri) / 3
+
+
+def test_missing_models_are_listed_and_extra_ones_kept(profile):
+    _write(profile, "base", 10, 40, 20)
+    _write(profile, "my-extra-run", 10, 40, 20)
+    ev = report.collect_metrics(profile)
+    assert list(ev.metrics) == ["base", "my-extra-run"]
+    assert "helpful" in ev.missing and report.fused_variant(profile) in ev.missing
+    assert "merge-ties" in ev.missing and "base" not in ev.missing
+    table = report.main_table(ev)
+    assert table.loc["my-extra-run", "group"] == "other" and table.loc["base", "group"] == "base"
+
+
+def test_nothing_evaluated_is_a_clear_error_and_an_honest_verdict(profile):
+    ev = report.collect_metrics(profile)
+    with pytest.raises(H3FusionError, match="h3fusion evaluate"):
+        report.main_table(ev)
+    text = report.verdict(report.comparison_with_paper(None))
+    assert "Nothing can be compared" in text
+
+
+def test_headline_against_the_paper_and_computed_verdict(profile):
+    fused = report.fused_variant(profile)
+    _write(profile, "base", 10, 50, 10)
+    for i, task in enumerate(profile.tasks):
+        _write(profile, task, 20 + i, 40, 20)
+    _write(profile, fused, 40, 20, 30)  # better than every expert
+    _write(profile, "merge-ties", 60, 10, 40)  # better than the fused model
+    ev = report.collect_metrics(profile)
+    table = report.main_table(ev)
+    head = report.headline(profile, ev, table)
+    comp = report.comparison_with_paper(head)
+    best_expert = _avg(20 + len(profile.tasks) - 1, 40, 20)
+    expected = 100 * (_avg(40, 20, 30) - best_expert) / best_expert
+    assert comp.loc["vs best of the experts", "improvement here (relative %)"] == pytest.approx(expected)
+    assert comp.loc["vs best of the experts", "best model here"] == profile.tasks[-1]
+    assert comp.loc["vs best of the merges", "improvement here (relative %)"] < 0
+    assert np.isnan(comp.loc["vs best of the ensembles", "improvement here (relative %)"])
+    assert comp[report.PAPER_COL].tolist() == [11.37, 13.77, 6.18]
+    text = report.verdict(comp, "tiny scale")
+    assert "reproduces against the best of the experts" in text
+    assert "does not reproduce against the best of the merges" in text
+    assert "Not compared (not evaluated): ensembles" in text
+    assert f"{expected:+.2f} %" in text
+
+
+def test_headline_is_none_without_the_fused_model(profile):
+    _write(profile, "base", 10, 50, 10)
+    ev = report.collect_metrics(profile)
+    assert report.headline(profile, ev, report.main_table(ev)) is None
+
+
+def test_judge_validation_names_every_judge_with_flattened_figures(profile):
+    _write(profile, "base", 10, 50, 10, judge="judge A")
+    _write(profile, "helpful", 10, 50, 10, judge="judge B", validation={"kappa": 0.4})
+    frame = report.judge_validation(report.collect_metrics(profile))
+    assert set(frame.index.get_level_values("judge")) == {"judge A", "judge B"}
+    assert frame.loc[("harmless", "judge A"), "n_heldout.pairs"] == 10
+    assert frame.loc[("honest", "judge B"), "kappa"] == 0.4
+    assert frame.loc[("helpful", "judge A"), "models scored"] == 1
+
+
+def test_embedding_prompts_split_evenly_and_capped(profile):
+    prompts, tasks = report.embedding_prompts(profile, 7)
+    assert len(prompts) == 7 and [tasks.count(t) for t in profile.tasks] == [3, 2, 2]
+    available = sum(profile.data.eval_examples[t] for t in profile.tasks)
+    prompts, tasks = report.embedding_prompts(profile, 100)
+    assert len(prompts) == available  # smoke has fewer eval items than 100: all of them
+    with pytest.raises(H3FusionError, match="at least 1"):
+        report.embedding_prompts(profile, 0)
+
+
+def test_distance_table_is_zero_on_the_diagonal_and_symmetric():
+    rng = np.random.default_rng(0)
+    emb = {n: rng.normal(size=(5, 4)) for n in ("base", "a", "b")}
+    table = report.distance_table(emb, ["base", "a", "b"])
+    assert np.allclose(np.diag(table.to_numpy()), 0)
+    assert np.allclose(table.to_numpy(), table.to_numpy().T)
+    assert table.loc["a", "to base"] == pytest.approx(np.linalg.norm(emb["a"] - emb["base"], axis=1).mean())
+
+
+def test_short_labels_drop_the_judge():
+    assert report.short_labels(["Harmful % ↓ [judge X]"]) == {"Harmful % ↓ [judge X]": "Harmful % ↓"}
