@@ -212,6 +212,46 @@ class BaselinesConfig(Section):
     instruct_train: TrainConfig = TrainConfig(max_steps=20, batch_size=4, lr=1.0e-3)
 
 
+class AblationsConfig(Section):
+    """Short fusion runs of the ablations chapter (DESIGN 9), scored with likelihood metrics, not generation.
+
+    Every run starts from the same raw MoE and differs from the profile's fusion config only in the swept key
+    (and in its length, `steps`), so a run costs `steps` fusion steps plus a few scoring forward passes.
+    """
+
+    steps: int = Field(4, gt=0)
+    """Fusion steps of each ablation run (the profile's own `fusion.train` length is not used)."""
+    step_checkpoints: tuple[int, ...] = ()
+    """Steps (<= `steps`) at which the reference run is scored too: the number-of-steps ablation."""
+    score_examples: int = Field(4, gt=0)
+    """Items per task for the scores: response NLL, TruthfulQA MC1/MC2 and routing on held-out prompts."""
+    gate_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
+    """The lambda sweep (0 = no gating loss)."""
+    drift_gammas: tuple[float, ...] = (1.0e-3, 1.0e-2, 1.0e-1)
+    """The gamma sweep (the same gamma for every expert)."""
+    drift_high: float = Field(1.0, ge=0)
+    """gamma given to one expert at a time in the per-expert drift ablation (the paper's Figure 2)."""
+    top_ks: tuple[int, ...] | None = None
+    """k values applied to the trained reference run with `set_top_k` (None = 1 .. number of experts)."""
+    released_code_runs: tuple[str, ...] = ("labels", "gating_loss")
+    """`fusion.released_code` switches trained (one short run each) in the released-code chapter."""
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> AblationsConfig:
+        late = [s for s in self.step_checkpoints if not 0 < s <= self.steps]
+        if late:
+            raise ValueError(f"step_checkpoints {late} must lie in 1..steps ({self.steps})")
+        negative = [g for g in (*self.gate_weights, *self.drift_gammas) if g < 0]
+        if negative:
+            raise ValueError(f"negative loss weight(s) {negative}; use values >= 0")
+        unknown = set(self.released_code_runs) - set(ReleasedCodeSwitches.model_fields)
+        if unknown:
+            raise ValueError(
+                f"unknown released_code_runs {sorted(unknown)}; allowed: {list(ReleasedCodeSwitches.model_fields)}"
+            )
+        return self
+
+
 class Profile(Section):
     """A whole run's configuration (one YAML file in profiles/)."""
 
@@ -226,6 +266,7 @@ class Profile(Section):
     fusion: FusionConfig
     evaluation: EvaluationConfig
     baselines: BaselinesConfig = BaselinesConfig()
+    ablations: AblationsConfig = AblationsConfig()
 
     @field_validator("tasks")
     @classmethod
@@ -258,10 +299,27 @@ class Profile(Section):
     def data_dir(self) -> Path:
         return Path(self.data.dir or os.environ.get("H3FUSION_DATA_DIR") or PROJECT_ROOT / "data" / "raw")
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable short hash of the named sections: an artifact is reused only when these match."""
-        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+    def section_hash(self, *keys: str) -> str:
+        """Stable short hash of the named sections or dotted keys (`data.max_length`): an artifact is
+        reused only when these match."""
+        dump = self.model_dump(mode="json")
+        payload = {}
+        for key in keys:
+            node = dump
+            for part in key.split("."):
+                node = node[part]
+            payload[key] = node
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TRAINING_DATA_KEYS: tuple[str, ...] = (
+    "data.source",
+    "data.dir",
+    "data.max_length",
+    "data.train_examples",
+    "data.beavertails_eval_fraction",
+)
+"""The data keys a trained artifact depends on (evaluation sizes are not among them)."""
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -310,7 +368,9 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
     path = PROFILES_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown profile {str(name_or_path)!r}; known profiles: {known} (in {PROFILES_DIR})")
+        raise ConfigError(
+            f"unknown profile {str(name_or_path)!r}; known profiles: {known} (in {PROFILES_DIR})"
+        )
     return path
 
 

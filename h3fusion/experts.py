@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
-from h3fusion.config import ConfigError, Profile
+from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile
 from h3fusion.errors import ArtifactError
 from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-HASHED_SECTIONS = ("data", "model", "experts", "seed", "tasks")
+HASHED_SECTIONS = (*TRAINING_DATA_KEYS, "model", "experts", "seed", "tasks")
 """The profile sections an expert depends on: a change in any of them re-trains it."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

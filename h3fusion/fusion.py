@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
-from h3fusion.config import Profile
+from h3fusion.config import TRAINING_DATA_KEYS, Profile
 from h3fusion.errors import ArtifactError
 from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
@@ -65,13 +65,9 @@ def raw_hash(profile: Profile) -> str:
 
 
 def variant_hash(profile: Profile) -> str:
-    return _digest(
-        {
-            "raw": raw_hash(profile),
-            "fusion": profile.fusion.model_dump(mode="json"),
-            "data": profile.data.model_dump(mode="json"),
-        }
-    )
+    """A trained variant depends on its raw MoE, the fusion section and the training data."""
+    data = {k: profile.section_hash(k) for k in TRAINING_DATA_KEYS}
+    return _digest({"raw": raw_hash(profile), "fusion": profile.fusion.model_dump(mode="json"), "data": data})
 
 
 # ---------------------------------------------------------------------------------------------- upcycling
