@@ -58,17 +58,17 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 # ## What was evaluated
 
 # %%
-import pandas as pd
+from textwrap import fill
 
 from h3fusion import report
 
 evaluated = report.collect_metrics(P)
 labels = report.display_names(P)
-print(f"evaluated: {len(evaluated.metrics)} model(s): {', '.join(evaluated.metrics) or 'none'}")
+print(fill(f"evaluated ({len(evaluated.metrics)}): {', '.join(evaluated.metrics) or 'none'}", 90))
 if evaluated.missing:
-    print(f"not evaluated yet ({len(evaluated.missing)}): {', '.join(evaluated.missing)}")
-    print(f"to add one: h3fusion evaluate --profile {P.name} --model NAME "
-          "(after building it: h3fusion align / fuse / baselines)")
+    print(fill(f"not evaluated yet ({len(evaluated.missing)}): {', '.join(evaluated.missing)}", 90))
+    print(f"to add one: h3fusion evaluate --profile {P.name} --model NAME\n"
+          "(after building it with h3fusion align / fuse / baselines)")
 
 # %% [markdown]
 # ## The main table
@@ -85,7 +85,7 @@ dims = list(table.columns[1:4]) if table is not None else []
 if table is None:
     print("no evaluations yet: run the chapters before this one (or the commands above)")
 else:
-    display(table[["group", *dims, AVERAGE]].rename(index=labels).round(1))  # noqa: F821 (IPython)
+    display(table[["group", *dims, AVERAGE]].rename(index=labels).round(1))
 
 # %% [markdown]
 # The parts of the honesty score and TruthfulQA multiple choice from the models' own log-likelihoods
@@ -93,7 +93,7 @@ else:
 
 # %%
 if table is not None:
-    display(table[[c for c in table.columns[4:] if c != AVERAGE]].rename(index=labels).round(1))  # noqa: F821
+    display(table[[c for c in table.columns[4:] if c != AVERAGE]].rename(index=labels).round(1))
 
 # %%
 from h3fusion import plots
