@@ -144,6 +144,32 @@ def test_continuation_logprobs_do_not_depend_on_the_batch(tiny):
     assert np.allclose(together, alone, atol=1e-4)
 
 
+def test_continuation_logprobs_on_the_moe_model_match_a_hand_computed_forward(profile, tiny):
+    """The MoE model (a wrapper whose forward takes **kwargs) goes through the same cached scoring path."""
+    from h3fusion.data import format_prompt
+    from h3fusion.models import tiny_random_llama
+    from h3fusion.moe import ExpertAdapter, upcycle
+    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
+
+    base = tiny_random_llama(profile.model.tiny, len(tiny.tokenizer), profile.seed)
+    shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
+    gen = torch.Generator().manual_seed(0)
+    adapters = [
+        ExpertAdapter(name=task, scale=2.0, factors={
+            (layer, p): (0.1 * torch.randn(4, shapes[p][1], generator=gen), 0.1 * torch.randn(shapes[p][0], 4, generator=gen))
+            for layer in range(base.config.num_hidden_layers) for p in PROJECTIONS
+        })
+        for task in profile.tasks
+    ]
+    moe = upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
+    lm = HFLanguageModel(moe, tiny.tokenizer, progress=False)
+    prompts = [format_prompt("Is the earth flat?"), format_prompt("Why is the sea salty, in one sentence?")] * 2
+    conts = ["No, it is round.", "Rivers carry salt.", "Yes", "Because of rocks"]
+    got = lm.continuation_logprobs(prompts, conts)
+    want = [_reference_logprob(lm, p, c) for p, c in zip(prompts, conts, strict=True)]
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+
+
 # ---------------------------------------------------------------------------------------------- MC1 / MC2
 
 

@@ -187,10 +187,20 @@ class HFLanguageModel:
 
 
 def _cache_argument(model: PreTrainedModel) -> str:
-    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x), whichever the forward takes."""
+    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x), whichever the forward takes.
+
+    A wrapper whose forward only has **kwargs (the MoE model) passes them to a transformers model: use the name
+    the installed transformers' Llama takes.
+    """
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from transformers import LlamaForCausalLM
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _output_cache(output: object) -> object:
