@@ -241,22 +241,68 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 
+    def _stacked(self, proj: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rank-r terms of every expert and every low-rank set at once.
+
+        Returns ``z`` [N, E, R] (``z[n, e] = A_e x_n`` of each set, concatenated over the sets) and
+        ``b`` [E*R, out] (each set's ``scale * B_e^T`` stacked the same way), so that
+        ``(z * mask).flatten(1) @ b`` is ``sum_e mask[n, e] * delta_e(x_n)``; None when no set targets `proj`.
+        """
+        zs, bs = [], []
+        for s in (self.expert_deltas, self.fusion_lora):
+            if s is not None and proj in s.A:
+                a = s.A[proj]  # [E, r, in]
+                zs.append((s.dropout(x) @ a.flatten(0, 1).T).unflatten(1, (a.shape[0], a.shape[1])))
+                bs.append(s.B[proj].transpose(1, 2) * s.scale)  # [E, r, out]
+        if not zs:
+            return None
+        z = zs[0] if len(zs) == 1 else torch.cat(zs, dim=2)
+        b = bs[0] if len(bs) == 1 else torch.cat(bs, dim=1)
+        return z, b.flatten(0, 1)
+
     def _forward_delta(self, h: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        sets = (self.expert_deltas, self.fusion_lora)
-        gate0 = h @ self.base_gate_proj.T  # shared by all experts, computed once
-        up0 = h @ self.base_up_proj.T
-        mix = torch.zeros_like(gate0)  # sum_i p~_i act_i, fed to the base down projection once
-        out = torch.zeros_like(h)  # sum_i p~_i (down delta of expert i)
-        for e, tok, slot in self._assignments(idx):
-            x, w = h[tok], weights[tok, slot, None]
-            act = self.act_fn(gate0[tok] + self._lora("gate_proj", x, e, sets)) * (
-                up0[tok] + self._lora("up_proj", x, e, sets)
-            )
-            mix.index_add_(0, tok, (act * w).to(mix.dtype))
-            down_delta = self._lora("down_proj", act, e, sets)
-            if isinstance(down_delta, torch.Tensor):
-                out.index_add_(0, tok, (down_delta * w).to(out.dtype))
-        return out + mix @ self.base_down_proj.T
+        """Top-k of E experts ``W + D_e`` (D_e = sum of the rank-r sets) at about the cost of ONE dense FFN.
+
+        With ``g0 = W_gate h``, ``u0 = W_up h`` (shared, computed once) and slot s of token n routed
+        to expert e = idx[n, s] with weight w = p~[n, s]:
+
+        * ``g_s = g0 + D_gate,e h``, ``u_s = u0 + D_up,e h`` (one addmm per slot: the rank-r factors of all
+          experts are stacked and the non-selected experts' rank-r codes masked to zero, which for small
+          E is cheaper than gathering tokens per expert; the extra inner width E*R is tiny next to d);
+        * ``a_s = silu(g_s) * u_s``;
+        * ``out = W_down (sum_s w_s a_s) + sum_s w_s D_down,e a_s``: down is linear, so the experts'
+          activations are mixed BEFORE one base down matmul, and the down deltas of all slots share one
+          rank-code matrix (slots select distinct experts, so their masked codes add without overlap).
+
+        Only k activations of width f per token are formed (the selected experts), no per-expert
+        gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
+        """
+        e_count = self.num_experts
+        w = weights.to(h.dtype)
+        onehot = F.one_hot(idx, e_count).to(h.dtype)  # [N, k, E]
+        gate0 = F.linear(h, self.base_gate_proj)
+        up0 = F.linear(h, self.base_up_proj)
+        low_gate = self._stacked("gate_proj", h)
+        low_up = self._stacked("up_proj", h)
+        mix: torch.Tensor | None = None
+        down_codes: torch.Tensor | None = None  # sum_s w_s * mask_s * (A_down a_s), [N, E, R]
+        for s in range(idx.shape[1]):
+            mask = onehot[:, s, :, None]
+            g = gate0 if low_gate is None else torch.addmm(gate0, (low_gate[0] * mask).flatten(1), low_gate[1])
+            u = up0 if low_up is None else torch.addmm(up0, (low_up[0] * mask).flatten(1), low_up[1])
+            act = self.act_fn(g) * u
+            ws = w[:, s, None]
+            mix = act * ws if mix is None else torch.addcmul(mix, act, ws)
+            low_down = self._stacked("down_proj", act)
+            if low_down is not None:
+                codes = low_down[0] * (mask * ws[:, :, None])
+                down_codes = codes if down_codes is None else down_codes + codes
+                down_b = low_down[1]
+        assert mix is not None
+        out = F.linear(mix, self.base_down_proj)
+        if down_codes is not None:
+            out = torch.addmm(out, down_codes.flatten(1), down_b)
+        return out
 
     # ----------------------------------------------------------------- weights
     def expert_weight(self, proj: str) -> torch.Tensor:
