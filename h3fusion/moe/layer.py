@@ -132,6 +132,24 @@ class LowRankExperts(nn.Module):
         return [(self.A[p], self.B[p]) for p in self.targets]
 
 
+def _add_masked(
+    base: torch.Tensor,
+    low: tuple[torch.Tensor, torch.Tensor] | None,
+    mask: torch.Tensor,
+    reuse: bool,
+    fresh: bool,
+) -> torch.Tensor:
+    """``base + (z * mask) @ b`` for one routing slot.
+
+    reuse: add into `base` in place (its last use); fresh: the result must not alias `base` (the caller
+    modifies it in place), so an unchanged `base` is cloned unless it may be reused.
+    """
+    if low is None:
+        return base.clone() if fresh and not reuse else base
+    codes = (low[0] * mask).flatten(1)
+    return base.addmm_(codes, low[1]) if reuse else torch.addmm(base, codes, low[1])
+
+
 class MoEFeedForward(nn.Module):
     """A top-k MoE SwiGLU FFN with any number of experts; drop-in for a Llama `mlp` module.
 
@@ -276,32 +294,40 @@ class MoEFeedForward(nn.Module):
 
         Only k activations of width f per token are formed (the selected experts), no per-expert
         gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
+
+        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f] and no new
+        buffers); with autograd only the last slot adds its delta into ``g0``/``u0`` in place (safe: neither
+        the base matmul nor the other slots' addmm saves them for backward).
         """
-        e_count = self.num_experts
+        in_place = not torch.is_grad_enabled()
         w = weights.to(h.dtype)
-        onehot = F.one_hot(idx, e_count).to(h.dtype)  # [N, k, E]
+        onehot = F.one_hot(idx, self.num_experts).to(h.dtype)  # [N, k, E]
         gate0 = F.linear(h, self.base_gate_proj)
         up0 = F.linear(h, self.base_up_proj)
         low_gate = self._stacked("gate_proj", h)
         low_up = self._stacked("up_proj", h)
         mix: torch.Tensor | None = None
         down_codes: torch.Tensor | None = None  # sum_s w_s * mask_s * (A_down a_s), [N, E, R]
-        for s in range(idx.shape[1]):
-            mask = onehot[:, s, :, None]
-            g = gate0 if low_gate is None else torch.addmm(gate0, (low_gate[0] * mask).flatten(1), low_gate[1])
-            u = up0 if low_up is None else torch.addmm(up0, (low_up[0] * mask).flatten(1), low_up[1])
-            act = self.act_fn(g) * u
-            ws = w[:, s, None]
-            mix = act * ws if mix is None else torch.addcmul(mix, act, ws)
+        down_b: torch.Tensor | None = None
+        k = idx.shape[1]
+        for s in range(k):
+            mask, ws, last = onehot[:, s, :, None], w[:, s, None], s == k - 1
+            g = _add_masked(gate0, low_gate, mask, reuse=last, fresh=in_place)
+            u = _add_masked(up0, low_up, mask, reuse=last, fresh=False)
+            act = F.silu(g, inplace=True).mul_(u) if in_place and self.hidden_act == "silu" else self.act_fn(g) * u
             low_down = self._stacked("down_proj", act)
             if low_down is not None:
                 codes = low_down[0] * (mask * ws[:, :, None])
                 down_codes = codes if down_codes is None else down_codes + codes
                 down_b = low_down[1]
+            if mix is None:
+                mix = act.mul_(ws) if in_place else act * ws
+            else:
+                mix = mix.addcmul_(act, ws) if in_place else torch.addcmul(mix, act, ws)
         assert mix is not None
         out = F.linear(mix, self.base_down_proj)
         if down_codes is not None:
-            out = torch.addmm(out, down_codes.flatten(1), down_b)
+            out = out.addmm_(down_codes.flatten(1), down_b)
         return out
 
     # ----------------------------------------------------------------- weights
