@@ -157,7 +157,10 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Any], max_length
     total, count = 0.0, 0
     for start in range(0, len(encoded), NLL_BATCH):
         batch = collate(encoded[start : start + NLL_BATCH])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
         targets = batch["labels"][:, 1:].to(device)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         mask = targets != IGNORE_INDEX

@@ -1,0 +1,152 @@
+"""h3fusion.ablations on the smoke profile (tiny random Llama): short runs, caching, scores and the released-code
+measurements. Artifacts go to a temporary runs folder; the experts are trained once per module."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from h3fusion import ablations as A
+from h3fusion.config import ConfigError, load_profile
+
+
+@pytest.fixture(scope="module")
+def P(tmp_path_factory: pytest.TempPathFactory):  # noqa: N802
+    from h3fusion.experts import align
+
+    profile = load_profile(
+        "smoke",
+        {
+            "runs_dir": str(tmp_path_factory.mktemp("runs")),
+            "ablations.steps": 2,
+            "ablations.step_checkpoints": [1, 2],
+            "ablations.score_examples": 2,
+            "fusion.train.max_steps": 2,
+        },
+    )
+    align(profile, "all")
+    return profile
+
+
+def test_ablation_profile_shortens_training_and_applies_overrides(P) -> None:
+    run = A.ablation_profile(P, {"fusion.gate_weight": 0.0})
+    assert run.fusion.train.max_steps == P.ablations.steps
+    assert run.fusion.gate_weight == 0.0
+    assert run.fusion.variant != P.fusion.variant
+    raised = A.gamma_overrides(P, {"honest": 5.0})["fusion.drift_gammas"]
+    assert raised["honest"] == 5.0 and raised["helpful"] == P.fusion.gamma("helpful")
+
+
+def test_config_rejects_checkpoints_beyond_steps_and_bad_top_k() -> None:
+    with pytest.raises(ConfigError, match="step_checkpoints"):
+        load_profile("smoke", {"ablations.steps": 2, "ablations.step_checkpoints": [3]})
+    with pytest.raises(ConfigError, match="released_code_runs"):
+        load_profile("smoke", {"ablations.released_code_runs": ["typo"]})
+    with pytest.raises(A.AblationError, match="top_ks"):
+        A.top_ks(load_profile("smoke", {"ablations.top_ks": [4]}))
+
+
+def test_response_nll_is_the_mean_token_cross_entropy(P) -> None:
+    """The scorer equals the model's own LM loss (mean CE over response tokens) for one example."""
+    from h3fusion.data import PadCollator, tokenize_example
+    from h3fusion.models import load_base
+
+    model, tok = load_base(P)
+    ex = A.heldout_responses(P, "honest", 1)
+    nll = A.response_nll(model, tok, ex, P.data.max_length)
+    batch = PadCollator(tok.pad_token_id)([tokenize_example(tok, ex[0], P.data.max_length)])
+    with torch.no_grad():
+        expected = float(model(**batch).loss)
+    assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_heldout_harmless_responses_are_not_training_examples(P) -> None:
+    from h3fusion.data import load_train_examples
+
+    used = {(e.instruction, e.output) for e in load_train_examples(P, "harmless")}
+    held = A.heldout_responses(P, "harmless", 3)
+    assert len(held) == 3 and not {(e.instruction, e.output) for e in held} & used
+
+
+def test_reference_run_scores_checkpoints_and_every_k_and_is_cached(P) -> None:
+    ref = A.reference_run(P)
+    tasks = list(P.tasks)
+    assert set(ref["checkpoints"]) == {"1", "2"} and set(ref["by_top_k"]) == {"1", "2", "3"}
+    assert [e["step"] for e in ref["loss_log"]][-1] == P.ablations.steps
+    for scores in [ref["scores"], *ref["checkpoints"].values(), *ref["by_top_k"].values()]:
+        assert set(scores["nll"]) == set(tasks) and all(math.isfinite(v) and v > 0 for v in scores["nll"].values())
+        matrix = A.router_matrix(scores)
+        assert matrix.shape == (len(tasks), P.num_experts)
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-6)  # probabilities per task
+        assert all(0 <= v <= 100 for v in scores["routing_accuracy"].values())
+    # the final checkpoint is the trained model: same scores as the end of the run (same k)
+    assert ref["checkpoints"]["2"]["nll"] == pytest.approx(ref["scores"]["nll"])
+    assert ref["by_top_k"][str(P.fusion.top_k)]["nll"] == pytest.approx(ref["scores"]["nll"])
+    # cached: a second call (and a request for fewer checkpoints) returns the stored result without training
+    assert A.run_ablation(P, checkpoints=[2])["wall_s"] == ref["wall_s"]
+    assert len(list(A.ablations_dir(A.ablation_profile(P)).glob("*.json"))) == 1
+
+
+def test_gating_loss_moves_routing_towards_the_task_experts(P) -> None:
+    """Same seed and data: the run with a large lambda puts more router weight on each task's expert."""
+    big = A.run_ablation(P, {"fusion.gate_weight": 50.0, "fusion.train.lr": 0.05})
+    off = A.run_ablation(P, {"fusion.gate_weight": 0.0, "fusion.train.lr": 0.05})
+    diag_big = np.trace(A.router_matrix(big["scores"]))
+    diag_off = np.trace(A.router_matrix(off["scores"]))
+    assert diag_big > diag_off
+    table = A.scores_table({"big": big, "off": off})
+    assert list(table.index) == ["big", "off"] and "routing acc mean % ↑" in table.columns
+
+
+def test_exported_variant_with_the_same_config_is_reused(P) -> None:
+    from h3fusion.fusion import fuse
+
+    no_gate = {"fusion.gate_weight": 0.0}
+    folder = fuse(A.derived_profile(P, no_gate))  # P's fusion is as long as the ablation runs: the same config
+    run = A.run_ablation(P, no_gate)
+    assert run["reused_from"] == str(folder) and run["loss_log"]
+
+
+def test_label_audit_counts_the_released_code_labels(P) -> None:
+    audit = A.label_audit(P)
+    n = P.data.train_examples
+    assert audit.loc["all", "examples"] == sum(n[t] for t in P.tasks)
+    # running-total labels: the first task is labelled right, the last one (honest) all as the second task
+    assert audit.loc[P.tasks[0], "mislabelled %"] == 0
+    assert audit.loc["honest", "mislabelled %"] == 100
+    assert audit.loc["honest", "labelled harmless"] == n["honest"]
+
+
+def test_gating_loss_forms(P) -> None:
+    forms = A.gating_loss_forms(P)
+    assert forms.loc["perfect routing", "corrected loss"] == pytest.approx(0.0, abs=1e-6)
+    assert forms.loc["uniform routing", "corrected loss"] == pytest.approx(math.log(P.num_experts), rel=1e-5)
+    # the released double softmax cannot go below the CE of softmax(one-hot) even at perfect routing
+    e = P.num_experts
+    floor = -math.log(math.e / (math.e + e - 1))
+    assert forms.loc["perfect routing", "released loss"] >= floor - 1e-4
+    assert forms.loc["uniform routing", "released |grad|"] < forms.loc["uniform routing", "corrected |grad|"]
+
+
+def test_drift_forms(P) -> None:
+    forms = A.drift_forms(P)
+    corrected, released = forms.iloc[0], forms.iloc[1]
+    assert corrected["value at init"] == 0 and corrected["|grad| on fusion LoRA"] == 0
+    assert released["value at init"] > 0 and released["|grad| on fusion LoRA"] > 0
+
+
+def test_specialisation_ranks_experts_on_their_own_dimension(P) -> None:
+    def m(win: float, harmful: float, ti: float) -> dict:
+        return {"scores": {"helpful": {"win_rate": win}, "harmless": {"harmful_rate": harmful},
+                           "honest": {"truthful_x_informative": ti}}}
+
+    metrics = {"base": m(10, 50, 20), "helpful": m(30, 60, 10), "harmless": m(5, 10, 20), "honest": m(10, 50, 40)}
+    spec = A.specialisation(metrics, P.tasks)
+    assert list(spec["rank (1 = best, ties share)"]) == [1, 1, 1]
+    metrics["harmless"] = m(5, 70, 20)  # now the most harmful: last of four on its own dimension
+    assert A.specialisation(metrics, P.tasks).loc["harmless", "rank (1 = best, ties share)"] == 4
+    with pytest.raises(A.AblationError, match="evaluate"):
+        A.specialisation({"base": metrics["base"]}, P.tasks)
