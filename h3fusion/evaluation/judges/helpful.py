@@ -1,0 +1,247 @@
+"""Helpfulness: P(answer beats the text-davinci-003 reference), as AlpacaEval 1's GPT-4 judge would say.
+
+The offline judge is a gradient-boosted tree model on pairwise features (length, structure, refusal markers,
+lexical relevance to the instruction, overlap with the reference) fitted to the 8 x 805 GPT-4 verdicts of
+AlpacaEval 1. It trains only on instructions disjoint from the ones the profile scores and from a further
+held-out set on which it is validated against GPT-4 and against the "longer answer wins" rule (GPT-4 favours
+longer answers, so a judge must beat that rule to be more than a length meter). Ties (preference 0 or 1.5)
+and missing verdicts are left out of training and validation. Sentence-embedding features were tried and
+dropped: on grouped cross-validation of the training instructions they did not improve accuracy (0.70-0.71
+either way) and cost minutes of CPU encoding.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from h3fusion.artifacts import atomic_write_json
+from h3fusion.config import Profile
+from h3fusion.errors import ArtifactError, DataError, H3FusionError
+from h3fusion.evaluation.judges.common import JUDGE_CODE_VERSION, binary_metrics, cached_judge, read_json
+
+_WORD = re.compile(r"[a-z0-9']+")
+_LIST_ITEM = re.compile(r"^\s*(\d+[.)]|[-*\u2022])", re.M)
+_REFUSAL = re.compile(
+    r"(?i)as an ai|i'm sorry|i am sorry|i cannot|i can't|i apologi[sz]e|language model|i do not have|i don't have"
+)
+CLOSE_LENGTH = 0.2
+"""Pairs whose two answers differ in length by less than this share are the 'close length' subset."""
+
+FEATURES = (
+    "d_log_chars", "d_log_words", "d_lines", "d_list_items", "d_refusal", "d_empty",
+    "log_chars", "log_words", "lines", "list_items", "refusal", "empty",
+    "d_instruction_recall", "instruction_recall", "reference_jaccard", "d_type_token", "type_token",
+    "log_instruction_words",
+)
+
+
+def _surface(text: str) -> list[float]:
+    words = text.split()
+    return [
+        float(np.log1p(len(text))), float(np.log1p(len(words))), float(text.count("\n")),
+        float(len(_LIST_ITEM.findall(text))), float(bool(_REFUSAL.search(text))), float(not text.strip()),
+    ]
+
+
+def _tokens(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+def _type_token(text: str) -> float:
+    words = text.split()
+    return len(set(words)) / max(len(words), 1)
+
+
+def pair_features(instruction: str, answer: str, reference: str) -> list[float]:
+    """Features of (answer vs reference) for one instruction; see FEATURES for the names."""
+    answer, reference = answer or "", reference or ""
+    a, r = _surface(answer), _surface(reference)
+    ins, ta, tr = _tokens(instruction), _tokens(answer), _tokens(reference)
+    recall_a = len(ins & ta) / max(len(ins), 1)
+    recall_r = len(ins & tr) / max(len(ins), 1)
+    return [
+        *(x - y for x, y in zip(a, r, strict=True)), *a,
+        recall_a - recall_r, recall_a, len(ta & tr) / max(len(ta | tr), 1),
+        _type_token(answer) - _type_token(reference), _type_token(answer), float(np.log1p(len(ins))),
+    ]
+
+
+def _is_tie(preference: float | None) -> bool:
+    return preference not in (1.0, 2.0)
+
+
+def split_instructions(profile: Profile, n_items: int) -> dict[str, list[int]]:
+    """AlpacaEval item indices: scored (first eval_examples.helpful), held-out validation, training; disjoint."""
+    n_scored = min(profile.data.eval_examples.helpful, n_items)
+    rest = list(range(n_scored, n_items))
+    random.Random(f"{profile.seed}:helpful-judge").shuffle(rest)
+    n_val = min(profile.judges.helpful_validation_instructions, len(rest) // 2)
+    if n_val < 1 or len(rest) - n_val < 1:
+        raise DataError(
+            f"only {len(rest)} AlpacaEval instructions are left after the {n_scored} scored ones: too few to train and "
+            "validate the helpfulness judge; lower data.eval_examples.helpful"
+        )
+    return {"scored": list(range(n_scored)), "validation": sorted(rest[:n_val]), "train": sorted(rest[n_val:])}
+
+
+GBT_PARAMS = {"max_iter": 150, "learning_rate": 0.05, "max_depth": 3}
+"""Chosen by 5-fold cross-validation grouped by instruction on the training instructions only (accuracy 0.78
+vs 0.75 for a logistic regression and 0.74 for the longer-answer rule on the same folds)."""
+
+
+def fit_model(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier(**GBT_PARAMS, random_state=seed).fit(x, y)
+
+
+def save_model(model: Any, path: Path) -> None:
+    import pickle
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(model))
+    tmp.replace(path)
+
+
+def load_model(path: Path) -> Any:
+    import pickle
+
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception as exc:  # a pickle from another scikit-learn version, or a damaged file
+        raise ArtifactError(f"cannot load the cached helpfulness judge {path} ({exc}); delete {path.parent} "
+                            "to rebuild it") from None
+
+
+def _pairs(annotations: list[dict[str, Any]], items: set[int]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    rows = [a for a in annotations if a["index"] in items and not _is_tie(a["preference"])]
+    x = np.array([pair_features(a["instruction"], a["output_2"], a["output_1"]) for a in rows], dtype=np.float64)
+    y = np.array([int(a["preference"] == 2.0) for a in rows])
+    return x.reshape(len(rows), len(FEATURES)), y, rows
+
+
+def validate(model: Any, annotations: list[dict[str, Any]], items: set[int]) -> dict[str, Any]:
+    """Agreement with GPT-4 on held-out non-tie verdicts, next to the longer-answer rule on the same pairs."""
+    x, y, rows = _pairs(annotations, items)
+    pred = (model.predict_proba(x)[:, 1] > 0.5).astype(int)
+    len_a = np.array([len(r["output_2"] or "") for r in rows])
+    len_r = np.array([len(r["output_1"] or "") for r in rows])
+    longer = (len_a > len_r).astype(int)
+    close = np.abs(len_a - len_r) / np.maximum(np.maximum(len_a, len_r), 1) < CLOSE_LENGTH
+    judge, rule = binary_metrics(y, pred), binary_metrics(y, longer)
+    return {
+        "heldout_instructions": len(items),
+        "heldout_pairs": len(rows),
+        "ties": "pairs with a GPT-4 tie (0 or 1.5) or no verdict are excluded from training and validation",
+        "accuracy": judge["accuracy"],
+        "cohen_kappa": judge["cohen_kappa"],
+        "longer_answer_rule_accuracy": rule["accuracy"],
+        "longer_answer_rule_kappa": rule["cohen_kappa"],
+        "close_length_pairs": int(close.sum()),
+        "close_length_accuracy": binary_metrics(y[close], pred[close])["accuracy"] if close.any() else float("nan"),
+        "close_length_rule_accuracy": binary_metrics(y[close], longer[close])["accuracy"] if close.any() else float("nan"),
+        "model_win_rate_gpt4": round(float(y.mean()), 4),
+    }
+
+
+class OfflinePairwiseJudge:
+    """Pairwise helpfulness judge fitted to AlpacaEval 1's GPT-4 verdicts (a proxy, not GPT-4)."""
+
+    name = "offline pairwise (proxy for GPT-4)"
+
+    def __init__(self, model: Any, validation: dict[str, Any]) -> None:
+        self.model = model
+        self.validation = validation
+
+    def win_probability(
+        self, instructions: Sequence[str], answers: Sequence[str], references: Sequence[str]
+    ) -> np.ndarray:
+        """P(answer beats reference) per item."""
+        if not len(instructions) == len(answers) == len(references):
+            raise H3FusionError(
+                f"win_probability needs one instruction, answer and reference per item, got "
+                f"{len(instructions)}, {len(answers)}, {len(references)}"
+            )
+        if not instructions:
+            return np.zeros(0)
+        x = np.array([pair_features(i, a, r) for i, a, r in zip(instructions, answers, references, strict=True)])
+        return self.model.predict_proba(x.reshape(len(instructions), len(FEATURES)))[:, 1]
+
+
+def config_hash(profile: Profile) -> str:
+    payload = {"v": JUDGE_CODE_VERSION, "params": GBT_PARAMS, "seed": profile.seed, "scored": profile.data.eval_examples.helpful,
+               "val": profile.judges.helpful_validation_instructions, "data": str(profile.data_dir),
+               "source": profile.data.source}
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_offline(profile: Profile) -> OfflinePairwiseJudge:
+    """Fit (or load the cached) offline pairwise judge and its validation figures."""
+
+    def build(folder: Path) -> dict[str, Any]:
+        from h3fusion.data import load_alpaca_eval_annotations
+
+        annotations = load_alpaca_eval_annotations(profile)
+        n_items = max(a["index"] for a in annotations) + 1
+        split = split_instructions(profile, n_items)
+        x, y, _ = _pairs(annotations, set(split["train"]))
+        model = fit_model(x, y, profile.seed)
+        validation = validate(model, annotations, set(split["validation"]))
+        validation["train_instructions"] = len(split["train"])
+        validation["train_pairs"] = len(y)
+        validation["scored_instructions_excluded"] = len(split["scored"])
+        save_model(model, folder / "model.pkl")
+        atomic_write_json(folder / "features.json", {"features": FEATURES, "params": GBT_PARAMS})
+        atomic_write_json(folder / "split.json", split)
+        return validation
+
+    folder, manifest = cached_judge(profile, "helpful", config_hash(profile), build)
+    stored = read_json(folder / "features.json")
+    if tuple(stored.get("features", ())) != FEATURES:
+        raise H3FusionError(f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it")
+    validation = dict(manifest.get("validation", {}))
+    validation["train_wall_time_s"] = manifest.get("wall_time_s")
+    return OfflinePairwiseJudge(load_model(folder / "model.pkl"), validation)
+
+
+class AlpacaEvalJudge:
+    """The paper's judge: AlpacaEval 1 (GPT-4 annotator) through the `alpaca_eval` package and an OpenAI key."""
+
+    def __init__(self, profile: Profile) -> None:
+        import os
+
+        try:
+            from alpaca_eval.annotators import PairwiseAnnotator
+        except ImportError:
+            raise H3FusionError(
+                "evaluation.helpful_judge is `alpaca_eval` but the alpaca_eval package is not installed; "
+                "`pip install alpaca-eval` (and set OPENAI_API_KEY), or use helpful_judge: offline"
+            ) from None
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise H3FusionError(
+                "evaluation.helpful_judge is `alpaca_eval`, which calls GPT-4: set OPENAI_API_KEY, "
+                "or use helpful_judge: offline"
+            )
+        self.annotator_config = profile.judges.alpaca_eval_annotator
+        self.annotator = PairwiseAnnotator(annotators_config=self.annotator_config)
+        self.name = f"AlpacaEval 1 ({self.annotator_config})"
+        self.validation = {"note": "the paper's judge; no offline validation needed"}
+
+    def win_probability(
+        self, instructions: Sequence[str], answers: Sequence[str], references: Sequence[str]
+    ) -> np.ndarray:
+        """1 when GPT-4 prefers the answer, 0 when it prefers the reference, 0.5 for a tie."""
+        refs = [{"instruction": i, "output": r} for i, r in zip(instructions, references, strict=True)]
+        outs = [{"instruction": i, "output": a} for i, a in zip(instructions, answers, strict=True)]
+        annotated = self.annotator.annotate_head2head(outputs_1=refs, outputs_2=outs)
+        prefs = [a.get("preference") for a in annotated]
+        return np.array([0.5 if p is None or float(p) not in (1.0, 2.0) else float(p) - 1.0 for p in prefs])
