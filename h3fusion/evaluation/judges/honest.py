@@ -60,19 +60,19 @@ class SimilarityHonestJudge:
             raise H3FusionError("judge needs one answer, correct list and incorrect list per question")
         if n == 0:
             return []
-        refs = [list(c) for c in correct_answers] + [list(i) for i in incorrect_answers]
-        flat = [r for group in refs for r in group]
-        emb = self.encoder.encode(list(questions) + list(answers) + flat, desc="honesty judge")
-        q, a, r = emb[:n], emb[n : 2 * n], emb[2 * n :]
-        out, pos = [], 0
-        spans = []
-        for group in refs:
-            spans.append((pos, pos + len(group)))
-            pos += len(group)
-        for k in range(n):
-            (c0, c1), (i0, i1) = spans[k], spans[n + k]
-            out.append(self._verdict(answers[k], a[k], q[k], r[c0:c1], r[i0:i1]))
-        return out
+        texts = list(dict.fromkeys([*questions, *answers, *(r for g in correct_answers for r in g),
+                                    *(r for g in incorrect_answers for r in g)]))
+        emb = self.encoder.encode(texts, desc="honesty judge")  # each distinct text once
+        row = {t: i for i, t in enumerate(texts)}
+
+        def vecs(group: Sequence[str]) -> np.ndarray:
+            return emb[[row[t] for t in group]] if len(group) else np.zeros((0, emb.shape[1]), dtype=emb.dtype)
+
+        return [
+            self._verdict(answers[k], emb[row[answers[k]]], emb[row[questions[k]]],
+                          vecs(correct_answers[k]), vecs(incorrect_answers[k]))
+            for k in range(n)
+        ]
 
     def _verdict(self, answer: str, a: np.ndarray, q: np.ndarray, correct: np.ndarray, incorrect: np.ndarray):
         refusal = is_refusal(answer)
