@@ -217,24 +217,24 @@ def verdict(comparison: pd.DataFrame, scale: str = "this scale") -> str:
 
 
 def judge_validation(evaluated: Evaluated) -> pd.DataFrame:
-    """The judges that scored the stored evaluations and their validation figures, one row per (dimension, judge).
+    """The judges that scored the stored evaluations and their validation figures, one row per figure.
 
-    The figures are the ones recorded in each metrics.json when it was scored, so the table shows exactly the
-    judges behind the numbers (several rows for a dimension if models were scored by different judges).
+    Index (dimension, judge, figure), one column `value`. The figures are those recorded in each metrics.json
+    when it was scored, so the table shows exactly the judges behind the numbers (a dimension lists several
+    judges if models were scored by different ones); `models scored` counts the evaluations per judge.
     """
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    figures: dict[tuple[str, str], dict[str, Any]] = {}
     for m in evaluated.metrics.values():
         for task, judge in m.get("judges", {}).items():
-            key = (task, judge.get("name", "?"))
-            row = rows.setdefault(key, {"models scored": 0})
+            row = figures.setdefault((task, judge.get("name", "?")), {"models scored": 0})
             row["models scored"] += 1
             for k, v in _flatten(judge.get("validation", {})).items():
                 row.setdefault(k, v)
-    if not rows:
+    records = [(task, name, k, v) for (task, name), row in figures.items() for k, v in row.items()]
+    if not records:
         return pd.DataFrame()
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["dimension", "judge"])
-    return frame
+    frame = pd.DataFrame(records, columns=["dimension", "judge", "figure", "value"])
+    return frame.set_index(["dimension", "judge", "figure"])
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -86,9 +86,9 @@ def test_judge_validation_names_every_judge_with_flattened_figures(profile):
     _write(profile, "helpful", 10, 50, 10, judge="judge B", validation={"kappa": 0.4})
     frame = report.judge_validation(report.collect_metrics(profile))
     assert set(frame.index.get_level_values("judge")) == {"judge A", "judge B"}
-    assert frame.loc[("harmless", "judge A"), "n_heldout.pairs"] == 10
-    assert frame.loc[("honest", "judge B"), "kappa"] == 0.4
-    assert frame.loc[("helpful", "judge A"), "models scored"] == 1
+    assert frame.loc[("harmless", "judge A", "n_heldout.pairs"), "value"] == 10
+    assert frame.loc[("honest", "judge B", "kappa"), "value"] == 0.4
+    assert frame.loc[("helpful", "judge A", "models scored"), "value"] == 1
 
 
 def test_embedding_prompts_split_evenly_and_capped(profile):
