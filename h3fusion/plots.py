@@ -85,8 +85,14 @@ def _styled(func: Any) -> Any:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _pyplot().rc_context(STYLE):
-            return func(*args, **kwargs)
+        plt = _pyplot()
+        with plt.rc_context(STYLE):
+            figure = func(*args, **kwargs)
+            interactive = plt.isinteractive()
+        # Jupyter's inline backend switches interactive mode on when the first figure activates it; if that
+        # happened inside rc_context, leaving it would switch it off again and no later figure would be shown.
+        plt.interactive(interactive)
+        return figure
 
     return wrapper
 
