@@ -132,22 +132,19 @@ class LowRankExperts(nn.Module):
         return [(self.A[p], self.B[p]) for p in self.targets]
 
 
-def _add_masked(
-    base: torch.Tensor,
-    low: tuple[torch.Tensor, torch.Tensor] | None,
-    mask: torch.Tensor,
-    reuse: bool,
-    fresh: bool,
+def _per_slot(
+    base: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor] | None, route: torch.Tensor
 ) -> torch.Tensor:
-    """``base + (z * mask) @ b`` for one routing slot.
+    """``base + D_e x`` for every routing slot: [N, f] -> [N, k, f] (a new tensor, safe to modify in place).
 
-    reuse: add into `base` in place (its last use); fresh: the result must not alias `base` (the caller
-    modifies it in place), so an unchanged `base` is cloned unless it may be reused.
+    low: codes ``z`` [N, E, R] and stacked ``b`` [E*R, out]; route [N, k, E, 1] is each slot's one-hot expert.
     """
+    n, k = route.shape[:2]
     if low is None:
-        return base.clone() if fresh and not reuse else base
-    codes = (low[0] * mask).flatten(1)
-    return base.addmm_(codes, low[1]) if reuse else torch.addmm(base, codes, low[1])
+        return base.unsqueeze(1).repeat(1, k, 1)
+    z, b = low
+    masked = (z.unsqueeze(1) * route).flatten(2)  # [N, k, E*R], zero outside the slot's expert
+    return (masked.flatten(0, 1) @ b).unflatten(0, (n, k)).add_(base.unsqueeze(1))
 
 
 class MoEFeedForward(nn.Module):
@@ -202,6 +199,7 @@ class MoEFeedForward(nn.Module):
         self.forced_expert: int | None = None
         """When set, every token goes to this expert with weight 1 (analysis, tests); logits still computed."""
         self.last_router_logits: torch.Tensor | None = None
+        self._stack_cache: dict = {}  # stacked rank-r factors for inference (see `_stack`)
 
     # ----------------------------------------------------------------- routing
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,24 +257,68 @@ class MoEFeedForward(nn.Module):
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 
-    def _stacked(self, proj: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The rank-r terms of every expert and every low-rank set at once.
+    def _sets(self, proj: str) -> list[LowRankExperts]:
+        return [s for s in (self.expert_deltas, self.fusion_lora) if s is not None and proj in s.A]
 
-        Returns ``z`` [N, E, R] (``z[n, e] = A_e x_n`` of each set, concatenated over the sets) and
-        ``b`` [E*R, out] (each set's ``scale * B_e^T`` stacked the same way), so that
-        ``(z * mask).flatten(1) @ b`` is ``sum_e mask[n, e] * delta_e(x_n)``; None when no set targets `proj`.
+    def _stack(self, projs: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """All experts' and sets' rank-r factors of `projs` stacked for one matmul.
+
+        Returns ``a`` [sum_p E*R_p, in] (per projection: expert-major, each expert's ranks of every set
+        concatenated) and per projection ``b`` [E*R_p, out] (``scale * B_e^T`` in the same order, None
+        when no set targets it), so that ``(((x @ a.T)[:, block p] * mask)) @ b_p`` is
+        ``sum_e mask[n, e] * delta_e(x_n)``. Cached while no gradient is recorded and no factor changed
+        (generation calls it once per token and layer).
         """
-        zs, bs = [], []
-        for s in (self.expert_deltas, self.fusion_lora):
-            if s is not None and proj in s.A:
-                a = s.A[proj]  # [E, r, in]
-                zs.append((s.dropout(x) @ a.flatten(0, 1).T).unflatten(1, (a.shape[0], a.shape[1])))
-                bs.append(s.B[proj].transpose(1, 2) * s.scale)  # [E, r, out]
-        if not zs:
-            return None
-        z = zs[0] if len(zs) == 1 else torch.cat(zs, dim=2)
-        b = bs[0] if len(bs) == 1 else torch.cat(bs, dim=1)
-        return z, b.flatten(0, 1)
+        sets = {p: self._sets(p) for p in projs}
+        tensors = [t for p in projs for st in sets[p] for t in (st.A[p], st.B[p])]
+        version = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        cached = self._stack_cache.get(projs)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == version:
+            return cached[1]
+        a_parts: list[torch.Tensor] = []
+        b_parts: list[torch.Tensor | None] = []
+        for p in projs:
+            if not sets[p]:
+                b_parts.append(None)
+                continue
+            a_parts.append(torch.cat([st.A[p] for st in sets[p]], dim=1).flatten(0, 1))
+            b_parts.append(torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets[p]], dim=1).flatten(0, 1))
+        a = torch.cat(a_parts) if a_parts else self.router.weight.new_empty(0, 0)
+        if not torch.is_grad_enabled():
+            self._stack_cache[projs] = (version, (a, b_parts))
+        return a, b_parts
+
+    def _codes(self, projs: tuple[str, ...], x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per projection, ``(z [N, E, R], b [E*R, out])`` with ``z[n, e] = A_e x_n`` of every set (None if untargeted).
+
+        One matmul for all `projs` (they share the input x), unless a set applies dropout to its input.
+        """
+        num = self.num_experts
+        if self.training and any(
+            not isinstance(st.dropout, nn.Identity) for p in projs for st in self._sets(p)
+        ):  # each set sees its own dropout of x
+            out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+            for p in projs:
+                sets = self._sets(p)
+                if not sets:
+                    out.append(None)
+                    continue
+                z = torch.cat([(st.dropout(x) @ st.A[p].flatten(0, 1).T).unflatten(1, (num, -1)) for st in sets], dim=2)
+                b = torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets], dim=1).flatten(0, 1)
+                out.append((z, b))
+            return out
+        a, bs = self._stack(projs)
+        z_all = x @ a.T if a.numel() else None
+        out, start = [], 0
+        for b in bs:
+            if b is None:
+                out.append(None)
+                continue
+            assert z_all is not None
+            width = b.shape[0]
+            out.append((z_all[:, start : start + width].unflatten(1, (num, -1)), b))
+            start += width
+        return out
 
     def _forward_delta(self, h: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Top-k of E experts ``W + D_e`` (D_e = sum of the rank-r sets) at about the cost of ONE dense FFN.
@@ -284,50 +326,34 @@ class MoEFeedForward(nn.Module):
         With ``g0 = W_gate h``, ``u0 = W_up h`` (shared, computed once) and slot s of token n routed
         to expert e = idx[n, s] with weight w = p~[n, s]:
 
-        * ``g_s = g0 + D_gate,e h``, ``u_s = u0 + D_up,e h`` (one addmm per slot: the rank-r factors of all
-          experts are stacked and the non-selected experts' rank-r codes masked to zero, which for small
-          E is cheaper than gathering tokens per expert; the extra inner width E*R is tiny next to d);
-        * ``a_s = silu(g_s) * u_s``;
-        * ``out = W_down (sum_s w_s a_s) + sum_s w_s D_down,e a_s``: down is linear, so the experts'
-          activations are mixed BEFORE one base down matmul, and the down deltas of all slots share one
-          rank-code matrix (slots select distinct experts, so their masked codes add without overlap).
+        * ``g_s = g0 + D_gate,e h`` and ``u_s = u0 + D_up,e h`` for all k slots at once: the rank-r
+          codes ``A_e h`` of all experts come from one matmul, the codes of the experts a slot did not
+          select are masked to zero, and one matmul with the stacked ``B`` gives every slot's delta
+          (for small E this beats gathering tokens per expert; the inner width E*R is tiny next to d);
+        * ``a_s = w_s * silu(g_s) * u_s``, only for the k selected experts;
+        * ``out = W_down (sum_s a_s) + sum_s D_down,e a_s``: down is linear, so the weighted activations
+          are mixed BEFORE one base down matmul, and the down deltas reuse the same masked-code trick.
 
-        Only k activations of width f per token are formed (the selected experts), no per-expert
-        gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
-
-        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f] and no new
-        buffers); with autograd only the last slot adds its delta into ``g0``/``u0`` in place (safe: neither
-        the base matmul nor the other slots' addmm saves them for backward).
+        So the base weights are read by exactly three matmuls, as in the dense FFN, and there is no
+        per-expert gather/index_add. Under ``torch.no_grad`` the element-wise steps run in place.
         """
         in_place = not torch.is_grad_enabled()
-        w = weights.to(h.dtype)
-        onehot = F.one_hot(idx, self.num_experts).to(h.dtype)  # [N, k, E]
-        gate0 = F.linear(h, self.base_gate_proj)
-        up0 = F.linear(h, self.base_up_proj)
-        low_gate = self._stacked("gate_proj", h)
-        low_up = self._stacked("up_proj", h)
-        mix: torch.Tensor | None = None
-        down_codes: torch.Tensor | None = None  # sum_s w_s * mask_s * (A_down a_s), [N, E, R]
-        down_b: torch.Tensor | None = None
-        k = idx.shape[1]
-        for s in range(k):
-            mask, ws, last = onehot[:, s, :, None], w[:, s, None], s == k - 1
-            g = _add_masked(gate0, low_gate, mask, reuse=last, fresh=in_place)
-            u = _add_masked(up0, low_up, mask, reuse=last, fresh=False)
-            act = F.silu(g, inplace=True).mul_(u) if in_place and self.hidden_act == "silu" else self.act_fn(g) * u
-            low_down = self._stacked("down_proj", act)
-            if low_down is not None:
-                codes = low_down[0] * (mask * ws[:, :, None])
-                down_codes = codes if down_codes is None else down_codes + codes
-                down_b = low_down[1]
-            if mix is None:
-                mix = act.mul_(ws) if in_place else act * ws
-            else:
-                mix = mix.addcmul_(act, ws) if in_place else torch.addcmul(mix, act, ws)
-        assert mix is not None
-        out = F.linear(mix, self.base_down_proj)
-        if down_codes is not None:
-            out = out.addmm_(down_codes.flatten(1), down_b)
+        n, k = idx.shape
+        w = weights.to(h.dtype).unsqueeze(-1)  # [N, k, 1]
+        route = F.one_hot(idx, self.num_experts).to(h.dtype).unsqueeze(-1)  # [N, k, E, 1]
+        low_gate, low_up = self._codes(("gate_proj", "up_proj"), h)
+        g = _per_slot(F.linear(h, self.base_gate_proj), low_gate, route)  # [N, k, f]
+        u = _per_slot(F.linear(h, self.base_up_proj), low_up, route)
+        if in_place and self.hidden_act == "silu":
+            act = F.silu(g, inplace=True).mul_(u).mul_(w)
+        else:
+            act = self.act_fn(g) * u * w
+        out = F.linear(act.sum(dim=1), self.base_down_proj)
+        (low_down,) = self._codes(("down_proj",), act.flatten(0, 1))
+        if low_down is not None:  # A_e (w a) = w A_e a: the weighted activations give the weighted codes
+            z, b = low_down
+            codes = (z.unflatten(0, (n, k)) * route).sum(dim=1)  # [N, E, R]: slots select distinct experts
+            out = out.addmm_(codes.flatten(1), b)
         return out
 
     # ----------------------------------------------------------------- weights
@@ -375,6 +401,7 @@ class MoEFeedForward(nn.Module):
         )
         lora.reset_lora(generator)
         self.fusion_lora = lora
+        self._stack_cache.clear()
         return lora
 
     def fusion_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -400,6 +427,7 @@ class MoEFeedForward(nn.Module):
                 deltas.A[p] = nn.Parameter(a, requires_grad=False)
                 deltas.B[p] = nn.Parameter(b, requires_grad=False)
         self.fusion_lora = None
+        self._stack_cache.clear()
 
     @torch.no_grad()
     def to_materialised(self) -> MoEFeedForward:
