@@ -1,0 +1,90 @@
+"""`h3fusion bench`: runs end to end (--quick), reports every ratio; exact parameter counts. No timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from h3fusion import bench
+from h3fusion.cli import main
+from h3fusion.config import load_profile
+from h3fusion.moe.layer import PROJECTIONS
+
+
+def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("H3FUSION_RUNS_DIR", str(tmp_path / "runs"))  # no pipeline run: book "not run yet"
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    ratios = results["ratios"]
+    expected = {
+        f"ffn.{shape}.{storage}.{mode}"
+        for shape in bench.LAYER_SHAPES
+        for storage in ("delta", "materialised")
+        for mode in ("fwd", "fwd_bwd")
+    } | {f"params.{m}.{s}" for m in ("smollm2", "llama2_7b") for s in ("delta", "materialised")}
+    expected |= set(bench.TARGETS) | {"generation.materialised_vs_dense"}
+    assert expected <= set(ratios)
+    for key, r in ratios.items():
+        if key == "book.total_min":
+            assert r["value"] is None and r["holds"] is None
+            continue
+        assert r["value"] > 0 and math.isfinite(r["value"]), key
+        assert (r["holds"] is None) == (key not in bench.TARGETS), key
+    for row in results["ffn"]:
+        assert (row["hidden"], row["ffn"]) == bench.LAYER_SHAPES[row["shape"]]
+    assert results["book"]["stages_s"] == {}
+
+
+def test_parameter_bytes_are_exact() -> None:
+    """delta storage adds E rank-r factor pairs per projection and a router per layer; materialised E-1 FFNs."""
+    profile = load_profile("smoke")
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, vocab_size=50
+    )
+    rows = {r["storage"]: r for r in bench.bench_params(profile, {"m": cfg})}
+    e, r, d, f, layers = len(profile.tasks), profile.experts.lora.r, 32, 48, 3
+    extra_delta = layers * (e * len(PROJECTIONS) * r * (d + f) + e * d) * 4
+    extra_mat = layers * ((e - 1) * len(PROJECTIONS) * d * f + e * d) * 4
+    dense = rows["delta"]["dense_gb"] * 1e9
+    assert rows["delta"]["fused_gb"] * 1e9 - dense == pytest.approx(extra_delta)
+    assert rows["materialised"]["fused_gb"] * 1e9 - dense == pytest.approx(extra_mat)
+
+
+def test_book_times_from_manifests(tmp_path: Path) -> None:
+    profile = load_profile("cpu", {"runs_dir": str(tmp_path / "runs")})
+    for stage, seconds in (("experts/helpful", 120.0), ("fusion/raw", 30.0)):
+        (profile.run_dir / stage).mkdir(parents=True)
+        (profile.run_dir / stage / "manifest.json").write_text(json.dumps({"wall_time_s": seconds}))
+    (profile.run_dir / "fusion" / "raw.tmp-1").mkdir()  # an unfinished folder is ignored
+    (profile.run_dir / "fusion" / "raw.tmp-1" / "manifest.json").write_text("{}")
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "_wall_times_cpu.json").write_text(
+        json.dumps({"notebooks": {"01_experts": {"wall_s": 600.0}}, "total_wall_s": 3000.0})
+    )
+    times = bench.book_times(profile, book)
+    assert times["stages_s"] == {"experts/helpful": 120.0, "fusion/raw": 30.0}
+    assert times["notebooks_s"] == {"01_experts": 600.0}
+    ratios = bench.ratios({"ffn": [], "params": [], "train_step": {"ratio": 1.2},
+                           "generation": {"delta_ratio": 0.7, "materialised_ratio": 0.5}, "book": times})
+    assert ratios["book.total_min"] == {"value": 50.0, "target": "<= 45.0", "holds": False}
+    assert ratios["train_step.fusion_vs_dense_lora"]["holds"] is True
+    assert ratios["generation.delta_vs_dense"]["holds"] is False  # a ">=" target
+    assert ratios["generation.materialised_vs_dense"]["holds"] is None
+
+
+def test_interleaved_medians_runs_each_candidate_warmup_plus_repeats() -> None:
+    calls: list[str] = []
+    med = bench.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
+    assert set(med) == {"a", "b"} and calls.count("a") == calls.count("b") == 4
+    assert calls[2:4] == ["a", "b"] and calls[4:6] == ["b", "a"]  # the order rotates
+
+
+def test_bench_json_to_a_folder_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
