@@ -42,7 +42,9 @@ def source_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[Path]:
     """The book's notebooks in execution order: `NN_name.ipynb`, sorted by NN."""
     found = sorted(p for p in Path(folder).glob("*.ipynb") if _NOTEBOOK_NAME.match(p.name))
     if not found:
-        raise NotebookError(f"no notebooks named NN_name.ipynb in {folder}; run `make notebooks` to generate them")
+        raise NotebookError(
+            f"no notebooks named NN_name.ipynb in {folder}; run `make notebooks` to generate them"
+        )
     return found
 
 
@@ -79,7 +81,11 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
             data = {}
     data.update(
         profile=Path(profile).stem,
-        machine={"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        machine={
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+        },
     )
     data.setdefault("notebooks", {})[notebook] = {
         "wall_s": round(seconds, 1),
@@ -122,7 +128,36 @@ def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT
     finally:
         if out.exists():
             hide_parameter_cells(out)
+            add_profile_banner(out, profile)
     return time.perf_counter() - start
+
+
+PLUMBING_BANNER = (
+    "```{{warning}}\nThis page was executed with the `{name}` profile: a tiny **random** model on a few "
+    "examples. Its numbers only show that the code runs end to end; they are not results. "
+    "`make book` (the `cpu` profile, SmolLM2-135M) replaces it with real numbers.\n```"
+)
+
+
+def add_profile_banner(path: Path, profile: str) -> None:
+    """Put a warning under the title of a chapter executed with a random-weights profile (smoke), so a
+    reader never mistakes plumbing numbers for results."""
+    import nbformat
+
+    from h3fusion.config import load_profile
+
+    p = load_profile(profile)
+    if p.model.base != "tiny-random":
+        return
+    nb = nbformat.read(path, as_version=4)
+    text = PLUMBING_BANNER.format(name=p.name)
+    if any(c.cell_type == "markdown" and c.source == text for c in nb.cells):
+        return
+    titles = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith("# ")
+    ]
+    nb.cells.insert(titles[0] + 1 if titles else 0, nbformat.v4.new_markdown_cell(text))
+    nbformat.write(nb, path)
 
 
 def hide_parameter_cells(path: Path) -> None:

@@ -161,3 +161,21 @@ def test_book_builds_from_smoke_notebooks_and_passes_the_reader_checks(
         assert report.screenshot is not None and report.screenshot.stat().st_size > 10_000
     else:
         assert "skipped" in report.screenshot_note
+
+
+def test_random_model_chapters_carry_a_warning_once(tmp_path):
+    import shutil
+
+    import nbformat
+
+    from h3fusion.notebooks import NOTEBOOKS_DIR, add_profile_banner
+
+    path = tmp_path / "06_results.ipynb"
+    shutil.copy(NOTEBOOKS_DIR / "06_results.ipynb", path)
+    add_profile_banner(path, "cpu")  # a real model: no banner
+    assert not any("not results" in c.source for c in nbformat.read(path, 4).cells)
+    add_profile_banner(path, "smoke")
+    add_profile_banner(path, "smoke")
+    cells = nbformat.read(path, 4).cells
+    banners = [i for i, c in enumerate(cells) if "not results" in c.source]
+    assert len(banners) == 1 and cells[banners[0] - 1].source.startswith("# 6.")
