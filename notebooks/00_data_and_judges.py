@@ -128,3 +128,26 @@ ax.set_ylabel("training examples")
 ax.set_title(f"Training responses per task (profile {P.name})")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# ## The judges and how far to trust them
+#
+# The paper's judges (GPT-4 through AlpacaEval, beaver-dam-7b, the fine-tuned GPT truth and
+# information judges) need an API key or a GPU. The `cpu` and `smoke` profiles use offline
+# **proxies**, each trained only on items disjoint from the ones it scores and validated against
+# real labels held out from its training:
+#
+# - **helpful**: a pairwise judge fitted to GPT-4's AlpacaEval verdicts, validated on held-out
+#   instructions against GPT-4 and against the "longer answer wins" rule on the same pairs;
+# - **harmless**: a MiniLM cross-encoder fine-tuned on labelled BeaverTails (prompt, response) pairs
+#   whose prompts are disjoint from the evaluation prompts, validated on the evaluation split's labels;
+# - **honest**: similarity of an answer to TruthfulQA's correct versus incorrect reference answers,
+#   validated on the reference answers of the 409 evaluation questions.
+#
+# Every result table in this book names its judge and repeats these figures.
+
+# %%
+from h3fusion.evaluation.judges import load_judges, validation_lines
+
+judges = load_judges(P)
+print("\n".join(validation_lines(judges)))
