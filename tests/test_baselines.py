@@ -343,3 +343,181 @@ def test_ensembles_and_instruct_build_and_load_as_language_models(with_experts, 
         lm = load_baseline(profile, name)
         assert isinstance(lm, kind) and isinstance(lm, LanguageModel)
     assert lm.bank.names == profile.tasks  # one base model, one adapter per expert
+
+
+# ---------------------------------------------------------------------------------------------- reuse of the experts' answers
+
+
+class _Helpful:
+    name, validation = "fake-helpful", {}
+
+    def win_probability(self, requests, answers, others):
+        return [1.0 if len(a) > len(b) else 0.25 for a, b in zip(answers, others, strict=True)]
+
+
+class _Harmless:
+    name, validation = "fake-harmless", {}
+
+    def harmful_probability(self, requests, answers):
+        return [0.75 if len(a) % 2 else 0.1 for a in answers]
+
+
+class _Honest:
+    name, validation = "fake-honest", {}
+
+    def judge(self, questions, answers, correct, incorrect):
+        return [{"truthful": len(a) % 3 != 0, "informative": bool(a.strip())} for a in answers]
+
+
+def fake_judges():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(helpful=_Helpful(), harmless=_Harmless(), honest=_Honest())
+
+
+def install_experts(profile, adapters):
+    import shutil
+
+    from h3fusion.artifacts import atomic_write_json, make_manifest
+    from h3fusion.experts import expert_dir, expert_hash
+
+    for task, folder in zip(profile.tasks, adapters, strict=False):
+        shutil.copytree(folder, expert_dir(profile, task))
+        atomic_write_json(expert_dir(profile, task) / "manifest.json",
+                          make_manifest(profile, expert_hash(profile), 0.0, task=task))
+    return profile
+
+
+@pytest.fixture()
+def own_experts(adapters, tmp_path):
+    """A fresh run folder with the random adapters as the smoke profile's experts (nothing evaluated yet)."""
+    return install_experts(load_profile("smoke", {"runs_dir": str(tmp_path / "runs")}), adapters)
+
+
+def count_expert_generations(monkeypatch):
+    """Counts the experts' answer generations of the ensembles (cached answers make none)."""
+    from h3fusion.baselines import ensembles
+
+    calls = []
+    real = ensembles.generate_texts
+
+    def counting(model, tok, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ensembles, "generate_texts", counting)
+    return calls
+
+
+def test_merged_adapter_generates_like_the_evaluated_expert_and_restores_the_base(profile, tok, adapters):
+    from peft import PeftModel
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1]})
+    before = state(bank.model)
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
+    with bank.merged("b") as model:
+        merged_w = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+        got = HFLanguageModel(model, tok, progress=False).generate(PROMPTS, cfg, 0)
+    expert = PeftModel.from_pretrained(make_base(profile, tok), str(adapters[1])).merge_and_unload()
+    want = HFLanguageModel(expert, tok, progress=False).generate(PROMPTS, cfg, 0)
+    assert got == want  # the tokens the expert's own evaluation generates
+    ref = expert.state_dict()
+    assert all(torch.equal(w, ref[k.replace("base_model.model.", "").replace(".base_layer", "")])
+               for k, w in merged_w.items())  # bit for bit the merge_and_unload weights
+    after = state(bank.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the exact base weights are back
+    assert not any(m.merged for m in bank.model.modules() if hasattr(m, "merged_adapters"))
+
+
+def test_known_answers_hit_only_for_the_same_list_config_and_seed():
+    from h3fusion.baselines.ensembles import KnownAnswers
+
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
+    known = KnownAnswers(cfg, 42, ("###",), {"a": {("p1", "p2"): ("x", "y")}})
+    assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) == ["x", "y"]
+    assert known.lookup("a", ["p2", "p1"], cfg, 42, ["###"]) is None  # another batching: generated
+    assert known.lookup("a", ["p1"], cfg, 42, ["###"]) is None
+    assert known.lookup("b", ["p1", "p2"], cfg, 42, ["###"]) is None
+    assert known.lookup("a", ["p1", "p2"], cfg, 7, ["###"]) is None
+    assert known.lookup("a", ["p1", "p2"], cfg.model_copy(update={"max_new_tokens": 9}), 42, ["###"]) is None
+    assert known.lookup("a", ["p1", "p2"], cfg, 42, []) is None
+
+
+def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, monkeypatch):
+    """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
+    they generate the experts' answers themselves, and generate none of them."""
+    from h3fusion.baselines import runner
+    from h3fusion.baselines.ensembles import SelectEnsemble, judge_selector
+    from h3fusion.baselines.instruct import InstructFusion
+    from h3fusion.evaluation.run import evaluate_model
+
+    profile, judges = own_experts, fake_judges()
+    for task in profile.tasks:
+        evaluate_model(profile, task, judges=judges)
+    known = runner.expert_eval_answers(profile)
+    assert len(known) == profile.num_experts * len(profile.tasks)  # every expert, every dimension
+    inputs = runner._eval_inputs(profile)
+    cfg, seed = profile.evaluation.generation, profile.seed
+    bank, tok = runner.expert_bank(profile)
+
+    def lms(k):
+        return (SelectEnsemble(bank, tok, judge_selector(judges), known=k, progress=False),
+                InstructFusion(bank, tok, profile.tasks, cfg, seed=seed, known=k, progress=False))
+
+    calls = count_expert_generations(monkeypatch)
+    reused = {d: [lm.generate(inputs[d].prompts, cfg, seed) for lm in lms(known)] for d in profile.tasks}
+    select_reused = lms(known)[0]
+    select_reused.generate(inputs["honest"].prompts, cfg, seed)
+    assert calls == []  # no expert answer was generated
+    regenerated = {d: [lm.generate(inputs[d].prompts, cfg, seed) for lm in lms(None)] for d in profile.tasks}
+    assert calls  # the regenerate path did generate them
+    assert reused == regenerated
+    select_fresh = lms(None)[0]
+    select_fresh.generate(inputs["honest"].prompts, cfg, seed)
+    assert select_reused.last_candidates == select_fresh.last_candidates
+    assert any(a for cs in select_fresh.last_candidates for a in cs)  # non-trivial answers were compared
+
+
+def test_stale_expert_answers_are_not_reused(own_experts):
+    from h3fusion.baselines import runner
+    from h3fusion.evaluation.run import evaluate_model
+
+    evaluate_model(own_experts, own_experts.tasks[0], judges=fake_judges())
+    assert runner.expert_eval_answers(own_experts).runs.keys() == {own_experts.tasks[0]}
+    ev = own_experts.evaluation
+    longer = own_experts.model_copy(update={"evaluation": ev.model_copy(update={
+        "generation": ev.generation.model_copy(update={"max_new_tokens": ev.generation.max_new_tokens + 1})})})
+    assert len(runner.expert_eval_answers(longer)) == 0  # generated with another config: regenerate
+
+
+def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adapters):
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    store: dict = {}
+    conts = [" Blue.", " Paris is the capital."]
+    uniform = TokenEnsemble(bank, tok, token_logprobs=store, progress=False)
+    packllm = TokenEnsemble(bank, tok, weighting="perplexity", token_logprobs=store, progress=False)
+    want_u = TokenEnsemble(bank, tok, progress=False).continuation_logprobs(PROMPTS, conts)
+    want_p = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).continuation_logprobs(PROMPTS, conts)
+    assert uniform.continuation_logprobs(PROMPTS, conts) == want_u
+    filled = len(store)
+    assert filled and packllm.continuation_logprobs(PROMPTS, conts) == want_p  # exact, from the stored forwards
+    assert len(store) == filled and want_p != want_u
+
+
+def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(own_experts, monkeypatch):
+    from h3fusion.baselines import run_baselines
+    from h3fusion.evaluation import judges as judges_mod
+    from h3fusion.evaluation.run import eval_dir, read_jsonl
+
+    loads = []
+    monkeypatch.setattr(judges_mod, "load_judges", lambda p: loads.append(1) or fake_judges())
+    profile = own_experts
+    calls = count_expert_generations(monkeypatch)
+    metrics = run_baselines(profile, only="ensemble-select")
+    assert set(metrics) == {"ensemble-select"} and loads == [1]  # the judges loaded once
+    assert calls == []  # the experts were evaluated (cached) first, their answers read back
+    for task in profile.tasks:
+        experts_answers = [[r["answer"] for r in read_jsonl(eval_dir(profile, e) / "generations" / f"{task}.jsonl")]
+                           for e in profile.tasks]
+        chosen = [r["answer"] for r in read_jsonl(eval_dir(profile, "ensemble-select") / "generations" / f"{task}.jsonl")]
+        assert all(c in [a[i] for a in experts_answers] for i, c in enumerate(chosen))

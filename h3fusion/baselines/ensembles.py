@@ -1,7 +1,8 @@
 """Inference-time ensembles of the experts (DESIGN 8.4), as `LanguageModel`s the evaluation treats like any model.
 
 - `AdapterBank`: the base weights loaded ONCE with every expert's LoRA adapter attached (peft multi-adapter);
-  `use(name)` switches the active adapter, so n experts cost about one model's memory.
+  `use(name)` switches the active adapter, so n experts cost about one model's memory. `merged(name)` merges
+  one adapter into the weights for a block, exactly as the expert's evaluation does (`merge_and_unload`).
 - `TokenEnsemble`: at every decoding step each expert (with its own KV cache) gives a next-token distribution
   p_i; the ensemble decodes from p = sum_i w_i p_i (probability averaging). Weights are uniform, or PackLLM-sim
   (Mavromatis et al., "Pack of LLMs: Model Fusion at Test-Time via Perplexity Optimization", arXiv 2404.11531,
@@ -9,12 +10,18 @@
   log-likelihood of the prompt's tokens; computed once per prompt, from the same forward pass that fills the
   cache. With temperature T > 0 each expert's logits are divided by T before mixing, then the mixture is sampled.
 - `SelectEnsemble`: each expert answers; a selector picks one answer per prompt (see `likelihood_selector`).
+
+The experts' answers that `SelectEnsemble` and H3Fusion-Instruct start from are the experts' own evaluation
+answers: generated with the adapter merged into the weights (as `evaluate_model` generates an expert), so the
+answers the evaluation cached under eval/<expert>/ (`KnownAnswers`) are reused instead of generated again, and
+regenerating them gives the same tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,6 +72,33 @@ class AdapterBank:
         self.model.eval()
 
     @contextmanager
+    def merged(self, name: str) -> Iterator[PeftModel]:
+        """Adapter NAME merged into the base weights inside the block (W + scale * B @ A, peft's `merge`, the
+        same sum `merge_and_unload` makes for the expert's evaluation); the exact base weights come back after.
+
+        Why: an expert's answers generated here are then the very tokens its evaluation generated, so cached
+        evaluation answers can stand in for them; a merged forward is also cheaper than base + LoRA. Costs one
+        copy of the adapted weights while inside."""
+        from peft.tuners.lora import LoraLayer
+
+        if name not in self.model.peft_config:
+            raise ValueError(f"adapter {name!r} is not loaded in the bank ({list(self.model.peft_config)})")
+        model = self.use(name)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        saved = [_base_params(m) for m in layers]
+        try:
+            for m in layers:
+                m.merge(adapter_names=[name])
+            yield model
+        finally:
+            for m, params in zip(layers, saved, strict=False):
+                base = m.get_base_layer()
+                for attr, data in params.items():
+                    getattr(base, attr).data = data
+                if name in m.merged_adapters:
+                    m.merged_adapters.remove(name)
+
+    @contextmanager
     def base(self) -> Iterator[PeftModel]:
         """The base model alone (every adapter disabled) inside the block."""
         with self.model.disable_adapter():
@@ -73,6 +107,66 @@ class AdapterBank:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def _base_params(layer: Any) -> dict[str, torch.Tensor]:
+    """Copies of a LoRA layer's base weight (and bias), to restore them bit for bit after a merge."""
+    base = layer.get_base_layer()
+    out = {"weight": base.weight.data.clone()}
+    if getattr(base, "bias", None) is not None:
+        out["bias"] = base.bias.data.clone()
+    return out
+
+
+@dataclass(frozen=True)
+class KnownAnswers:
+    """Answers the experts already gave to whole prompt lists (their evaluation generations), keyed by expert.
+
+    A lookup hits only for the same generation config, seed and stop strings and the SAME prompt list in the
+    same order: batching (which prompts share a padded batch) can move a greedy answer at the rounding level, so
+    only the list the expert generated is certain to give the same tokens again. Anything else is generated."""
+
+    cfg: GenerationConfig
+    seed: int
+    stop_strings: tuple[str, ...]
+    runs: Mapping[str, Mapping[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    """{expert: {prompts: answers}}."""
+
+    def lookup(
+        self, expert: str, prompts: Sequence[str], cfg: GenerationConfig, seed: int, stop_strings: Sequence[str]
+    ) -> list[str] | None:
+        if (cfg, seed, tuple(stop_strings)) != (self.cfg, self.seed, self.stop_strings):
+            return None
+        hit = self.runs.get(expert, {}).get(tuple(prompts))
+        return list(hit) if hit is not None else None
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs.values())
+
+
+def expert_answers(
+    bank: AdapterBank,
+    tokenizer: PreTrainedTokenizerBase,
+    experts: Sequence[str],
+    prompts: list[str],
+    cfg: GenerationConfig,
+    seed: int,
+    *,
+    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+    known: KnownAnswers | None = None,
+    progress: bool = True,
+) -> dict[str, list[str]]:
+    """{expert: its answer to each prompt}: the known (cached evaluation) answers when they cover this exact
+    prompt list, else generated with the expert merged into the weights, which gives the same tokens."""
+    out: dict[str, list[str]] = {}
+    for e in experts:
+        hit = known.lookup(e, prompts, cfg, seed, stop_strings) if known is not None else None
+        if hit is None:
+            with bank.merged(e) as model:
+                hit = generate_texts(model, tokenizer, prompts, cfg, seed, stop_strings=stop_strings,
+                                     desc=f"answers of {e}", progress=progress)
+        out[e] = hit
+    return out
 
 
 def perplexity_weights(prompt_nll: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -114,16 +208,22 @@ class TokenEnsemble:
         experts: Sequence[str] | None = None,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         logprob_batch_size: int = 16,
+        token_logprobs: dict[Any, list[torch.Tensor]] | None = None,
         progress: bool = True,
     ) -> None:
+        """`token_logprobs`: a store of each expert's token log-probabilities per scored batch, to share between
+        ensembles of the SAME bank that differ only in their weighting (uniform and PackLLM score the same MC
+        batches with the same expert forwards; only the mixing weights differ)."""
         if weighting not in ("uniform", "perplexity"):
             raise ValueError(f"unknown weighting {weighting!r}; use 'uniform' or 'perplexity'")
         self.bank, self.tokenizer = bank, tokenizer
+        self._token_logprobs = token_logprobs if token_logprobs is not None else {}
         self.weighting, self.temperature = weighting, temperature
         self.experts = tuple(experts or bank.names)
         self.stop_strings = tuple(stop_strings)
         self.logprob_batch_size = logprob_batch_size
         self.progress = progress
+        self._scored: dict[tuple[tuple[str, ...], tuple[str, ...]], list[float]] = {}
 
     @property
     def pad_id(self) -> int:
@@ -229,12 +329,21 @@ class TokenEnsemble:
         return torch.tensor([any(s in t for s in self.stop_strings) for t in tails], device=new.device)
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
-        """sum_t log sum_i w_i p_i(token t | prompt, earlier tokens): the mixture's likelihood of each continuation."""
+        """sum_t log sum_i w_i p_i(token t | prompt, earlier tokens): the mixture's likelihood of each continuation.
+
+        Remembered per (prompts, continuations) list: one shared uniform mixture scores TruthfulQA MC once for
+        both ensemble-uniform and ensemble-select (whose MC is that mixture's), with the same batches."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
+        key = (tuple(prompts), tuple(continuations))
+        if key not in self._scored:
+            self._scored[key] = self._continuation_logprobs(prompts, continuations)
+        return list(self._scored[key])
+
+    def _continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         import torch
         from tqdm.auto import tqdm
 
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
         pairs = [split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
         out = [0.0] * len(pairs)
         batches = length_sorted_batches([len(a) + len(b) for a, b in pairs], self.logprob_batch_size)
@@ -258,12 +367,15 @@ class TokenEnsemble:
         prompt_start = torch.tensor([width - len(a) - len(b) for a, b in pairs], device=device)
         is_cont = (j[None] + 1) >= cont_start[:, None]
         is_prompt = ((j[None] + 1) > prompt_start[:, None]) & ~is_cont
-        token_logp, prompt_nll = [], []
-        for e in self.experts:
-            logits = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, W-1]
-            token_logp.append(lp)
-            prompt_nll.append(-(lp * is_prompt).sum(-1) / is_prompt.sum(-1).clamp_min(1))
+        key = (self.experts, self.pad_id, tuple((tuple(a), tuple(b)) for a, b in pairs))
+        token_logp = self._token_logprobs.get(key)
+        if token_logp is None:
+            token_logp = []
+            for e in self.experts:
+                logits = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
+                token_logp.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1))
+            self._token_logprobs[key] = token_logp  # [B, W-1] per expert
+        prompt_nll = [-(lp * is_prompt).sum(-1) / is_prompt.sum(-1).clamp_min(1) for lp in token_logp]
         weights = self._weights(torch.stack(prompt_nll, dim=-1))  # [B, n]
         mix = torch.logsumexp(torch.stack(token_logp, dim=1) + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1)
         return (mix * is_cont).sum(-1).tolist()
@@ -337,7 +449,8 @@ class SelectEnsemble:
     """Output-level ensemble: every expert answers with its own adapter, `selector` picks one answer.
 
     `continuation_logprobs` (TruthfulQA MC) is the uniform token-level mixture's: selection is defined on
-    generated answers only.
+    generated answers only. `mixture` may be an existing uniform `TokenEnsemble` of the same bank (its scores
+    are then shared); `known` holds the experts' cached evaluation answers (see `expert_answers`).
     """
 
     def __init__(
@@ -347,10 +460,14 @@ class SelectEnsemble:
         selector: Selector | None = None,
         *,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        known: KnownAnswers | None = None,
+        mixture: TokenEnsemble | None = None,
         progress: bool = True,
     ) -> None:
-        self.bank, self.tokenizer = bank, tokenizer
-        self.mixture = TokenEnsemble(bank, tokenizer, stop_strings=stop_strings, progress=progress)
+        if mixture is not None and (mixture.bank is not bank or mixture.weighting != "uniform"):
+            raise ValueError("the selection ensemble's mixture must be a uniform TokenEnsemble of the same bank")
+        self.bank, self.tokenizer, self.known = bank, tokenizer, known
+        self.mixture = mixture or TokenEnsemble(bank, tokenizer, stop_strings=stop_strings, progress=progress)
         self.selector = selector or likelihood_selector(self.mixture)
         self.stop_strings, self.progress = tuple(stop_strings), progress
         self.last_candidates: list[list[str]] = []
@@ -358,12 +475,9 @@ class SelectEnsemble:
 
     def candidates(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[list[str]]:
         """Every expert's answer to every prompt, [prompt][expert]."""
-        per_expert = [
-            generate_texts(self.bank.use(e), self.tokenizer, prompts, cfg, seed,
-                           stop_strings=self.stop_strings, desc=f"answers of {e}", progress=self.progress)
-            for e in self.bank.names
-        ]
-        return [list(c) for c in zip(*per_expert, strict=True)]
+        answers = expert_answers(self.bank, self.tokenizer, self.bank.names, prompts, cfg, seed,
+                                 stop_strings=self.stop_strings, known=self.known, progress=self.progress)
+        return [list(c) for c in zip(*answers.values(), strict=True)]
 
     def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
         cands = self.candidates(prompts, cfg, seed)

@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.baselines.ensembles import AdapterBank
+from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, expert_answers
 from h3fusion.config import GenerationConfig, LoraConfig, TrainConfig
 from h3fusion.data import TrainExample, format_prompt, tokenize_example
-from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS, generate_texts
+from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ class InstructFusion:
     """H3Fusion-Instruct as a `LanguageModel`: experts answer, then the fuser (base or LoRA adapter) writes.
 
     `continuation_logprobs` scores a continuation under the fuser given the fuser prompt, whose candidate
-    answers are generated once per distinct prompt (greedy, `candidate_cfg`) and cached.
+    answers are generated once per distinct prompt (greedy, `candidate_cfg`) and cached. The experts' answers
+    come from `known` (their cached evaluation answers) when it covers the prompts, see `expert_answers`.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class InstructFusion:
         fuser: str | None = None,
         seed: int = 0,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
+        known: KnownAnswers | None = None,
         progress: bool = True,
     ) -> None:
         missing = [n for n in [*experts, *([fuser] if fuser else [])] if n not in bank.model.peft_config]
@@ -86,7 +88,7 @@ class InstructFusion:
             raise ValueError(f"adapters {missing} are not loaded in the bank ({list(bank.model.peft_config)})")
         self.bank, self.tokenizer, self.experts = bank, tokenizer, tuple(experts)
         self.fuser, self.candidate_cfg, self.seed = fuser, candidate_cfg, seed
-        self.stop_strings, self.progress = tuple(stop_strings), progress
+        self.stop_strings, self.progress, self.known = tuple(stop_strings), progress, known
         self._candidates: dict[str, dict[str, str]] = {}
         self.last_prompts: list[str] = []
 
@@ -95,11 +97,8 @@ class InstructFusion:
         tag = f"{cfg.model_dump_json()}|{seed}|"
         todo = [p for p in dict.fromkeys(prompts) if tag + p not in self._candidates]
         if todo:
-            per_expert = {
-                e: generate_texts(self.bank.use(e), self.tokenizer, todo, cfg, seed,
-                                  stop_strings=self.stop_strings, desc=f"answers of {e}", progress=self.progress)
-                for e in self.experts
-            }
+            per_expert = expert_answers(self.bank, self.tokenizer, self.experts, todo, cfg, seed,
+                                        stop_strings=self.stop_strings, known=self.known, progress=self.progress)
             for i, p in enumerate(todo):
                 self._candidates[tag + p] = {e: per_expert[e][i] for e in self.experts}
         return [self._candidates[tag + p] for p in prompts]

@@ -6,13 +6,20 @@ adapter folders at evaluation time). The LoRA fuser's folder holds its adapter (
 examples. Every folder is written atomically with a manifest (config hash, wall time) and is skipped when it
 is complete with the same hash; the hash covers the baseline's own parameters and the experts' manifests, so a
 re-trained expert rebuilds every baseline.
+
+Cost: `run_baselines` loads the judges once and the expert bank (base + every adapter) once for all the
+bank-based baselines (a `_Shared` session that `load_baseline` uses while it is open); ensemble-select and
+H3Fusion-Instruct take the experts' answers to the evaluation prompts from the experts' own cached evaluation
+(`expert_eval_answers`, evaluating the experts first when that cache is missing) instead of generating them
+again, and ensemble-select's TruthfulQA MC (the uniform mixture's) is ensemble-uniform's, scored once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +32,7 @@ from h3fusion.errors import ArtifactError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from h3fusion.baselines.ensembles import AdapterBank
+    from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, TokenEnsemble, Weighting
     from h3fusion.evaluation.lm import LanguageModel
     from h3fusion.evaluation.run import ModelEntry
 
@@ -33,6 +40,8 @@ BASELINE_FORMAT = 1
 """Bump when a baseline's construction changes: every baseline is then rebuilt."""
 CONFIG_FILE = "baseline.json"
 FUSER_ADAPTER = "fuser"
+EXPERT_ANSWER_BASELINES = ("ensemble-select", "instruct-zeroshot", "instruct-lora")
+"""The baselines that start from the experts' answers to the evaluation prompts."""
 
 
 def baseline_dir(profile: Profile, name: str) -> Path:
@@ -127,15 +136,128 @@ def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]
 
 @dataclass
 class _Shared:
-    """One expert bank per `run_baselines` call (loaded on first use), so n experts cost one model."""
+    """What the baselines of one `run_baselines` call share, each made on first use: the expert bank (n experts
+    cost one model), the uniform mixture (its MC scores serve ensemble-uniform and ensemble-select), the
+    judges, and the experts' cached evaluation answers."""
 
     profile: Profile
+    judges: Any = None
     _bank: tuple[AdapterBank, PreTrainedTokenizerBase] | None = field(default=None, init=False)
+    _mixture: TokenEnsemble | None = field(default=None, init=False)
+    _token_logprobs: dict[Any, Any] = field(default_factory=dict, init=False)
+    _known: KnownAnswers | None = field(default=None, init=False)
 
     def bank(self) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
         if self._bank is None:
             self._bank = expert_bank(self.profile)
         return self._bank
+
+    def mixture(self) -> TokenEnsemble:
+        if self._mixture is None:
+            self._mixture = self.token_ensemble("uniform", 1.0)
+        return self._mixture
+
+    def token_ensemble(self, weighting: Weighting, temperature: float) -> TokenEnsemble:
+        """A token-level ensemble of the shared bank; all of them share the experts' MC token log-probabilities."""
+        from h3fusion.baselines.ensembles import TokenEnsemble
+
+        bank, tok = self.bank()
+        return TokenEnsemble(bank, tok, weighting=weighting, temperature=temperature,
+                             token_logprobs=self._token_logprobs)
+
+    def get_judges(self) -> Any:
+        if self.judges is None:
+            from h3fusion.evaluation.judges import load_judges
+
+            self.judges = load_judges(self.profile)
+        return self.judges
+
+    def known(self) -> KnownAnswers:
+        if self._known is None:
+            self._known = expert_eval_answers(self.profile)
+        return self._known
+
+    def release(self) -> None:
+        """Drop the bank (and what holds it), e.g. while dense merged models are evaluated."""
+        self._bank = self._mixture = None
+        self._token_logprobs.clear()
+
+
+_SESSION: _Shared | None = None
+"""The open `run_baselines` session: `load_baseline` takes the shared bank, judges and answers from it."""
+
+
+@contextmanager
+def _session(shared: _Shared) -> Iterator[_Shared]:
+    global _SESSION
+    previous, _SESSION = _SESSION, shared
+    try:
+        yield shared
+    finally:
+        _SESSION = previous
+
+
+def _open_session(profile: Profile) -> _Shared | None:
+    return _SESSION if _SESSION is not None and _SESSION.profile is profile else None
+
+
+# ---------------------------------------------------------------------------------------------- experts' answers
+
+
+def expert_eval_answers(profile: Profile) -> KnownAnswers:
+    """The experts' answers cached by their evaluation (eval/<expert>/generations/<dimension>.jsonl), for each
+    dimension whose generation hash matches this profile and the current expert (same items, generation config,
+    seed, stop strings, expert weights: what `evaluate_model` would regenerate)."""
+    from h3fusion.baselines.ensembles import KnownAnswers
+    from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+    from h3fusion.evaluation.run import eval_dir, read_jsonl
+
+    identities = expert_identities(profile)
+    inputs = _eval_inputs(profile)
+    runs: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    for task in profile.tasks:
+        for dim in _cached_dimensions(profile, task, identities[task], inputs):
+            rows = read_jsonl(eval_dir(profile, task) / "generations" / f"{dim}.jsonl")
+            if [r.get("prompt") for r in rows] == inputs[dim].prompts:
+                runs.setdefault(task, {})[tuple(inputs[dim].prompts)] = tuple(r["answer"] for r in rows)
+    return KnownAnswers(profile.evaluation.generation, profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
+
+
+def _eval_inputs(profile: Profile) -> dict[str, Any]:
+    from h3fusion.data import load_eval_items
+    from h3fusion.evaluation.run import dimension_inputs
+
+    return {t: dimension_inputs(t, list(load_eval_items(profile, t))) for t in profile.tasks}
+
+
+def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[str, Any]) -> list[str]:
+    """The dimensions whose generations eval/<name>/ holds for this model identity and profile (run.py's key)."""
+    from h3fusion.artifacts import read_manifest
+    from h3fusion.evaluation.run import eval_dir, generation_hash
+
+    folder = eval_dir(profile, name)
+    stored = (read_manifest(folder) or {}).get("generation_hashes", {})
+    return [t for t in profile.tasks
+            if stored.get(t) == generation_hash(profile, identity, t, inputs[t])
+            and (folder / "generations" / f"{t}.jsonl").is_file()]
+
+
+def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
+    """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
+    from them still has generations to make; the baselines then read them instead of generating them."""
+    from h3fusion.evaluation.run import evaluate_model, manifest_identity
+
+    inputs = _eval_inputs(profile)
+    pending = [n for n in names if n in EXPERT_ANSWER_BASELINES and len(_cached_dimensions(
+        profile, n, manifest_identity(baseline_dir(profile, n), n, ""), inputs)) < len(profile.tasks)]
+    if not pending:
+        return
+    identities = expert_identities(profile)
+    for task in profile.tasks:
+        if len(_cached_dimensions(profile, task, identities[task], inputs)) < len(profile.tasks):
+            print(f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {task} expert "
+                  f"first (cached in eval/{task}/, as chapter 1 does)")
+            evaluate_model(profile, task, judges=shared.get_judges())
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -209,7 +331,10 @@ def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -
 
 
 def load_baseline(profile: Profile, name: str) -> LanguageModel:
-    """Baseline NAME as a `LanguageModel` (an error naming the command to run when it is not built)."""
+    """Baseline NAME as a `LanguageModel` (an error naming the command to run when it is not built).
+
+    Inside `run_baselines` the bank, judges and the experts' cached answers are the session's; otherwise they
+    are loaded here (the cached answers are read from eval/<expert>/ when present)."""
     from h3fusion.evaluation.run import manifest_identity
 
     entry = get_baseline(name)
@@ -218,20 +343,29 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
     if entry.kind == "merge":
         return _load_merged(profile, folder)
-    bank, tok = expert_bank(profile)
+    shared = _open_session(profile) or _Shared(profile)
+    bank, tok = shared.bank()
     if entry.kind == "ensemble":
-        from h3fusion.baselines.ensembles import SelectEnsemble, TokenEnsemble
+        from h3fusion.baselines.ensembles import SelectEnsemble
 
         if "selector" in params:
-            return SelectEnsemble(bank, tok, _selector(profile, bank, tok, params["selector"]))
-        return TokenEnsemble(bank, tok, weighting=params["weighting"], temperature=params.get("temperature", 1.0))
+            mixture = shared.mixture()
+            return SelectEnsemble(bank, tok, _selector(shared, mixture, params["selector"]), known=shared.known(),
+                                  mixture=mixture)
+        if params["weighting"] == "uniform":
+            return shared.mixture()
+        return shared.token_ensemble(params["weighting"], params.get("temperature", 1.0))
     from h3fusion.baselines.instruct import InstructFusion
 
     fuser = None
     if params["fuser"] == "lora":
+        if FUSER_ADAPTER in bank.model.peft_config:  # an earlier load in this session
+            bank.model.delete_adapter(FUSER_ADAPTER)
+            bank.use(profile.tasks[0])
         bank.add(FUSER_ADAPTER, folder / FUSER_ADAPTER)
         fuser = FUSER_ADAPTER
-    return InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, fuser=fuser, seed=profile.seed)
+    return InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, fuser=fuser, seed=profile.seed,
+                          known=shared.known())
 
 
 def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
@@ -248,14 +382,12 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     return HFLanguageModel(model.to(_device()).eval(), tok)
 
 
-def _selector(profile: Profile, bank: AdapterBank, tok: PreTrainedTokenizerBase, rule: str) -> Any:
-    from h3fusion.baselines.ensembles import TokenEnsemble, judge_selector, likelihood_selector
+def _selector(shared: _Shared, mixture: TokenEnsemble, rule: str) -> Any:
+    from h3fusion.baselines.ensembles import judge_selector, likelihood_selector
 
     if rule == "judges":
-        from h3fusion.evaluation.judges import load_judges
-
-        return judge_selector(load_judges(profile))
-    return likelihood_selector(TokenEnsemble(bank, tok))
+        return judge_selector(shared.get_judges())
+    return likelihood_selector(mixture)
 
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:
@@ -274,7 +406,9 @@ def model_entries(profile: Profile) -> dict[str, ModelEntry]:
 
 
 def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[str, Any]]:
-    """Build every baseline (or ONLY one) and evaluate it like any model; returns {name: metrics}."""
+    """Build every baseline (or ONLY one) and evaluate it like any model; returns {name: metrics}.
+
+    One session for all of them: judges loaded once, one expert bank, the experts' cached evaluation answers."""
     from h3fusion.evaluation.run import evaluate_model
 
     names = [only] if only else list(profile.baselines.names or baseline_names())
@@ -283,5 +417,7 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
     shared = _Shared(profile)
     for n in names:
         build_baseline(profile, n, shared)
-    del shared  # evaluation loads each baseline itself; free the builders' expert bank first
-    return {n: evaluate_model(profile, n) for n in names}
+    shared.release()  # merged models load their own weights: free the builders' bank; it comes back once, lazily
+    _ensure_expert_answers(profile, names, shared)
+    with _session(shared):
+        return {n: evaluate_model(profile, n, judges=shared.get_judges()) for n in names}
