@@ -132,19 +132,22 @@ class LowRankExperts(nn.Module):
         return [(self.A[p], self.B[p]) for p in self.targets]
 
 
-def _per_slot(
-    base: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor] | None, route: torch.Tensor
+def _add_masked(
+    base: torch.Tensor,
+    low: tuple[torch.Tensor, torch.Tensor] | None,
+    mask: torch.Tensor,
+    reuse: bool,
+    fresh: bool,
 ) -> torch.Tensor:
-    """``base + D_e x`` for every routing slot: [N, f] -> [N, k, f] (a new tensor, safe to modify in place).
+    """``base + (z * mask) @ b`` for one routing slot.
 
-    low: codes ``z`` [N, E, R] and stacked ``b`` [E*R, out]; route [N, k, E, 1] is each slot's one-hot expert.
+    reuse: add into `base` in place (its last use); fresh: the result must not alias `base` (the caller
+    modifies it in place), so an unchanged `base` is cloned unless it may be reused.
     """
-    n, k = route.shape[:2]
     if low is None:
-        return base.unsqueeze(1).repeat(1, k, 1)
-    z, b = low
-    masked = (z.unsqueeze(1) * route).flatten(2)  # [N, k, E*R], zero outside the slot's expert
-    return (masked.flatten(0, 1) @ b).unflatten(0, (n, k)).add_(base.unsqueeze(1))
+        return base.clone() if fresh and not reuse else base
+    codes = (low[0] * mask).flatten(1)
+    return base.addmm_(codes, low[1]) if reuse else torch.addmm(base, codes, low[1])
 
 
 class MoEFeedForward(nn.Module):
@@ -326,34 +329,50 @@ class MoEFeedForward(nn.Module):
         With ``g0 = W_gate h``, ``u0 = W_up h`` (shared, computed once) and slot s of token n routed
         to expert e = idx[n, s] with weight w = p~[n, s]:
 
-        * ``g_s = g0 + D_gate,e h`` and ``u_s = u0 + D_up,e h`` for all k slots at once: the rank-r
-          codes ``A_e h`` of all experts come from one matmul, the codes of the experts a slot did not
-          select are masked to zero, and one matmul with the stacked ``B`` gives every slot's delta
-          (for small E this beats gathering tokens per expert; the inner width E*R is tiny next to d);
-        * ``a_s = w_s * silu(g_s) * u_s``, only for the k selected experts;
-        * ``out = W_down (sum_s a_s) + sum_s D_down,e a_s``: down is linear, so the weighted activations
-          are mixed BEFORE one base down matmul, and the down deltas reuse the same masked-code trick.
+        * ``g_s = g0 + D_gate,e h``, ``u_s = u0 + D_up,e h`` (one addmm per slot; the rank-r codes
+          ``A_e h`` of all experts, gate and up, come from ONE matmul with the stacked factors, and the codes
+          of the experts a slot did not select are masked to zero: for small E cheaper than gathering
+          tokens per expert; the extra inner width E*R is tiny next to d);
+        * ``a_s = silu(g_s) * u_s``;
+        * ``out = W_down (sum_s w_s a_s) + sum_s w_s D_down,e a_s``: down is linear, so the experts'
+          activations are mixed BEFORE one base down matmul, and the down deltas of all slots share one
+          rank-code matrix (slots select distinct experts, so their masked codes add without overlap).
 
-        So the base weights are read by exactly three matmuls, as in the dense FFN, and there is no
-        per-expert gather/index_add. Under ``torch.no_grad`` the element-wise steps run in place.
+        Only k activations of width f per token are formed (the selected experts), no per-expert
+        gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
+
+        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f] and no new
+        buffers); with autograd only the last slot adds its delta into ``g0``/``u0`` in place (safe: neither
+        the base matmul nor the other slots' addmm saves them for backward).
         """
         in_place = not torch.is_grad_enabled()
-        n, k = idx.shape
-        w = weights.to(h.dtype).unsqueeze(-1)  # [N, k, 1]
-        route = F.one_hot(idx, self.num_experts).to(h.dtype).unsqueeze(-1)  # [N, k, E, 1]
+        w = weights.to(h.dtype)
+        onehot = F.one_hot(idx, self.num_experts).to(h.dtype)  # [N, k, E]
+        gate0 = F.linear(h, self.base_gate_proj)
+        up0 = F.linear(h, self.base_up_proj)
         low_gate, low_up = self._codes(("gate_proj", "up_proj"), h)
-        g = _per_slot(F.linear(h, self.base_gate_proj), low_gate, route)  # [N, k, f]
-        u = _per_slot(F.linear(h, self.base_up_proj), low_up, route)
-        if in_place and self.hidden_act == "silu":
-            act = F.silu(g, inplace=True).mul_(u).mul_(w)
-        else:
-            act = self.act_fn(g) * u * w
-        out = F.linear(act.sum(dim=1), self.base_down_proj)
-        (low_down,) = self._codes(("down_proj",), act.flatten(0, 1))
-        if low_down is not None:  # A_e (w a) = w A_e a: the weighted activations give the weighted codes
-            z, b = low_down
-            codes = (z.unflatten(0, (n, k)) * route).sum(dim=1)  # [N, E, R]: slots select distinct experts
-            out = out.addmm_(codes.flatten(1), b)
+        mix: torch.Tensor | None = None
+        down_codes: torch.Tensor | None = None  # sum_s w_s * mask_s * (A_down a_s), [N, E, R]
+        down_b: torch.Tensor | None = None
+        k = idx.shape[1]
+        for s in range(k):
+            mask, ws, last = onehot[:, s, :, None], w[:, s, None], s == k - 1
+            g = _add_masked(gate0, low_gate, mask, reuse=last, fresh=in_place)
+            u = _add_masked(up0, low_up, mask, reuse=last, fresh=False)
+            act = F.silu(g, inplace=True).mul_(u) if in_place and self.hidden_act == "silu" else self.act_fn(g) * u
+            (low_down,) = self._codes(("down_proj",), act)
+            if low_down is not None:
+                codes = low_down[0] * (mask * ws[:, :, None])
+                down_codes = codes if down_codes is None else down_codes + codes
+                down_b = low_down[1]
+            if mix is None:
+                mix = act.mul_(ws) if in_place else act * ws
+            else:
+                mix = mix.addcmul_(act, ws) if in_place else torch.addcmul(mix, act, ws)
+        assert mix is not None
+        out = F.linear(mix, self.base_down_proj)
+        if down_codes is not None:
+            out = out.addmm_(down_codes.flatten(1), down_b)
         return out
 
     # ----------------------------------------------------------------- weights
