@@ -79,6 +79,7 @@ class AdapterBank:
         Why: an expert's answers generated here are then the very tokens its evaluation generated, so cached
         evaluation answers can stand in for them; a merged forward is also cheaper than base + LoRA. Costs one
         copy of the adapted weights while inside."""
+        import torch
         from peft.tuners.lora import LoraLayer
 
         if name not in self.model.peft_config:
@@ -87,8 +88,9 @@ class AdapterBank:
         layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
         saved = [_base_params(m) for m in layers]
         try:
-            for m in layers:
-                m.merge(adapter_names=[name])
+            with torch.no_grad():
+                for m in layers:
+                    m.merge(adapter_names=[name])
             yield model
         finally:
             for m, params in zip(layers, saved, strict=False):
