@@ -17,6 +17,7 @@ from h3fusion.moe.layer import PROJECTIONS
 
 def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("H3FUSION_RUNS_DIR", str(tmp_path / "runs"))  # no pipeline run: book "not run yet"
+    monkeypatch.setattr(bench, "PROJECT_ROOT", tmp_path)  # nor a book build
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -67,9 +68,16 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     (book / "_wall_times_cpu.json").write_text(
         json.dumps({"notebooks": {"01_experts": {"wall_s": 600.0}}, "total_wall_s": 3000.0})
     )
+    expected = sorted(p.stem for p in (bench.PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    partial = bench.book_times(profile, book)
+    assert partial["complete"] is (expected == ["01_experts"])
+    (book / "_wall_times_cpu.json").write_text(
+        json.dumps({"notebooks": {n: {"wall_s": 600.0} for n in expected}, "total_wall_s": 3000.0})
+    )
     times = bench.book_times(profile, book)
+    assert times["complete"]
     assert times["stages_s"] == {"experts/helpful": 120.0, "fusion/raw": 30.0}
-    assert times["notebooks_s"] == {"01_experts": 600.0}
+    assert times["notebooks_s"] == dict.fromkeys(expected, 600.0)
     ratios = bench.ratios({"ffn": [], "params": [], "train_step": {"ratio": 1.2},
                            "generation": {"delta_ratio": 0.7, "materialised_ratio": 0.5}, "book": times})
     assert ratios["book.total_min"] == {"value": 50.0, "target": "<= 45.0", "holds": False}
