@@ -77,23 +77,9 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut].strip()
 
 
-def _stop_criteria(tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_width: int) -> Any:
-    """A per-sequence stopping criterion: done once the newly generated tail contains a stop string."""
-    import torch
-    from transformers import StoppingCriteria
-
-    window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 4
-
-    class StopOnStrings(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            start = max(prompt_width, input_ids.shape[1] - window)
-            tails = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stop_strings) for t in tails], device=input_ids.device)
-
-    return StopOnStrings()
-
-
-def _hf_generation_config(cfg: GenerationConfig, eos_ids: list[int], pad_id: int) -> Any:
+def _hf_generation_config(
+    cfg: GenerationConfig, eos_ids: list[int], pad_id: int, stop_strings: Sequence[str] = ()
+) -> Any:
     from transformers import GenerationConfig as HFGenerationConfig
 
     sampling = cfg.temperature > 0
@@ -106,6 +92,9 @@ def _hf_generation_config(cfg: GenerationConfig, eos_ids: list[int], pad_id: int
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
+        # transformers' token-level matcher: a row stops once its text ends with a stop string (cheap;
+        # decoding every row's tail at every step cost as much as the generation itself)
+        stop_strings=list(stop_strings) or None,
     )
 
 
@@ -130,13 +119,12 @@ def generate_texts(
 ) -> list[str]:
     """One answer per prompt, in the prompts' order (see the module docstring for the decoding rules)."""
     import torch
-    from transformers import StoppingCriteriaList
 
     if not prompts:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
-    gen_cfg = _hf_generation_config(cfg, eos_ids, pad_id)
+    gen_cfg = _hf_generation_config(cfg, eos_ids, pad_id, stop_strings)
     encoded = encode_prompts(tokenizer, prompts)
     batches = length_sorted_batches([len(e) for e in encoded], cfg.batch_size)
     device = next(model.parameters()).device
@@ -146,12 +134,11 @@ def generate_texts(
         torch.manual_seed(seed)
         for batch in batches:
             ids, mask = left_pad([encoded[i] for i in batch], pad_id)
-            criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=gen_cfg,
-                stopping_criteria=criteria,
+                tokenizer=tokenizer,
             )
             new = out[:, ids.shape[1] :].tolist()
             for row, i in enumerate(batch):
