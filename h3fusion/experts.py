@@ -6,16 +6,13 @@ the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash
 complete expert with the same config hash is skipped. Trainer checkpoints go to a working folder
 ``experts/.work-<task>/``, so a killed run resumes from its last checkpoint when re-run.
 
-Upcycling reads the trained deltas through `load_expert_adapter_weights` (A, B and alpha/r per layer and
-projection), not through peft module paths.
+`load_expert_adapter_weights` reads the trained deltas with `h3fusion.moe.load_adapter` (A, B and alpha/r per
+layer and projection), not through peft module paths.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +22,12 @@ from h3fusion.errors import ArtifactError
 from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from h3fusion.moe.upcycle import ExpertAdapter
 
 HASHED_SECTIONS = (*TRAINING_DATA_KEYS, "model", "experts", "seed", "tasks")
 """The profile sections an expert depends on: a change in any of them re-trains it."""
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-_LORA_KEY = re.compile(r"layers\.(\d+)\..*?\.(\w+)\.lora_([AB])\.weight$")
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -191,59 +186,14 @@ def align(profile: Profile, task: str = "all") -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-@dataclass
-class ExpertAdapter:
-    """A trained expert's low-rank deltas: delta W = scale * B @ A for each (layer, projection).
-
-    `factors[(layer, projection)] = (A [r, in], B [out, r])`, projection being e.g. "gate_proj".
-    """
-
-    task: str
-    r: int
-    alpha: float
-    scale: float
-    target_modules: tuple[str, ...]
-    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
-
-    def delta(self, layer: int, projection: str) -> torch.Tensor:
-        a, b = self.factors[(layer, projection)]
-        return self.scale * (b @ a)
-
-    @property
-    def num_layers(self) -> int:
-        return 1 + max(layer for layer, _ in self.factors)
-
-
 def load_expert_adapter_weights(profile: Profile, task: str) -> ExpertAdapter:
-    """Read an expert's LoRA factors and scale straight from its adapter folder (no peft model needed)."""
+    """A trained expert's LoRA factors and scale (`h3fusion.moe.load_adapter`), refused when missing or stale."""
+    from h3fusion.moe import load_adapter
+
     folder = expert_dir(profile, task)
     if not is_complete(folder, expert_hash(profile)):
         raise ArtifactError(
             f"expert {task!r} is missing or was trained with another config ({folder}); "
             f"run `h3fusion align --profile {profile.name} --task {task}` first"
         )
-    return read_adapter_folder(folder, task)
-
-
-def read_adapter_folder(folder: Path, task: str = "") -> ExpertAdapter:
-    """Parse a peft LoRA folder: A/B per (layer, projection) and the scale alpha/r (alpha/sqrt(r) for rsLoRA)."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ArtifactError(
-            f"{folder}: per-module LoRA ranks/alphas are not supported; train with one r and alpha"
-        )
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():
-        m = _LORA_KEY.search(key)
-        if m is None:
-            continue
-        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    if not parts:
-        raise ArtifactError(f"{folder}: no LoRA weights found in {ADAPTER_WEIGHTS}")
-    factors = {k: (v["A"], v["B"]) for k, v in sorted(parts.items())}
-    targets = cfg.get("target_modules") or []
-    return ExpertAdapter(task, r, alpha, scale, tuple(sorted(targets)), factors)
+    return load_adapter(folder, task)

@@ -16,6 +16,7 @@ from h3fusion import experts
 from h3fusion.artifacts import MANIFEST, read_manifest
 from h3fusion.config import ConfigError, load_profile
 from h3fusion.errors import ArtifactError
+from h3fusion.moe.upcycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from h3fusion.training import prepare_work_dir
 
 TASK = "helpful"
@@ -35,7 +36,7 @@ def trained(tmp_path_factory):
 
 def test_align_writes_adapter_and_manifest(trained):
     folder = experts.expert_dir(trained, TASK)
-    assert (folder / experts.ADAPTER_WEIGHTS).exists() and (folder / experts.ADAPTER_CONFIG).exists()
+    assert (folder / ADAPTER_WEIGHTS).exists() and (folder / ADAPTER_CONFIG).exists()
     manifest = read_manifest(folder)
     assert manifest["config_hash"] == experts.expert_hash(trained)
     assert manifest["task"] == TASK and manifest["global_step"] == trained.experts.train.max_steps
@@ -46,12 +47,12 @@ def test_align_writes_adapter_and_manifest(trained):
 
 
 def test_lora_targets_only_ffn_and_b_is_trained(trained):
-    cfg = json.loads((experts.expert_dir(trained, TASK) / experts.ADAPTER_CONFIG).read_text())
+    cfg = json.loads((experts.expert_dir(trained, TASK) / ADAPTER_CONFIG).read_text())
     assert set(cfg["target_modules"]) == set(trained.experts.lora.target_modules)
     adapter = experts.load_expert_adapter_weights(trained, TASK)
     layers = trained.model.tiny.num_hidden_layers
     lora = trained.experts.lora
-    assert adapter.num_layers == layers
+    assert 1 + max(layer for layer, _ in adapter.factors) == layers
     assert set(adapter.factors) == {(i, p) for i in range(layers) for p in lora.target_modules}
     assert adapter.scale == pytest.approx(lora.alpha / lora.r)
     tiny = trained.model.tiny
@@ -77,15 +78,22 @@ def test_second_call_is_skipped(trained, monkeypatch):
 
 
 def test_changed_config_reruns(trained, monkeypatch):
-    changed = trained.model_copy(update={"experts": trained.experts.model_copy(
-        update={"train": trained.experts.train.model_copy(update={"lr": 2e-3})})})
+    changed = trained.model_copy(
+        update={
+            "experts": trained.experts.model_copy(
+                update={"train": trained.experts.train.model_copy(update={"lr": 2e-3})}
+            )
+        }
+    )
     assert experts.expert_hash(changed) != experts.expert_hash(trained)
     calls = []
     monkeypatch.setattr(experts, "train_expert", lambda p, t, callbacks=None: calls.append((p, t)))
     experts.align(changed, TASK)
     assert calls == [(changed, TASK)]
     # Hash covers what an expert depends on, and not where runs are stored.
-    assert experts.expert_hash(trained.model_copy(update={"runs_dir": "/elsewhere"})) == experts.expert_hash(trained)
+    assert experts.expert_hash(trained.model_copy(update={"runs_dir": "/elsewhere"})) == experts.expert_hash(
+        trained
+    )
 
 
 def test_unknown_task_and_missing_expert_are_user_errors(tmp_path):
@@ -120,7 +128,9 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, trained):
     # Resuming restores weights, optimizer, scheduler, RNG and data order: same expert as an uninterrupted run.
     reference = read_manifest(experts.expert_dir(trained, TASK))["loss_log"]
     assert [e["step"] for e in manifest["loss_log"]] == [e["step"] for e in reference]
-    assert [e["loss"] for e in manifest["loss_log"]] == pytest.approx([e["loss"] for e in reference], rel=1e-5)
+    assert [e["loss"] for e in manifest["loss_log"]] == pytest.approx(
+        [e["loss"] for e in reference], rel=1e-5
+    )
     resumed = experts.load_expert_adapter_weights(profile, TASK).factors
     uninterrupted = experts.load_expert_adapter_weights(trained, TASK).factors
     for key, (a, b) in uninterrupted.items():
@@ -139,9 +149,25 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
 @pytest.mark.slow
 def test_align_under_torchrun_trains_once_with_both_ranks(tmp_path):
     """Two CPU processes (gloo DDP): one artifact, written by rank 0, trained with world size 2."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
-           "-m", "h3fusion.cli", "align", "--profile", "smoke", "--task", TASK, "--set", f"runs_dir={tmp_path}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29577",
+        "-m",
+        "h3fusion.cli",
+        "align",
+        "--profile",
+        "smoke",
+        "--task",
+        TASK,
+        "--set",
+        f"runs_dir={tmp_path}",
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     profile = load_profile("smoke", {"runs_dir": str(tmp_path)})
     manifest = read_manifest(experts.expert_dir(profile, TASK))
