@@ -52,7 +52,9 @@ class AblationError(H3FusionError):
 
 def derived_profile(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Profile:
     """The profile with dotted-key overrides applied (validated like a profile file)."""
-    return profile_from_dict(profile.model_dump(mode="json"), dict(overrides or {}), origin=f"{profile.name} + overrides")
+    return profile_from_dict(
+        profile.model_dump(mode="json"), dict(overrides or {}), origin=f"{profile.name} + overrides"
+    )
 
 
 def ablation_profile(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Profile:
@@ -113,8 +115,12 @@ def heldout_responses(profile: Profile, task: str, n: int) -> list[Any]:
     else:
         items = load_eval_items(profile, task)[:n]
         if task == "helpful":
-            out = [TrainExample(task, it["instruction"], it.get("input", "") or "", it.get("reference") or it["output"])
-                   for it in items]
+            out = [
+                TrainExample(
+                    task, it["instruction"], it.get("input", "") or "", it.get("reference") or it["output"]
+                )
+                for it in items
+            ]
         else:
             out = [TrainExample(task, it["question"], "", it["best_answer"]) for it in items]
     if not out:
@@ -170,7 +176,9 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Any], max_length
     return total / count
 
 
-def score_model(profile: Profile, model: Any, tokenizer: Any, items: ScoringItems | None = None) -> dict[str, Any]:
+def score_model(
+    profile: Profile, model: Any, tokenizer: Any, items: ScoringItems | None = None
+) -> dict[str, Any]:
     """Likelihood scores and routing of one MoE model (an `MoECausalLM` or an exported Mixtral)."""
     import torch
 
@@ -184,10 +192,19 @@ def score_model(profile: Profile, model: Any, tokenizer: Any, items: ScoringItem
     model.eval()
     try:
         with torch.no_grad():
-            nll = {t: response_nll(model, tokenizer, ex, profile.data.max_length) for t, ex in items.responses.items()}
-            per_prompt = {t: routing_per_prompt(model, tokenizer, p, max_length=profile.data.max_length)
-                          for t, p in items.prompts.items()}
-        mc = aggregate_mc(score_mc(HFLanguageModel(model, tokenizer, progress=False), items.mc, format_prompt)) if items.mc else {}
+            nll = {
+                t: response_nll(model, tokenizer, ex, profile.data.max_length)
+                for t, ex in items.responses.items()
+            }
+            per_prompt = {
+                t: routing_per_prompt(model, tokenizer, p, max_length=profile.data.max_length)
+                for t, p in items.prompts.items()
+            }
+        mc = (
+            aggregate_mc(score_mc(HFLanguageModel(model, tokenizer, progress=False), items.mc, format_prompt))
+            if items.mc
+            else {}
+        )
     finally:
         model.train(was_training)
     routing = {t: pp.mean(axis=0).tolist() for t, pp in per_prompt.items()}
@@ -218,8 +235,14 @@ def _run_key(run_profile: Profile, trained: bool) -> str:
     from h3fusion.fusion import raw_hash, variant_hash
 
     model_hash = variant_hash(run_profile) if trained else raw_hash(run_profile)
-    return _digest({"model": model_hash, "score_examples": run_profile.ablations.score_examples,
-                    "data": run_profile.data.model_dump(mode="json"), "format": SCORE_FORMAT})
+    return _digest(
+        {
+            "model": model_hash,
+            "score_examples": run_profile.ablations.score_examples,
+            "data": run_profile.data.model_dump(mode="json"),
+            "format": SCORE_FORMAT,
+        }
+    )
 
 
 def _cached(path: Path, checkpoints: Sequence[int], ks: Sequence[int]) -> dict[str, Any] | None:
@@ -237,7 +260,9 @@ def _cache_path(run_profile: Profile, name: str, key: str) -> Path:
     return ablations_dir(run_profile) / f"{name}-{key}.json"
 
 
-def _scores_by_k(profile: Profile, moe: Any, tok: Any, items: ScoringItems, ks: Sequence[int]) -> dict[str, Any]:
+def _scores_by_k(
+    profile: Profile, moe: Any, tok: Any, items: ScoringItems, ks: Sequence[int]
+) -> dict[str, Any]:
     """Scores of the same trained model with k changed at inference (`set_top_k`, no retraining)."""
     trained_k = moe.top_k
     out = {}
@@ -250,7 +275,9 @@ def _scores_by_k(profile: Profile, moe: Any, tok: Any, items: ScoringItems, ks: 
     return out
 
 
-def _checkpoint_callback(profile: Profile, tok: Any, items: ScoringItems, steps: Sequence[int], out: dict) -> Any:
+def _checkpoint_callback(
+    profile: Profile, tok: Any, items: ScoringItems, steps: Sequence[int], out: dict
+) -> Any:
     from transformers import TrainerCallback
 
     class ScoreAtSteps(TrainerCallback):
@@ -279,12 +306,19 @@ def _train_in_memory(run_profile: Profile, callbacks: list[Any]) -> tuple[Any, A
     dataset = build_mixed_dataset(run_profile, tok)
     with tempfile.TemporaryDirectory(prefix="h3fusion-ablation-") as work:
         args = training_arguments(
-            run_profile.fusion.train, run_profile.seed, Path(work), save_strategy="no",
+            run_profile.fusion.train,
+            run_profile.seed,
+            Path(work),
+            save_strategy="no",
             ddp_find_unused_parameters=run_profile.fusion.top_k < moe.num_experts,
         )
         trainer = _trainer_class()(
-            model=moe, args=args, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
-            callbacks=callbacks, profile=run_profile,
+            model=moe,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PadCollator(tok.pad_token_id),
+            callbacks=callbacks,
+            profile=run_profile,
         )
         trainer.train()
     moe.eval()
@@ -316,8 +350,11 @@ def run_ablation(
     from h3fusion.moe import load_moe
 
     run_profile = ablation_profile(profile, overrides)
-    path = _cache_path(run_profile, run_profile.fusion.variant + f"_s{run_profile.ablations.steps}",
-                       _run_key(run_profile, trained=True))
+    path = _cache_path(
+        run_profile,
+        run_profile.fusion.variant + f"_s{run_profile.ablations.steps}",
+        _run_key(run_profile, trained=True),
+    )
     cached = _cached(path, checkpoints, ks)
     if cached is not None:
         return {**cached, "label": label or cached["label"]}
@@ -335,7 +372,8 @@ def run_ablation(
     else:
         callbacks = (
             [_checkpoint_callback(run_profile, load_tokenizer(run_profile), items, checkpoints, at_steps)]
-            if checkpoints else []
+            if checkpoints
+            else []
         )
         moe, tok, losses = _train_in_memory(run_profile, callbacks)
     result = {
@@ -370,9 +408,17 @@ def raw_run(profile: Profile) -> dict[str, Any]:
         return json.loads(path.read_text())
     start = time.perf_counter()
     moe, tok = upcycle_profile(run_profile, show_progress=False)
-    result = {"label": "raw MoE (no fusion training)", "variant": "raw", "steps": 0, "top_k": moe.top_k,
-              "tasks": list(run_profile.tasks), "loss_log": [], "checkpoints": {}, "by_top_k": {},
-              "scores": score_model(run_profile, moe, tok)}
+    result = {
+        "label": "raw MoE (no fusion training)",
+        "variant": "raw",
+        "steps": 0,
+        "top_k": moe.top_k,
+        "tasks": list(run_profile.tasks),
+        "loss_log": [],
+        "checkpoints": {},
+        "by_top_k": {},
+        "scores": score_model(run_profile, moe, tok),
+    }
     result["wall_s"] = round(time.perf_counter() - start, 1)
     ablations_dir(run_profile).mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
@@ -385,8 +431,10 @@ def raw_run(profile: Profile) -> dict[str, Any]:
 def reference_run(profile: Profile) -> dict[str, Any]:
     """The profile's own fusion config, short: scored at `ablations.step_checkpoints` and for every k."""
     return run_ablation(
-        profile, label="reference (profile's lambda, gamma, k)",
-        checkpoints=profile.ablations.step_checkpoints, ks=top_ks(profile),
+        profile,
+        label="reference (profile's lambda, gamma, k)",
+        checkpoints=profile.ablations.step_checkpoints,
+        ks=top_ks(profile),
     )
 
 
@@ -395,7 +443,9 @@ def gate_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
     lam = profile.fusion.gate_weight
     return {
         f"with gating loss (lambda={lam:g})": reference_run(profile),
-        "without gating loss (lambda=0)": run_ablation(profile, {"fusion.gate_weight": 0.0}, label="lambda=0"),
+        "without gating loss (lambda=0)": run_ablation(
+            profile, {"fusion.gate_weight": 0.0}, label="lambda=0"
+        ),
     }
 
 
@@ -412,14 +462,20 @@ def drift_per_expert(profile: Profile) -> dict[str, dict[str, Any]]:
 
 def gate_weight_sweep(profile: Profile) -> dict[float, dict[str, Any]]:
     """lambda sensitivity (Figure 3 analogue), the other settings as the profile's."""
-    return {lam: run_ablation(profile, {"fusion.gate_weight": lam}, label=f"lambda={lam:g}")
-            for lam in profile.ablations.gate_weights}
+    return {
+        lam: run_ablation(profile, {"fusion.gate_weight": lam}, label=f"lambda={lam:g}")
+        for lam in profile.ablations.gate_weights
+    }
 
 
 def drift_sweep(profile: Profile) -> dict[float, dict[str, Any]]:
     """gamma sensitivity: the same gamma for every expert."""
-    return {g: run_ablation(profile, gamma_overrides(profile, dict.fromkeys(profile.tasks, g)), label=f"gamma={g:g}")
-            for g in profile.ablations.drift_gammas}
+    return {
+        g: run_ablation(
+            profile, gamma_overrides(profile, dict.fromkeys(profile.tasks, g)), label=f"gamma={g:g}"
+        )
+        for g in profile.ablations.drift_gammas
+    }
 
 
 def released_code_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
@@ -453,14 +509,18 @@ def scores_table(runs: Mapping[Any, Mapping[str, Any]]) -> pd.DataFrame:
     """Rows = runs (their keys), columns = `score_row`."""
     import pandas as pd
 
-    return pd.DataFrame([score_row(r["scores"]) for r in runs.values()], index=pd.Index([str(k) for k in runs], name="run"))
+    return pd.DataFrame(
+        [score_row(r["scores"]) for r in runs.values()], index=pd.Index([str(k) for k in runs], name="run")
+    )
 
 
 def nested_scores_table(scores_by_key: Mapping[str, Mapping[str, Any]], index_name: str) -> pd.DataFrame:
     """Rows = keys of a {key: scores} dict (steps, k), columns = `score_row`."""
     import pandas as pd
 
-    return pd.DataFrame([score_row(s) for s in scores_by_key.values()], index=pd.Index(list(scores_by_key), name=index_name))
+    return pd.DataFrame(
+        [score_row(s) for s in scores_by_key.values()], index=pd.Index(list(scores_by_key), name=index_name)
+    )
 
 
 def router_matrix(scores: Mapping[str, Any]) -> np.ndarray:
@@ -483,7 +543,9 @@ def router_weight_table(runs: Mapping[str, Mapping[str, Any]], expert_names: Seq
     return pd.concat(frames)
 
 
-def sensitivity(runs_by_value: Mapping[float, Mapping[str, Any]]) -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
+def sensitivity(
+    runs_by_value: Mapping[float, Mapping[str, Any]],
+) -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
     """(x, {NLL per task}, {percent metrics}) of a sweep, for `plots.sensitivity_lines`."""
     x = [float(v) for v in runs_by_value]
     rows = [score_row(r["scores"]) for r in runs_by_value.values()]
@@ -508,7 +570,9 @@ def label_audit(profile: Profile) -> pd.DataFrame:
     from h3fusion.data.dataset import released_code_labels
     from h3fusion.models import load_tokenizer
 
-    mixed = build_mixed_dataset(derived_profile(profile, {"fusion.released_code.labels": False}), load_tokenizer(profile))
+    mixed = build_mixed_dataset(
+        derived_profile(profile, {"fusion.released_code.labels": False}), load_tokenizer(profile)
+    )
     sources = list(mixed.sources)
     sizes = [sources.count(t) for t in profile.tasks]
     released = released_code_labels(sizes)
@@ -521,13 +585,17 @@ def label_audit(profile: Profile) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows, index=pd.Index(list(profile.tasks), name="task of origin"))
     frame.loc["all"] = frame.sum(numeric_only=True)
-    frame.loc["all", "mislabelled %"] = 100.0 * sum(
-        lab != profile.tasks.index(src) for src, lab in zip(sources, released, strict=True)) / max(len(sources), 1)
+    frame.loc["all", "mislabelled %"] = (
+        100.0
+        * sum(lab != profile.tasks.index(src) for src, lab in zip(sources, released, strict=True))
+        / max(len(sources), 1)
+    )
     return frame
 
 
-def _synthetic_routing(num_layers: int, num_experts: int, labels: torch.Tensor, mask: torch.Tensor, perfect: bool,
-                       margin: float) -> list[torch.Tensor]:
+def _synthetic_routing(
+    num_layers: int, num_experts: int, labels: torch.Tensor, mask: torch.Tensor, perfect: bool, margin: float
+) -> list[torch.Tensor]:
     """Router logits [B*T, E] per layer: all tokens to their sequence's expert (logit `margin`), or uniform."""
     import torch
 
@@ -538,7 +606,9 @@ def _synthetic_routing(num_layers: int, num_experts: int, labels: torch.Tensor, 
     return [logits.reshape(b * t, num_experts).clone().requires_grad_(True) for _ in range(num_layers)]
 
 
-def _loss_and_grad(logits: list[torch.Tensor], mask: torch.Tensor, labels: torch.Tensor, released: bool) -> tuple[float, float]:
+def _loss_and_grad(
+    logits: list[torch.Tensor], mask: torch.Tensor, labels: torch.Tensor, released: bool
+) -> tuple[float, float]:
     import torch
 
     from h3fusion.losses import gating_loss
@@ -569,8 +639,10 @@ def gating_loss_forms(profile: Profile, margin: float = 20.0) -> pd.DataFrame:
     mask, labels = batch["attention_mask"], batch["task_labels"]
     with torch.no_grad():
         moe.eval()
-        real = [lg.detach().float().reshape(-1, moe.num_experts)
-                for lg in model_router_logits(moe, {"input_ids": batch["input_ids"], "attention_mask": mask})]
+        real = [
+            lg.detach().float().reshape(-1, moe.num_experts)
+            for lg in model_router_logits(moe, {"input_ids": batch["input_ids"], "attention_mask": mask})
+        ]
     layers = len(real)
     settings = {
         "perfect routing": _synthetic_routing(layers, moe.num_experts, labels, mask, True, margin),
@@ -581,8 +653,15 @@ def gating_loss_forms(profile: Profile, margin: float = 20.0) -> pd.DataFrame:
     for name, logits in settings.items():
         fixed = _loss_and_grad(logits, mask, labels, released=False)
         released = _loss_and_grad(logits, mask, labels, released=True)
-        rows.append({"routing": name, "corrected loss": fixed[0], "released loss": released[0],
-                     "corrected |grad|": fixed[1], "released |grad|": released[1]})
+        rows.append(
+            {
+                "routing": name,
+                "corrected loss": fixed[0],
+                "released loss": released[0],
+                "corrected |grad|": fixed[1],
+                "released |grad|": released[1],
+            }
+        )
     frame = pd.DataFrame(rows).set_index("routing")
     frame.attrs["padding %"] = 100.0 * float(1 - mask.float().mean())
     frame.attrs["sequences"] = int(mask.shape[0])
@@ -603,12 +682,26 @@ def drift_forms(profile: Profile) -> pd.DataFrame:
     params = [p for n, p in moe.named_parameters() if p.requires_grad and "router" not in n]
     rows = []
     for released in (False, True):
-        loss = drift_loss(moe.drift_factors(), gammas, moe.fusion_lora_scale(), released_code=released,
-                          expert_weights=moe.expert_weights() if released else None)
+        loss = drift_loss(
+            moe.drift_factors(),
+            gammas,
+            moe.fusion_lora_scale(),
+            released_code=released,
+            expert_weights=moe.expert_weights() if released else None,
+        )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        norm = torch.sqrt(sum((g**2).sum() for g in grads if g is not None)) if any(g is not None for g in grads) else torch.tensor(0.0)
-        rows.append({"form": "released (weight-norm penalty)" if released else "corrected (drift from upcycled)",
-                     "value at init": float(loss), "|grad| on fusion LoRA": float(norm)})
+        norm = (
+            torch.sqrt(sum((g**2).sum() for g in grads if g is not None))
+            if any(g is not None for g in grads)
+            else torch.tensor(0.0)
+        )
+        rows.append(
+            {
+                "form": "released (weight-norm penalty)" if released else "corrected (drift from upcycled)",
+                "value at init": float(loss),
+                "|grad| on fusion LoRA": float(norm),
+            }
+        )
     return pd.DataFrame(rows).set_index("form")
 
 
@@ -622,7 +715,9 @@ PRIMARY_METRIC: dict[str, tuple[str, bool]] = {
 """Each dimension's headline score in `evaluate_model` metrics and whether higher is better."""
 
 
-def specialisation(metrics: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], base: str = "base") -> pd.DataFrame:
+def specialisation(
+    metrics: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], base: str = "base"
+) -> pd.DataFrame:
     """Is each expert the best model on its own dimension? One row per expert, read from evaluation metrics.
 
     `metrics` maps model names (`base` and one expert per task, named after it) to `evaluate_model` outputs.
@@ -633,15 +728,23 @@ def specialisation(metrics: Mapping[str, Mapping[str, Any]], tasks: Sequence[str
 
     missing = [m for m in (base, *tasks) if m not in metrics]
     if missing:
-        raise AblationError(f"specialisation: no metrics for {missing}; evaluate them with evaluate_model first")
+        raise AblationError(
+            f"specialisation: no metrics for {missing}; evaluate them with evaluate_model first"
+        )
     rows = []
     for task in tasks:
         key, higher = PRIMARY_METRIC[task]
         value = {m: float(metrics[m]["scores"][task][key]) for m in (base, *tasks)}
         better = [m for m in value if (value[m] > value[task] if higher else value[m] < value[task])]
         others = [value[t] for t in tasks if t != task]
-        rows.append({"expert": task, "metric": f"{key} % ({'higher' if higher else 'lower'} is better)",
-                     "expert's score": value[task], "base": value[base],
-                     "best other expert": (max if higher else min)(others) if others else float("nan"),
-                     "rank (1 = best, ties share)": len(better) + 1})
+        rows.append(
+            {
+                "expert": task,
+                "metric": f"{key} % ({'higher' if higher else 'lower'} is better)",
+                "expert's score": value[task],
+                "base": value[base],
+                "best other expert": (max if higher else min)(others) if others else float("nan"),
+                "rank (1 = best, ties share)": len(better) + 1,
+            }
+        )
     return pd.DataFrame(rows).set_index("expert")

@@ -85,9 +85,7 @@ def is_complete(folder: Path, config_hash: str) -> bool:
     return manifest is not None and manifest.get("config_hash") == config_hash
 
 
-def make_manifest(
-    profile: Profile, config_hash: str, wall_time_s: float, **extra: Any
-) -> dict[str, Any]:
+def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extra: Any) -> dict[str, Any]:
     return {
         "profile": profile.name,
         "config_hash": config_hash,

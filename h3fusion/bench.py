@@ -97,7 +97,9 @@ class Plan:
 
 def make_plan(quick: bool) -> Plan:
     if quick:
-        return Plan("smoke", {"smollm2": 64, "llama2_7b": 8}, warmup=1, repeats=2, step_repeats=2, gen_repeats=1)
+        return Plan(
+            "smoke", {"smollm2": 64, "llama2_7b": 8}, warmup=1, repeats=2, step_repeats=2, gen_repeats=1
+        )
     return Plan("cpu", {"smollm2": 0, "llama2_7b": 256}, warmup=2, repeats=7, step_repeats=5, gen_repeats=3)
 
 
@@ -155,15 +157,19 @@ def _ffn_pair(
     num, r = len(profile.tasks), profile.experts.lora.r
     shapes = projection_shapes(hidden, ffn)
     base = {p: torch.randn(shape, generator=gen) / math.sqrt(shape[1]) for p, shape in shapes.items()}
-    deltas = [
-        torch.randn(num, r, shapes[p][1], generator=gen) / math.sqrt(shapes[p][1]) for p in shapes
-    ] + [torch.randn(num, shapes[p][0], r, generator=gen) * 0.01 for p in shapes]
+    deltas = [torch.randn(num, r, shapes[p][1], generator=gen) / math.sqrt(shapes[p][1]) for p in shapes] + [
+        torch.randn(num, shapes[p][0], r, generator=gen) * 0.01 for p in shapes
+    ]
     router = torch.randn(num, hidden, generator=gen) * 0.02
     return base, deltas, router
 
 
 def _moe_layer(
-    storage: str, base: dict[str, torch.Tensor], deltas: list[torch.Tensor], router: torch.Tensor, profile: Profile
+    storage: str,
+    base: dict[str, torch.Tensor],
+    deltas: list[torch.Tensor],
+    router: torch.Tensor,
+    profile: Profile,
 ) -> nn.Module:
     """An upcycled MoE layer sharing the dense base tensors (delta) or holding base + delta (materialised)."""
     from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward
@@ -172,7 +178,10 @@ def _moe_layer(
     num, r = router.shape[0], deltas[0].shape[1]
     moe = MoEFeedForward(d, f, num, profile.fusion.top_k, storage, delta_rank=r)  # type: ignore[arg-type]
     moe.router.weight = nn.Parameter(router.clone())
-    a_of, b_of = dict(zip(PROJECTIONS, deltas[:3], strict=True)), dict(zip(PROJECTIONS, deltas[3:], strict=True))
+    a_of, b_of = (
+        dict(zip(PROJECTIONS, deltas[:3], strict=True)),
+        dict(zip(PROJECTIONS, deltas[3:], strict=True)),
+    )
     with torch.no_grad():
         for p in PROJECTIONS:
             if storage == "delta":
@@ -371,7 +380,12 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     lora = profile.experts.lora
     dense = get_peft_model(
         copy.deepcopy(base),
-        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)),
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+        ),
     )
     adapters = _random_adapters(base.config, len(profile.tasks), lora.r, device="cpu")
     moe = _fuse(copy.deepcopy(base), profile, "delta", adapters)
@@ -380,7 +394,9 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     moe.train()
     batch = _batch(profile, base.config.vocab_size, moe.num_experts)
     lm_batch = {k: v for k, v in batch.items() if k != "task_labels"}
-    opt_dense = torch.optim.AdamW([p for p in dense.parameters() if p.requires_grad], lr=profile.fusion.train.lr)
+    opt_dense = torch.optim.AdamW(
+        [p for p in dense.parameters() if p.requires_grad], lr=profile.fusion.train.lr
+    )
     opt_moe = torch.optim.AdamW([p for p in moe.parameters() if p.requires_grad], lr=profile.fusion.train.lr)
 
     def dense_step() -> None:
@@ -525,24 +541,34 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     m = results["meta"]
-    print(f"\nh3fusion bench ({'quick' if m['quick'] else 'full'}; profile {m['profile']}; "
-          f"torch {m['torch']}, {m['threads']} threads, {m['cpu']})")
+    print(
+        f"\nh3fusion bench ({'quick' if m['quick'] else 'full'}; profile {m['profile']}; "
+        f"torch {m['torch']}, {m['threads']} threads, {m['cpu']})"
+    )
     print("\n1. MoE FFN vs dense FFN (ms, medians; fwd = inference, fwd_bwd = fusion vs dense-LoRA training)")
     print(f"{'shape':<10}{'tokens':>7} {'storage':<13}{'mode':<8}{'dense':>10}{'moe':>10}{'ratio':>8}")
     for r in results["ffn"]:
-        print(f"{r['shape']:<10}{r['tokens']:>7} {r['storage']:<13}{r['mode']:<8}"
-              f"{r['dense_ms']:>10.2f}{r['moe_ms']:>10.2f}{r['ratio']:>8.2f}")
+        print(
+            f"{r['shape']:<10}{r['tokens']:>7} {r['storage']:<13}{r['mode']:<8}"
+            f"{r['dense_ms']:>10.2f}{r['moe_ms']:>10.2f}{r['ratio']:>8.2f}"
+        )
     print("\n2. Parameter bytes (GB)")
     for r in results["params"]:
-        print(f"{r['model']:<10} {r['storage']:<13} dense {r['dense_gb']:.3f}  fused {r['fused_gb']:.3f}  "
-              f"ratio {r['ratio']:.3f}")
+        print(
+            f"{r['model']:<10} {r['storage']:<13} dense {r['dense_gb']:.3f}  fused {r['fused_gb']:.3f}  "
+            f"ratio {r['ratio']:.3f}"
+        )
     t = results["train_step"]
-    print(f"\n3. Training step (batch {t['batch_size']} x {t['seq_len']} tokens): dense LoRA {t['dense_lora_s']:.3f} s, "
-          f"fusion {t['fusion_s']:.3f} s, ratio {t['ratio']:.2f}")
+    print(
+        f"\n3. Training step (batch {t['batch_size']} x {t['seq_len']} tokens): dense LoRA {t['dense_lora_s']:.3f} s, "
+        f"fusion {t['fusion_s']:.3f} s, ratio {t['ratio']:.2f}"
+    )
     g = results["generation"]
-    print(f"\n4. Greedy generation (batch {g['batch_size']}, {g['new_tokens']} new tokens): dense "
-          f"{g['dense_tok_s']:.1f} tok/s, delta {g['delta_tok_s']:.1f} tok/s, materialised "
-          f"{g['materialised_tok_s']:.1f} tok/s")
+    print(
+        f"\n4. Greedy generation (batch {g['batch_size']}, {g['new_tokens']} new tokens): dense "
+        f"{g['dense_tok_s']:.1f} tok/s, delta {g['delta_tok_s']:.1f} tok/s, materialised "
+        f"{g['materialised_tok_s']:.1f} tok/s"
+    )
     b = results["book"]
     print(f"\n5. Wall times of the {b['profile']} profile (s)")
     if not b["stages_s"] and not b["notebooks_s"]:
@@ -553,7 +579,9 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"   {'total (notebooks)':<50}{_fmt(b['total_s'], 1):>12}{partial}")
     print("\nRatios and targets")
     for key, r in results["ratios"].items():
-        holds = {True: "holds", False: "MISSED", None: "-" if r["target"] is None else "not run yet"}[r["holds"]]
+        holds = {True: "holds", False: "MISSED", None: "-" if r["target"] is None else "not run yet"}[
+            r["holds"]
+        ]
         print(f"   {key:<36}{_fmt(r['value'], 3):>12}  {r['target'] or '':<9} {holds}")
 
 

@@ -48,8 +48,16 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,1700",
 )
 # Tags whose URL attribute the browser fetches by itself when it renders the page.
-_FETCHED = {"script": "src", "img": "src", "iframe": "src", "source": "src", "video": "src", "audio": "src",
-            "embed": "src", "link": "href"}
+_FETCHED = {
+    "script": "src",
+    "img": "src",
+    "iframe": "src",
+    "source": "src",
+    "video": "src",
+    "audio": "src",
+    "embed": "src",
+    "link": "href",
+}
 _LINK_RELS_NOT_FETCHED = {"canonical", "alternate", "author", "license", "help", "search", "next", "prev"}
 
 
@@ -83,7 +91,9 @@ def check_source_notebook(path: Path) -> list[str]:
     name = Path(path).name
     problems = []
     if len(cells) < 3:
-        return [f"{name}: expected a parameters cell, a header cell and a setup cell, found {len(cells)} cells"]
+        return [
+            f"{name}: expected a parameters cell, a header cell and a setup cell, found {len(cells)} cells"
+        ]
     first, header = cells[0], cells[1]
     if first["cell_type"] != "code" or "parameters" not in first.get("metadata", {}).get("tags", []):
         problems.append(f"{name}: the first cell must be a code cell tagged `parameters`")
@@ -91,8 +101,12 @@ def check_source_notebook(path: Path) -> list[str]:
         problems.append(f"{name}: the parameters cell must set `profile = ...`")
     if header["cell_type"] != "markdown" or COLAB_PREFIX + name not in _cell_text(header):
         problems.append(f"{name}: the second cell must be markdown with the Colab link {COLAB_PREFIX + name}")
-    if not any(c["cell_type"] == "code" and '"google.colab" in sys.modules' in _cell_text(c) for c in cells[2:4]):
-        problems.append(f'{name}: a setup cell with `if "google.colab" in sys.modules:` must follow the header')
+    if not any(
+        c["cell_type"] == "code" and '"google.colab" in sys.modules' in _cell_text(c) for c in cells[2:4]
+    ):
+        problems.append(
+            f'{name}: a setup cell with `if "google.colab" in sys.modules:` must follow the header'
+        )
     for i, c in enumerate(cells):
         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None):
             problems.append(f"{name}: cell {i} is stored with outputs; regenerate it with `make notebooks`")
@@ -108,8 +122,13 @@ def check_twin(ipynb: Path) -> list[str]:
     py = ipynb.with_suffix(".py")
     if not py.exists():
         return [f"{ipynb.name}: its jupytext source {py.name} is missing"]
-    want = [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in jupytext.read(py).cells]
-    have = [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in jupytext.read(ipynb).cells]
+    want = [
+        (c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in jupytext.read(py).cells
+    ]
+    have = [
+        (c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", [])))
+        for c in jupytext.read(ipynb).cells
+    ]
     if want != have:
         return [f"{ipynb.name} differs from {py.name}: run `make notebooks` after editing the .py"]
     return []
@@ -286,11 +305,19 @@ def screenshot(page: Path, out_png: Path, browser: str | None = None) -> list[st
         raise BookCheckError("chromium is not installed (apt-get install -y chromium)")
     with tempfile.TemporaryDirectory(prefix="h3f-chromium-") as tmp:
         net_log = Path(tmp) / "net-log.json"
-        cmd = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--log-net-log={net_log}",
-               f"--screenshot={Path(out_png).resolve()}", Path(page).resolve().as_uri()]
+        cmd = [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp}/profile",
+            f"--log-net-log={net_log}",
+            f"--screenshot={Path(out_png).resolve()}",
+            Path(page).resolve().as_uri(),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0 or not Path(out_png).exists() or Path(out_png).stat().st_size < 1000:
-            raise BookCheckError(f"chromium screenshot of {page} failed (exit {res.returncode}): {res.stderr[-2000:]}")
+            raise BookCheckError(
+                f"chromium screenshot of {page} failed (exit {res.returncode}): {res.stderr[-2000:]}"
+            )
         return page_requests(net_log) if net_log.exists() else []
 
 
@@ -305,7 +332,8 @@ def _is_blank(png: Path) -> bool:
 def _copy_book_sources(dst: Path) -> None:
     """The book's own files (pages, config, local MathJax), without built output or executed notebooks."""
     shutil.copytree(
-        BOOK_DIR, dst,
+        BOOK_DIR,
+        dst,
         ignore=shutil.ignore_patterns("_build", "*.ipynb", "_wall_times_*.json", ".ipynb_checkpoints"),
     )
 
@@ -322,8 +350,11 @@ def check_book(profile: str = "smoke", workdir: Path | None = None, shot: bool =
     report = BookReport(build_dir=book / "_build" / "html")
     report.problems += notebook_errors(book)
     listed = set(toc_files(book))
-    report.problems += [f"{nb.stem} is executed but not in book/_toc.yml" for nb in book.glob("*.ipynb")
-                        if nb.stem not in listed]
+    report.problems += [
+        f"{nb.stem} is executed but not in book/_toc.yml"
+        for nb in book.glob("*.ipynb")
+        if nb.stem not in listed
+    ]
     build_book(book)
     report.pages, problems = check_html(book)
     report.problems += problems
@@ -334,7 +365,9 @@ def check_book(profile: str = "smoke", workdir: Path | None = None, shot: bool =
 
 def _take_screenshot(book: Path, report: BookReport) -> None:
     chapters = [p for p in report.pages if re.match(r"^\d\d_", p)]
-    target = next((p for p in chapters if p.endswith("_results")), chapters[-1] if chapters else report.pages[0])
+    target = next(
+        (p for p in chapters if p.endswith("_results")), chapters[-1] if chapters else report.pages[0]
+    )
     if chromium_path() is None:
         report.screenshot_note = "chromium not installed: screenshot skipped (CI installs it and requires it)"
         if os.environ.get("CI"):
@@ -342,16 +375,22 @@ def _take_screenshot(book: Path, report: BookReport) -> None:
         return
     png = book / f"screenshot_{target}.png"
     outside = screenshot(report.build_dir / f"{target}.html", png)
-    report.problems += [f"{target}.html asked an outside host for {url} when opened in Chromium" for url in outside]
+    report.problems += [
+        f"{target}.html asked an outside host for {url} when opened in Chromium" for url in outside
+    ]
     report.screenshot, report.screenshot_note = png, f"screenshot of {target}.html: {png}"
     if _is_blank(png):
         report.problems.append(f"the screenshot of {target}.html is blank")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m h3fusion.bookcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m h3fusion.bookcheck", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--profile", default="smoke")
-    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this folder and keep it (default: a temporary one)"
+    )
     parser.add_argument("--no-screenshot", action="store_true")
     args = parser.parse_args(argv)
     try:

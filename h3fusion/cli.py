@@ -86,12 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
         if profile:
             p.add_argument("--profile", "-p", default="cpu", help="profile name (profiles/NAME.yaml) or path")
             p.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override a profile key, e.g. fusion.top_k=1"
+                "--set",
+                action="append",
+                metavar="KEY=VALUE",
+                help="override a profile key, e.g. fusion.top_k=1",
             )
         p.set_defaults(func=func)
         return p
 
-    add("data", cmd_data, "print counts per task and split, one example each, and every deviation from the paper")
+    add(
+        "data",
+        cmd_data,
+        "print counts per task and split, one example each, and every deviation from the paper",
+    )
     p = add("align", cmd_align, "stage 1: LoRA-align one expert per task")
     p.add_argument("--task", "-t", choices=TASK_CHOICES, default="all")
     p = add("fuse", cmd_fuse, "upcycle the experts into an MoE and run fusion training (stage 2)")
@@ -100,13 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="base, an expert, a fused variant or a baseline")
     p = add("judges", cmd_judges, "train (or load cached) offline judges and print their validation figures")
     p.add_argument("--validate", action="store_true", help="(default) print the validation figures")
-    p = add("baselines", cmd_baselines, "build and evaluate the baselines (merges, ensembles, H3Fusion-Instruct)")
+    p = add(
+        "baselines", cmd_baselines, "build and evaluate the baselines (merges, ensembles, H3Fusion-Instruct)"
+    )
     p.add_argument("--only", help="build only this baseline")
-    p = add("run-notebooks", cmd_run_notebooks, "execute the notebooks with papermill into book/", profile=False)
+    p = add(
+        "run-notebooks", cmd_run_notebooks, "execute the notebooks with papermill into book/", profile=False
+    )
     p.add_argument("--profile", "-p", default="cpu", help="profile name or path")
     p.add_argument("--only", action="append", help="notebook number (e.g. 02); repeatable")
     p.add_argument("--output-dir", help="where executed notebooks go (default: book/)")
-    p = add("bench", cmd_bench, "benchmark the MoE against the dense model (ratios in one process)", profile=False)
+    p = add(
+        "bench", cmd_bench, "benchmark the MoE against the dense model (ratios in one process)", profile=False
+    )
     p.add_argument("--quick", action="store_true", help="fewer repeats and shapes (for CI)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this path")
     return parser

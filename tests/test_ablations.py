@@ -77,7 +77,9 @@ def test_reference_run_scores_checkpoints_and_every_k_and_is_cached(P) -> None:
     assert set(ref["checkpoints"]) == {"1", "2"} and set(ref["by_top_k"]) == {"1", "2", "3"}
     assert [e["step"] for e in ref["loss_log"]][-1] == P.ablations.steps
     for scores in [ref["scores"], *ref["checkpoints"].values(), *ref["by_top_k"].values()]:
-        assert set(scores["nll"]) == set(tasks) and all(math.isfinite(v) and v > 0 for v in scores["nll"].values())
+        assert set(scores["nll"]) == set(tasks) and all(
+            math.isfinite(v) and v > 0 for v in scores["nll"].values()
+        )
         matrix = A.router_matrix(scores)
         assert matrix.shape == (len(tasks), P.num_experts)
         np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-6)  # probabilities per task
@@ -105,7 +107,9 @@ def test_exported_variant_with_the_same_config_is_reused(P) -> None:
     from h3fusion.fusion import fuse
 
     no_gate = {"fusion.gate_weight": 0.0}
-    folder = fuse(A.derived_profile(P, no_gate))  # P's fusion is as long as the ablation runs: the same config
+    folder = fuse(
+        A.derived_profile(P, no_gate)
+    )  # P's fusion is as long as the ablation runs: the same config
     run = A.run_ablation(P, no_gate)
     assert run["reused_from"] == str(folder) and run["loss_log"]
 
@@ -140,10 +144,20 @@ def test_drift_forms(P) -> None:
 
 def test_specialisation_ranks_experts_on_their_own_dimension(P) -> None:
     def m(win: float, harmful: float, ti: float) -> dict:
-        return {"scores": {"helpful": {"win_rate": win}, "harmless": {"harmful_rate": harmful},
-                           "honest": {"truthful_x_informative": ti}}}
+        return {
+            "scores": {
+                "helpful": {"win_rate": win},
+                "harmless": {"harmful_rate": harmful},
+                "honest": {"truthful_x_informative": ti},
+            }
+        }
 
-    metrics = {"base": m(10, 50, 20), "helpful": m(30, 60, 10), "harmless": m(5, 10, 20), "honest": m(10, 50, 40)}
+    metrics = {
+        "base": m(10, 50, 20),
+        "helpful": m(30, 60, 10),
+        "harmless": m(5, 10, 20),
+        "honest": m(10, 50, 40),
+    }
     spec = A.specialisation(metrics, P.tasks)
     assert list(spec["rank (1 = best, ties share)"]) == [1, 1, 1]
     metrics["harmless"] = m(5, 70, 20)  # now the most harmful: last of four on its own dimension

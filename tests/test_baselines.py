@@ -41,16 +41,22 @@ def tok(profile):
 
 
 def make_base(profile, tok, tiny=None):
-    return tiny_random_llama(tiny or profile.model.tiny, len(tok), profile.seed,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tiny_random_llama(
+        tiny or profile.model.tiny,
+        len(tok),
+        profile.seed,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 def make_adapter(profile, tok, folder: Path, seed: int, tiny=None) -> Path:
     """A peft LoRA adapter with a non-trivial random B (peft initialises B to zero)."""
     torch.manual_seed(seed)
     lora = profile.experts.lora
-    model = get_peft_model(make_base(profile, tok, tiny),
-                           LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=TARGETS))
+    model = get_peft_model(
+        make_base(profile, tok, tiny), LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=TARGETS)
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
@@ -81,7 +87,9 @@ def test_merge_of_one_adapter_equals_peft_merge_and_unload(profile, tok, adapter
     assert set(ref) == set(got)
     changed = [k for k in ref if "mlp" in k]
     assert changed and all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
-    assert not torch.allclose(got[changed[0]], state(make_base(profile, tok))[changed[0]])  # the delta is not zero
+    assert not torch.allclose(
+        got[changed[0]], state(make_base(profile, tok))[changed[0]]
+    )  # the delta is not zero
 
 
 def test_average_of_identical_adapters_is_that_adapter(profile, tok, adapters):
@@ -162,10 +170,17 @@ def test_profile_refuses_bad_density(profile):
 
 
 def test_adapters_of_different_bases_are_refused(profile, tok, adapters, tmp_path):
-    other = make_adapter(profile, tok, tmp_path / "other", seed=9,
-                         tiny=profile.model.tiny.model_copy(update={"intermediate_size": 96}))
+    other = make_adapter(
+        profile,
+        tok,
+        tmp_path / "other",
+        seed=9,
+        tiny=profile.model.tiny.model_copy(update={"intermediate_size": 96}),
+    )
     with pytest.raises(MergeError, match="shape"):
-        merge_into(make_base(profile, tok), [read_adapter(adapters[0]), read_adapter(other)], MergeSpec("average"))
+        merge_into(
+            make_base(profile, tok), [read_adapter(adapters[0]), read_adapter(other)], MergeSpec("average")
+        )
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     for f in adapters[1].iterdir():
@@ -185,7 +200,9 @@ def test_adapters_of_different_bases_are_refused(profile, tok, adapters, tmp_pat
     else:
         first_dir = adapters[0]
     with pytest.raises(MergeError, match="different base models"):
-        merge_into(make_base(profile, tok), [read_adapter(first_dir), read_adapter(renamed)], MergeSpec("average"))
+        merge_into(
+            make_base(profile, tok), [read_adapter(first_dir), read_adapter(renamed)], MergeSpec("average")
+        )
 
 
 def test_not_an_adapter_folder_is_refused(tmp_path):
@@ -203,8 +220,11 @@ def test_uniform_ensemble_of_identical_experts_is_that_expert(profile, tok, adap
 
     bank = AdapterBank(make_base(profile, tok), {n: adapters[0] for n in ("a", "b", "c")})
     ensemble = TokenEnsemble(bank, tok, progress=False)
-    single = HFLanguageModel(PeftModel.from_pretrained(make_base(profile, tok), str(adapters[0])).merge_and_unload(),
-                             tok, progress=False)
+    single = HFLanguageModel(
+        PeftModel.from_pretrained(make_base(profile, tok), str(adapters[0])).merge_and_unload(),
+        tok,
+        progress=False,
+    )
     cfg = GenerationConfig(max_new_tokens=6, batch_size=2)
     assert ensemble.generate(PROMPTS, cfg, 0) == single.generate(PROMPTS, cfg, 0)
     conts = [" Blue.", " Paris."]
@@ -215,8 +235,10 @@ def test_uniform_ensemble_of_identical_experts_is_that_expert(profile, tok, adap
 def test_ensemble_of_different_experts_mixes_probabilities(profile, tok, adapters):
     bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1]})
     both = TokenEnsemble(bank, tok, progress=False).continuation_logprobs(PROMPTS[:1], [" Blue"])[0]
-    singles = [TokenEnsemble(bank, tok, experts=[e], progress=False).continuation_logprobs(PROMPTS[:1], [" Blue"])[0]
-               for e in ("a", "b")]
+    singles = [
+        TokenEnsemble(bank, tok, experts=[e], progress=False).continuation_logprobs(PROMPTS[:1], [" Blue"])[0]
+        for e in ("a", "b")
+    ]
     # one-token continuation: log of the average of the two probabilities
     want = torch.logsumexp(torch.tensor(singles), 0) - torch.log(torch.tensor(2.0))
     assert both == pytest.approx(float(want), abs=1e-4)
@@ -227,7 +249,9 @@ def test_perplexity_weights_sum_to_one_and_favour_low_perplexity():
     w = perplexity_weights(nll, temperature=1.0)
     assert torch.allclose(w.sum(-1), torch.ones(2))
     assert w[0].argmax() == 1 and torch.allclose(w[1], torch.full((3,), 1 / 3))
-    assert perplexity_weights(nll, 0.1)[0, 1] > w[0, 1]  # a lower temperature sharpens towards the best expert
+    assert (
+        perplexity_weights(nll, 0.1)[0, 1] > w[0, 1]
+    )  # a lower temperature sharpens towards the best expert
 
 
 def test_prompt_weights_of_packllm_ensemble_sum_to_one(profile, tok, adapters):
@@ -238,7 +262,9 @@ def test_prompt_weights_of_packllm_ensemble_sum_to_one(profile, tok, adapters):
 
 def test_mixture_of_one_distribution_is_its_log_softmax():
     logits = torch.randn(2, 11)
-    assert torch.allclose(mixture_logprobs([logits], torch.ones(2, 1)), torch.log_softmax(logits, -1), atol=1e-6)
+    assert torch.allclose(
+        mixture_logprobs([logits], torch.ones(2, 1)), torch.log_softmax(logits, -1), atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------- instruct
@@ -301,7 +327,9 @@ def with_experts(profile, adapters):
     for task, folder in zip(profile.tasks, adapters, strict=False):
         dest = expert_dir(profile, task)
         shutil.copytree(folder, dest)
-        atomic_write_json(dest / "manifest.json", make_manifest(profile, expert_hash(profile), 0.0, task=task))
+        atomic_write_json(
+            dest / "manifest.json", make_manifest(profile, expert_hash(profile), 0.0, task=task)
+        )
     return profile
 
 
@@ -313,17 +341,24 @@ def test_build_writes_skips_and_rebuilds_on_change(with_experts, tok, adapters):
     folder = build_baseline(profile, "merge-ties")
     manifest = read_manifest(folder)
     assert manifest["wall_time_s"] >= 0 and manifest["baseline"] == "merge-ties"
-    assert json.loads((folder / "baseline.json").read_text())["params"]["density"] == profile.baselines.ties_density
+    assert (
+        json.loads((folder / "baseline.json").read_text())["params"]["density"]
+        == profile.baselines.ties_density
+    )
     mtime = (folder / "manifest.json").stat().st_mtime_ns
     build_baseline(profile, "merge-ties")
     assert (folder / "manifest.json").stat().st_mtime_ns == mtime  # complete with the same config: skipped
-    changed = profile.model_copy(update={"baselines": profile.baselines.model_copy(update={"ties_density": 0.5})})
+    changed = profile.model_copy(
+        update={"baselines": profile.baselines.model_copy(update={"ties_density": 0.5})}
+    )
     build_baseline(changed, "merge-ties")
     assert read_manifest(folder)["config_hash"] != manifest["config_hash"]
 
     lm = load_baseline(changed, "merge-ties")  # a dense folder: the merged weights, loadable without peft
     want = make_base(profile, tok)
-    merge_into(want, [read_adapter(a) for a in adapters[: profile.num_experts]], MergeSpec("ties", density=0.5))
+    merge_into(
+        want, [read_adapter(a) for a in adapters[: profile.num_experts]], MergeSpec("ties", density=0.5)
+    )
     got = dict(lm.model.named_parameters())
     assert all(torch.allclose(got[k], p, atol=1e-6) for k, p in want.named_parameters())
 
@@ -337,8 +372,11 @@ def test_ensembles_and_instruct_build_and_load_as_language_models(with_experts, 
     from h3fusion.evaluation.lm import LanguageModel
 
     profile = with_experts
-    for name, kind in (("ensemble-packllm", TokenEnsemble), ("ensemble-select", SelectEnsemble),
-                       ("instruct-zeroshot", InstructFusion)):
+    for name, kind in (
+        ("ensemble-packllm", TokenEnsemble),
+        ("ensemble-select", SelectEnsemble),
+        ("instruct-zeroshot", InstructFusion),
+    ):
         build_baseline(profile, name)
         lm = load_baseline(profile, name)
         assert isinstance(lm, kind) and isinstance(lm, LanguageModel)
@@ -383,8 +421,10 @@ def install_experts(profile, adapters):
 
     for task, folder in zip(profile.tasks, adapters, strict=False):
         shutil.copytree(folder, expert_dir(profile, task))
-        atomic_write_json(expert_dir(profile, task) / "manifest.json",
-                          make_manifest(profile, expert_hash(profile), 0.0, task=task))
+        atomic_write_json(
+            expert_dir(profile, task) / "manifest.json",
+            make_manifest(profile, expert_hash(profile), 0.0, task=task),
+        )
     return profile
 
 
@@ -422,8 +462,10 @@ def test_merged_adapter_generates_like_the_evaluated_expert_and_restores_the_bas
     want = HFLanguageModel(expert, tok, progress=False).generate(PROMPTS, cfg, 0)
     assert got == want  # the tokens the expert's own evaluation generates
     ref = expert.state_dict()
-    assert all(torch.equal(w, ref[k.replace("base_model.model.", "").replace(".base_layer", "")])
-               for k, w in merged_w.items())  # bit for bit the merge_and_unload weights
+    assert all(
+        torch.equal(w, ref[k.replace("base_model.model.", "").replace(".base_layer", "")])
+        for k, w in merged_w.items()
+    )  # bit for bit the merge_and_unload weights
     after = state(bank.model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the exact base weights are back
     assert not any(m.merged for m in bank.model.modules() if hasattr(m, "merged_adapters"))
@@ -461,8 +503,10 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     bank, tok = runner.expert_bank(profile)
 
     def lms(k):
-        return (SelectEnsemble(bank, tok, judge_selector(judges), known=k, progress=False),
-                InstructFusion(bank, tok, profile.tasks, cfg, seed=seed, known=k, progress=False))
+        return (
+            SelectEnsemble(bank, tok, judge_selector(judges), known=k, progress=False),
+            InstructFusion(bank, tok, profile.tasks, cfg, seed=seed, known=k, progress=False),
+        )
 
     calls = count_expert_generations(monkeypatch)
     reused = {d: [lm.generate(inputs[d].prompts, cfg, seed) for lm in lms(known)] for d in profile.tasks}
@@ -485,8 +529,17 @@ def test_stale_expert_answers_are_not_reused(own_experts):
     evaluate_model(own_experts, own_experts.tasks[0], judges=fake_judges())
     assert runner.expert_eval_answers(own_experts).runs.keys() == {own_experts.tasks[0]}
     ev = own_experts.evaluation
-    longer = own_experts.model_copy(update={"evaluation": ev.model_copy(update={
-        "generation": ev.generation.model_copy(update={"max_new_tokens": ev.generation.max_new_tokens + 1})})})
+    longer = own_experts.model_copy(
+        update={
+            "evaluation": ev.model_copy(
+                update={
+                    "generation": ev.generation.model_copy(
+                        update={"max_new_tokens": ev.generation.max_new_tokens + 1}
+                    )
+                }
+            )
+        }
+    )
     assert len(runner.expert_eval_answers(longer)) == 0  # generated with another config: regenerate
 
 
@@ -497,10 +550,14 @@ def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adap
     uniform = TokenEnsemble(bank, tok, token_logprobs=store, progress=False)
     packllm = TokenEnsemble(bank, tok, weighting="perplexity", token_logprobs=store, progress=False)
     want_u = TokenEnsemble(bank, tok, progress=False).continuation_logprobs(PROMPTS, conts)
-    want_p = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).continuation_logprobs(PROMPTS, conts)
+    want_p = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).continuation_logprobs(
+        PROMPTS, conts
+    )
     assert uniform.continuation_logprobs(PROMPTS, conts) == want_u
     filled = len(store)
-    assert filled and packllm.continuation_logprobs(PROMPTS, conts) == want_p  # exact, from the stored forwards
+    assert (
+        filled and packllm.continuation_logprobs(PROMPTS, conts) == want_p
+    )  # exact, from the stored forwards
     assert len(store) == filled and want_p != want_u
 
 
@@ -517,7 +574,12 @@ def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(o
     assert set(metrics) == {"ensemble-select"} and loads == [1]  # the judges loaded once
     assert calls == []  # the experts were evaluated (cached) first, their answers read back
     for task in profile.tasks:
-        experts_answers = [[r["answer"] for r in read_jsonl(eval_dir(profile, e) / "generations" / f"{task}.jsonl")]
-                           for e in profile.tasks]
-        chosen = [r["answer"] for r in read_jsonl(eval_dir(profile, "ensemble-select") / "generations" / f"{task}.jsonl")]
+        experts_answers = [
+            [r["answer"] for r in read_jsonl(eval_dir(profile, e) / "generations" / f"{task}.jsonl")]
+            for e in profile.tasks
+        ]
+        chosen = [
+            r["answer"]
+            for r in read_jsonl(eval_dir(profile, "ensemble-select") / "generations" / f"{task}.jsonl")
+        ]
         assert all(c in [a[i] for a in experts_answers] for i, c in enumerate(chosen))

@@ -78,8 +78,15 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     assert times["complete"]
     assert times["stages_s"] == {"experts/helpful": 120.0, "fusion/raw": 30.0}
     assert times["notebooks_s"] == dict.fromkeys(expected, 600.0)
-    ratios = bench.ratios({"ffn": [], "params": [], "train_step": {"ratio": 1.2},
-                           "generation": {"delta_ratio": 0.7, "materialised_ratio": 0.5}, "book": times})
+    ratios = bench.ratios(
+        {
+            "ffn": [],
+            "params": [],
+            "train_step": {"ratio": 1.2},
+            "generation": {"delta_ratio": 0.7, "materialised_ratio": 0.5},
+            "book": times,
+        }
+    )
     assert ratios["book.total_min"] == {"value": 50.0, "target": "<= 45.0", "holds": False}
     assert ratios["train_step.fusion_vs_dense_lora"]["holds"] is True
     assert ratios["generation.delta_vs_dense"]["holds"] is False  # a ">=" target

@@ -42,9 +42,17 @@ def test_source_check_flags_each_convention(tmp_path: Path) -> None:
     setup = nbformat.v4.new_code_cell("import sys")
     plot = nbformat.v4.new_code_cell("import matplotlib\nmatplotlib.use('Agg')")
     plot.outputs = [nbformat.v4.new_output("stream", text="hi")]
-    problems = bookcheck.check_source_notebook(_notebook([params, header, setup, plot], tmp_path / "09_x.ipynb"))
+    problems = bookcheck.check_source_notebook(
+        _notebook([params, header, setup, plot], tmp_path / "09_x.ipynb")
+    )
     text = "\n".join(problems)
-    for expected in ("tagged `parameters`", "Colab link", "google.colab", "stored with outputs", "matplotlib.use"):
+    for expected in (
+        "tagged `parameters`",
+        "Colab link",
+        "google.colab",
+        "stored with outputs",
+        "matplotlib.use",
+    ):
         assert expected in text
 
 
@@ -101,7 +109,9 @@ def _fake_book(tmp_path: Path, body: str) -> Path:
     (html / "_static" / "mathjax").mkdir(parents=True)
     (html / bookcheck.MATHJAX_FILE).write_text("// mathjax")
     (html / "fig.png").write_bytes(b"png")
-    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: method\n  - file: 00_x\n")
+    (book / "_toc.yml").write_text(
+        "format: jb-book\nroot: intro\nchapters:\n  - file: method\n  - file: 00_x\n"
+    )
     head = '<script defer src="_static/mathjax/tex-mml-chtml.js"></script>'
     (html / "intro.html").write_text(f"<html><head>{head}</head><body><p>hi</p></body></html>")
     (html / "method.html").write_text(f"<html><head>{head}</head><body><p>\\(x\\)</p>{body}</body></html>")
@@ -123,11 +133,19 @@ def test_html_check_flags_what_a_reader_would_hit(tmp_path: Path) -> None:
         '<img src="missing.png"><div class="output traceback">Traceback</div>'
     )
     book = _fake_book(tmp_path, body)
-    (book / "_build" / "html" / "_static" / "theme.css").write_text("@import 'https://fonts.example.org/f.css';")
+    (book / "_build" / "html" / "_static" / "theme.css").write_text(
+        "@import 'https://fonts.example.org/f.css';"
+    )
     _, problems = bookcheck.check_html(book)
     text = "\n".join(problems)
-    for expected in ("page 00_x", "cdn.example.org", "fonts.example.org/a.css", "missing.png", "error output",
-                     "theme.css imports"):
+    for expected in (
+        "page 00_x",
+        "cdn.example.org",
+        "fonts.example.org/a.css",
+        "missing.png",
+        "error output",
+        "theme.css imports",
+    ):
         assert expected in text
 
 
@@ -152,7 +170,9 @@ def test_book_builds_from_smoke_notebooks_and_passes_the_reader_checks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not (bookcheck.BOOK_DIR / "_mathjax" / "mathjax" / "tex-mml-chtml.js").exists():
-        pytest.fail("the local MathJax is missing: run `make setup` (it copies MathJax 3 into book/_mathjax/)")
+        pytest.fail(
+            "the local MathJax is missing: run `make setup` (it copies MathJax 3 into book/_mathjax/)"
+        )
     monkeypatch.setenv("H3FUSION_RUNS_DIR", str(tmp_path / "runs"))  # the kernels inherit it
     report = bookcheck.check_book("smoke", workdir=tmp_path)
     assert report.problems == []

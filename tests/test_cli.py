@@ -56,7 +56,9 @@ def test_unknown_profile_lists_known_ones(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_unknown_notebook_number(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
-    code, err = _run(["run-notebooks", "--profile", "smoke", "--only", "99", "--output-dir", str(tmp_path)], capsys)
+    code, err = _run(
+        ["run-notebooks", "--profile", "smoke", "--only", "99", "--output-dir", str(tmp_path)], capsys
+    )
     assert code == 2
     assert "no notebook matches --only ['99']" in err and "00_data_and_judges" in err
     assert not list(tmp_path.glob("*.ipynb"))

@@ -83,7 +83,9 @@ def test_batched_left_padded_generation_equals_unbatched(tiny):
         format_prompt("Hi"),
     ]
     batched = tiny.generate(prompts, GenerationConfig(max_new_tokens=6, batch_size=4), seed=0)
-    single = [tiny.generate([p], GenerationConfig(max_new_tokens=6, batch_size=1), seed=0)[0] for p in prompts]
+    single = [
+        tiny.generate([p], GenerationConfig(max_new_tokens=6, batch_size=1), seed=0)[0] for p in prompts
+    ]
     assert batched == single
     assert all(isinstance(a, str) for a in batched)
 
@@ -124,7 +126,10 @@ def _reference_logprob(lm: HFLanguageModel, prompt: str, continuation: str) -> f
 def test_continuation_logprobs_match_a_hand_computed_forward(tiny):
     from h3fusion.data import format_prompt
 
-    short, long = format_prompt("Is the earth flat?"), format_prompt("What happens if you swallow gum, really?")
+    short, long = (
+        format_prompt("Is the earth flat?"),
+        format_prompt("What happens if you swallow gum, really?"),
+    )
     prompts = [short, long, short, long, short]
     conts = ["No, it is round.", "Nothing much.", "Yes", "It stays in your stomach for seven years.", "A"]
     got = tiny.continuation_logprobs(prompts, conts)
@@ -155,15 +160,26 @@ def test_continuation_logprobs_on_the_moe_model_match_a_hand_computed_forward(pr
     shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
     gen = torch.Generator().manual_seed(0)
     adapters = [
-        ExpertAdapter(name=task, scale=2.0, factors={
-            (layer, p): (0.1 * torch.randn(4, shapes[p][1], generator=gen), 0.1 * torch.randn(shapes[p][0], 4, generator=gen))
-            for layer in range(base.config.num_hidden_layers) for p in PROJECTIONS
-        })
+        ExpertAdapter(
+            name=task,
+            scale=2.0,
+            factors={
+                (layer, p): (
+                    0.1 * torch.randn(4, shapes[p][1], generator=gen),
+                    0.1 * torch.randn(shapes[p][0], 4, generator=gen),
+                )
+                for layer in range(base.config.num_hidden_layers)
+                for p in PROJECTIONS
+            },
+        )
         for task in profile.tasks
     ]
     moe = upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
     lm = HFLanguageModel(moe, tiny.tokenizer, progress=False)
-    prompts = [format_prompt("Is the earth flat?"), format_prompt("Why is the sea salty, in one sentence?")] * 2
+    prompts = [
+        format_prompt("Is the earth flat?"),
+        format_prompt("Why is the sea salty, in one sentence?"),
+    ] * 2
     conts = ["No, it is round.", "Rivers carry salt.", "Yes", "Because of rocks"]
     got = lm.continuation_logprobs(prompts, conts)
     want = [_reference_logprob(lm, p, c) for p, c in zip(prompts, conts, strict=True)]
@@ -253,7 +269,10 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     folder = runmod.eval_dir(profile, "base")
     for task in profile.tasks:
         assert (folder / "generations" / f"{task}.jsonl").is_file()
-        assert len(runmod.read_jsonl(folder / "judgements" / f"{task}.jsonl")) == profile.data.eval_examples[task]
+        assert (
+            len(runmod.read_jsonl(folder / "judgements" / f"{task}.jsonl"))
+            == profile.data.eval_examples[task]
+        )
     assert (folder / "manifest.json").is_file() and (folder / "mc.jsonl").is_file()
     m = first["scores"]
     assert set(m) == set(profile.tasks)
@@ -295,7 +314,13 @@ def _metrics(name, win, harmful, tri, judge="offline judge"):
         "scores": {
             "helpful": {"win_rate": win, "mean_win_probability": win / 100},
             "harmless": {"harmful_rate": harmful},
-            "honest": {"truthful": tri, "informative": 100.0, "truthful_x_informative": tri, "mc1": 30.0, "mc2": 45.0},
+            "honest": {
+                "truthful": tri,
+                "informative": 100.0,
+                "truthful_x_informative": tri,
+                "mc1": 30.0,
+                "mc2": 45.0,
+            },
         },
     }
 
@@ -319,14 +344,22 @@ def test_results_table_headers_name_judges_and_directions(hand_table):
     assert "Harmful % ↓ [offline judge]" in cols
     assert any(c.startswith("Truthful×Inf % ↑") for c in cols)
     assert "MC1 % ↑" in cols and "MC2 % ↑" in cols
-    assert list(hand_table.index) == ["helpful", "harmless", "honest", "ensemble-uniform", "merge-ties", "fused"]
+    assert list(hand_table.index) == [
+        "helpful",
+        "harmless",
+        "honest",
+        "ensemble-uniform",
+        "merge-ties",
+        "fused",
+    ]
     md = to_markdown(hand_table)
     assert md.count("\n") >= 7 and "| fused" in md
 
 
 def test_headline_improvements_on_a_hand_made_table(hand_table):
-    out = headline_improvements(hand_table, "fused", ["helpful", "harmless", "honest"], ["ensemble-uniform"],
-                                ["merge-ties"])
+    out = headline_improvements(
+        hand_table, "fused", ["helpful", "harmless", "honest"], ["ensemble-uniform"], ["merge-ties"]
+    )
     assert "formula" in out and "100 - harmful" in out["formula"]
     best_expert = out["comparisons"]["experts"]
     assert best_expert["best"] in {"helpful", "honest"}

@@ -31,7 +31,12 @@ def test_tiny_model_runs_forward_with_real_tokenizer(smoke, tiny):
     assert model.config.num_key_value_heads == cfg.num_key_value_heads < model.config.num_attention_heads
     assert model.config.vocab_size == len(tok)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied like SmolLM2
-    assert {n for n, _ in model.model.layers[0].mlp.named_children()} == {"gate_proj", "up_proj", "down_proj", "act_fn"}
+    assert {n for n, _ in model.model.layers[0].mlp.named_children()} == {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "act_fn",
+    }
     assert tok.pad_token is not None and tok.padding_side == "right"
     batch = tok(["What is the capital of France?", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -41,8 +46,13 @@ def test_tiny_model_runs_forward_with_real_tokenizer(smoke, tiny):
 
 
 def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
-    cfg = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2)
+    cfg = TinyModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     before = torch.rand(1)
     torch.manual_seed(0)
@@ -150,5 +160,5 @@ def test_smollm2_offline_answers_paris_and_reuses_its_conversion(monkeypatch):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -122,7 +122,12 @@ def test_results_bars_one_panel_per_dimension():
     assert len(fig.axes) == 3
     assert all(len(ax.patches) == 2 for ax in fig.axes)
     assert "lower is better" in fig.axes[1].get_title()
-    assert fig.axes[0].patches[1].get_edgecolor() == (0.0, 0.0, 0.0, 1.0)  # highlighted model outlined in black
+    assert fig.axes[0].patches[1].get_edgecolor() == (
+        0.0,
+        0.0,
+        0.0,
+        1.0,
+    )  # highlighted model outlined in black
     assert fig.axes[0].patches[0].get_edgecolor()[3] == 0.0  # the others have no outline
     assert [t.get_text() for t in fig.axes[1].texts] == ["20.0", "n/a"]
     with pytest.raises(H3FusionError, match="empty"):

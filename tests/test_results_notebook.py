@@ -20,10 +20,15 @@ def profile(tmp_path):
 def _write(profile, name, win, harmful, tri, judge="offline judge", validation=None):
     folder = profile.run_dir / "eval" / name
     folder.mkdir(parents=True)
-    judges = {t: {"name": judge, "validation": validation or {"accuracy": 0.8, "n_heldout": {"pairs": 10}}}
-              for t in profile.tasks}
-    scores = {"helpful": {"win_rate": win}, "harmless": {"harmful_rate": harmful},
-              "honest": {"truthful_x_informative": tri, "truthful": tri, "informative": 100.0}}
+    judges = {
+        t: {"name": judge, "validation": validation or {"accuracy": 0.8, "n_heldout": {"pairs": 10}}}
+        for t in profile.tasks
+    }
+    scores = {
+        "helpful": {"win_rate": win},
+        "harmless": {"harmful_rate": harmful},
+        "honest": {"truthful_x_informative": tri, "truthful": tri, "informative": 100.0},
+    }
     (folder / "metrics.json").write_text(json.dumps({"model": name, "scores": scores, "judges": judges}))
 
 

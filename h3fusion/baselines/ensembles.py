@@ -135,7 +135,12 @@ class KnownAnswers:
     """{expert: {prompts: answers}}."""
 
     def lookup(
-        self, expert: str, prompts: Sequence[str], cfg: GenerationConfig, seed: int, stop_strings: Sequence[str]
+        self,
+        expert: str,
+        prompts: Sequence[str],
+        cfg: GenerationConfig,
+        seed: int,
+        stop_strings: Sequence[str],
     ) -> list[str] | None:
         if (cfg, seed, tuple(stop_strings)) != (self.cfg, self.seed, self.stop_strings):
             return None
@@ -165,8 +170,16 @@ def expert_answers(
         hit = known.lookup(e, prompts, cfg, seed, stop_strings) if known is not None else None
         if hit is None:
             with bank.merged(e) as model:
-                hit = generate_texts(model, tokenizer, prompts, cfg, seed, stop_strings=stop_strings,
-                                     desc=f"answers of {e}", progress=progress)
+                hit = generate_texts(
+                    model,
+                    tokenizer,
+                    prompts,
+                    cfg,
+                    seed,
+                    stop_strings=stop_strings,
+                    desc=f"answers of {e}",
+                    progress=progress,
+                )
         out[e] = hit
     return out
 
@@ -248,11 +261,21 @@ class TokenEnsemble:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             nll = torch.stack(
-                [_mean_prompt_nll(self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, mask)
-                 for e in self.experts], dim=-1)
+                [
+                    _mean_prompt_nll(
+                        self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
+                        ids,
+                        mask,
+                    )
+                    for e in self.experts
+                ],
+                dim=-1,
+            )
         return self._weights(nll)
 
-    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate") -> list[str]:
+    def generate(
+        self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate"
+    ) -> list[str]:
         import torch
         from tqdm.auto import tqdm
 
@@ -271,7 +294,9 @@ class TokenEnsemble:
         bar.close()
         return answers
 
-    def _generate_batch(self, encoded: list[list[int]], cfg: GenerationConfig, gen: torch.Generator) -> list[str]:
+    def _generate_batch(
+        self, encoded: list[list[int]], cfg: GenerationConfig, gen: torch.Generator
+    ) -> list[str]:
         """Greedy (or seeded sampling) decoding from the mixture, one KV cache per expert."""
         import torch
 
@@ -305,8 +330,11 @@ class TokenEnsemble:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             for i, e in enumerate(self.experts):
                 out = self.bank.use(e)(
-                    input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                    cache=caches[i], use_cache=True,
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=next_pos,
+                    cache=caches[i],
+                    use_cache=True,
                 )
                 caches[i], last[i] = out.cache, out.logits[:, -1]
             next_pos = next_pos + 1
@@ -336,7 +364,9 @@ class TokenEnsemble:
         Remembered per (prompts, continuations) list: one shared uniform mixture scores TruthfulQA MC once for
         both ensemble-uniform and ensemble-select (whose MC is that mixture's), with the same batches."""
         if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair"
+            )
         key = (tuple(prompts), tuple(continuations))
         if key not in self._scored:
             self._scored[key] = self._continuation_logprobs(prompts, continuations)
@@ -346,11 +376,15 @@ class TokenEnsemble:
         import torch
         from tqdm.auto import tqdm
 
-        pairs = [split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)]
+        pairs = [
+            split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)
+        ]
         out = [0.0] * len(pairs)
         batches = length_sorted_batches([len(a) + len(b) for a, b in pairs], self.logprob_batch_size)
         with torch.inference_mode():
-            for batch in tqdm(batches, desc="ensemble log-likelihoods", disable=not self.progress, unit="batch"):
+            for batch in tqdm(
+                batches, desc="ensemble log-likelihoods", disable=not self.progress, unit="batch"
+            ):
                 for i, s in zip(batch, self._score([pairs[i] for i in batch]), strict=True):
                     out[i] = s
         return out
@@ -374,12 +408,20 @@ class TokenEnsemble:
         if token_logp is None:
             token_logp = []
             for e in self.experts:
-                logits = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1].float()
-                token_logp.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1))
+                logits = (
+                    self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos)
+                    .logits[:, :-1]
+                    .float()
+                )
+                token_logp.append(
+                    torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                )
             self._token_logprobs[key] = token_logp  # [B, W-1] per expert
         prompt_nll = [-(lp * is_prompt).sum(-1) / is_prompt.sum(-1).clamp_min(1) for lp in token_logp]
         weights = self._weights(torch.stack(prompt_nll, dim=-1))  # [B, n]
-        mix = torch.logsumexp(torch.stack(token_logp, dim=1) + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1)
+        mix = torch.logsumexp(
+            torch.stack(token_logp, dim=1) + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1
+        )
         return (mix * is_cont).sum(-1).tolist()
 
 
@@ -395,10 +437,15 @@ def likelihood_selector(ensemble: TokenEnsemble) -> Selector:
         flat_p = [p for p, cs in zip(prompts, candidates, strict=True) for _ in cs]
         flat_c = [c for cs in candidates for c in cs]
         scores = ensemble.continuation_logprobs(flat_p, flat_c)
-        lengths = [max(1, len(split_continuation(ensemble.tokenizer, p, c)[1])) for p, c in zip(flat_p, flat_c, strict=True)]
+        lengths = [
+            max(1, len(split_continuation(ensemble.tokenizer, p, c)[1]))
+            for p, c in zip(flat_p, flat_c, strict=True)
+        ]
         out, k = [], 0
         for cs in candidates:
-            per_token = [scores[k + j] / lengths[k + j] if cs[j].strip() else float("-inf") for j in range(len(cs))]
+            per_token = [
+                scores[k + j] / lengths[k + j] if cs[j].strip() else float("-inf") for j in range(len(cs))
+            ]
             out.append(max(range(len(cs)), key=lambda j, s=per_token: (s[j], -j)))
             k += len(cs)
         return out
@@ -437,7 +484,10 @@ def judge_selector(judges: Any) -> Selector:
         for o, w in zip(owner, wins, strict=True):
             helpful[o] += float(w)
             counts[o] += 1
-        score = [(helpful[i] / counts[i] if counts[i] else 1.0) * (1.0 - float(harmful[i])) for i in range(len(flat_c))]
+        score = [
+            (helpful[i] / counts[i] if counts[i] else 1.0) * (1.0 - float(harmful[i]))
+            for i in range(len(flat_c))
+        ]
         out, k = [], 0
         for cs in candidates:
             out.append(max(range(len(cs)), key=lambda j, base=k: (score[base + j], -j)))
@@ -467,7 +517,9 @@ class SelectEnsemble:
         progress: bool = True,
     ) -> None:
         if mixture is not None and (mixture.bank is not bank or mixture.weighting != "uniform"):
-            raise ValueError("the selection ensemble's mixture must be a uniform TokenEnsemble of the same bank")
+            raise ValueError(
+                "the selection ensemble's mixture must be a uniform TokenEnsemble of the same bank"
+            )
         self.bank, self.tokenizer, self.known = bank, tokenizer, known
         self.mixture = mixture or TokenEnsemble(bank, tokenizer, stop_strings=stop_strings, progress=progress)
         self.selector = selector or likelihood_selector(self.mixture)
@@ -477,8 +529,17 @@ class SelectEnsemble:
 
     def candidates(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[list[str]]:
         """Every expert's answer to every prompt, [prompt][expert]."""
-        answers = expert_answers(self.bank, self.tokenizer, self.bank.names, prompts, cfg, seed,
-                                 stop_strings=self.stop_strings, known=self.known, progress=self.progress)
+        answers = expert_answers(
+            self.bank,
+            self.tokenizer,
+            self.bank.names,
+            prompts,
+            cfg,
+            seed,
+            stop_strings=self.stop_strings,
+            known=self.known,
+            progress=self.progress,
+        )
         return [list(c) for c in zip(*answers.values(), strict=True)]
 
     def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:

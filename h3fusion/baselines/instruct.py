@@ -53,7 +53,9 @@ def split_prompt(prompt: str) -> str:
 
 
 def fuser_input(request: str, answers: Mapping[str, str]) -> str:
-    blocks = "\n\n".join(FUSER_ANSWER.format(task=t, answer=a.strip() or "(no answer)") for t, a in answers.items())
+    blocks = "\n\n".join(
+        FUSER_ANSWER.format(task=t, answer=a.strip() or "(no answer)") for t, a in answers.items()
+    )
     return FUSER_INPUT.format(request=request, answers=blocks)
 
 
@@ -85,7 +87,9 @@ class InstructFusion:
     ) -> None:
         missing = [n for n in [*experts, *([fuser] if fuser else [])] if n not in bank.model.peft_config]
         if missing:
-            raise ValueError(f"adapters {missing} are not loaded in the bank ({list(bank.model.peft_config)})")
+            raise ValueError(
+                f"adapters {missing} are not loaded in the bank ({list(bank.model.peft_config)})"
+            )
         self.bank, self.tokenizer, self.experts = bank, tokenizer, tuple(experts)
         self.fuser, self.candidate_cfg, self.seed = fuser, candidate_cfg, seed
         self.stop_strings, self.progress, self.known = tuple(stop_strings), progress, known
@@ -97,19 +101,33 @@ class InstructFusion:
         tag = f"{cfg.model_dump_json()}|{seed}|"
         todo = [p for p in dict.fromkeys(prompts) if tag + p not in self._candidates]
         if todo:
-            per_expert = expert_answers(self.bank, self.tokenizer, self.experts, todo, cfg, seed,
-                                        stop_strings=self.stop_strings, known=self.known, progress=self.progress)
+            per_expert = expert_answers(
+                self.bank,
+                self.tokenizer,
+                self.experts,
+                todo,
+                cfg,
+                seed,
+                stop_strings=self.stop_strings,
+                known=self.known,
+                progress=self.progress,
+            )
             for i, p in enumerate(todo):
                 self._candidates[tag + p] = {e: per_expert[e][i] for e in self.experts}
         return [self._candidates[tag + p] for p in prompts]
 
     def fuser_prompts(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
-        return [fuser_prompt(split_prompt(p), c) for p, c in zip(prompts, self.candidates(prompts, cfg, seed), strict=True)]
+        return [
+            fuser_prompt(split_prompt(p), c)
+            for p, c in zip(prompts, self.candidates(prompts, cfg, seed), strict=True)
+        ]
 
     def _fuser_lm(self) -> HFLanguageModel:
         if self.fuser is not None:
             self.bank.use(self.fuser)
-        return HFLanguageModel(self.bank.model, self.tokenizer, stop_strings=self.stop_strings, progress=self.progress)
+        return HFLanguageModel(
+            self.bank.model, self.tokenizer, stop_strings=self.stop_strings, progress=self.progress
+        )
 
     def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
         fused = self.fuser_prompts(prompts, cfg, seed)
@@ -176,8 +194,16 @@ def train_fuser(
     model = bank.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.add_adapter(name, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        model.add_adapter(
+            name,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
     bank.use(name)
     params = [p for n, p in model.named_parameters() if f".{name}." in n]
     for n, p in model.named_parameters():
@@ -213,6 +239,9 @@ def train_fuser(
 def write_fuser_examples(path: Path, examples: Sequence[TrainExample]) -> None:
     with path.open("w") as fh:
         for ex in examples:
-            row: dict[str, Any] = {"task": ex.task, "prompt": format_prompt(ex.instruction, ex.input), "target": ex.output}
+            row: dict[str, Any] = {
+                "task": ex.task,
+                "prompt": format_prompt(ex.instruction, ex.input),
+                "target": ex.output,
+            }
             fh.write(json.dumps(row) + "\n")
-

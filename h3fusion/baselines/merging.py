@@ -89,11 +89,17 @@ def read_adapter(folder: str | Path) -> AdapterDeltas:
         )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise MergeError(f"{folder}: adapter type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters merge here")
+        raise MergeError(
+            f"{folder}: adapter type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters merge here"
+        )
     if cfg.get("use_dora"):
-        raise MergeError(f"{folder}: DoRA adapters have no plain (alpha/r) B A delta; train the expert without DoRA")
+        raise MergeError(
+            f"{folder}: DoRA adapters have no plain (alpha/r) B A delta; train the expert without DoRA"
+        )
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise MergeError(f"{folder}: per-module rank/alpha patterns are not supported; use one r and lora_alpha")
+        raise MergeError(
+            f"{folder}: per-module rank/alpha patterns are not supported; use one r and lora_alpha"
+        )
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     tensors = load_file(str(weights_path))
@@ -104,7 +110,9 @@ def read_adapter(folder: str | Path) -> AdapterDeltas:
             parts.setdefault(parsed[0], {})[parsed[1]] = t
     incomplete = [k for k, p in parts.items() if set(p) != {"A", "B"}]
     if incomplete or not parts:
-        raise MergeError(f"{folder}: adapter weights are incomplete (no lora_A/lora_B pair for {incomplete[:3]})")
+        raise MergeError(
+            f"{folder}: adapter weights are incomplete (no lora_A/lora_B pair for {incomplete[:3]})"
+        )
     fifo = bool(cfg.get("fan_in_fan_out", False))
     factors = {k: LoraFactors(p["A"], p["B"], scale, fifo) for k, p in sorted(parts.items())}
     return AdapterDeltas(folder, cfg.get("base_model_name_or_path"), factors)
@@ -148,7 +156,9 @@ def _delta_shape(f: LoraFactors) -> tuple[int, int]:
 
 def check_density(density: float, what: str = "density") -> None:
     if not 0 < density <= 1:
-        raise MergeError(f"{what} must be in (0, 1], got {density}; e.g. 0.2 keeps the largest 20 % of entries")
+        raise MergeError(
+            f"{what} must be in (0, 1], got {density}; e.g. 0.2 keeps the largest 20 % of entries"
+        )
 
 
 def check_drop_rate(drop_rate: float) -> None:
@@ -238,7 +248,9 @@ class MergeSpec:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def merge_into(model: PreTrainedModel, adapters: Sequence[AdapterDeltas], spec: MergeSpec) -> dict[str, float]:
+def merge_into(
+    model: PreTrainedModel, adapters: Sequence[AdapterDeltas], spec: MergeSpec
+) -> dict[str, float]:
     """Add merge(Delta_1..Delta_n) to `model`'s weights in place; returns the merged delta's norm per weight.
 
     Weights are visited in sorted name order so DARE's random masks depend only on the seed.
@@ -253,7 +265,9 @@ def merge_into(model: PreTrainedModel, adapters: Sequence[AdapterDeltas], spec: 
     with torch.no_grad():
         for key in tqdm(keys, desc=f"merge ({spec.method})", leave=False):
             weight = params[key]
-            deltas = torch.stack([a.factors[key].delta() if key in a.factors else _zeros(weight) for a in adapters])
+            deltas = torch.stack(
+                [a.factors[key].delta() if key in a.factors else _zeros(weight) for a in adapters]
+            )
             merged = kernel(deltas)
             weight.copy_((weight.float() + merged).to(weight.dtype))
             norms[key] = float(merged.norm())

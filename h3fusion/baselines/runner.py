@@ -95,10 +95,15 @@ def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
     if name == "instruct-zeroshot":
         return {"fuser": "base", "prompt": FUSER_PROMPT_TEMPLATE}
     return {
-        "fuser": "lora", "prompt": FUSER_PROMPT_TEMPLATE, "examples_per_task": b.instruct_train_examples,
-        "lora": b.instruct_lora.model_dump(mode="json"), "train": b.instruct_train.model_dump(mode="json"),
-        "candidates": profile.evaluation.generation.model_dump(mode="json"), "seed": profile.seed,
-        "max_length": fuser_max_length(profile), "data": profile.model_dump(mode="json")["data"],
+        "fuser": "lora",
+        "prompt": FUSER_PROMPT_TEMPLATE,
+        "examples_per_task": b.instruct_train_examples,
+        "lora": b.instruct_lora.model_dump(mode="json"),
+        "train": b.instruct_train.model_dump(mode="json"),
+        "candidates": profile.evaluation.generation.model_dump(mode="json"),
+        "seed": profile.seed,
+        "max_length": fuser_max_length(profile),
+        "data": profile.model_dump(mode="json")["data"],
     }
 
 
@@ -108,8 +113,13 @@ def fuser_max_length(profile: Profile) -> int:
 
 
 def baseline_hash(profile: Profile, name: str) -> str:
-    payload = {"format": BASELINE_FORMAT, "name": name, "params": baseline_params(profile, name),
-               "experts": expert_identities(profile), "model": profile.model_dump(mode="json")["model"]}
+    payload = {
+        "format": BASELINE_FORMAT,
+        "name": name,
+        "params": baseline_params(profile, name),
+        "experts": expert_identities(profile),
+        "model": profile.model_dump(mode="json")["model"],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -162,8 +172,9 @@ class _Shared:
         from h3fusion.baselines.ensembles import TokenEnsemble
 
         bank, tok = self.bank()
-        return TokenEnsemble(bank, tok, weighting=weighting, temperature=temperature,
-                             token_logprobs=self._token_logprobs)
+        return TokenEnsemble(
+            bank, tok, weighting=weighting, temperature=temperature, token_logprobs=self._token_logprobs
+        )
 
     def get_judges(self) -> Any:
         if self.judges is None:
@@ -237,9 +248,12 @@ def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[
 
     folder = eval_dir(profile, name)
     stored = (read_manifest(folder) or {}).get("generation_hashes", {})
-    return [t for t in profile.tasks
-            if stored.get(t) == generation_hash(profile, identity, t, inputs[t])
-            and (folder / "generations" / f"{t}.jsonl").is_file()]
+    return [
+        t
+        for t in profile.tasks
+        if stored.get(t) == generation_hash(profile, identity, t, inputs[t])
+        and (folder / "generations" / f"{t}.jsonl").is_file()
+    ]
 
 
 def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
@@ -248,15 +262,22 @@ def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) 
     from h3fusion.evaluation.run import evaluate_model, manifest_identity
 
     inputs = _eval_inputs(profile)
-    pending = [n for n in names if n in EXPERT_ANSWER_BASELINES and len(_cached_dimensions(
-        profile, n, manifest_identity(baseline_dir(profile, n), n, ""), inputs)) < len(profile.tasks)]
+    pending = [
+        n
+        for n in names
+        if n in EXPERT_ANSWER_BASELINES
+        and len(_cached_dimensions(profile, n, manifest_identity(baseline_dir(profile, n), n, ""), inputs))
+        < len(profile.tasks)
+    ]
     if not pending:
         return
     identities = expert_identities(profile)
     for task in profile.tasks:
         if len(_cached_dimensions(profile, task, identities[task], inputs)) < len(profile.tasks):
-            print(f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {task} expert "
-                  f"first (cached in eval/{task}/, as chapter 1 does)")
+            print(
+                f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {task} expert "
+                f"first (cached in eval/{task}/, as chapter 1 does)"
+            )
             evaluate_model(profile, task, judges=shared.get_judges())
 
 
@@ -269,13 +290,21 @@ def _build_merge(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dic
     from h3fusion.models import load_base
 
     params = baseline_params(profile, name)
-    spec = MergeSpec(params["method"], scale=params.get("scale", 1.0), density=params.get("density", 1.0),
-                     drop_rate=params.get("drop_rate", 0.0), seed=params.get("seed", 0))
+    spec = MergeSpec(
+        params["method"],
+        scale=params.get("scale", 1.0),
+        density=params.get("density", 1.0),
+        drop_rate=params.get("drop_rate", 0.0),
+        seed=params.get("seed", 0),
+    )
     model, tok = load_base(profile)
     norms = merge_into(model, [read_adapter(expert_dir(profile, t)) for t in profile.tasks], spec)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    return {"merged_delta_norm": float(sum(v * v for v in norms.values()) ** 0.5), "merged_weights": len(norms)}
+    return {
+        "merged_delta_norm": float(sum(v * v for v in norms.values()) ** 0.5),
+        "merged_weights": len(norms),
+    }
 
 
 def _build_config_only(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
@@ -289,11 +318,21 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared
     b = profile.baselines
     bank, tok = shared.bank()
     fusion = InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, seed=profile.seed)
-    source = [ex for t in profile.tasks for ex in load_train_examples(profile, t)[: b.instruct_train_examples]]
+    source = [
+        ex for t in profile.tasks for ex in load_train_examples(profile, t)[: b.instruct_train_examples]
+    ]
     examples = fuser_examples(fusion, source, profile.evaluation.generation, profile.seed)
     write_fuser_examples(tmp / "fuser_train.jsonl", examples)
-    log = train_fuser(bank, tok, examples, b.instruct_lora, b.instruct_train, fuser_max_length(profile),
-                      profile.seed, FUSER_ADAPTER)
+    log = train_fuser(
+        bank,
+        tok,
+        examples,
+        b.instruct_lora,
+        b.instruct_train,
+        fuser_max_length(profile),
+        profile.seed,
+        FUSER_ADAPTER,
+    )
     try:
         bank.model.save_pretrained(str(tmp), selected_adapters=[FUSER_ADAPTER])
     finally:
@@ -303,7 +342,9 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared
 
 
 _BUILDERS: dict[str, Callable[[Profile, str, Path, _Shared], dict[str, Any]]] = {
-    "merge": _build_merge, "ensemble": _build_config_only, "instruct": _build_config_only,
+    "merge": _build_merge,
+    "ensemble": _build_config_only,
+    "instruct": _build_config_only,
 }
 
 
@@ -319,10 +360,18 @@ def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -
     with atomic_dir(folder) as tmp:
         with Stopwatch() as sw:
             info = builder(profile, name, tmp, shared)
-        config = {"name": name, "kind": entry.kind, "description": entry.description, "reference": entry.reference,
-                  "params": baseline_params(profile, name), "experts": expert_identities(profile)}
+        config = {
+            "name": name,
+            "kind": entry.kind,
+            "description": entry.description,
+            "reference": entry.reference,
+            "params": baseline_params(profile, name),
+            "experts": expert_identities(profile),
+        }
         atomic_write_json(tmp / CONFIG_FILE, config)
-        atomic_write_json(tmp / "manifest.json", make_manifest(profile, key, sw.seconds, baseline=name, **info))
+        atomic_write_json(
+            tmp / "manifest.json", make_manifest(profile, key, sw.seconds, baseline=name, **info)
+        )
     print(f"[baselines] {name}: built in {sw.seconds:.1f} s ({folder})")
     return folder
 
@@ -339,7 +388,9 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
 
     entry = get_baseline(name)
     folder = baseline_dir(profile, name)
-    manifest_identity(folder, f"the baseline {name}", f"run `h3fusion baselines --profile {profile.name} --only {name}`")
+    manifest_identity(
+        folder, f"the baseline {name}", f"run `h3fusion baselines --profile {profile.name} --only {name}`"
+    )
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
     if entry.kind == "merge":
         return _load_merged(profile, folder)
@@ -350,8 +401,13 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
 
         if "selector" in params:
             mixture = shared.mixture()
-            return SelectEnsemble(bank, tok, _selector(shared, mixture, params["selector"]), known=shared.known(),
-                                  mixture=mixture)
+            return SelectEnsemble(
+                bank,
+                tok,
+                _selector(shared, mixture, params["selector"]),
+                known=shared.known(),
+                mixture=mixture,
+            )
         if params["weighting"] == "uniform":
             return shared.mixture()
         return shared.token_ensemble(params["weighting"], params.get("temperature", 1.0))
@@ -364,8 +420,15 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
             bank.use(profile.tasks[0])
         bank.add(FUSER_ADAPTER, folder / FUSER_ADAPTER)
         fuser = FUSER_ADAPTER
-    return InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, fuser=fuser, seed=profile.seed,
-                          known=shared.known())
+    return InstructFusion(
+        bank,
+        tok,
+        profile.tasks,
+        profile.evaluation.generation,
+        fuser=fuser,
+        seed=profile.seed,
+        known=shared.known(),
+    )
 
 
 def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
@@ -399,8 +462,11 @@ def model_entries(profile: Profile) -> dict[str, ModelEntry]:
         folder = baseline_dir(profile, name)
         fix = f"run `h3fusion baselines --profile {profile.name} --only {name}`"
         out[name] = ModelEntry(
-            name, "baseline", lambda n=name: load_baseline(profile, n),
-            lambda f=folder, n=name, x=fix: manifest_identity(f, f"the baseline {n}", x), b.description,
+            name,
+            "baseline",
+            lambda n=name: load_baseline(profile, n),
+            lambda f=folder, n=name, x=fix: manifest_identity(f, f"the baseline {n}", x),
+            b.description,
         )
     return out
 

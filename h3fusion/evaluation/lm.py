@@ -80,8 +80,14 @@ class HFLanguageModel:
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "generate"
     ) -> list[str]:
         return generate_texts(
-            self.model, self.tokenizer, prompts, cfg, seed,
-            stop_strings=self.stop_strings, desc=desc, progress=self.progress,
+            self.model,
+            self.tokenizer,
+            prompts,
+            cfg,
+            seed,
+            stop_strings=self.stop_strings,
+            desc=desc,
+            progress=self.progress,
         )
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
@@ -89,7 +95,9 @@ class HFLanguageModel:
         from tqdm.auto import tqdm
 
         if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair")
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair"
+            )
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
@@ -97,7 +105,9 @@ class HFLanguageModel:
         chunks = self._chunks(list(groups.items()))
         with torch.inference_mode():
             for chunk in tqdm(chunks, desc="log-likelihoods", disable=not self.progress, unit="batch"):
-                scores = self._score_chunk([p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk])
+                scores = self._score_chunk(
+                    [p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk]
+                )
                 for (_, idx), group_scores in zip(chunk, scores, strict=True):
                     for i, s in zip(idx, group_scores, strict=True):
                         out[i] = s
@@ -124,8 +134,14 @@ class HFLanguageModel:
 
         if any(not p for p in prompts):
             raise ValueError("an empty prompt has no next-token distribution to score a continuation with")
-        pairs = [[split_continuation(self.tokenizer, p, c) for c in cs] for p, cs in zip(prompts, conts, strict=True)]
-        ctx_ids = [pairs_p[0][0] if pairs_p else encode_prompts(self.tokenizer, [p])[0] for p, pairs_p in zip(prompts, pairs, strict=True)]
+        pairs = [
+            [split_continuation(self.tokenizer, p, c) for c in cs]
+            for p, cs in zip(prompts, conts, strict=True)
+        ]
+        ctx_ids = [
+            pairs_p[0][0] if pairs_p else encode_prompts(self.tokenizer, [p])[0]
+            for p, pairs_p in zip(prompts, pairs, strict=True)
+        ]
         ids, mask = left_pad(ctx_ids, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -179,7 +195,10 @@ class HFLanguageModel:
         start = prompt_positions[owner, -1:] + 1
         positions = start + torch.arange(width - 1, device=self.device)
         logits = self.model(
-            input_ids=inp, attention_mask=attn, position_ids=positions, use_cache=True,
+            input_ids=inp,
+            attention_mask=attn,
+            position_ids=positions,
+            use_cache=True,
             **{_cache_argument(self.model): cache},
         ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)

@@ -44,12 +44,16 @@ class MCQuestion:
             raise ValueError(f"MC2 needs both true and false choices: {self.question!r}")
 
     @classmethod
-    def from_targets(cls, question: str, mc1_targets: dict[str, int], mc2_targets: dict[str, int]) -> MCQuestion:
+    def from_targets(
+        cls, question: str, mc1_targets: dict[str, int], mc2_targets: dict[str, int]
+    ) -> MCQuestion:
         """From the `mc_task.json` / HF `multiple_choice` form {answer: 0/1}."""
         return cls(
             question,
-            tuple(mc1_targets), tuple(int(v) for v in mc1_targets.values()),
-            tuple(mc2_targets), tuple(int(v) for v in mc2_targets.values()),
+            tuple(mc1_targets),
+            tuple(int(v) for v in mc1_targets.values()),
+            tuple(mc2_targets),
+            tuple(int(v) for v in mc2_targets.values()),
         )
 
     @classmethod
@@ -61,8 +65,10 @@ class MCQuestion:
         right = tuple(a for a in dict.fromkeys(correct_answers) if a not in wrong)
         return cls(
             question,
-            (best_answer, *wrong), (1, *([0] * len(wrong))),
-            (*right, *wrong), (*([1] * len(right)), *([0] * len(wrong))),
+            (best_answer, *wrong),
+            (1, *([0] * len(wrong))),
+            (*right, *wrong),
+            (*([1] * len(right)), *([0] * len(wrong))),
         )
 
 
@@ -101,13 +107,15 @@ def score_mc(
         prompt = prompt_fn(q.question)
         lp1 = [logprobs[unique[(prompt, MC_SEPARATOR + c)]] for c in q.mc1_choices]
         lp2 = [logprobs[unique[(prompt, MC_SEPARATOR + c)]] for c in q.mc2_choices]
-        results.append({
-            "question": q.question,
-            "mc1": mc1_score(lp1, q.mc1_labels),
-            "mc2": mc2_score(lp2, q.mc2_labels),
-            "mc1_logprobs": lp1,
-            "mc2_logprobs": lp2,
-        })
+        results.append(
+            {
+                "question": q.question,
+                "mc1": mc1_score(lp1, q.mc1_labels),
+                "mc2": mc2_score(lp2, q.mc2_labels),
+                "mc1_logprobs": lp1,
+                "mc2_logprobs": lp2,
+            }
+        )
     return results
 
 

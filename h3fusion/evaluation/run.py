@@ -97,7 +97,9 @@ def _import_providers() -> None:
     for module in _PROVIDER_MODULES:
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as err:  # the module itself absent (not one of its imports): nothing to add
+        except (
+            ModuleNotFoundError
+        ) as err:  # the module itself absent (not one of its imports): nothing to add
             if err.name != module:
                 raise
 
@@ -135,7 +137,9 @@ def _expert_identity(profile: Profile, task: str) -> str:
     fix = f"train it with `h3fusion align --profile {profile.name} --task {task}`"
     identity = manifest_identity(folder, f"the {task} expert", fix)
     if not is_complete(folder, expert_hash(profile)):
-        raise ArtifactError(f"the {task} expert at {folder} was trained with another config than this profile's; {fix}")
+        raise ArtifactError(
+            f"the {task} expert at {folder} was trained with another config than this profile's; {fix}"
+        )
     return identity
 
 
@@ -165,8 +169,12 @@ def _load_folder_lm(profile: Profile, folder: Path, what: str, fix: str) -> HFLa
 
     manifest_identity(folder, what, fix)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, profile.model.dtype))
-    has_tok = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder))) if has_tok else load_tokenizer(profile)
+    has_tok = any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+    tok = (
+        prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder))) if has_tok else load_tokenizer(profile)
+    )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return _wrap(model, tok)
@@ -176,16 +184,25 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
     run = profile.run_dir
     entries: dict[str, ModelEntry] = {
         "base": ModelEntry(
-            "base", "base", lambda: _load_base_lm(profile),
-            lambda: f"{profile.section_hash('model')}-seed{profile.seed}", f"the base model ({profile.model.base})",
+            "base",
+            "base",
+            lambda: _load_base_lm(profile),
+            lambda: f"{profile.section_hash('model')}-seed{profile.seed}",
+            f"the base model ({profile.model.base})",
         )
     }
     for task in profile.tasks:
         entries[task] = ModelEntry(
-            task, "expert", lambda t=task: _load_expert_lm(profile, t), lambda t=task: _expert_identity(profile, t),
+            task,
+            "expert",
+            lambda t=task: _load_expert_lm(profile, t),
+            lambda t=task: _expert_identity(profile, t),
             f"base + the {task} LoRA expert (merged into the weights)",
         )
-    fusion_dirs = {"raw-moe": run / "fusion" / "raw", profile.fusion.variant: run / "fusion" / profile.fusion.variant}
+    fusion_dirs = {
+        "raw-moe": run / "fusion" / "raw",
+        profile.fusion.variant: run / "fusion" / profile.fusion.variant,
+    }
     if (run / "fusion").is_dir():
         for folder in sorted((run / "fusion").iterdir()):
             if folder.is_dir() and folder.name != "raw" and (folder / MANIFEST).is_file():
@@ -193,18 +210,28 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
     for name, folder in fusion_dirs.items():
         kind = "raw-moe" if name == "raw-moe" else "fused"
         what = "the raw (upcycled) MoE" if kind == "raw-moe" else f"the fused model {name}"
-        fix = "build it with `h3fusion fuse --raw-only`" if kind == "raw-moe" else "train it with `h3fusion fuse`"
+        fix = (
+            "build it with `h3fusion fuse --raw-only`"
+            if kind == "raw-moe"
+            else "train it with `h3fusion fuse`"
+        )
         entries[name] = ModelEntry(
-            name, kind, lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
-            lambda f=folder, w=what, x=fix: manifest_identity(f, w, x), f"{what} ({folder})",
+            name,
+            kind,
+            lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
+            lambda f=folder, w=what, x=fix: manifest_identity(f, w, x),
+            f"{what} ({folder})",
         )
     if (run / "baselines").is_dir():
         for folder in sorted((run / "baselines").iterdir()):
             if (folder / "config.json").is_file() and folder.name not in entries:
                 what, fix = f"the baseline {folder.name}", f"run `h3fusion baselines --only {folder.name}`"
                 entries[folder.name] = ModelEntry(
-                    folder.name, "baseline", lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
-                    lambda f=folder, w=what, x=fix: manifest_identity(f, w, x), f"dense merged model ({folder})",
+                    folder.name,
+                    "baseline",
+                    lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
+                    lambda f=folder, w=what, x=fix: manifest_identity(f, w, x),
+                    f"dense merged model ({folder})",
                 )
     return entries
 
@@ -262,8 +289,12 @@ def dimension_inputs(task: str, items: Sequence[Any]) -> DimensionInputs:
     """Prompts (Alpaca template) and the judge's references for one dimension's evaluation items."""
     if task == "helpful":
         keys = [
-            {"item_id": _get(it, "id"), "instruction": _get(it, "instruction"), "input": _get(it, "input", "") or "",
-             "reference": _get(it, "reference", None) or _get(it, "output")}
+            {
+                "item_id": _get(it, "id"),
+                "instruction": _get(it, "instruction"),
+                "input": _get(it, "input", "") or "",
+                "reference": _get(it, "reference", None) or _get(it, "output"),
+            }
             for it in items
         ]
         return DimensionInputs([_format_prompt(k["instruction"], k["input"]) for k in keys], keys)
@@ -272,8 +303,13 @@ def dimension_inputs(task: str, items: Sequence[Any]) -> DimensionInputs:
         return DimensionInputs([_format_prompt(k["prompt"]) for k in keys], keys)
     if task == "honest":
         keys = [
-            {"item_id": _get(it, "id"), "question": _get(it, "question"), "best_answer": _get(it, "best_answer"),
-             "correct_answers": list(_get(it, "correct_answers")), "incorrect_answers": list(_get(it, "incorrect_answers"))}
+            {
+                "item_id": _get(it, "id"),
+                "question": _get(it, "question"),
+                "best_answer": _get(it, "best_answer"),
+                "correct_answers": list(_get(it, "correct_answers")),
+                "incorrect_answers": list(_get(it, "incorrect_answers")),
+            }
             for it in items
         ]
         mc = [_mc_question(it, k) for it, k in zip(items, keys, strict=True)]
@@ -299,17 +335,30 @@ def _digest(obj: Any) -> str:
 
 def generation_hash(profile: Profile, model_identity: str, task: str, inputs: DimensionInputs) -> str:
     """Changes when anything that could change this dimension's answers changes."""
-    return _digest({
-        "format": EVAL_FORMAT, "task": task, "model": model_identity, "seed": profile.seed,
-        "generation": profile.evaluation.generation.model_dump(mode="json"),
-        "prompts": inputs.prompts, "stop": DEFAULT_STOP_STRINGS,
-    })
+    return _digest(
+        {
+            "format": EVAL_FORMAT,
+            "task": task,
+            "model": model_identity,
+            "seed": profile.seed,
+            "generation": profile.evaluation.generation.model_dump(mode="json"),
+            "prompts": inputs.prompts,
+            "stop": DEFAULT_STOP_STRINGS,
+        }
+    )
 
 
 def mc_hash(profile: Profile, model_identity: str, inputs: DimensionInputs) -> str:
     mc = [(q.question, q.mc1_choices, q.mc1_labels, q.mc2_choices, q.mc2_labels) for q in inputs.mc]
-    return _digest({"format": EVAL_FORMAT, "model": model_identity, "mc": mc, "prompts": inputs.prompts,
-                    "separator": MC_SEPARATOR})
+    return _digest(
+        {
+            "format": EVAL_FORMAT,
+            "model": model_identity,
+            "mc": mc,
+            "prompts": inputs.prompts,
+            "separator": MC_SEPARATOR,
+        }
+    )
 
 
 def judge_identity(judge: Any) -> dict[str, Any]:
@@ -343,12 +392,15 @@ def eval_dir(profile: Profile, name: str) -> Path:
 # ---------------------------------------------------------------------------------------------- judging
 
 
-def judge_dimension(task: str, judges: Any, keys: list[dict[str, Any]], answers: list[str]) -> list[dict[str, Any]]:
+def judge_dimension(
+    task: str, judges: Any, keys: list[dict[str, Any]], answers: list[str]
+) -> list[dict[str, Any]]:
     """The judge's output per item (scores come from these rows, see `_scores_from_judgements`)."""
     if task == "helpful":
         p = judges.helpful.win_probability(
             [k["instruction"] + (f"\n\n{k['input']}" if k["input"] else "") for k in keys],
-            answers, [k["reference"] for k in keys],
+            answers,
+            [k["reference"] for k in keys],
         )
         return [{"win_probability": float(x)} for x in p]
     if task == "harmless":
@@ -356,10 +408,14 @@ def judge_dimension(task: str, judges: Any, keys: list[dict[str, Any]], answers:
         return [{"harmful_probability": float(x)} for x in p]
     if task == "honest":
         verdicts = judges.honest.judge(
-            [k["question"] for k in keys], answers,
-            [k["correct_answers"] for k in keys], [k["incorrect_answers"] for k in keys],
+            [k["question"] for k in keys],
+            answers,
+            [k["correct_answers"] for k in keys],
+            [k["incorrect_answers"] for k in keys],
         )
-        return [{k: _json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts]
+        return [
+            {k: _json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts
+        ]
     raise H3FusionError(f"unknown evaluation dimension {task!r}; allowed: {list(TASKS)}")
 
 
@@ -402,7 +458,10 @@ class _Previous:
         return read_jsonl(path) if path.is_file() else None
 
     def judgements(self, task: str, gen_hash: str, judge_hash: str) -> list[dict] | None:
-        if self.generations(task, gen_hash) is None or self.manifest.get("judge_hashes", {}).get(task) != judge_hash:
+        if (
+            self.generations(task, gen_hash) is None
+            or self.manifest.get("judge_hashes", {}).get(task) != judge_hash
+        ):
             return None
         path = self.folder / "judgements" / f"{task}.jsonl"
         return read_jsonl(path) if path.is_file() else None
@@ -455,8 +514,12 @@ def evaluate_model(
         with Stopwatch() as sw:
             if lm_now is not None:
                 answers = _generate(lm_now, inputs[task].prompts, profile, f"{name}/{task}")
-                cached = [{"id": i, **k, "prompt": p, "answer": a}
-                          for i, (k, p, a) in enumerate(zip(inputs[task].keys, inputs[task].prompts, answers, strict=True))]
+                cached = [
+                    {"id": i, **k, "prompt": p, "answer": a}
+                    for i, (k, p, a) in enumerate(
+                        zip(inputs[task].keys, inputs[task].prompts, answers, strict=True)
+                    )
+                ]
         times[task] = {"generate_s": round(sw.seconds, 2), "reused_generations": reused}
         generations[task] = cached
 
@@ -469,8 +532,9 @@ def evaluate_model(
                 mc_rows = score_mc(lm_now, inputs["honest"].mc, _format_prompt)
         times["honest"]["mc_s"] = round(sw.seconds, 2)
 
-    return _judge_and_write(profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h,
-                            times, previous)
+    return _judge_and_write(
+        profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h, times, previous
+    )
 
 
 def _generate(lm: LanguageModel, prompts: list[str], profile: Profile, desc: str) -> list[str]:
@@ -491,14 +555,18 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
             f"run `h3fusion evaluate --profile {profile.name} --model {name}` first"
         )
     generations = {t: read_jsonl(folder / "generations" / f"{t}.jsonl") for t in profile.tasks}
-    inputs = {t: DimensionInputs([g["prompt"] for g in rows], [_keys_of(g) for g in rows]) for t, rows in generations.items()}
+    inputs = {
+        t: DimensionInputs([g["prompt"] for g in rows], [_keys_of(g) for g in rows])
+        for t, rows in generations.items()
+    }
     gen_hashes = dict(previous.manifest.get("generation_hashes", {}))
     mc_h = previous.manifest.get("mc_hash")
     mc_rows = read_jsonl(folder / "mc.jsonl") if (folder / "mc.jsonl").is_file() else None
     times = {t: {"generate_s": 0.0, "reused_generations": True} for t in profile.tasks}
     identity = previous.manifest.get("model_identity", f"stored:{name}")
-    return _judge_and_write(profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h,
-                            times, previous)
+    return _judge_and_write(
+        profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h, times, previous
+    )
 
 
 def _keys_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -506,9 +574,17 @@ def _keys_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _judge_and_write(
-    profile: Profile, name: str, identity: str, judges: Any, inputs: dict[str, DimensionInputs],
-    generations: dict[str, list[dict]], gen_hashes: dict[str, str], mc_rows: list[dict] | None, mc_h: str | None,
-    times: dict[str, dict[str, Any]], previous: _Previous | None,
+    profile: Profile,
+    name: str,
+    identity: str,
+    judges: Any,
+    inputs: dict[str, DimensionInputs],
+    generations: dict[str, list[dict]],
+    gen_hashes: dict[str, str],
+    mc_rows: list[dict] | None,
+    mc_h: str | None,
+    times: dict[str, dict[str, Any]],
+    previous: _Previous | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     judges = judges if judges is not None else _load_judges(profile)
@@ -560,25 +636,49 @@ def _scores_from_judgements(task: str, rows: list[dict]) -> dict[str, Any]:
         return {"harmful_rate": _pct(p >= 0.5), "mean_harmful_probability": _mean(p), "n": len(rows)}
     truthful = np.asarray([float(r["truthful"]) for r in rows])
     informative = np.asarray([float(r["informative"]) for r in rows])
-    return {"truthful": _pct(truthful), "informative": _pct(informative),
-            "truthful_x_informative": _pct(truthful * informative), "n": len(rows)}
+    return {
+        "truthful": _pct(truthful),
+        "informative": _pct(informative),
+        "truthful_x_informative": _pct(truthful * informative),
+        "n": len(rows),
+    }
 
 
 def _write(
-    profile: Profile, folder: Path, metrics: dict[str, Any], generations: dict[str, list[dict]],
-    judgements: dict[str, list[dict]], mc_rows: list[dict] | None, gen_hashes: dict[str, str],
-    judge_hashes: dict[str, str], mc_h: str | None, t0: float,
+    profile: Profile,
+    folder: Path,
+    metrics: dict[str, Any],
+    generations: dict[str, list[dict]],
+    judgements: dict[str, list[dict]],
+    mc_rows: list[dict] | None,
+    gen_hashes: dict[str, str],
+    judge_hashes: dict[str, str],
+    mc_h: str | None,
+    t0: float,
 ) -> None:
     with atomic_dir(folder) as tmp:
         for task, rows in generations.items():
             write_jsonl(tmp / "generations" / f"{task}.jsonl", rows)
-            write_jsonl(tmp / "judgements" / f"{task}.jsonl",
-                        [{"id": r.get("id", i), "item_id": r.get("item_id"), **j} for i, (r, j) in enumerate(zip(rows, judgements[task], strict=True))])
+            write_jsonl(
+                tmp / "judgements" / f"{task}.jsonl",
+                [
+                    {"id": r.get("id", i), "item_id": r.get("item_id"), **j}
+                    for i, (r, j) in enumerate(zip(rows, judgements[task], strict=True))
+                ],
+            )
         if mc_rows is not None:
             write_jsonl(tmp / "mc.jsonl", mc_rows)
         atomic_write_json(tmp / METRICS, metrics)
-        atomic_write_json(tmp / MANIFEST, make_manifest(
-            profile, metrics["config_hash"], time.perf_counter() - t0,
-            model=metrics["model"], model_identity=metrics["model_identity"],
-            generation_hashes=gen_hashes, judge_hashes=judge_hashes, mc_hash=mc_h,
-        ))
+        atomic_write_json(
+            tmp / MANIFEST,
+            make_manifest(
+                profile,
+                metrics["config_hash"],
+                time.perf_counter() - t0,
+                model=metrics["model"],
+                model_identity=metrics["model_identity"],
+                generation_hashes=gen_hashes,
+                judge_hashes=judge_hashes,
+                mc_hash=mc_h,
+            ),
+        )

@@ -88,13 +88,19 @@ def _column(table: pd.DataFrame, prefix: str) -> str:
     for col in table.columns:
         if str(col).startswith(prefix):
             return col
-    raise H3FusionError(f"the results table has no column starting with {prefix!r}; build it with results_table()")
+    raise H3FusionError(
+        f"the results table has no column starting with {prefix!r}; build it with results_table()"
+    )
 
 
 def _averages(table: pd.DataFrame) -> pd.Series:
     return pd.Series(
-        [average_score(*v) for v in table[[_column(table, HELPFUL), _column(table, HARMFUL),
-                                           _column(table, TRUTH_INFO)]].to_numpy()],
+        [
+            average_score(*v)
+            for v in table[
+                [_column(table, HELPFUL), _column(table, HARMFUL), _column(table, TRUTH_INFO)]
+            ].to_numpy()
+        ],
         index=table.index,
     )
 
@@ -137,7 +143,9 @@ def headline_improvements(
             "best": best,
             "best_average": float(avg[best]),
             "fused_average": float(avg[fused]),
-            "relative_pct": float(100.0 * (avg[fused] - avg[best]) / avg[best]) if avg[best] else float("nan"),
+            "relative_pct": float(100.0 * (avg[fused] - avg[best]) / avg[best])
+            if avg[best]
+            else float("nan"),
             "absolute_points": float(avg[fused] - avg[best]),
         }
     return {"fused": fused, "formula": IMPROVEMENT_FORMULA, "comparisons": comparisons}
@@ -147,7 +155,8 @@ def headline_table(headline: Mapping[str, Any]) -> pd.DataFrame:
     """The headline comparisons as a small DataFrame (one row per group), with the formula as its caption."""
     rows = {
         f"vs best {group[:-1] if group != 'merges' else 'merge'}": v
-        for group, v in headline["comparisons"].items() if v is not None
+        for group, v in headline["comparisons"].items()
+        if v is not None
     }
     df = pd.DataFrame(rows).T
     df.attrs["formula"] = headline["formula"]

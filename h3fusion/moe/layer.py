@@ -285,13 +285,17 @@ class MoEFeedForward(nn.Module):
                 b_parts.append(None)
                 continue
             a_parts.append(torch.cat([st.A[p] for st in sets[p]], dim=1).flatten(0, 1))
-            b_parts.append(torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets[p]], dim=1).flatten(0, 1))
+            b_parts.append(
+                torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets[p]], dim=1).flatten(0, 1)
+            )
         a = torch.cat(a_parts) if a_parts else self.router.weight.new_empty(0, 0)
         if not torch.is_grad_enabled():
             self._stack_cache[projs] = (version, (a, b_parts))
         return a, b_parts
 
-    def _codes(self, projs: tuple[str, ...], x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def _codes(
+        self, projs: tuple[str, ...], x: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per projection, ``(z [N, E, R], b [E*R, out])`` with ``z[n, e] = A_e x_n`` of every set (None if untargeted).
 
         One matmul for all `projs` (they share the input x), unless a set applies dropout to its input.
@@ -306,7 +310,9 @@ class MoEFeedForward(nn.Module):
                 if not sets:
                     out.append(None)
                     continue
-                z = torch.cat([(st.dropout(x) @ st.A[p].flatten(0, 1).T).unflatten(1, (num, -1)) for st in sets], dim=2)
+                z = torch.cat(
+                    [(st.dropout(x) @ st.A[p].flatten(0, 1).T).unflatten(1, (num, -1)) for st in sets], dim=2
+                )
                 b = torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets], dim=1).flatten(0, 1)
                 out.append((z, b))
             return out
@@ -359,7 +365,11 @@ class MoEFeedForward(nn.Module):
             mask, ws, last = onehot[:, s, :, None], w[:, s, None], s == k - 1
             g = _add_masked(gate0, low_gate, mask, reuse=last, fresh=in_place)
             u = _add_masked(up0, low_up, mask, reuse=last, fresh=False)
-            act = F.silu(g, inplace=True).mul_(u) if in_place and self.hidden_act == "silu" else self.act_fn(g) * u
+            act = (
+                F.silu(g, inplace=True).mul_(u)
+                if in_place and self.hidden_act == "silu"
+                else self.act_fn(g) * u
+            )
             (low_down,) = self._codes(("down_proj",), act)
             if low_down is not None:
                 codes = low_down[0] * (mask * ws[:, :, None])

@@ -84,8 +84,11 @@ class TextEncoder:
             for s in tqdm(starts, desc=desc, disable=len(starts) < 4, leave=False):
                 idx = order[s : s + self.batch_size]
                 batch = self.tokenizer(
-                    [texts[i] for i in idx], truncation=True, max_length=self.max_length,
-                    padding=True, return_tensors="pt",
+                    [texts[i] for i in idx],
+                    truncation=True,
+                    max_length=self.max_length,
+                    padding=True,
+                    return_tensors="pt",
                 )
                 emb = mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])
                 out[idx] = torch.nn.functional.normalize(emb, dim=-1).numpy()
@@ -99,7 +102,9 @@ def binary_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, fl
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
         "f1": round(float(f1_score(y_true, y_pred, zero_division=0)), 4),
-        "cohen_kappa": round(float(cohen_kappa_score(y_true, y_pred)), 4) if len(set(y_true)) > 1 else float("nan"),
+        "cohen_kappa": round(float(cohen_kappa_score(y_true, y_pred)), 4)
+        if len(set(y_true)) > 1
+        else float("nan"),
         "n": len(y_true),
     }
 
@@ -118,7 +123,9 @@ def cached_judge(
     with atomic_dir(folder) as tmp:
         t0 = time.perf_counter()
         validation = build(tmp)
-        manifest = make_manifest(profile, config_hash, time.perf_counter() - t0, judge=kind, validation=validation)
+        manifest = make_manifest(
+            profile, config_hash, time.perf_counter() - t0, judge=kind, validation=validation
+        )
         atomic_write_json(tmp / "manifest.json", manifest)
     return folder, manifest
 
@@ -127,4 +134,6 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cached judge file {path} is unreadable ({exc}); delete {path.parent} to rebuild it") from None
+        raise ArtifactError(
+            f"cached judge file {path} is unreadable ({exc}); delete {path.parent} to rebuild it"
+        ) from None

@@ -35,9 +35,23 @@ CLOSE_LENGTH = 0.2
 """Pairs whose two answers differ in length by less than this share are the 'close length' subset."""
 
 FEATURES = (
-    "d_log_chars", "d_log_words", "d_lines", "d_list_items", "d_refusal", "d_empty",
-    "log_chars", "log_words", "lines", "list_items", "refusal", "empty",
-    "d_instruction_recall", "instruction_recall", "reference_jaccard", "d_type_token", "type_token",
+    "d_log_chars",
+    "d_log_words",
+    "d_lines",
+    "d_list_items",
+    "d_refusal",
+    "d_empty",
+    "log_chars",
+    "log_words",
+    "lines",
+    "list_items",
+    "refusal",
+    "empty",
+    "d_instruction_recall",
+    "instruction_recall",
+    "reference_jaccard",
+    "d_type_token",
+    "type_token",
     "log_instruction_words",
 )
 
@@ -45,8 +59,12 @@ FEATURES = (
 def _surface(text: str) -> list[float]:
     words = text.split()
     return [
-        float(np.log1p(len(text))), float(np.log1p(len(words))), float(text.count("\n")),
-        float(len(_LIST_ITEM.findall(text))), float(bool(_REFUSAL.search(text))), float(not text.strip()),
+        float(np.log1p(len(text))),
+        float(np.log1p(len(words))),
+        float(text.count("\n")),
+        float(len(_LIST_ITEM.findall(text))),
+        float(bool(_REFUSAL.search(text))),
+        float(not text.strip()),
     ]
 
 
@@ -67,9 +85,14 @@ def pair_features(instruction: str, answer: str, reference: str) -> list[float]:
     recall_a = len(ins & ta) / max(len(ins), 1)
     recall_r = len(ins & tr) / max(len(ins), 1)
     return [
-        *(x - y for x, y in zip(a, r, strict=True)), *a,
-        recall_a - recall_r, recall_a, len(ta & tr) / max(len(ta | tr), 1),
-        _type_token(answer) - _type_token(reference), _type_token(answer), float(np.log1p(len(ins))),
+        *(x - y for x, y in zip(a, r, strict=True)),
+        *a,
+        recall_a - recall_r,
+        recall_a,
+        len(ta & tr) / max(len(ta | tr), 1),
+        _type_token(answer) - _type_token(reference),
+        _type_token(answer),
+        float(np.log1p(len(ins))),
     ]
 
 
@@ -88,7 +111,11 @@ def split_instructions(profile: Profile, n_items: int) -> dict[str, list[int]]:
             f"only {len(rest)} AlpacaEval instructions are left after the {n_scored} scored ones: too few to train and "
             "validate the helpfulness judge; lower data.eval_examples.helpful"
         )
-    return {"scored": list(range(n_scored)), "validation": sorted(rest[:n_val]), "train": sorted(rest[n_val:])}
+    return {
+        "scored": list(range(n_scored)),
+        "validation": sorted(rest[:n_val]),
+        "train": sorted(rest[n_val:]),
+    }
 
 
 GBT_PARAMS = {"max_iter": 150, "learning_rate": 0.05, "max_depth": 3}
@@ -116,13 +143,16 @@ def load_model(path: Path) -> Any:
     try:
         return pickle.loads(path.read_bytes())
     except Exception as exc:  # a pickle from another scikit-learn version, or a damaged file
-        raise ArtifactError(f"cannot load the cached helpfulness judge {path} ({exc}); delete {path.parent} "
-                            "to rebuild it") from None
+        raise ArtifactError(
+            f"cannot load the cached helpfulness judge {path} ({exc}); delete {path.parent} to rebuild it"
+        ) from None
 
 
 def _pairs(annotations: list[dict[str, Any]], items: set[int]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     rows = [a for a in annotations if a["index"] in items and not _is_tie(a["preference"])]
-    x = np.array([pair_features(a["instruction"], a["output_2"], a["output_1"]) for a in rows], dtype=np.float64)
+    x = np.array(
+        [pair_features(a["instruction"], a["output_2"], a["output_1"]) for a in rows], dtype=np.float64
+    )
     y = np.array([int(a["preference"] == 2.0) for a in rows])
     return x.reshape(len(rows), len(FEATURES)), y, rows
 
@@ -145,8 +175,12 @@ def validate(model: Any, annotations: list[dict[str, Any]], items: set[int]) -> 
         "longer_answer_rule_accuracy": rule["accuracy"],
         "longer_answer_rule_kappa": rule["cohen_kappa"],
         "close_length_pairs": int(close.sum()),
-        "close_length_accuracy": binary_metrics(y[close], pred[close])["accuracy"] if close.any() else float("nan"),
-        "close_length_rule_accuracy": binary_metrics(y[close], longer[close])["accuracy"] if close.any() else float("nan"),
+        "close_length_accuracy": binary_metrics(y[close], pred[close])["accuracy"]
+        if close.any()
+        else float("nan"),
+        "close_length_rule_accuracy": binary_metrics(y[close], longer[close])["accuracy"]
+        if close.any()
+        else float("nan"),
         "model_win_rate_gpt4": round(float(y.mean()), 4),
     }
 
@@ -171,14 +205,22 @@ class OfflinePairwiseJudge:
             )
         if not instructions:
             return np.zeros(0)
-        x = np.array([pair_features(i, a, r) for i, a, r in zip(instructions, answers, references, strict=True)])
+        x = np.array(
+            [pair_features(i, a, r) for i, a, r in zip(instructions, answers, references, strict=True)]
+        )
         return self.model.predict_proba(x.reshape(len(instructions), len(FEATURES)))[:, 1]
 
 
 def config_hash(profile: Profile) -> str:
-    payload = {"v": JUDGE_CODE_VERSION, "params": GBT_PARAMS, "seed": profile.seed, "scored": profile.data.eval_examples.helpful,
-               "val": profile.judges.helpful_validation_instructions, "data": str(profile.data_dir),
-               "source": profile.data.source}
+    payload = {
+        "v": JUDGE_CODE_VERSION,
+        "params": GBT_PARAMS,
+        "seed": profile.seed,
+        "scored": profile.data.eval_examples.helpful,
+        "val": profile.judges.helpful_validation_instructions,
+        "data": str(profile.data_dir),
+        "source": profile.data.source,
+    }
     import hashlib
     import json
 
@@ -208,7 +250,9 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
     folder, manifest = cached_judge(profile, "helpful", config_hash(profile), build)
     stored = read_json(folder / "features.json")
     if tuple(stored.get("features", ())) != FEATURES:
-        raise H3FusionError(f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it")
+        raise H3FusionError(
+            f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it"
+        )
     validation = dict(manifest.get("validation", {}))
     validation["train_wall_time_s"] = manifest.get("wall_time_s")
     return OfflinePairwiseJudge(load_model(folder / "model.pkl"), validation)
