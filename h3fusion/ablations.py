@@ -292,34 +292,19 @@ def _checkpoint_callback(
 
 def _train_in_memory(run_profile: Profile, callbacks: list[Any]) -> tuple[Any, Any, list[dict[str, float]]]:
     """A short fusion run exactly like `fusion.train_fusion` (same trainer, seed, data) but nothing saved."""
-    from transformers import set_seed
-
-    from h3fusion.data import PadCollator, build_mixed_dataset
-    from h3fusion.fusion import LOSS_TERMS, _trainer_class, build_raw, prepare_for_training, upcycle_profile
+    from h3fusion.fusion import LOSS_TERMS, build_raw, fusion_trainer
     from h3fusion.training import loss_log, training_arguments
 
     build_raw(run_profile)  # shared with chapter 02, and it checks the experts
-    set_seed(run_profile.seed)
-    moe, tok = upcycle_profile(run_profile, show_progress=False)
-    prepare_for_training(moe, run_profile)
-    moe.train()
-    dataset = build_mixed_dataset(run_profile, tok)
     with tempfile.TemporaryDirectory(prefix="h3fusion-ablation-") as work:
         args = training_arguments(
             run_profile.fusion.train,
             run_profile.seed,
             Path(work),
             save_strategy="no",
-            ddp_find_unused_parameters=run_profile.fusion.top_k < moe.num_experts,
+            ddp_find_unused_parameters=run_profile.fusion.top_k < run_profile.num_experts,
         )
-        trainer = _trainer_class()(
-            model=moe,
-            args=args,
-            train_dataset=dataset,
-            data_collator=PadCollator(tok.pad_token_id),
-            callbacks=callbacks,
-            profile=run_profile,
-        )
+        trainer, moe, tok = fusion_trainer(run_profile, args, callbacks)
         trainer.train()
     moe.eval()
     return moe, tok, loss_log(trainer, ("loss", *LOSS_TERMS))

@@ -286,12 +286,35 @@ def work_dir(profile: Profile) -> Path:
     return profile.run_dir / "fusion" / f".work-{profile.fusion.variant}"
 
 
-def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
-    """Fusion-train the profile's variant from the raw MoE and export it; returns its folder."""
-    from accelerate import PartialState
+def fusion_trainer(
+    profile: Profile, args: Any, callbacks: list[Any] | None = None
+) -> tuple[Trainer, MoECausalLM, Any]:
+    """The seeded raw MoE made trainable and its `FusionTrainer` on the mixed dataset: (trainer, model, tokenizer).
+
+    Shared by `train_fusion` and the ablations' in-memory runs, so both train exactly the same way."""
     from transformers import set_seed
 
     from h3fusion.data import PadCollator, build_mixed_dataset
+
+    set_seed(profile.seed)
+    moe, tok = upcycle_profile(profile, show_progress=False)
+    prepare_for_training(moe, profile)
+    moe.train()
+    trainer = _trainer_class()(
+        model=moe,
+        args=args,
+        train_dataset=build_mixed_dataset(profile, tok),
+        data_collator=PadCollator(tok.pad_token_id),
+        callbacks=callbacks,
+        profile=profile,
+    )
+    return trainer, moe, tok
+
+
+def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
+    """Fusion-train the profile's variant from the raw MoE and export it; returns its folder."""
+    from accelerate import PartialState
+
     from h3fusion.moe import export_mixtral
 
     folder = fusion_dir(profile)
@@ -308,19 +331,8 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
         build_raw(profile)
         resume = prepare_work_dir(work, config_hash)
     with Stopwatch() as sw:
-        set_seed(profile.seed)
-        moe, tok = upcycle_profile(profile, show_progress=False)
-        prepare_for_training(moe, profile)
-        moe.train()
-        dataset = build_mixed_dataset(profile, tok)
-        trainer = _trainer_class()(
-            model=moe,
-            args=args,
-            train_dataset=dataset,
-            data_collator=PadCollator(tok.pad_token_id),
-            callbacks=callbacks,
-            profile=profile,
-        )
+        trainer, moe, tok = fusion_trainer(profile, args, callbacks)
+        dataset = trainer.train_dataset
         print(
             f"[fusion] {profile.fusion.variant}: {len(dataset)} mixed examples"
             + (f", resuming from {resume}" if resume else "")
