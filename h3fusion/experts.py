@@ -186,14 +186,19 @@ def align(profile: Profile, task: str = "all") -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def require_expert(profile: Profile, task: str, needed_by: str) -> Path:
+    """The folder of a complete expert trained with this profile's config, else an error naming the command."""
+    folder = expert_dir(profile, task)
+    if not is_complete(folder, expert_hash(profile)):
+        raise ArtifactError(
+            f"expert {task!r} is missing or was trained with another config ({folder}); {needed_by} needs it: "
+            f"run `h3fusion align --profile {profile.name} --task {task}` (or `--task all`) first"
+        )
+    return folder
+
+
 def load_expert_adapter_weights(profile: Profile, task: str) -> ExpertAdapter:
     """A trained expert's LoRA factors and scale (`h3fusion.moe.load_adapter`), refused when missing or stale."""
     from h3fusion.moe import load_adapter
 
-    folder = expert_dir(profile, task)
-    if not is_complete(folder, expert_hash(profile)):
-        raise ArtifactError(
-            f"expert {task!r} is missing or was trained with another config ({folder}); "
-            f"run `h3fusion align --profile {profile.name} --task {task}` first"
-        )
-    return load_adapter(folder, task)
+    return load_adapter(require_expert(profile, task, "reading its adapter"), task)

@@ -99,19 +99,11 @@ def _prompt_batches(
 
 def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECausalLM, Any]:
     """The raw MoE in memory, in the profile's storage: base + the profile's experts, router initialised."""
-    from h3fusion.experts import expert_dir, expert_hash
+    from h3fusion.experts import require_expert
     from h3fusion.models import load_base
     from h3fusion.moe import upcycle
 
-    folders = []
-    for task in profile.tasks:
-        folder = expert_dir(profile, task)
-        if not is_complete(folder, expert_hash(profile)):
-            raise ArtifactError(
-                f"expert {task!r} is missing or was trained with another config ({folder}); run "
-                f"`h3fusion align --profile {profile.name} --task all` before `h3fusion fuse`"
-            )
-        folders.append(folder)
+    folders = [require_expert(profile, task, "`h3fusion fuse`") for task in profile.tasks]
     base, tok = load_base(profile)
     f = profile.fusion
     hidden = [_prompt_batches(profile, tok, t) for t in profile.tasks] if f.router_init == "hidden" else None

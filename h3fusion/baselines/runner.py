@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.config import Profile
-from h3fusion.errors import ArtifactError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,16 +50,11 @@ def baseline_dir(profile: Profile, name: str) -> Path:
 def expert_identities(profile: Profile) -> dict[str, str]:
     """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
     from h3fusion.evaluation.run import manifest_identity
-    from h3fusion.experts import expert_dir, expert_hash
+    from h3fusion.experts import require_expert
 
     out = {}
     for task in profile.tasks:
-        folder = expert_dir(profile, task)
-        if not is_complete(folder, expert_hash(profile)):
-            raise ArtifactError(
-                f"the {task} expert is missing or was trained with another config ({folder}); the baselines combine "
-                f"the experts: run `h3fusion align --profile {profile.name} --task all` first"
-            )
+        folder = require_expert(profile, task, "the baselines (they combine the experts)")
         out[task] = manifest_identity(folder, f"the {task} expert", "run `h3fusion align`")
     return out
 
