@@ -183,9 +183,8 @@ def score_model(
     import torch
 
     from h3fusion.analysis import routing_accuracy, routing_per_prompt
-    from h3fusion.data import format_prompt
     from h3fusion.evaluation.lm import HFLanguageModel
-    from h3fusion.evaluation.mc import aggregate_mc, score_mc
+    from h3fusion.evaluation.mc import aggregate_mc, mc_prompt, score_mc
 
     items = items or scoring_items(profile)
     was_training = model.training
@@ -200,8 +199,13 @@ def score_model(
                 t: routing_per_prompt(model, tokenizer, p, max_length=profile.data.max_length)
                 for t, p in items.prompts.items()
             }
+        fmt = mc_prompt(profile.evaluation.mc_prompt)
         mc = (
-            aggregate_mc(score_mc(HFLanguageModel(model, tokenizer, progress=False), items.mc, format_prompt))
+            aggregate_mc(
+                score_mc(
+                    HFLanguageModel(model, tokenizer, progress=False), items.mc, fmt.template, fmt.separator
+                )
+            )
             if items.mc
             else {}
         )

@@ -184,6 +184,9 @@ class EvaluationConfig(Section):
     helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
     harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
     honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
+    mc_prompt: Literal["qa6", "alpaca"] = "qa6"
+    """TruthfulQA MC prompt: `qa6` (lm-evaluation-harness's 6-shot Q/A primer, the standard) or `alpaca` (the
+    template the experts were aligned with)."""
 
 
 class JudgesConfig(Section):

@@ -15,12 +15,13 @@ Editing: each notebook's source of truth is its jupytext twin ``notebooks/NN_nam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,23 @@ def _failure_message(nb: Path, out: Path, err: Any) -> str:
     )
 
 
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def _quiet_kernel_progress_bars() -> Iterator[None]:
+    """Turn tqdm bars off in the kernel (it inherits this environment): in an executed notebook they are
+    hundreds of carriage-return lines, not progress. Papermill's own per-cell bar still shows progress here."""
+    saved = {k: os.environ.get(k) for k in QUIET_ENV}
+    os.environ.update({k: v for k, v in QUIET_ENV.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT) -> float:
     """Execute one notebook with papermill; returns its wall time in seconds."""
     import papermill
@@ -115,14 +133,15 @@ def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT
 
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(nb),
-            str(out),
-            parameters={"profile": profile},
-            kernel_name=KERNEL,
-            cwd=str(cwd),
-            progress_bar=True,
-        )
+        with _quiet_kernel_progress_bars():
+            papermill.execute_notebook(
+                str(nb),
+                str(out),
+                parameters={"profile": profile},
+                kernel_name=KERNEL,
+                cwd=str(cwd),
+                progress_bar=True,
+            )
     except PapermillExecutionError as err:
         raise NotebookError(_failure_message(nb, out, err)) from None
     finally:

@@ -69,6 +69,11 @@ def print_report(profile: Profile) -> None:
                 format_prompt(ex.instruction, ex.input),
                 ex.output,
             )
+            if task == "harmless":
+                print(
+                    "    note: BeaverTails' is_safe labels come from crowd annotators and are noisy; some pairs "
+                    "labelled safe are one-sided or offensive. The paper trains on the labels as given, and so do we.\n"
+                )
     _show(
         "helpful: first eval item (prompt + reference)",
         format_prompt(helpful_eval[0]["instruction"]),

@@ -41,7 +41,7 @@ from h3fusion.config import TASKS, Profile
 from h3fusion.errors import ArtifactError, H3FusionError, ModelError
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
-from h3fusion.evaluation.mc import MC_SEPARATOR, MCQuestion, aggregate_mc, score_mc
+from h3fusion.evaluation.mc import MCQuestion, aggregate_mc, mc_prompt, score_mc
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -356,7 +356,7 @@ def mc_hash(profile: Profile, model_identity: str, inputs: DimensionInputs) -> s
             "model": model_identity,
             "mc": mc,
             "prompts": inputs.prompts,
-            "separator": MC_SEPARATOR,
+            "mc_prompt": profile.evaluation.mc_prompt,
         }
     )
 
@@ -529,7 +529,8 @@ def evaluate_model(
         lm_now = None if mc_rows is not None else get_model()
         with Stopwatch() as sw:
             if lm_now is not None:
-                mc_rows = score_mc(lm_now, inputs["honest"].mc, _format_prompt)
+                fmt = mc_prompt(profile.evaluation.mc_prompt)
+                mc_rows = score_mc(lm_now, inputs["honest"].mc, fmt.template, fmt.separator)
         times["honest"]["mc_s"] = round(sw.seconds, 2)
 
     return _judge_and_write(
@@ -614,7 +615,7 @@ def _judge_and_write(
         "profile": profile.name,
         "scores": scores,
         "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
-        "mc_prompt": f"Alpaca template (h3fusion.data.format_prompt(question)) + {MC_SEPARATOR!r} + choice",
+        "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
         "n_items": {t: len(generations[t]) for t in profile.tasks},
         "wall_time_s": times,
         "config_hash": config_hash,
