@@ -109,6 +109,28 @@ def _failure_message(nb: Path, out: Path, err: Any) -> str:
     )
 
 
+OUTPUT_ENV = "H3FUSION_BOOK_OUTPUT"
+"""Tells an executing notebook where its executed siblings and their wall times are written."""
+
+
+@contextlib.contextmanager
+def _kernel_env(key: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+def output_dir() -> Path:
+    """The folder the running batch writes executed notebooks to (the book when run by hand)."""
+    return Path(os.environ.get(OUTPUT_ENV) or BOOK_DIR)
+
+
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
@@ -133,7 +155,7 @@ def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT
 
     start = time.perf_counter()
     try:
-        with _quiet_kernel_progress_bars():
+        with _quiet_kernel_progress_bars(), _kernel_env(OUTPUT_ENV, str(out.parent.resolve())):
             papermill.execute_notebook(
                 str(nb),
                 str(out),

@@ -9,10 +9,13 @@ Nothing here trains or evaluates: missing artifacts are listed, never silently f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -363,3 +366,54 @@ def distance_table(embeddings: Mapping[str, np.ndarray], references: Sequence[st
 
     cols = {f"to {r}": distances_to(embeddings[r], embeddings) for r in references if r in embeddings}
     return pd.DataFrame(cols).reindex(list(embeddings))
+
+
+# ---------------------------------------------------------------------------------------------- reproducibility
+
+
+def notebook_wall_times(profile: Profile, book_dir: Path | None = None) -> pd.DataFrame:
+    """Wall time (s) per executed notebook, as `h3fusion run-notebooks` recorded it next to the notebooks."""
+    from h3fusion.notebooks import output_dir, wall_times_path
+
+    path = wall_times_path(book_dir or output_dir(), profile.name)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    rows = [
+        {"notebook": name, "wall s": v.get("wall_s"), "finished": v.get("finished")}
+        for name, v in data.get("notebooks", {}).items()
+    ]
+    return pd.DataFrame(rows, columns=["notebook", "wall s", "finished"]).set_index("notebook")
+
+
+def artifact_table(profile: Profile) -> pd.DataFrame:
+    """One row per artifact under runs/<profile>/ (every folder with a manifest): its stage, wall time, threads,
+    config hash and commit, so each number in the book can be traced to the run that made it."""
+    from h3fusion.artifacts import MANIFEST
+
+    rows = []
+    for path in sorted(profile.run_dir.rglob(MANIFEST)):
+        m = read_manifest(path.parent) or {}
+        rows.append(
+            {
+                "artifact": str(path.parent.relative_to(profile.run_dir)),
+                "stage": m.get("stage", ""),
+                "wall s": m.get("wall_time_s", math.nan),
+                "torch threads": (m.get("hardware") or {}).get("torch_threads"),
+                "config hash": m.get("config_hash", ""),
+                "commit": (m.get("git_commit") or "")[:10],
+                "finished": m.get("finished_at", ""),
+            }
+        )
+    if not rows:
+        return pd.DataFrame(columns=["stage", "wall s", "torch threads", "config hash", "commit", "finished"])
+    return pd.DataFrame(rows).set_index("artifact")
+
+
+def environment_table() -> pd.DataFrame:
+    """This machine and the versions of the packages the results depend on."""
+    from h3fusion.artifacts import hardware, package_versions
+
+    info = {**hardware(), **{f"version: {k}": v for k, v in package_versions().items()}}
+    for name in ("jupyter-book", "papermill", "sentence-transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            info[f"version: {name}"] = metadata.version(name)
+    return pd.DataFrame({"value": {k: str(v) for k, v in info.items()}}).rename_axis("item")

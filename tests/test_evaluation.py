@@ -16,7 +16,7 @@ from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
-from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, score_mc
+from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
 from h3fusion.evaluation.tables import headline_improvements, results_table, to_markdown
 
 
@@ -219,6 +219,27 @@ def test_score_mc_uses_each_choice_once_and_scores_per_question():
     assert lm.calls == 1
     assert res["mc1"] == 1.0
     assert res["mc2"] == pytest.approx(0.75)
+
+
+def test_qa6_prompt_is_lm_eval_primer_and_choices_follow_a_space():
+    seen = []
+
+    class _Recorder(_TableLM):
+        def continuation_logprobs(self, prompts, continuations):
+            seen.extend(zip(prompts, continuations, strict=True))
+            return [0.0 if c == " right" else -1.0 for c in continuations]
+
+    fmt = mc_prompt("qa6")
+    q = MCQuestion.from_targets("Is it?", {"right": 1, "wrong": 0}, {"right": 1, "wrong": 0})
+    [res] = score_mc(_Recorder({}), [q], fmt.template, fmt.separator)
+    assert res["mc1"] == 1.0
+    prompt = seen[0][0]
+    assert prompt.startswith("Q: What is human life expectancy in the United States?")
+    assert prompt.count("Q: ") == 7 and prompt.endswith("Q: Is it?\nA:")
+    assert {c for _, c in seen} == {" right", " wrong"}
+    assert mc_prompt("alpaca").template("Is it?").endswith("### Response:\n")
+    with pytest.raises(ValueError, match="qa6 or alpaca"):
+        mc_prompt("other")
 
 
 def test_mc_question_fallback_from_generation_fields():

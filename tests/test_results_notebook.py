@@ -117,3 +117,24 @@ def test_distance_table_is_zero_on_the_diagonal_and_symmetric():
 
 def test_short_labels_drop_the_judge():
     assert report.short_labels(["Harmful % ↓ [judge X]"]) == {"Harmful % ↓ [judge X]": "Harmful % ↓"}
+
+
+def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path, monkeypatch):
+    from h3fusion.artifacts import MANIFEST, atomic_write_json, make_manifest
+    from h3fusion.notebooks import OUTPUT_ENV, _record_wall_time
+
+    assert report.artifact_table(profile).empty
+    folder = profile.run_dir / "experts" / "helpful"
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / MANIFEST, make_manifest(profile, "abc123", 12.5, stage="experts"))
+    table = report.artifact_table(profile)
+    assert list(table.index) == ["experts/helpful"]
+    assert table.loc["experts/helpful", "wall s"] == 12.5
+    assert table.loc["experts/helpful", "config hash"] == "abc123"
+
+    monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
+    assert report.notebook_wall_times(profile).empty
+    _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 3.5)
+    times = report.notebook_wall_times(profile)
+    assert times.loc["00_data_and_judges", "wall s"] == 3.5
+    assert not report.environment_table().empty
