@@ -130,17 +130,10 @@ def _load_base_lm(profile: Profile) -> HFLanguageModel:
 
 def _expert_identity(profile: Profile, task: str) -> str:
     """The expert's manifest hash; an error when it is missing or was trained with another config."""
-    from h3fusion.artifacts import is_complete
-    from h3fusion.experts import expert_dir, expert_hash
+    from h3fusion.experts import require_expert
 
-    folder = expert_dir(profile, task)
-    fix = f"train it with `h3fusion align --profile {profile.name} --task {task}`"
-    identity = manifest_identity(folder, f"the {task} expert", fix)
-    if not is_complete(folder, expert_hash(profile)):
-        raise ArtifactError(
-            f"the {task} expert at {folder} was trained with another config than this profile's; {fix}"
-        )
-    return identity
+    folder = require_expert(profile, task, "evaluating it")
+    return manifest_identity(folder, f"the {task} expert", f"re-run `h3fusion align --task {task}`")
 
 
 def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
