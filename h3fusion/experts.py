@@ -6,7 +6,7 @@ the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash
 complete expert with the same config hash is skipped. Trainer checkpoints go to a working folder
 ``experts/.work-<task>/``, so a killed run resumes from its last checkpoint when re-run.
 
-`load_expert_adapter_weights` reads the trained deltas with `h3fusion.moe.load_adapter` (A, B and alpha/r per
+`load_expert_adapter_weights` reads the trained deltas with `h3fusion.moe.load_adapter` (through `h3fusion.lora_files`) (A, B and alpha/r per
 layer and projection), not through peft module paths.
 """
 

@@ -206,7 +206,7 @@ def test_adapters_of_different_bases_are_refused(profile, tok, adapters, tmp_pat
 
 
 def test_not_an_adapter_folder_is_refused(tmp_path):
-    with pytest.raises(MergeError, match="not a peft LoRA adapter"):
+    with pytest.raises(MergeError, match="not a complete peft LoRA adapter folder"):
         read_adapter(tmp_path)
 
 

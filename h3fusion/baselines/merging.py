@@ -22,7 +22,6 @@ RNG; the sign election and disjoint mean below are peft's (`calculate_majority_s
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,31 +77,10 @@ def _weight_key(peft_key: str) -> tuple[str, str] | None:
 
 def read_adapter(folder: str | Path) -> AdapterDeltas:
     """Read a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors) as factors."""
-    from safetensors.torch import load_file
+    from h3fusion.lora_files import read_lora_folder
 
-    folder = Path(folder)
-    cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not cfg_path.exists() or not weights_path.exists():
-        raise MergeError(
-            f"{folder} is not a peft LoRA adapter folder (needs adapter_config.json and adapter_model.safetensors); "
-            f"run `h3fusion align` to train the experts first"
-        )
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise MergeError(
-            f"{folder}: adapter type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters merge here"
-        )
-    if cfg.get("use_dora"):
-        raise MergeError(
-            f"{folder}: DoRA adapters have no plain (alpha/r) B A delta; train the expert without DoRA"
-        )
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise MergeError(
-            f"{folder}: per-module rank/alpha patterns are not supported; use one r and lora_alpha"
-        )
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    tensors = load_file(str(weights_path))
+    lora = read_lora_folder(folder, missing_error=MergeError, invalid_error=MergeError)
+    folder, cfg, scale, tensors = lora.folder, lora.config, lora.scale, lora.tensors
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         parsed = _weight_key(key)

@@ -15,8 +15,6 @@ over the non-padding tokens of task i's prompts, of the dense base model's FFN i
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,12 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from h3fusion.errors import ArtifactError, ModelError
+from h3fusion.errors import ModelError
 from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, Storage, check_top_k, projection_shapes
 from h3fusion.moe.model import MoECausalLM, decoder_layers
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(
     r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
 )
@@ -65,37 +61,10 @@ class ExpertAdapter:
 
 def load_adapter(folder: str | Path, name: str | None = None) -> ExpertAdapter:
     """Read a peft LoRA folder (as written by `h3fusion.experts`) into an `ExpertAdapter`."""
-    from safetensors.torch import load_file
+    from h3fusion.lora_files import read_lora_folder
 
-    folder = Path(folder)
-    name = name or folder.name
-    if not folder.is_dir():
-        raise ArtifactError(
-            f"expert adapter folder {folder} does not exist; train the experts first "
-            "(`h3fusion align --profile <profile>`) or point to an existing peft LoRA folder"
-        )
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / f).exists()]
-    if missing:
-        raise ArtifactError(
-            f"expert adapter folder {folder} lacks {missing}; it is not a complete peft LoRA folder "
-            "(re-run `h3fusion align` for this task)"
-        )
-    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(
-            f"adapter {folder} is a {cfg.get('peft_type')} adapter; upcycling needs LoRA adapters"
-        )
-    if cfg.get("use_dora"):
-        raise ModelError(
-            f"adapter {folder} uses DoRA, whose delta is not (alpha/r) B A; train plain LoRA experts"
-        )
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ModelError(
-            f"adapter {folder} uses per-module rank/alpha patterns, which upcycling does not support"
-        )
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    return adapter_from_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)), scale, name, str(folder))
+    lora = read_lora_folder(folder)
+    return adapter_from_state_dict(lora.tensors, lora.scale, name or lora.folder.name, str(lora.folder))
 
 
 def adapter_from_state_dict(
