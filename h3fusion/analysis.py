@@ -92,9 +92,9 @@ class _EvalMode:
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from h3fusion.progress import progress
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=total <= 1)
+    return progress(iterable, total=total, desc=desc, leave=False, show=total > 1)
 
 
 def _n_batches(n: int, batch_size: int) -> int:

@@ -277,14 +277,15 @@ class TokenEnsemble:
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate"
     ) -> list[str]:
         import torch
-        from tqdm.auto import tqdm
+
+        from h3fusion.progress import progress
 
         if not prompts:
             return []
         encoded = encode_prompts(self.tokenizer, prompts)
         answers = [""] * len(prompts)
         gen = torch.Generator().manual_seed(seed)
-        bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, unit="prompt")
+        bar = progress(total=len(prompts), desc=desc, show=self.progress, unit="prompt")
         with torch.inference_mode():
             for batch in length_sorted_batches([len(e) for e in encoded], cfg.batch_size):
                 texts = self._generate_batch([encoded[i] for i in batch], cfg, gen)
@@ -374,7 +375,8 @@ class TokenEnsemble:
 
     def _continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         import torch
-        from tqdm.auto import tqdm
+
+        from h3fusion.progress import progress
 
         pairs = [
             split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)
@@ -382,9 +384,7 @@ class TokenEnsemble:
         out = [0.0] * len(pairs)
         batches = length_sorted_batches([len(a) + len(b) for a, b in pairs], self.logprob_batch_size)
         with torch.inference_mode():
-            for batch in tqdm(
-                batches, desc="ensemble log-likelihoods", disable=not self.progress, unit="batch"
-            ):
+            for batch in progress(batches, desc="ensemble log-likelihoods", show=self.progress, unit="batch"):
                 for i, s in zip(batch, self._score([pairs[i] for i in batch]), strict=True):
                     out[i] = s
         return out

@@ -184,9 +184,9 @@ def train_fuser(
     """Add a LoRA adapter `name` to the bank and train it on `examples` (loss on the answer); returns the loss log."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
-    from tqdm.auto import tqdm
 
     from h3fusion.data import PadCollator
+    from h3fusion.progress import progress
 
     items = [t for t in (tokenize_example(tokenizer, ex, max_length) for ex in examples) if t is not None]
     if not items:
@@ -218,7 +218,7 @@ def train_fuser(
     log: list[dict[str, float]] = []
     model.train()
     batches = _batches(len(items), train.batch_size, steps * train.grad_accum, seed)
-    for step in tqdm(range(steps), desc="train LoRA fuser", unit="step"):
+    for step in progress(range(steps), desc="train LoRA fuser", unit="step"):
         total = 0.0
         for micro in batches[step * train.grad_accum : (step + 1) * train.grad_accum]:
             batch = {k: v.to(device) for k, v in collate([items[i] for i in micro]).items()}

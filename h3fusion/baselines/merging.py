@@ -234,14 +234,15 @@ def merge_into(
     Weights are visited in sorted name order so DARE's random masks depend only on the seed.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from h3fusion.progress import progress
 
     params = dict(model.named_parameters())
     keys = check_mergeable(adapters, {k: p for k, p in params.items()})
     kernel = spec.kernel()
     norms: dict[str, float] = {}
     with torch.no_grad():
-        for key in tqdm(keys, desc=f"merge ({spec.method})", leave=False):
+        for key in progress(keys, desc=f"merge ({spec.method})", leave=False):
             weight = params[key]
             deltas = torch.stack(
                 [a.factors[key].delta() if key in a.factors else _zeros(weight) for a in adapters]

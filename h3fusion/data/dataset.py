@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from h3fusion.config import Profile
 from h3fusion.data.splits import load_train_examples
 from h3fusion.data.template import IGNORE_INDEX, tokenize_example
 from h3fusion.errors import DataError
+from h3fusion.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _task_index(profile: Profile, task: str) -> int:
 def _tokenize_task(profile: Profile, tokenizer: Any, task: str) -> tuple[list[dict[str, Any]], int]:
     examples = load_train_examples(profile, task)
     items, dropped = [], 0
-    for example in tqdm(examples, desc=f"tokenising {task}", leave=False, disable=len(examples) < 1000):
+    for example in progress(examples, desc=f"tokenising {task}", leave=False, show=len(examples) >= 1000):
         tok = tokenize_example(tokenizer, example, profile.data.max_length)
         if tok is None:
             dropped += 1

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from h3fusion.config import GenerationConfig
+from h3fusion.progress import progress as progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +128,7 @@ def generate_texts(
     batches = length_sorted_batches([len(e) for e in encoded], cfg.batch_size)
     device = next(model.parameters()).device
     answers: list[str | None] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="prompt")
+    bar = progress_bar(total=len(prompts), desc=desc, show=progress, unit="prompt")
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in batches:

@@ -92,7 +92,8 @@ class HFLanguageModel:
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         import torch
-        from tqdm.auto import tqdm
+
+        from h3fusion.progress import progress
 
         if len(prompts) != len(continuations):
             raise ValueError(
@@ -104,7 +105,7 @@ class HFLanguageModel:
         out = [0.0] * len(prompts)
         chunks = self._chunks(list(groups.items()))
         with torch.inference_mode():
-            for chunk in tqdm(chunks, desc="log-likelihoods", disable=not self.progress, unit="batch"):
+            for chunk in progress(chunks, desc="log-likelihoods", show=self.progress, unit="batch"):
                 scores = self._score_chunk(
                     [p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk]
                 )

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from h3fusion.errors import ModelError
 from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, Storage, check_top_k, projection_shapes
 from h3fusion.moe.model import MoECausalLM, decoder_layers
+from h3fusion.progress import progress
 
 _KEY = re.compile(
     r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
@@ -174,9 +174,7 @@ def hidden_router_weights(
         for i, batches in enumerate(batches_per_expert):
             sums = [torch.zeros(base_model.config.hidden_size, dtype=torch.float64) for _ in layers]
             count = 0.0
-            for batch in tqdm(
-                batches, desc=f"router init: expert {i}", disable=not show_progress, leave=False
-            ):
+            for batch in progress(batches, desc=f"router init: expert {i}", show=show_progress, leave=False):
                 ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask.to(device)
@@ -299,7 +297,7 @@ def upcycle(
         )
     hidden_act = getattr(cfg, "hidden_act", "silu")
     for i, layer in enumerate(
-        tqdm(layers, desc=f"upcycling ({storage})", disable=not show_progress, leave=False)
+        progress(layers, desc=f"upcycling ({storage})", show=show_progress, leave=False)
     ):
         layer.mlp = _build_layer(layer.mlp, i, loaded, top_k, storage, routers[i], hidden_act)
     return MoECausalLM(base_model, names)

@@ -74,14 +74,15 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], desc: str = "encoding") -> np.ndarray:
         import torch
-        from tqdm.auto import tqdm
+
+        from h3fusion.progress import progress
 
         texts = [t if t else " " for t in texts]
         order = np.argsort([len(t) for t in texts])
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         starts = range(0, len(texts), self.batch_size)
         with torch.no_grad():
-            for s in tqdm(starts, desc=desc, disable=len(starts) < 4, leave=False):
+            for s in progress(starts, desc=desc, show=len(starts) >= 4, leave=False):
                 idx = order[s : s + self.batch_size]
                 batch = self.tokenizer(
                     [texts[i] for i in idx],

@@ -62,14 +62,15 @@ class CrossEncoder:
         self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64
     ) -> np.ndarray:
         import torch
-        from tqdm.auto import tqdm
+
+        from h3fusion.progress import progress
 
         self.encoder.eval()
         order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)])
         out = np.zeros(len(prompts))
         starts = range(0, len(prompts), batch_size)
         with torch.no_grad():
-            for s in tqdm(starts, desc="moderation judge", disable=len(starts) < 4, leave=False):
+            for s in progress(starts, desc="moderation judge", show=len(starts) >= 4, leave=False):
                 idx = order[s : s + batch_size]
                 z = self.logits([prompts[i] for i in idx], [responses[i] for i in idx])
                 out[idx] = torch.sigmoid(z).numpy()
@@ -79,7 +80,8 @@ class CrossEncoder:
 def train_cross_encoder(profile: Profile, rows: list[dict[str, Any]]) -> CrossEncoder:
     """Fine-tune the encoder on labelled rows (is_safe False = harmful), linear warm-up then linear decay."""
     import torch
-    from tqdm.auto import tqdm
+
+    from h3fusion.progress import progress
 
     cfg = profile.judges
     torch.manual_seed(profile.seed)
@@ -97,7 +99,7 @@ def train_cross_encoder(profile: Profile, rows: list[dict[str, Any]]) -> CrossEn
     )
     rng = np.random.default_rng(profile.seed)
     encoder.train()
-    step, bar = 0, tqdm(total=steps, desc="training moderation judge", leave=False)
+    step, bar = 0, progress(total=steps, desc="training moderation judge", leave=False)
     while step < steps:
         order = rng.permutation(len(rows))
         for s in range(0, len(rows), cfg.harmless_batch_size):
