@@ -261,19 +261,24 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _eval_phases(folder: Path) -> dict[str, Any]:
+    """The per-phase wall times an evaluation recorded in its metrics.json ({} when there is none)."""
+    path = folder / "metrics.json"
+    return json.loads(path.read_text()).get("wall_time_s", {}) if path.is_file() else {}
+
+
+def _phase_seconds(phases: Mapping[str, Any], keys: Sequence[str]) -> float:
+    return sum(float(v.get(k, 0)) for v in phases.values() if isinstance(v, Mapping) for k in keys)
+
+
 def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
     """Build and evaluation wall times (s) from the manifests of baselines/<name>/ and eval/<name>/."""
     rows = {}
     for name in names:
         build = read_manifest(profile.run_dir / "baselines" / name) or {}
         ev = read_manifest(profile.run_dir / "eval" / name) or {}
-        metrics_file = metrics_path(profile, name)
-        phases = json.loads(metrics_file.read_text()).get("wall_time_s", {}) if metrics_file.is_file() else {}
-        gen = sum(
-            float(v.get("generate_s", 0)) + float(v.get("mc_s", 0))
-            for v in phases.values()
-            if isinstance(v, Mapping)
-        )
+        phases = _eval_phases(profile.run_dir / "eval" / name)
+        gen = _phase_seconds(phases, ("generate_s", "mc_s"))
         rows[name] = {
             "build s": build.get("wall_time_s", math.nan),
             "model load s": phases.get("load_model", {}).get("load_s", math.nan) if phases else math.nan,
@@ -372,7 +377,8 @@ def distance_table(embeddings: Mapping[str, np.ndarray], references: Sequence[st
 
 
 def notebook_wall_times(profile: Profile, book_dir: Path | None = None) -> pd.DataFrame:
-    """Wall time (s) per executed notebook, as `h3fusion run-notebooks` recorded it next to the notebooks."""
+    """Wall time (s) per executed notebook, as `h3fusion run-notebooks` recorded it next to the notebooks
+    (`.attrs["note"]`: the file's optional remark on how the times were taken)."""
     from h3fusion.notebooks import output_dir, wall_times_path
 
     path = wall_times_path(book_dir or output_dir(), profile.name)
@@ -381,7 +387,9 @@ def notebook_wall_times(profile: Profile, book_dir: Path | None = None) -> pd.Da
         {"notebook": name, "wall s": v.get("wall_s"), "finished": v.get("finished")}
         for name, v in data.get("notebooks", {}).items()
     ]
-    return pd.DataFrame(rows, columns=["notebook", "wall s", "finished"]).set_index("notebook")
+    table = pd.DataFrame(rows, columns=["notebook", "wall s", "finished"]).set_index("notebook")
+    table.attrs["note"] = data.get("note", "")  # how the times were taken, when the file says
+    return table
 
 
 def artifact_table(profile: Profile) -> pd.DataFrame:
@@ -392,11 +400,14 @@ def artifact_table(profile: Profile) -> pd.DataFrame:
     rows = []
     for path in sorted(profile.run_dir.rglob(MANIFEST)):
         m = read_manifest(path.parent) or {}
+        artifact = path.parent.relative_to(profile.run_dir)
+        # an evaluation's manifest times its judging; its generation and loading are in its metrics.json
+        extra = _phase_seconds(_eval_phases(path.parent), ("load_s", "generate_s", "mc_s"))
         rows.append(
             {
-                "artifact": str(path.parent.relative_to(profile.run_dir)),
-                "stage": m.get("stage", ""),
-                "wall s": m.get("wall_time_s", math.nan),
+                "artifact": str(artifact),
+                "stage": m.get("stage") or artifact.parts[0],
+                "wall s": round(m.get("wall_time_s", math.nan) + extra, 2),
                 "torch threads": (m.get("hardware") or {}).get("torch_threads"),
                 "config hash": m.get("config_hash", ""),
                 "commit": (m.get("git_commit") or "")[:10],

@@ -92,6 +92,8 @@ print(f"profile {P.name}: seed {P.seed}; generation {P.evaluation.generation.mod
 # %%
 times = report.notebook_wall_times(P)
 print(f"total: {times['wall s'].sum():,.0f} s over {len(times)} notebooks")
+if times.attrs["note"]:
+    print(f"note: {times.attrs['note']}")
 times
 
 # %% [markdown]
