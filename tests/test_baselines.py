@@ -244,6 +244,29 @@ def test_ensemble_of_different_experts_mixes_probabilities(profile, tok, adapter
     assert both == pytest.approx(float(want), abs=1e-4)
 
 
+def test_packllm_mixture_of_a_multi_token_answer_matches_full_forwards(profile, tok, adapters):
+    """sum_t log sum_i w_i p_i(token t): checked against one full forward of prompt + answer per expert."""
+    from h3fusion.evaluation.lm import split_continuation
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    ensemble = TokenEnsemble(bank, tok, weighting="perplexity", temperature=0.5, progress=False)
+    conts = [" Blue and green.", " Paris, in France.", " Lyon."]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    got = ensemble.continuation_logprobs(prompts, conts)
+    weights = ensemble.prompt_weights(PROMPTS)
+    for k, (prompt, cont) in enumerate(zip(prompts, conts, strict=True)):
+        ctx, ans = split_continuation(tok, prompt, cont)
+        ids = torch.tensor([ctx + ans])
+        per_expert = []
+        for e in ("a", "b", "c"):
+            with torch.no_grad():
+                logp = torch.log_softmax(bank.use(e)(input_ids=ids).logits[0, :-1].double(), -1)
+            per_expert.append(logp[len(ctx) - 1 :].gather(-1, ids[0, len(ctx) :, None]).squeeze(-1))
+        w = weights[PROMPTS.index(prompt)].double()
+        want = torch.logsumexp(torch.stack(per_expert) + w.log()[:, None], dim=0).sum()
+        assert got[k] == pytest.approx(float(want), abs=1e-4)
+
+
 def test_perplexity_weights_sum_to_one_and_favour_low_perplexity():
     nll = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.5, 0.5]])
     w = perplexity_weights(nll, temperature=1.0)

@@ -254,24 +254,34 @@ class TokenEnsemble:
 
     def prompt_weights(self, prompts: list[str]) -> torch.Tensor:
         """The ensemble weights of each prompt, [prompts, experts] (rows sum to one)."""
+        return self._weights(self._prompt_nll(prompts))
+
+    def _prompt_nll(self, prompts: list[str]) -> torch.Tensor:
+        """Each expert's mean NLL of each prompt's tokens, [prompts, experts], in batches of logprob_batch_size."""
         import torch
 
-        ids, mask = left_pad(encode_prompts(self.tokenizer, prompts), self.pad_id)
-        ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = []
         with torch.inference_mode():
-            nll = torch.stack(
-                [
-                    _mean_prompt_nll(
-                        self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
-                        ids,
-                        mask,
+            for s in range(0, len(prompts), self.logprob_batch_size):
+                ids, mask = left_pad(
+                    encode_prompts(self.tokenizer, prompts[s : s + self.logprob_batch_size]), self.pad_id
+                )
+                ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                rows.append(
+                    torch.stack(
+                        [
+                            _mean_prompt_nll(
+                                self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
+                                ids,
+                                mask,
+                            )
+                            for e in self.experts
+                        ],
+                        dim=-1,
                     )
-                    for e in self.experts
-                ],
-                dim=-1,
-            )
-        return self._weights(nll)
+                )
+        return torch.cat(rows) if rows else torch.zeros(0, len(self.experts))
 
     def generate(
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate"
@@ -374,55 +384,36 @@ class TokenEnsemble:
         return list(self._scored[key])
 
     def _continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """Each expert scores every continuation token by token against its cached prompt (one prompt pass per
+        distinct prompt, `HFLanguageModel`); the tokens' probabilities are then mixed with the prompt's weights."""
         import torch
 
-        from h3fusion.progress import progress
+        from h3fusion.evaluation.lm import HFLanguageModel
 
-        pairs = [
-            split_continuation(self.tokenizer, p, c) for p, c in zip(prompts, continuations, strict=True)
-        ]
-        out = [0.0] * len(pairs)
-        batches = length_sorted_batches([len(a) + len(b) for a, b in pairs], self.logprob_batch_size)
-        with torch.inference_mode():
-            for batch in progress(batches, desc="ensemble log-likelihoods", show=self.progress, unit="batch"):
-                for i, s in zip(batch, self._score([pairs[i] for i in batch]), strict=True):
-                    out[i] = s
+        unique = list(dict.fromkeys(prompts))
+        key = (self.experts, tuple(prompts), tuple(continuations))
+        stored = self._token_logprobs.get(key)
+        if stored is None:  # the experts' forwards: shared with ensembles of the same bank and other weights
+            stored = {
+                "prompt_nll": self._prompt_nll(unique),
+                "tokens": [
+                    HFLanguageModel(
+                        self.bank.use(e),
+                        self.tokenizer,
+                        logprob_batch_size=self.logprob_batch_size,
+                        progress=False,
+                    ).continuation_token_logprobs(prompts, continuations)
+                    for e in self.experts
+                ],
+            }
+            self._token_logprobs[key] = stored
+        log_w = self._weights(stored["prompt_nll"]).double().clamp_min(1e-30).log()  # [unique prompts, n]
+        row = {p: i for i, p in enumerate(unique)}
+        out = []
+        for k, prompt in enumerate(prompts):
+            lp = torch.tensor([tokens[k] for tokens in stored["tokens"]], dtype=torch.float64)  # [n, tokens]
+            out.append(float(torch.logsumexp(lp + log_w[row[prompt]][:, None], dim=0).sum()))
         return out
-
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        import torch
-
-        device = self.bank.device
-        ids, mask = left_pad([a + b for a, b in pairs], self.pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        width = ids.shape[1]
-        # target position j (predicting ids[:, j+1]) belongs to the continuation when j+1 >= width - len(cont)
-        j = torch.arange(width - 1, device=device)
-        cont_start = torch.tensor([width - len(b) for _, b in pairs], device=device)
-        prompt_start = torch.tensor([width - len(a) - len(b) for a, b in pairs], device=device)
-        is_cont = (j[None] + 1) >= cont_start[:, None]
-        is_prompt = ((j[None] + 1) > prompt_start[:, None]) & ~is_cont
-        key = (self.experts, self.pad_id, tuple((tuple(a), tuple(b)) for a, b in pairs))
-        token_logp = self._token_logprobs.get(key)
-        if token_logp is None:
-            token_logp = []
-            for e in self.experts:
-                logits = (
-                    self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos)
-                    .logits[:, :-1]
-                    .float()
-                )
-                token_logp.append(
-                    torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                )
-            self._token_logprobs[key] = token_logp  # [B, W-1] per expert
-        prompt_nll = [-(lp * is_prompt).sum(-1) / is_prompt.sum(-1).clamp_min(1) for lp in token_logp]
-        weights = self._weights(torch.stack(prompt_nll, dim=-1))  # [B, n]
-        mix = torch.logsumexp(
-            torch.stack(token_logp, dim=1) + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1
-        )
-        return (mix * is_cont).sum(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -91,6 +91,12 @@ class HFLanguageModel:
         )
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        """log p(continuation | prompt) per pair: the sum of its tokens' log-probabilities."""
+        return [float(sum(t)) for t in self.continuation_token_logprobs(prompts, continuations)]
+
+    def continuation_token_logprobs(self, prompts: list[str], continuations: list[str]) -> list[list[float]]:
+        """log p(token t | prompt, tokens < t) for each token of each continuation (what a mixture of models
+        needs: it mixes probabilities token by token)."""
         import torch
 
         from h3fusion.progress import progress
@@ -102,7 +108,7 @@ class HFLanguageModel:
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
-        out = [0.0] * len(prompts)
+        out: list[list[float]] = [[] for _ in prompts]
         chunks = self._chunks(list(groups.items()))
         with torch.inference_mode():
             for chunk in progress(chunks, desc="log-likelihoods", show=self.progress, unit="batch"):
@@ -129,8 +135,8 @@ class HFLanguageModel:
             chunks.append(current)
         return chunks
 
-    def _score_chunk(self, prompts: list[str], conts: list[list[str]]) -> list[list[float]]:
-        """Log-likelihoods of each prompt's continuations: one prompt pass, one continuation pass."""
+    def _score_chunk(self, prompts: list[str], conts: list[list[str]]) -> list[list[list[float]]]:
+        """Token log-probabilities of each prompt's continuations: one prompt pass, one continuation pass."""
         import torch
 
         if any(not p for p in prompts):
@@ -153,19 +159,20 @@ class HFLanguageModel:
 
         rows = [(p, j) for p, pairs_p in enumerate(pairs) for j in range(len(pairs_p))]
         cont_ids = [pairs[p][j][1] for p, j in rows]
-        scores = [[0.0] * len(pairs_p) for pairs_p in pairs]
+        scores: list[list[list[float]]] = [[[] for _ in pairs_p] for pairs_p in pairs]
         if not rows:
             return scores
         owner = torch.tensor([p for p, _ in rows], device=self.device)
         first = torch.tensor([c[0] if c else 0 for c in cont_ids], device=self.device)
         first_lp = last_logp[owner, first]  # log p(first continuation token | prompt)
         width = max(len(c) for c in cont_ids)
-        rest_lp = torch.zeros(len(rows), device=self.device)
+        rest_lp = torch.zeros(len(rows), 0, device=self.device)
         if width > 1:
             rest_lp = self._rest_logprobs(_output_cache(prefix), owner, mask, positions, cont_ids, width)
+        first_lp, rest_lp = first_lp.tolist(), rest_lp.tolist()
         for r, (p, j) in enumerate(rows):
             if cont_ids[r]:
-                scores[p][j] = float(first_lp[r] + rest_lp[r])
+                scores[p][j] = [first_lp[r], *rest_lp[r][: len(cont_ids[r]) - 1]]
         return scores
 
     def _rest_logprobs(
@@ -177,7 +184,8 @@ class HFLanguageModel:
         cont_ids: list[list[int]],
         width: int,
     ) -> torch.Tensor:
-        """Sum of log p(token t | prompt, tokens < t) for t >= 1, all continuations in one right-padded pass."""
+        """log p(token t | prompt, tokens < t) for t >= 1, [continuations, width - 1] (0 past a continuation's
+        end), all continuations in one right-padded pass."""
         import torch
 
         n = len(cont_ids)
@@ -203,7 +211,7 @@ class HFLanguageModel:
             **{_cache_argument(self.model): cache},
         ).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        return (logp * valid).sum(-1)
+        return logp * valid
 
 
 def _cache_argument(model: PreTrainedModel) -> str:
