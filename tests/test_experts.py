@@ -16,7 +16,7 @@ from h3fusion import experts
 from h3fusion.artifacts import MANIFEST, read_manifest
 from h3fusion.config import ConfigError, load_profile
 from h3fusion.errors import ArtifactError
-from h3fusion.moe.upcycle import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from h3fusion.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from h3fusion.training import prepare_work_dir
 
 TASK = "helpful"
