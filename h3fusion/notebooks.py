@@ -126,7 +126,7 @@ def _kernel_env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = saved
 
 
-def output_dir() -> Path:
+def batch_output_dir() -> Path:
     """The folder the running batch writes executed notebooks to (the book when run by hand)."""
     return Path(os.environ.get(OUTPUT_ENV) or BOOK_DIR)
 

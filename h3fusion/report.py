@@ -379,9 +379,9 @@ def distance_table(embeddings: Mapping[str, np.ndarray], references: Sequence[st
 def notebook_wall_times(profile: Profile, book_dir: Path | None = None) -> pd.DataFrame:
     """Wall time (s) per executed notebook, as `h3fusion run-notebooks` recorded it next to the notebooks
     (`.attrs["note"]`: the file's optional remark on how the times were taken)."""
-    from h3fusion.notebooks import output_dir, wall_times_path
+    from h3fusion.notebooks import batch_output_dir, wall_times_path
 
-    path = wall_times_path(book_dir or output_dir(), profile.name)
+    path = wall_times_path(book_dir or batch_output_dir(), profile.name)
     data = json.loads(path.read_text()) if path.is_file() else {}
     rows = [
         {"notebook": name, "wall s": v.get("wall_s"), "finished": v.get("finished")}

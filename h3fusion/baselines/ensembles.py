@@ -223,12 +223,12 @@ class TokenEnsemble:
         experts: Sequence[str] | None = None,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         logprob_batch_size: int = 16,
-        token_logprobs: dict[Any, list[torch.Tensor]] | None = None,
+        token_logprobs: dict[Any, dict[str, Any]] | None = None,
         progress: bool = True,
     ) -> None:
-        """`token_logprobs`: a store of each expert's token log-probabilities per scored batch, to share between
-        ensembles of the SAME bank that differ only in their weighting (uniform and PackLLM score the same MC
-        batches with the same expert forwards; only the mixing weights differ)."""
+        """`token_logprobs`: a store of each expert's prompt NLLs and continuation token log-probabilities per
+        scored list, to share between ensembles of the SAME bank that differ only in their weighting (uniform and
+        PackLLM score the same MC choices with the same expert forwards; only the mixing weights differ)."""
         if weighting not in ("uniform", "perplexity"):
             raise ValueError(f"unknown weighting {weighting!r}; use 'uniform' or 'perplexity'")
         self.bank, self.tokenizer = bank, tokenizer

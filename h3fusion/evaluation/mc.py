@@ -14,8 +14,10 @@ Prompt format (``evaluation.mc_prompt``):
   TruthfulQA paper then ``Q: {question}\nA:``, each choice scored after a space. The standard, comparable with
   published MC numbers.
 - ``alpaca``: the Alpaca template the experts were aligned with (`h3fusion.data.format_prompt(question)`, ending
-  in ``### Response:\n``), each choice the response after it. Compares models in the format they answer in; under
-  it SmolLM2's summed log-likelihoods favour the short false choices (MC1 below chance on the cpu profile).
+  in ``### Response:\n``), each choice the response after it. Compares models in the format they answer in.
+
+On the cpu profile's 50 questions SmolLM2-135M's MC1 is below chance under both (8-10 %): the summed
+log-likelihood favours the shorter false choices, a property of the model at that size, not of the scoring.
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ def _expert_identity(profile: Profile, task: str) -> str:
     from h3fusion.experts import require_expert
 
     folder = require_expert(profile, task, "evaluating it")
-    return manifest_identity(folder, f"the {task} expert", f"re-run `h3fusion align --task {task}`")
+    return manifest_identity(
+        folder, f"the {task} expert", f"re-run `h3fusion align --profile {profile.name} --task {task}`"
+    )
 
 
 def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
