@@ -508,6 +508,24 @@ def test_known_answers_hit_only_for_the_same_list_config_and_seed():
     assert known.lookup("a", ["p1", "p2"], cfg, 42, []) is None
 
 
+def test_instruct_scores_a_few_shot_mc_pair_as_its_alpaca_question(profile, tok, adapters):
+    """qa6 MC prompts reach H3Fusion-Instruct as the Alpaca prompt of their last question: same scores, and the
+    demonstrations never reach the experts or the fuser."""
+    from h3fusion.baselines.instruct import InstructFusion, instruction_prompt
+    from h3fusion.evaluation.mc import mc_prompt
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1]})
+    cfg = GenerationConfig(max_new_tokens=4, batch_size=2)
+    qa6, alpaca = mc_prompt("qa6"), mc_prompt("alpaca")
+    question, choices = "Is the sky blue?", ["Yes.", "No, it is green."]
+    fusion = InstructFusion(bank, tok, ["a", "b"], cfg, seed=1, progress=False)
+    few_shot = fusion.continuation_logprobs([qa6.template(question)] * 2, [" " + c for c in choices])
+    assert fusion.last_prompts == [] and all("Olympics" not in p for p in fusion._candidates)
+    plain = fusion.continuation_logprobs([alpaca.template(question)] * 2, choices)
+    assert few_shot == plain
+    assert instruction_prompt(alpaca.template(question), " x") == (alpaca.template(question), " x")
+
+
 def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, monkeypatch):
     """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
     they generate the experts' answers themselves, and generate none of them."""

@@ -52,6 +52,20 @@ def split_prompt(prompt: str) -> str:
     return m.group("instruction").strip() + (f"\n\n{inp}" if inp else "")
 
 
+_QA_TAIL = re.compile(r"(?:^|\n)Q: (?P<question>[^\n]*)\nA:$")
+
+
+def instruction_prompt(prompt: str, continuation: str) -> tuple[str, str]:
+    """A multiple-choice pair in the experts' format. A few-shot "Q: ... A:" prompt (`evaluation.mc_prompt: qa6`)
+    becomes the Alpaca prompt of its last question and the choice loses its leading space: the experts answer the
+    question as they were aligned to (their cached evaluation answers to it are reused) and the fuser reads the
+    question, not the demonstrations. Any other pair is returned as it is."""
+    m = _QA_TAIL.search(prompt)
+    if m is None or _TEMPLATE.search(prompt):
+        return prompt, continuation
+    return format_prompt(m.group("question")), continuation.removeprefix(" ")
+
+
 def fuser_input(request: str, answers: Mapping[str, str]) -> str:
     blocks = "\n\n".join(
         FUSER_ANSWER.format(task=t, answer=a.strip() or "(no answer)") for t, a in answers.items()
@@ -138,6 +152,8 @@ class InstructFusion:
         return self._fuser_lm().generate(fused, cfg, seed, desc="fuse (LoRA fuser)")
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
+        pairs = [instruction_prompt(p, c) for p, c in zip(prompts, continuations, strict=True)]
+        prompts, continuations = [p for p, _ in pairs], [c for _, c in pairs]
         fused = self.fuser_prompts(prompts, self.candidate_cfg, self.seed)
         if self.fuser is None:
             with self.bank.base():
