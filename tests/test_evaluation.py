@@ -306,6 +306,12 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     again = runmod.evaluate_model(profile, "base", judges=judges)
     assert again == first
 
+    # A deleted mc.jsonl is scored again and written back (the metrics are not returned without it).
+    (folder / "mc.jsonl").unlink()
+    rescored = runmod.evaluate_model(profile, "base", judges=judges)
+    assert (folder / "mc.jsonl").is_file() and rescored["wall_time_s"]["honest"]["mc_s"] > 0
+    assert _scores(rescored) == _scores(first)
+
     # Changed judge: generations reused, only re-judged.
     judges.helpful.validation = {"agreement": 0.6, "n_heldout": 10}
     rejudged = runmod.evaluate_model(profile, "base", judges=judges)

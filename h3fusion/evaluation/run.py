@@ -50,6 +50,7 @@ EVAL_FORMAT = 1
 """Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
 
 METRICS = "metrics.json"
+MC_ROWS = "mc.jsonl"
 
 
 class UnknownModelError(H3FusionError, KeyError):
@@ -462,7 +463,7 @@ class _Previous:
         return read_jsonl(path) if path.is_file() else None
 
     def mc(self, hash_: str) -> list[dict] | None:
-        path = self.folder / "mc.jsonl"
+        path = self.folder / MC_ROWS
         return read_jsonl(path) if self.manifest.get("mc_hash") == hash_ and path.is_file() else None
 
 
@@ -557,7 +558,7 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
     }
     gen_hashes = dict(previous.manifest.get("generation_hashes", {}))
     mc_h = previous.manifest.get("mc_hash")
-    mc_rows = read_jsonl(folder / "mc.jsonl") if (folder / "mc.jsonl").is_file() else None
+    mc_rows = read_jsonl(folder / MC_ROWS) if (folder / MC_ROWS).is_file() else None
     times = {t: {"generate_s": 0.0, "reused_generations": True} for t in profile.tasks}
     identity = previous.manifest.get("model_identity", f"stored:{name}")
     return _judge_and_write(
@@ -587,7 +588,8 @@ def _judge_and_write(
     judge_hashes = {t: _digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
     config_hash = _digest({"generations": gen_hashes, "mc": mc_h, "judges": judge_hashes})
     folder = eval_dir(profile, name)
-    if previous and previous.manifest.get("config_hash") == config_hash and (folder / METRICS).is_file():
+    stored = (folder / METRICS).is_file() and (mc_h is None or (folder / MC_ROWS).is_file())
+    if previous and previous.manifest.get("config_hash") == config_hash and stored:
         return json.loads((folder / METRICS).read_text())
 
     judgements: dict[str, list[dict]] = {}
@@ -663,7 +665,7 @@ def _write(
                 ],
             )
         if mc_rows is not None:
-            write_jsonl(tmp / "mc.jsonl", mc_rows)
+            write_jsonl(tmp / MC_ROWS, mc_rows)
         atomic_write_json(tmp / METRICS, metrics)
         atomic_write_json(
             tmp / MANIFEST,
