@@ -11,6 +11,7 @@ from h3fusion import analysis
 from h3fusion.config import load_profile
 from h3fusion.errors import H3FusionError, ModelError
 from h3fusion.models import load_tokenizer, tiny_random_llama
+from tests.helpers import random_upcycled_moe
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -213,28 +214,7 @@ def test_expert_drift_needs_experts(llama):
 
 @pytest.fixture(scope="module")
 def moe(profile, tokenizer):
-    from h3fusion.moe import ExpertAdapter, upcycle
-    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
-
-    base = tiny_random_llama(profile.model.tiny, len(tokenizer), profile.seed)
-    shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
-    generator = torch.Generator().manual_seed(0)
-    adapters = [
-        ExpertAdapter(
-            name=task,
-            scale=2.0,
-            factors={
-                (layer, p): (
-                    0.1 * torch.randn(4, shapes[p][1], generator=generator),
-                    0.1 * torch.randn(shapes[p][0], 4, generator=generator),
-                )
-                for layer in range(base.config.num_hidden_layers)
-                for p in PROJECTIONS
-            },
-        )
-        for task in profile.tasks
-    ]
-    return upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
+    return random_upcycled_moe(profile, len(tokenizer))
 
 
 def test_moe_causal_lm_and_its_mixtral_export_route_alike(moe, tokenizer, profile):

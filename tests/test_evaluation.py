@@ -18,6 +18,7 @@ from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
 from h3fusion.evaluation.tables import headline_improvements, results_table, to_markdown
+from tests.helpers import random_upcycled_moe
 
 
 @pytest.fixture(scope="module")
@@ -152,29 +153,8 @@ def test_continuation_logprobs_do_not_depend_on_the_batch(tiny):
 def test_continuation_logprobs_on_the_moe_model_match_a_hand_computed_forward(profile, tiny):
     """The MoE model (a wrapper whose forward takes **kwargs) goes through the same cached scoring path."""
     from h3fusion.data import format_prompt
-    from h3fusion.models import tiny_random_llama
-    from h3fusion.moe import ExpertAdapter, upcycle
-    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
 
-    base = tiny_random_llama(profile.model.tiny, len(tiny.tokenizer), profile.seed)
-    shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
-    gen = torch.Generator().manual_seed(0)
-    adapters = [
-        ExpertAdapter(
-            name=task,
-            scale=2.0,
-            factors={
-                (layer, p): (
-                    0.1 * torch.randn(4, shapes[p][1], generator=gen),
-                    0.1 * torch.randn(shapes[p][0], 4, generator=gen),
-                )
-                for layer in range(base.config.num_hidden_layers)
-                for p in PROJECTIONS
-            },
-        )
-        for task in profile.tasks
-    ]
-    moe = upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
+    moe = random_upcycled_moe(profile, len(tiny.tokenizer))
     lm = HFLanguageModel(moe, tiny.tokenizer, progress=False)
     prompts = [
         format_prompt("Is the earth flat?"),
