@@ -45,9 +45,6 @@ from torch import nn
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile
 from h3fusion.errors import H3FusionError
 
-LAYER_SHAPES: dict[str, tuple[int, int]] = {"smollm2": (576, 1536), "llama2_7b": (4096, 11008)}
-"""(hidden, FFN) widths of the benchmarked layers: SmolLM2-135M and LLaMA-2-7B."""
-
 SMOLLM2_CONFIG: dict[str, Any] = dict(
     hidden_size=576,
     intermediate_size=1536,
@@ -69,6 +66,13 @@ LLAMA2_7B_CONFIG: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 """meta-llama/Llama-2-7b-hf's config (its parameter count is computed on the meta device)."""
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {"smollm2": SMOLLM2_CONFIG, "llama2_7b": LLAMA2_7B_CONFIG}
+
+LAYER_SHAPES: dict[str, tuple[int, int]] = {
+    name: (cfg["hidden_size"], cfg["intermediate_size"]) for name, cfg in MODEL_CONFIGS.items()
+}
+"""(hidden, FFN) widths of the benchmarked layers: SmolLM2-135M and LLaMA-2-7B, read from their configs."""
 
 TARGETS: dict[str, tuple[str, float]] = {
     "ffn.llama2_7b.delta.fwd": ("<=", 1.15),
@@ -353,7 +357,7 @@ def param_configs() -> dict[str, Any]:
     """The whole-model configs whose parameter bytes are counted (on meta: instant at any size)."""
     from transformers import LlamaConfig
 
-    return {"smollm2": LlamaConfig(**SMOLLM2_CONFIG), "llama2_7b": LlamaConfig(**LLAMA2_7B_CONFIG)}
+    return {name: LlamaConfig(**cfg) for name, cfg in MODEL_CONFIGS.items()}
 
 
 # ---------------------------------------------------------------------------------------------- 3. training step
