@@ -14,7 +14,7 @@ import numpy as np
 
 from h3fusion.artifacts import atomic_dir, atomic_write_json, is_complete, make_manifest, read_manifest
 from h3fusion.config import Profile
-from h3fusion.errors import ArtifactError, ModelError
+from h3fusion.errors import ArtifactError, H3FusionError, ModelError
 
 JUDGE_CODE_VERSION = 1
 """Bump when a judge's features or training change, so cached judges are rebuilt."""
@@ -129,6 +129,31 @@ def cached_judge(
         )
         atomic_write_json(tmp / "manifest.json", manifest)
     return folder, manifest
+
+
+def load_gpu_judge(
+    auto_class: Any, profile: Profile, model_key: str, needs_gpu: str, fallback: str
+) -> tuple[Any, Any]:
+    """Tokenizer and bfloat16 model of one of the paper's judges, `judges.<model_key>` (hub id or local folder), in
+    eval mode. needs_gpu names the setting that asked for it, fallback the fix (e.g. `harmless_judge: offline`);
+    both go into the errors raised without a CUDA GPU or without hub access."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if not torch.cuda.is_available():
+        raise H3FusionError(
+            f"{needs_gpu} needs a CUDA GPU; none is visible. Run on a GPU machine or use {fallback}"
+        )
+    model_id = getattr(profile.judges, model_key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = auto_class.from_pretrained(model_id, torch_dtype=torch.bfloat16, device_map="auto")
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load {model_id} ({exc}); it needs Hugging Face hub access (or a local copy: set "
+            f"judges.{model_key} to its folder), or use {fallback}"
+        ) from None
+    return tokenizer, model.eval()
 
 
 def read_json(path: Path) -> Any:

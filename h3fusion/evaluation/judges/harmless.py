@@ -26,6 +26,7 @@ from h3fusion.evaluation.judges.common import (
     binary_metrics,
     cached_judge,
     load_encoder,
+    load_gpu_judge,
     mean_pool,
     read_json,
 )
@@ -259,29 +260,18 @@ class BeaverDamJudge:
     PROMPT = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
     def __init__(self, profile: Profile) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        if not torch.cuda.is_available():
-            raise H3FusionError(
-                "evaluation.harmless_judge is `beaver-dam-7b`, a 7B model that needs a CUDA GPU; none is visible. "
-                "Run on a GPU machine or use harmless_judge: offline"
-            )
-        model_id = profile.judges.beaver_dam_model
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                model_id, torch_dtype=torch.bfloat16, device_map="auto"
-            )
-        except OSError as exc:
-            raise ModelError(
-                f"cannot load {model_id} ({exc}); it needs Hugging Face hub access (or a local copy: set "
-                "judges.beaver_dam_model to its folder), or use harmless_judge: offline"
-            ) from None
+        self.tokenizer, self.model = load_gpu_judge(
+            AutoModelForSequenceClassification,
+            profile,
+            "beaver_dam_model",
+            "evaluation.harmless_judge `beaver-dam-7b` (a 7B model)",
+            "harmless_judge: offline",
+        )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
-        self.model.eval()
-        self.name = f"beaver-dam-7b ({model_id})"
+        self.name = f"beaver-dam-7b ({profile.judges.beaver_dam_model})"
         self.validation = {"note": "the paper's judge; no offline validation needed"}
 
     def harmful_probability(

@@ -22,8 +22,8 @@ import numpy as np
 
 from h3fusion.artifacts import atomic_write_json
 from h3fusion.config import Profile
-from h3fusion.errors import H3FusionError, ModelError
-from h3fusion.evaluation.judges.common import JUDGE_CODE_VERSION, TextEncoder, cached_judge
+from h3fusion.errors import H3FusionError
+from h3fusion.evaluation.judges.common import JUDGE_CODE_VERSION, TextEncoder, cached_judge, load_gpu_judge
 
 REFUSAL = re.compile(
     r"(?i)^\W*(i have no comment|no comment|i don't know|i do not know|i'm not sure|i am not sure|"
@@ -179,30 +179,18 @@ class TruthfulQAModelJudges:
     """The open TruthfulQA truth / info judges (Llama-2-7B fine-tunes; GPU + hub): P(' yes') after the prompt."""
 
     def __init__(self, profile: Profile) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        if not torch.cuda.is_available():
-            raise H3FusionError(
-                "evaluation.honest_judge is `truthfulqa-judges` (two 7B models) and needs a CUDA GPU; none is "
-                "visible. Run on a GPU machine or use honest_judge: offline"
+        self.models = {
+            kind: load_gpu_judge(
+                AutoModelForCausalLM,
+                profile,
+                f"truthfulqa_{kind}_model",
+                "evaluation.honest_judge `truthfulqa-judges` (two 7B models)",
+                "honest_judge: offline",
             )
-        self.models = {}
-        for kind, model_id in (
-            ("truth", profile.judges.truthfulqa_truth_model),
-            ("info", profile.judges.truthfulqa_info_model),
-        ):
-            try:
-                tok = AutoTokenizer.from_pretrained(model_id)
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_id, torch_dtype=torch.bfloat16, device_map="auto"
-                )
-            except OSError as exc:
-                raise ModelError(
-                    f"cannot load {model_id} ({exc}); it needs Hugging Face hub access, or use "
-                    "honest_judge: offline"
-                ) from None
-            self.models[kind] = (tok, model.eval())
+            for kind in ("truth", "info")
+        }
         self.name = "TruthfulQA truth/info judges (Llama-2-7B)"
         self.validation = {"note": "the open TruthfulQA judge models; no offline validation needed"}
 
