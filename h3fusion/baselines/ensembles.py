@@ -391,23 +391,22 @@ class TokenEnsemble:
         from h3fusion.evaluation.lm import HFLanguageModel
 
         unique = list(dict.fromkeys(prompts))
-        key = (self.experts, tuple(prompts), tuple(continuations))
-        stored = self._token_logprobs.get(key)
-        if stored is None:  # the experts' forwards: shared with ensembles of the same bank and other weights
-            stored = {
-                "prompt_nll": self._prompt_nll(unique),
-                "tokens": [
-                    HFLanguageModel(
-                        self.bank.use(e),
-                        self.tokenizer,
-                        logprob_batch_size=self.logprob_batch_size,
-                        progress=False,
-                    ).continuation_token_logprobs(prompts, continuations)
-                    for e in self.experts
-                ],
-            }
-            self._token_logprobs[key] = stored
-        log_w = self._weights(stored["prompt_nll"]).double().clamp_min(1e-30).log()  # [unique prompts, n]
+        # the experts' forwards, shared with ensembles of the same bank and other weights
+        stored = self._token_logprobs.setdefault((self.experts, tuple(prompts), tuple(continuations)), {})
+        if "tokens" not in stored:
+            stored["tokens"] = [
+                HFLanguageModel(
+                    self.bank.use(e),
+                    self.tokenizer,
+                    logprob_batch_size=self.logprob_batch_size,
+                    progress=False,
+                ).continuation_token_logprobs(prompts, continuations)
+                for e in self.experts
+            ]
+        if self.weighting != "uniform" and "prompt_nll" not in stored:  # uniform weights need no prompt pass
+            stored["prompt_nll"] = self._prompt_nll(unique)
+        nll = stored.get("prompt_nll", torch.zeros(len(unique), len(self.experts)))
+        log_w = self._weights(nll).double().clamp_min(1e-30).log()  # [unique prompts, n]
         row = {p: i for i, p in enumerate(unique)}
         out = []
         for k, prompt in enumerate(prompts):
