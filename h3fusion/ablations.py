@@ -265,15 +265,16 @@ def _cache_path(run_profile: Profile, name: str, key: str) -> Path:
 
 
 def _scores_by_k(
-    profile: Profile, moe: Any, tok: Any, items: ScoringItems, ks: Sequence[int]
+    profile: Profile, moe: Any, tok: Any, items: ScoringItems, ks: Sequence[int], trained: dict[str, Any]
 ) -> dict[str, Any]:
-    """Scores of the same trained model with k changed at inference (`set_top_k`, no retraining)."""
+    """Scores of the same trained model with k changed at inference (`set_top_k`, no retraining); `trained` are
+    the scores at the k it was trained with."""
     trained_k = moe.top_k
     out = {}
     try:
         for k in ks:
             moe.set_top_k(k)
-            out[str(k)] = score_model(profile, moe, tok, items)
+            out[str(k)] = trained if k == trained_k else score_model(profile, moe, tok, items)
     finally:
         moe.set_top_k(trained_k)
     return out
@@ -377,10 +378,11 @@ def run_ablation(
         "tasks": list(run_profile.tasks),
         "reused_from": str(exported) if exported else None,
         "loss_log": losses,
-        "scores": score_model(run_profile, moe, tok, items),
+        # the last checkpoint is the trained model: its scores are not computed twice
+        "scores": at_steps.get(str(run_profile.ablations.steps)) or score_model(run_profile, moe, tok, items),
         "checkpoints": at_steps,
-        "by_top_k": _scores_by_k(run_profile, moe, tok, items, ks) if ks else {},
     }
+    result["by_top_k"] = _scores_by_k(run_profile, moe, tok, items, ks, result["scores"]) if ks else {}
     result["wall_s"] = round(time.perf_counter() - start, 1)
     ablations_dir(run_profile).mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)

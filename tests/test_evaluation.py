@@ -150,6 +150,30 @@ def test_continuation_logprobs_do_not_depend_on_the_batch(tiny):
     assert np.allclose(together, alone, atol=1e-4)
 
 
+def test_shared_prompt_prefix_is_run_once_and_changes_no_logprob(tiny, monkeypatch):
+    """The few-shot MC prompts share a long prefix: it is computed once and the scores equal full forwards."""
+    from h3fusion.evaluation.mc import mc_prompt
+
+    qa6 = mc_prompt("qa6")
+    prompts = [qa6.template("Is the earth flat?"), qa6.template("Why is the sea salty, in a sentence?")] * 2
+    conts = [" No, it is round.", " Rivers carry salt.", " Yes", " Because of the rocks of the sea floor"]
+    seen: list[int] = []
+    forward = tiny.model.forward
+    monkeypatch.setattr(
+        tiny.model, "forward", lambda *a, **k: seen.append(k["input_ids"].shape[1]) or forward(*a, **k)
+    )
+    shared = tiny.continuation_logprobs(prompts, conts)
+    full_prompt = len(split_continuation(tiny.tokenizer, prompts[0], conts[0])[0])
+    assert seen[0] > 0.9 * full_prompt and max(seen[1:]) < 0.2 * full_prompt  # the prefix once, then the rest
+    seen.clear()
+    plain = HFLanguageModel(tiny.model, tiny.tokenizer, share_prompt_prefix=False, progress=False)
+    unshared = plain.continuation_logprobs(prompts, conts)
+    assert max(seen) >= full_prompt
+    want = [_reference_logprob(tiny, p, c) for p, c in zip(prompts, conts, strict=True)]
+    assert np.allclose(shared, want, atol=1e-3), (shared, want)
+    assert np.allclose(shared, unshared, atol=1e-4)
+
+
 def test_continuation_logprobs_on_the_moe_model_match_a_hand_computed_forward(profile, tiny):
     """The MoE model (a wrapper whose forward takes **kwargs) goes through the same cached scoring path."""
     from h3fusion.data import format_prompt

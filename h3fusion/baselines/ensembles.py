@@ -226,7 +226,8 @@ class TokenEnsemble:
         token_logprobs: dict[Any, dict[str, Any]] | None = None,
         progress: bool = True,
     ) -> None:
-        """`token_logprobs`: a store of each expert's prompt NLLs and continuation token log-probabilities per
+        """`logprob_batch_size`: prompts per batch of the PackLLM prompt pass (it keeps every position's logits).
+        `token_logprobs`: a store of each expert's prompt NLLs and continuation token log-probabilities per
         scored list, to share between ensembles of the SAME bank that differ only in their weighting (uniform and
         PackLLM score the same MC choices with the same expert forwards; only the mixing weights differ)."""
         if weighting not in ("uniform", "perplexity"):
@@ -395,12 +396,9 @@ class TokenEnsemble:
         stored = self._token_logprobs.setdefault((self.experts, tuple(prompts), tuple(continuations)), {})
         if "tokens" not in stored:
             stored["tokens"] = [
-                HFLanguageModel(
-                    self.bank.use(e),
-                    self.tokenizer,
-                    logprob_batch_size=self.logprob_batch_size,
-                    progress=False,
-                ).continuation_token_logprobs(prompts, continuations)
+                HFLanguageModel(self.bank.use(e), self.tokenizer, progress=False).continuation_token_logprobs(
+                    prompts, continuations
+                )
                 for e in self.experts
             ]
         if self.weighting != "uniform" and "prompt_nll" not in stored:  # uniform weights need no prompt pass

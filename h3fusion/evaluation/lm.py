@@ -44,12 +44,21 @@ def split_continuation(
     return ctx, list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 
+MIN_SHARED_PREFIX_TOKENS = 16
+"""A token prefix common to every prompt of a scoring call is run once when it is at least this long."""
+REST_GROUP_ROWS = 16
+"""Continuations scored together after their cached prompts (sorted by length, so little padding)."""
+
+
 class HFLanguageModel:
     """A Hugging Face causal LM + tokenizer as a `LanguageModel`.
 
     `continuation_logprobs` runs each distinct prompt once (left-padded batch of prompts, KV cache kept) and then
     all of that prompt's continuations against the cached prompt, instead of re-encoding the prompt once per
-    answer choice: TruthfulQA has about 12 choices per question, so this saves most of the compute.
+    answer choice: TruthfulQA has about 12 choices per question, so this saves most of the compute. The token
+    prefix that all the prompts share (the six TruthfulQA demonstrations, the Alpaca preamble) is run once per
+    call and its keys/values reused by every batch (``share_prompt_prefix``): with the 6-shot MC prompt that
+    prefix is most of each prompt.
     """
 
     def __init__(
@@ -59,12 +68,14 @@ class HFLanguageModel:
         *,
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         logprob_batch_size: int = 64,
+        share_prompt_prefix: bool = True,
         progress: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         self.logprob_batch_size = logprob_batch_size
+        self.share_prompt_prefix = share_prompt_prefix
         self.progress = progress
 
     @property
@@ -111,9 +122,10 @@ class HFLanguageModel:
         out: list[list[float]] = [[] for _ in prompts]
         chunks = self._chunks(list(groups.items()))
         with torch.inference_mode():
+            prefix = self._shared_prefix(list(groups)) if self.share_prompt_prefix else None
             for chunk in progress(chunks, desc="log-likelihoods", show=self.progress, unit="batch"):
                 scores = self._score_chunk(
-                    [p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk]
+                    [p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk], prefix
                 )
                 for (_, idx), group_scores in zip(chunk, scores, strict=True):
                     for i, s in zip(idx, group_scores, strict=True):
@@ -135,8 +147,35 @@ class HFLanguageModel:
             chunks.append(current)
         return chunks
 
-    def _score_chunk(self, prompts: list[str], conts: list[list[str]]) -> list[list[list[float]]]:
-        """Token log-probabilities of each prompt's continuations: one prompt pass, one continuation pass."""
+    def _shared_prefix(self, prompts: list[str]) -> _SharedPrefix | None:
+        """The token prefix common to all `prompts` with its KV cache (one forward), or None when there is
+        nothing worth sharing. At least one token of every prompt stays outside it (its logits score the first
+        continuation token)."""
+        import torch
+
+        encoded = encode_prompts(self.tokenizer, prompts)
+        if len(encoded) < 2 or not all(encoded):
+            return None
+        first, length = encoded[0], min(len(e) for e in encoded) - 1
+        for e in encoded[1:]:
+            length = next((i for i in range(length) if e[i] != first[i]), length)
+        if length < MIN_SHARED_PREFIX_TOKENS:
+            return None
+        ids = torch.tensor([first[:length]], device=self.device)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(length, device=self.device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return _SharedPrefix(length, _output_cache(out))
+
+    def _score_chunk(
+        self, prompts: list[str], conts: list[list[str]], shared: _SharedPrefix | None = None
+    ) -> list[list[list[float]]]:
+        """Token log-probabilities of each prompt's continuations: one prompt pass (after the shared prefix's
+        cached keys/values, if any), one continuation pass."""
         import torch
 
         if any(not p for p in prompts):
@@ -149,11 +188,21 @@ class HFLanguageModel:
             pairs_p[0][0] if pairs_p else encode_prompts(self.tokenizer, [p])[0]
             for p, pairs_p in zip(prompts, pairs, strict=True)
         ]
-        ids, mask = left_pad(ctx_ids, self.pad_id)
+        skip = shared.length if shared is not None else 0
+        ids, mask = left_pad([c[skip:] for c in ctx_ids], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_kw = {}
+        if shared is not None:  # [shared prefix][left padding][rest of the prompt]
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
+            cache_kw = {_cache_argument(self.model): shared.cache_for(len(prompts))}
         prefix = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kw,
         )
         last_logp = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)  # [P, V]
 
@@ -164,15 +213,11 @@ class HFLanguageModel:
             return scores
         owner = torch.tensor([p for p, _ in rows], device=self.device)
         first = torch.tensor([c[0] if c else 0 for c in cont_ids], device=self.device)
-        first_lp = last_logp[owner, first]  # log p(first continuation token | prompt)
-        width = max(len(c) for c in cont_ids)
-        rest_lp = torch.zeros(len(rows), 0, device=self.device)
-        if width > 1:
-            rest_lp = self._rest_logprobs(_output_cache(prefix), owner, mask, positions, cont_ids, width)
-        first_lp, rest_lp = first_lp.tolist(), rest_lp.tolist()
+        first_lp = last_logp[owner, first].tolist()  # log p(first continuation token | prompt)
+        rest_lp = self._rest_logprobs(_output_cache(prefix), owner, mask, positions, cont_ids)
         for r, (p, j) in enumerate(rows):
             if cont_ids[r]:
-                scores[p][j] = [first_lp[r], *rest_lp[r][: len(cont_ids[r]) - 1]]
+                scores[p][j] = [first_lp[r], *rest_lp[r]]
         return scores
 
     def _rest_logprobs(
@@ -182,36 +227,61 @@ class HFLanguageModel:
         prompt_mask: torch.Tensor,
         prompt_positions: torch.Tensor,
         cont_ids: list[list[int]],
-        width: int,
-    ) -> torch.Tensor:
-        """log p(token t | prompt, tokens < t) for t >= 1, [continuations, width - 1] (0 past a continuation's
-        end), all continuations in one right-padded pass."""
+    ) -> list[list[float]]:
+        """log p(token t | prompt, tokens < t) for t >= 1 of each continuation, against its prompt's cached
+        keys/values. Continuations run in length-sorted groups of `REST_GROUP_ROWS` (right-padded): answer
+        choices range from 2 to 30 tokens, and one batch padded to the longest cost 2.6x the needed compute."""
+        import copy
+
         import torch
 
-        n = len(cont_ids)
-        inp = torch.full((n, width - 1), self.pad_id, dtype=torch.long)
-        tgt = torch.zeros((n, width - 1), dtype=torch.long)
-        valid = torch.zeros((n, width - 1), dtype=torch.bool)
-        for r, c in enumerate(cont_ids):
-            k = len(c) - 1
-            if k > 0:
-                inp[r, :k] = torch.tensor(c[:-1])
-                tgt[r, :k] = torch.tensor(c[1:])
-                valid[r, :k] = True
-        inp, tgt, valid = inp.to(self.device), tgt.to(self.device), valid.to(self.device)
-        cache.batch_select_indices(owner)  # the prompt's keys/values, one copy per continuation
-        attn = torch.cat([prompt_mask[owner], torch.ones_like(inp)], dim=1)
-        start = prompt_positions[owner, -1:] + 1
-        positions = start + torch.arange(width - 1, device=self.device)
-        logits = self.model(
-            input_ids=inp,
-            attention_mask=attn,
-            position_ids=positions,
-            use_cache=True,
-            **{_cache_argument(self.model): cache},
-        ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        return logp * valid
+        out: list[list[float]] = [[] for _ in cont_ids]
+        order = sorted((r for r, c in enumerate(cont_ids) if len(c) > 1), key=lambda r: len(cont_ids[r]))
+        for s in range(0, len(order), REST_GROUP_ROWS):
+            group = order[s : s + REST_GROUP_ROWS]
+            width = max(len(cont_ids[r]) for r in group) - 1
+            inp = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+            tgt = torch.zeros((len(group), width), dtype=torch.long)
+            for row, r in enumerate(group):
+                c = cont_ids[r]
+                inp[row, : len(c) - 1] = torch.tensor(c[:-1])
+                tgt[row, : len(c) - 1] = torch.tensor(c[1:])
+            inp, tgt = inp.to(self.device), tgt.to(self.device)
+            rows = owner[group]
+            group_cache = (
+                copy.deepcopy(cache) if s + REST_GROUP_ROWS < len(order) else cache
+            )  # forward appends
+            group_cache.batch_select_indices(rows)  # the prompt's keys/values, one copy per continuation
+            attn = torch.cat([prompt_mask[rows], torch.ones_like(inp)], dim=1)
+            positions = prompt_positions[rows, -1:] + 1 + torch.arange(width, device=self.device)
+            logits = self.model(
+                input_ids=inp,
+                attention_mask=attn,
+                position_ids=positions,
+                use_cache=True,
+                **{_cache_argument(self.model): group_cache},
+            ).logits
+            logp = (
+                torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1).tolist()
+            )
+            for row, r in enumerate(group):
+                out[r] = logp[row][: len(cont_ids[r]) - 1]
+        return out
+
+
+class _SharedPrefix:
+    """The first `length` tokens of every prompt in a scoring call, with their keys/values (batch of one)."""
+
+    def __init__(self, length: int, cache: object) -> None:
+        self.length, self._cache = length, cache
+
+    def cache_for(self, rows: int) -> object:
+        """A fresh copy of the prefix cache for a batch of `rows` prompts (the forward appends to it)."""
+        import copy
+
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
 
 def _cache_argument(model: PreTrainedModel) -> str:
