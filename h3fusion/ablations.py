@@ -300,7 +300,7 @@ def _train_in_memory(run_profile: Profile, callbacks: list[Any]) -> tuple[Any, A
     from h3fusion.fusion import LOSS_TERMS, build_raw, fusion_trainer
     from h3fusion.training import loss_log, training_arguments
 
-    build_raw(run_profile)  # shared with chapter 02, and it checks the experts
+    build_raw(run_profile, quiet=True)  # shared with chapter 02, and it checks the experts
     with tempfile.TemporaryDirectory(prefix="h3fusion-ablation-") as work:
         args = training_arguments(
             run_profile.fusion.train,
@@ -689,7 +689,7 @@ def drift_forms(profile: Profile) -> pd.DataFrame:
         rows.append(
             {
                 "form": "released (weight-norm penalty)" if released else "corrected (drift from upcycled)",
-                "value at init": float(loss),
+                "value at init": loss.item(),
                 "|grad| on fusion LoRA": float(norm),
             }
         )

@@ -26,6 +26,13 @@ PROJECT_ROOT = PACKAGE_ROOT.parent
 PROFILES_DIR = PROJECT_ROOT / "profiles"
 
 
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """`path` as log lines show it: relative to the project when inside it (``runs/cpu/experts/helpful``), so
+    executed notebooks and logs do not carry one machine's folders; absolute otherwise."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(PROJECT_ROOT)) if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+
+
 class ConfigError(H3FusionError, ValueError):
     """A profile or override that cannot be used, with a message that says how to fix it."""
 

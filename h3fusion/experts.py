@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
-from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile
+from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile, shown_path
 from h3fusion.errors import ArtifactError
 from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
@@ -176,7 +176,7 @@ def align(profile: Profile, task: str = "all") -> dict[str, Path]:
     for t in _tasks(profile, task):
         folder = expert_dir(profile, t)
         if is_complete(folder, config_hash):
-            print(f"[experts] {t}: complete with this config, skipped ({folder})")
+            print(f"[experts] {t}: complete with this config, skipped ({shown_path(folder)})")
         else:
             train_expert(profile, t)
         out[t] = folder

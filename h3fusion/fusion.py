@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
-from h3fusion.config import TRAINING_DATA_KEYS, Profile
+from h3fusion.config import TRAINING_DATA_KEYS, Profile, shown_path
 from h3fusion.errors import ArtifactError
 from h3fusion.training import loss_log, prepare_work_dir, training_arguments
 
@@ -121,13 +121,14 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
     return moe, tok
 
 
-def build_raw(profile: Profile) -> Path:
-    """Write ``fusion/raw/`` (skipped when complete with this config)."""
+def build_raw(profile: Profile, *, quiet: bool = False) -> Path:
+    """Write ``fusion/raw/`` (skipped when complete with this config; `quiet`: without saying so)."""
     from h3fusion.moe import export_mixtral
 
     folder = raw_dir(profile)
     if is_complete(folder, raw_hash(profile)):
-        print(f"[fusion] raw MoE complete with this config, skipped ({folder})")
+        if not quiet:
+            print(f"[fusion] raw MoE complete with this config, skipped ({shown_path(folder)})")
         return folder
     with Stopwatch() as sw:
         moe, tok = upcycle_profile(profile)
@@ -141,7 +142,7 @@ def build_raw(profile: Profile) -> Path:
         storage=moe.storage,
     )
     export_mixtral(moe, tok, folder, manifest=manifest)
-    print(f"[fusion] raw MoE written to {folder} ({sw.seconds:.1f} s)")
+    print(f"[fusion] raw MoE written to {shown_path(folder)} ({sw.seconds:.1f} s)")
     return folder
 
 
@@ -352,7 +353,7 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
         )
         export_mixtral(moe, tok, folder, manifest=manifest)
         shutil.rmtree(work, ignore_errors=True)
-        print(f"[fusion] {profile.fusion.variant} written to {folder} ({sw.seconds:.1f} s)")
+        print(f"[fusion] {profile.fusion.variant} written to {shown_path(folder)} ({sw.seconds:.1f} s)")
     trainer.accelerator.wait_for_everyone()
     return folder
 
@@ -363,7 +364,7 @@ def fuse(profile: Profile, raw_only: bool = False) -> Path:
         return build_raw(profile)
     folder = fusion_dir(profile)
     if is_complete(folder, variant_hash(profile)):
-        print(f"[fusion] {profile.fusion.variant} complete with this config, skipped ({folder})")
+        print(f"[fusion] {profile.fusion.variant} complete with this config, skipped ({shown_path(folder)})")
         return folder
     return train_fusion(profile)
 

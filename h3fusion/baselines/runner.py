@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
-from h3fusion.config import Profile
+from h3fusion.config import Profile, shown_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -347,7 +347,7 @@ def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -
     entry = get_baseline(name)
     folder, key = baseline_dir(profile, name), baseline_hash(profile, name)
     if is_complete(folder, key):
-        print(f"[baselines] {name}: complete with this config, skipped ({folder})")
+        print(f"[baselines] {name}: complete with this config, skipped ({shown_path(folder)})")
         return folder
     shared = shared or _Shared(profile)
     builder = _build_instruct_lora if name == "instruct-lora" else _BUILDERS[entry.kind]
@@ -366,7 +366,7 @@ def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -
         atomic_write_json(
             tmp / "manifest.json", make_manifest(profile, key, sw.seconds, baseline=name, **info)
         )
-    print(f"[baselines] {name}: built in {sw.seconds:.1f} s ({folder})")
+    print(f"[baselines] {name}: built in {sw.seconds:.1f} s ({shown_path(folder)})")
     return folder
 
 

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from h3fusion.config import TASKS, Profile
+from h3fusion.config import TASKS, Profile, shown_path
 from h3fusion.data import sources
 from h3fusion.errors import DataError
 
@@ -130,7 +130,7 @@ def beavertails_split(profile: Profile) -> BeaverSplit:
         [p for p in prompts if p not in eval_set],
     )
     say_once(
-        f"BeaverTails 30k_train is not in {profile.data_dir}: carved 30k_test ({len(test)} rows, {len(prompts)} prompts) "
+        f"BeaverTails 30k_train is not in {shown_path(profile.data_dir)}: carved 30k_test ({len(test)} rows, {len(prompts)} prompts) "
         f"by prompt (seed {profile.seed}) into eval {len(split.eval_prompts)} prompts / {len(split.eval_rows)} rows and "
         f"non_eval {len(split.non_eval_prompts)} prompts / {len(split.non_eval_rows)} rows"
     )
