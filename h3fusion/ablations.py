@@ -150,7 +150,10 @@ def scoring_items(profile: Profile) -> ScoringItems:
 
 
 def response_nll(model: Any, tokenizer: Any, examples: Sequence[Any], max_length: int) -> float:
-    """Mean NLL per response token (nats) of the examples, tokenised exactly as training tokenises them."""
+    """Mean NLL per response token (nats) of the examples, tokenised exactly as training tokenises them.
+
+    Batches hold examples of similar length (less padding) and the vocabulary softmax is taken at response
+    positions only."""
     import torch
 
     from h3fusion.data import IGNORE_INDEX, PadCollator, tokenize_example
@@ -158,6 +161,7 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Any], max_length
     encoded = [e for e in (tokenize_example(tokenizer, ex, max_length) for ex in examples) if e is not None]
     if not encoded:
         raise AblationError("no example keeps a response token after truncation; raise data.max_length")
+    encoded.sort(key=lambda e: len(e["input_ids"]))
     collate = PadCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -168,10 +172,9 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Any], max_length
                 input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
             ).logits
         targets = batch["labels"][:, 1:].to(device)
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         mask = targets != IGNORE_INDEX
-        picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        total += float(-(picked * mask).sum())
+        logp = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # [response tokens, vocab]
+        total += float(-logp.gather(-1, targets[mask].unsqueeze(-1)).sum())
         count += int(mask.sum())
     return total / count
 

@@ -149,9 +149,21 @@ def _accepts(model: Any, argument: str) -> bool:
         return False
 
 
+def _last_logits_only(model: Any) -> dict[str, Any]:
+    """``logits_to_keep=1`` for a forward that takes it (by name or through ``**kwargs``, as the MoE wrapper and
+    peft models pass it on): routing and hidden-state statistics need no vocabulary logits, which cost a fifth
+    of a SmolLM2 forward and a [batch, tokens, 49152] tensor."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"logits_to_keep": 1} if takes else {}
+
+
 def router_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per-layer router logits of one forward pass, for an MoECausalLM or an exported MixtralForCausalLM."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = _last_logits_only(model)
     if _accepts(model, "output_router_logits"):
         kwargs["output_router_logits"] = True
     out = model(**batch, **kwargs)
@@ -273,7 +285,7 @@ def hidden_embeddings(
         batches = _batches(prompts, batch_size)
         for chunk in _progress(batches, _n_batches(len(prompts), batch_size), "embeddings"):
             batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, max_length).items()}
-            result = model(**batch, output_hidden_states=True)
+            result = model(**batch, output_hidden_states=True, **_last_logits_only(model))
             states = getattr(result, "hidden_states", None)
             if not states:
                 raise ModelError(

@@ -72,7 +72,8 @@ def wall_times_path(output_dir: Path, profile: str) -> Path:
 
 
 def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: float) -> None:
-    """Merge one notebook's wall time into the JSON the reproducibility page reads."""
+    """Merge one notebook's wall time into the JSON the reproducibility page reads (dropping the file's
+    hand-written "note", which described the times it replaces)."""
     path = wall_times_path(output_dir, profile)
     data: dict[str, Any] = {}
     if path.exists():
@@ -80,6 +81,7 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             data = {}
+    data.pop("note", None)
     data.update(
         profile=Path(profile).stem,
         machine={

@@ -174,6 +174,24 @@ def test_shared_prompt_prefix_is_run_once_and_changes_no_logprob(tiny, monkeypat
     assert np.allclose(shared, unshared, atol=1e-4)
 
 
+def test_prompt_token_logprobs_match_a_full_forward_with_and_without_the_shared_prefix(tiny):
+    from h3fusion.evaluation.generate import encode_prompts
+    from h3fusion.evaluation.mc import mc_prompt
+
+    qa6 = mc_prompt("qa6")
+    prompts = [qa6.template("Is the earth flat?"), qa6.template("Why is the sea salty, in one sentence?")]
+    plain = HFLanguageModel(tiny.model, tiny.tokenizer, share_prompt_prefix=False, progress=False)
+    for lm in (tiny, plain):
+        got = lm.prompt_token_logprobs(prompts, batch_size=2)  # two lengths: left padding in the pass
+        for prompt, row in zip(prompts, got, strict=True):
+            ids = torch.tensor([encode_prompts(tiny.tokenizer, [prompt])[0]])
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0, :-1].double(), -1)
+            want = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            assert len(row) == ids.shape[1] - 1
+            assert np.allclose(row, want.numpy(), atol=1e-4)
+
+
 def test_continuation_logprobs_on_the_moe_model_match_a_hand_computed_forward(profile, tiny):
     """The MoE model (a wrapper whose forward takes **kwargs) goes through the same cached scoring path."""
     from h3fusion.data import format_prompt

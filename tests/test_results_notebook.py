@@ -137,4 +137,9 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 3.5)
     times = report.notebook_wall_times(profile)
     assert times.loc["00_data_and_judges", "wall s"] == 3.5
+    path = tmp_path / "_wall_times_smoke.json"  # a hand-written note describes the times it came with
+    path.write_text(json.dumps({**json.loads(path.read_text()), "note": "re-run from cache"}))
+    assert report.notebook_wall_times(profile).attrs["note"] == "re-run from cache"
+    _record_wall_time(tmp_path, "smoke", "01_expert_alignment", 4.0)
+    assert "note" not in json.loads(path.read_text())
     assert not report.environment_table().empty

@@ -258,31 +258,18 @@ class TokenEnsemble:
         return self._weights(self._prompt_nll(prompts))
 
     def _prompt_nll(self, prompts: list[str]) -> torch.Tensor:
-        """Each expert's mean NLL of each prompt's tokens, [prompts, experts], in batches of logprob_batch_size."""
+        """Each expert's mean NLL of each prompt's tokens (from the second on), [prompts, experts]; the prompts'
+        shared prefix (a few-shot primer) is scored once per expert."""
         import torch
 
-        rows = []
-        with torch.inference_mode():
-            for s in range(0, len(prompts), self.logprob_batch_size):
-                ids, mask = left_pad(
-                    encode_prompts(self.tokenizer, prompts[s : s + self.logprob_batch_size]), self.pad_id
-                )
-                ids, mask = ids.to(self.bank.device), mask.to(self.bank.device)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                rows.append(
-                    torch.stack(
-                        [
-                            _mean_prompt_nll(
-                                self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos).logits,
-                                ids,
-                                mask,
-                            )
-                            for e in self.experts
-                        ],
-                        dim=-1,
-                    )
-                )
-        return torch.cat(rows) if rows else torch.zeros(0, len(self.experts))
+        from h3fusion.evaluation.lm import HFLanguageModel
+
+        columns = []
+        for e in self.experts:
+            lm = HFLanguageModel(self.bank.use(e), self.tokenizer, progress=False)
+            per_token = lm.prompt_token_logprobs(prompts, batch_size=self.logprob_batch_size)
+            columns.append([-sum(t) / max(len(t), 1) for t in per_token])
+        return torch.tensor(columns, dtype=torch.float32).T.reshape(len(prompts), len(self.experts))
 
     def generate(
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate"

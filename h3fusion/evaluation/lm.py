@@ -122,7 +122,7 @@ class HFLanguageModel:
         out: list[list[float]] = [[] for _ in prompts]
         chunks = self._chunks(list(groups.items()))
         with torch.inference_mode():
-            prefix = self._shared_prefix(list(groups)) if self.share_prompt_prefix else None
+            prefix = self._shared_prefix(encode_prompts(self.tokenizer, list(groups)))
             for chunk in progress(chunks, desc="log-likelihoods", show=self.progress, unit="batch"):
                 scores = self._score_chunk(
                     [p for p, _ in chunk], [[continuations[i] for i in idx] for _, idx in chunk], prefix
@@ -147,14 +147,50 @@ class HFLanguageModel:
             chunks.append(current)
         return chunks
 
-    def _shared_prefix(self, prompts: list[str]) -> _SharedPrefix | None:
-        """The token prefix common to all `prompts` with its KV cache (one forward), or None when there is
-        nothing worth sharing. At least one token of every prompt stays outside it (its logits score the first
-        continuation token)."""
+    def prompt_token_logprobs(self, prompts: list[str], batch_size: int = 16) -> list[list[float]]:
+        """log p(token t | tokens < t) for every token t >= 1 of each prompt (PackLLM weighs experts by the
+        prompt's perplexity). The shared prefix is scored once; `batch_size` prompts per pass of the rest (a pass
+        keeps the logits of every position)."""
         import torch
 
         encoded = encode_prompts(self.tokenizer, prompts)
-        if len(encoded) < 2 or not all(encoded):
+        out: list[list[float]] = []
+        with torch.inference_mode():
+            shared = self._shared_prefix(encoded, every_position=True)
+            skip = shared.length if shared is not None else 0
+            for s in range(0, len(encoded), batch_size):
+                rest = [e[skip:] for e in encoded[s : s + batch_size]]
+                ids, mask = left_pad(rest, self.pad_id)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
+                kwargs = {}
+                if shared is not None:  # [shared prefix][left padding][rest of the prompt]
+                    kwargs[_cache_argument(self.model)] = shared.cache_for(len(rest))
+                    mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=bool(kwargs),
+                    **kwargs,
+                ).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+                for row, r in enumerate(rest):
+                    own = logp[row, logp.shape[1] - len(r) + 1 :].tolist() if len(r) > 1 else []
+                    head = (
+                        [*shared.token_logprobs, float(shared.next_logp[r[0]])] if shared is not None else []
+                    )
+                    out.append(head + own)
+        return out
+
+    def _shared_prefix(self, encoded: list[list[int]], every_position: bool = False) -> _SharedPrefix | None:
+        """The token prefix common to all prompts (`encoded`) with its KV cache (one forward), or None when
+        there is nothing worth sharing or sharing is off. At least one token of every prompt stays outside it
+        (its logits score the first continuation token). `every_position`: keep the prefix's own token
+        log-probabilities too."""
+        import torch
+
+        if not self.share_prompt_prefix or len(encoded) < 2 or not all(encoded):
             return None
         first, length = encoded[0], min(len(e) for e in encoded) - 1
         for e in encoded[1:]:
@@ -167,9 +203,11 @@ class HFLanguageModel:
             attention_mask=torch.ones_like(ids),
             position_ids=torch.arange(length, device=self.device)[None],
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every_position else 1,  # 0: all positions
         )
-        return _SharedPrefix(length, _output_cache(out))
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        own = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist() if every_position else []
+        return _SharedPrefix(length, _output_cache(out), logp[-1], own)
 
     def _score_chunk(
         self, prompts: list[str], conts: list[list[str]], shared: _SharedPrefix | None = None
@@ -270,10 +308,14 @@ class HFLanguageModel:
 
 
 class _SharedPrefix:
-    """The first `length` tokens of every prompt in a scoring call, with their keys/values (batch of one)."""
+    """The first `length` tokens of every prompt in a scoring call: their keys/values (batch of one), the
+    next-token log-probabilities after them, and (when asked for) their own token log-probabilities."""
 
-    def __init__(self, length: int, cache: object) -> None:
+    def __init__(
+        self, length: int, cache: object, next_logp: torch.Tensor, token_logprobs: list[float]
+    ) -> None:
         self.length, self._cache = length, cache
+        self.next_logp, self.token_logprobs = next_logp, token_logprobs
 
     def cache_for(self, rows: int) -> object:
         """A fresh copy of the prefix cache for a batch of `rows` prompts (the forward appends to it)."""
