@@ -29,8 +29,8 @@ PROFILES_DIR = PROJECT_ROOT / "profiles"
 def shown_path(path: str | os.PathLike[str]) -> str:
     """`path` as log lines show it: relative to the project when inside it (``runs/cpu/experts/helpful``), so
     executed notebooks and logs do not carry one machine's folders; absolute otherwise."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(PROJECT_ROOT)) if resolved.is_relative_to(PROJECT_ROOT) else str(resolved)
+    absolute = Path(os.path.abspath(path))  # not resolve(): data/raw is a link to a folder elsewhere
+    return str(absolute.relative_to(PROJECT_ROOT)) if absolute.is_relative_to(PROJECT_ROOT) else str(absolute)
 
 
 class ConfigError(H3FusionError, ValueError):

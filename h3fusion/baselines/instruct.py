@@ -240,7 +240,7 @@ def train_fuser(
             batch = {k: v.to(device) for k, v in collate([items[i] for i in micro]).items()}
             loss = model(**batch).loss / train.grad_accum
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -330,8 +330,8 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared
     try:
         bank.model.save_pretrained(str(tmp), selected_adapters=[FUSER_ADAPTER])
     finally:
+        bank.use(profile.tasks[0])  # an expert active again before the fuser goes (peft warns otherwise)
         bank.model.delete_adapter(FUSER_ADAPTER)
-        bank.use(profile.tasks[0])
     return {"train_examples": len(examples), "loss_log": log}
 
 

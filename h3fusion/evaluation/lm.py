@@ -9,7 +9,7 @@ the same two methods in the baselines module.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from h3fusion.config import GenerationConfig
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS, encode_prompts, generate_texts, left_pad
@@ -160,20 +160,8 @@ class HFLanguageModel:
             skip = shared.length if shared is not None else 0
             for s in range(0, len(encoded), batch_size):
                 rest = [e[skip:] for e in encoded[s : s + batch_size]]
-                ids, mask = left_pad(rest, self.pad_id)
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
-                kwargs = {}
-                if shared is not None:  # [shared prefix][left padding][rest of the prompt]
-                    kwargs[_cache_argument(self.model)] = shared.cache_for(len(rest))
-                    mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
-                logits = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=bool(kwargs),
-                    **kwargs,
-                ).logits
+                ids, inputs = self._after_prefix(rest, shared)
+                logits = self.model(input_ids=ids, **inputs).logits
                 logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
                 for row, r in enumerate(rest):
                     own = logp[row, logp.shape[1] - len(r) + 1 :].tolist() if len(r) > 1 else []
@@ -209,6 +197,27 @@ class HFLanguageModel:
         own = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist() if every_position else []
         return _SharedPrefix(length, _output_cache(out), logp[-1], own)
 
+    def _after_prefix(
+        self, rest: list[list[int]], shared: _SharedPrefix | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(input ids, forward arguments) of prompt tails after the shared prefix (whole prompts when there is
+        none), left-padded: the attention mask covers [shared prefix][padding][tail], positions count on from
+        the prefix, and the prefix's keys/values come as the cache."""
+        import torch
+
+        ids, mask = left_pad(rest, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        skip = shared.length if shared is not None else 0
+        inputs: dict[str, Any] = {
+            "position_ids": skip + (mask.cumsum(-1) - 1).clamp(min=0),
+            "use_cache": False,
+        }
+        if shared is not None:
+            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
+            inputs.update({_cache_argument(self.model): shared.cache_for(len(rest)), "use_cache": True})
+        inputs["attention_mask"] = mask
+        return ids, inputs
+
     def _score_chunk(
         self, prompts: list[str], conts: list[list[str]], shared: _SharedPrefix | None = None
     ) -> list[list[list[float]]]:
@@ -227,21 +236,9 @@ class HFLanguageModel:
             for p, pairs_p in zip(prompts, pairs, strict=True)
         ]
         skip = shared.length if shared is not None else 0
-        ids, mask = left_pad([c[skip:] for c in ctx_ids], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = skip + (mask.cumsum(-1) - 1).clamp(min=0)
-        cache_kw = {}
-        if shared is not None:  # [shared prefix][left padding][rest of the prompt]
-            mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
-            cache_kw = {_cache_argument(self.model): shared.cache_for(len(prompts))}
-        prefix = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kw,
-        )
+        ids, inputs = self._after_prefix([c[skip:] for c in ctx_ids], shared)
+        mask, positions = inputs["attention_mask"], inputs["position_ids"]
+        prefix = self.model(input_ids=ids, **{**inputs, "use_cache": True}, logits_to_keep=1)
         last_logp = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)  # [P, V]
 
         rows = [(p, j) for p, pairs_p in enumerate(pairs) for j in range(len(pairs_p))]
@@ -286,9 +283,8 @@ class HFLanguageModel:
                 tgt[row, : len(c) - 1] = torch.tensor(c[1:])
             inp, tgt = inp.to(self.device), tgt.to(self.device)
             rows = owner[group]
-            group_cache = (
-                copy.deepcopy(cache) if s + REST_GROUP_ROWS < len(order) else cache
-            )  # forward appends
+            last_group = s + REST_GROUP_ROWS >= len(order)
+            group_cache = cache if last_group else copy.deepcopy(cache)  # the forward appends to its cache
             group_cache.batch_select_indices(rows)  # the prompt's keys/values, one copy per continuation
             attn = torch.cat([prompt_mask[rows], torch.ones_like(inp)], dim=1)
             positions = prompt_positions[rows, -1:] + 1 + torch.arange(width, device=self.device)
