@@ -277,6 +277,23 @@ def test_perplexity_weights_sum_to_one_and_favour_low_perplexity():
     )  # a lower temperature sharpens towards the best expert
 
 
+def test_prompt_perplexities_with_the_shared_prefix_equal_full_forwards(profile, tok, adapters):
+    """PackLLM's MC weights (prompt NLLs scored after the prompts' shared prefix) are the weights generation
+    computes from one full forward of each prompt."""
+    from h3fusion.baselines.ensembles import _mean_prompt_nll
+    from h3fusion.evaluation.generate import encode_prompts
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    ensemble = TokenEnsemble(bank, tok, weighting="perplexity", progress=False)
+    got = ensemble._prompt_nll(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([encode_prompts(tok, [prompt])[0]])
+        for j, e in enumerate(("a", "b", "c")):
+            with torch.no_grad():
+                want = _mean_prompt_nll(bank.use(e)(input_ids=ids).logits, ids, torch.ones_like(ids))
+            assert float(got[i, j]) == pytest.approx(float(want[0]), abs=1e-4)
+
+
 def test_prompt_weights_of_packllm_ensemble_sum_to_one(profile, tok, adapters):
     bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
     w = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).prompt_weights(PROMPTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from h3fusion.config import Profile
+from h3fusion.config import Profile, shown_path
 from h3fusion.data import sources, splits
 from h3fusion.data.template import format_prompt
 
@@ -23,7 +23,7 @@ def _show(title: str, prompt: str, response: str) -> None:
 
 def print_report(profile: Profile) -> None:
     """Print the data each stage of this profile will use and how it differs from the paper's."""
-    where = str(profile.data_dir) if profile.data.source == "local" else "the Hugging Face hub"
+    where = shown_path(profile.data_dir) if profile.data.source == "local" else "the Hugging Face hub"
     print(f"profile {profile.name!r}: data from {where}; tasks {list(profile.tasks)}; seed {profile.seed}\n")
     deviations: list[str] = []
 

@@ -37,7 +37,7 @@ from h3fusion.artifacts import (
     make_manifest,
     read_manifest,
 )
-from h3fusion.config import TASKS, Profile
+from h3fusion.config import TASKS, Profile, shown_path
 from h3fusion.errors import ArtifactError, H3FusionError, ModelError
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
@@ -216,7 +216,7 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
             kind,
             lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
             lambda f=folder, w=what, x=fix: manifest_identity(f, w, x),
-            f"{what} ({folder})",
+            f"{what} ({shown_path(folder)})",
         )
     if (run / "baselines").is_dir():
         for folder in sorted((run / "baselines").iterdir()):
