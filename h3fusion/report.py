@@ -25,6 +25,7 @@ from h3fusion.artifacts import read_manifest
 from h3fusion.baselines.registry import BASELINES
 from h3fusion.config import Profile
 from h3fusion.errors import H3FusionError
+from h3fusion.evaluation.run import METRICS, metrics_path
 
 # The paper's headline claims: H3Fusion-MoE's improvement of the three-dimension average over the best
 # individually aligned expert, the best ensemble and the best merge. Source: Tekin et al., "H3Fusion:
@@ -85,10 +86,6 @@ def display_names(profile: Profile) -> dict[str, str]:
         main: f"H3Fusion-MoE [{main}]",
         no_gate: f"H3Fusion-MoE without gating loss [{no_gate}]",
     }
-
-
-def metrics_path(profile: Profile, name: str) -> Any:
-    return profile.run_dir / "eval" / name / "metrics.json"
 
 
 @dataclass
@@ -263,7 +260,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _eval_phases(folder: Path) -> dict[str, Any]:
     """The per-phase wall times an evaluation recorded in its metrics.json ({} when there is none)."""
-    path = folder / "metrics.json"
+    path = folder / METRICS
     return json.loads(path.read_text()).get("wall_time_s", {}) if path.is_file() else {}
 
 

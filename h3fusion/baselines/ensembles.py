@@ -269,7 +269,7 @@ class TokenEnsemble:
             lm = HFLanguageModel(self.bank.use(e), self.tokenizer, progress=False)
             per_token = lm.prompt_token_logprobs(prompts, batch_size=self.logprob_batch_size)
             columns.append([-sum(t) / max(len(t), 1) for t in per_token])
-        return torch.tensor(columns, dtype=torch.float32).T.reshape(len(prompts), len(self.experts))
+        return torch.tensor(columns, dtype=torch.float32).T  # [prompts, experts]
 
     def generate(
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "ensemble generate"

@@ -385,6 +385,11 @@ def eval_dir(profile: Profile, name: str) -> Path:
     return profile.run_dir / "eval" / name
 
 
+def metrics_path(profile: Profile, name: str) -> Path:
+    """Where `evaluate_model` stores model NAME's metrics."""
+    return eval_dir(profile, name) / METRICS
+
+
 # ---------------------------------------------------------------------------------------------- judging
 
 

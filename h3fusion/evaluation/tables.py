@@ -75,13 +75,15 @@ def results_table(metrics: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[st
 
 def load_metrics(profile: Profile, names: Sequence[str]) -> list[dict[str, Any]]:
     """The stored metrics.json of each named model (an error names the models not evaluated yet)."""
-    missing = [n for n in names if not (profile.run_dir / "eval" / n / "metrics.json").is_file()]
+    from h3fusion.evaluation.run import metrics_path
+
+    missing = [n for n in names if not metrics_path(profile, n).is_file()]
     if missing:
         raise ArtifactError(
             f"no evaluation for {missing} in {profile.run_dir / 'eval'}; run "
             + "; ".join(f"`h3fusion evaluate --profile {profile.name} --model {n}`" for n in missing)
         )
-    return [json.loads((profile.run_dir / "eval" / n / "metrics.json").read_text()) for n in names]
+    return [json.loads(metrics_path(profile, n).read_text()) for n in names]
 
 
 def _column(table: pd.DataFrame, prefix: str) -> str:
