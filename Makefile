@@ -3,7 +3,7 @@
 #   make book   create .venv if missing, install, run every notebook on PROFILE (default cpu), build the book
 # Other targets: setup, book-build (render the committed executed notebooks only), book-check
 # (the strict smoke build and reader checks that tests/test_book.py runs), notebooks
-# (regenerate notebooks/*.ipynb from their jupytext sources), bench, lint, data.
+# (regenerate notebooks/*.ipynb from their jupytext sources), bench, lint, data (refresh the shipped data; needs internet).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -20,7 +20,7 @@ NOTEBOOK_SOURCES := $(wildcard notebooks/[0-9][0-9]_*.py)
 
 .PHONY: setup test book book-build book-check notebooks bench lint data
 
-setup: $(SETUP_STAMP) $(MATHJAX_JS) data
+setup: $(SETUP_STAMP) $(MATHJAX_JS)
 
 # Re-installs only when the pinned requirements change; a second `make setup` is instant.
 $(SETUP_STAMP): pyproject.toml constraints.txt
@@ -39,13 +39,10 @@ $(MATHJAX_JS):
 	cp -r $(MATHJAX_CACHE)/node_modules/mathjax/es5/output/chtml/fonts/woff-v2 $(MATHJAX_DIR)/output/chtml/fonts/
 	cp $(MATHJAX_CACHE)/node_modules/mathjax/es5/tex-mml-chtml.js $@
 
-# data/raw/ is git-ignored; developers and CI have the shared data folder at ../shared/data.
-data:
-	@if [ ! -e data/raw ] && [ -d ../shared/data ]; then \
-		ln -s "$$(cd ../shared/data && pwd)" data/raw && echo "linked data/raw -> ../shared/data"; \
-	elif [ ! -e data/raw ]; then \
-		echo "note: data/raw/ is missing; profiles with data.source: local need it (see data/README.md)"; \
-	fi
+# The data ships in data/offline/ (xz, checksummed): nothing to fetch. `make data` refreshes it from the
+# pinned GitHub commits and the hub (needs internet) and replaces files only when their checksums hold.
+data: setup
+	$(BIN)/h3fusion data --download
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

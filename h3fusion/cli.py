@@ -42,7 +42,29 @@ def _call(module: str, function: str) -> Callable[..., Any]:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    _call("data.report", "print_report")(_profile(args))
+    if args.download or args.from_dir or args.check:
+        _offline_data(args)
+    else:
+        _call("data.report", "print_report")(_profile(args))
+
+
+def _offline_data(args: argparse.Namespace) -> None:
+    """`data --check | --download | --from DIR`: the shipped copies in data/offline/."""
+    from pathlib import Path
+
+    from h3fusion.data import offline
+
+    if args.download or args.from_dir:
+        from_dir = Path(args.from_dir) if args.from_dir else None
+        written = offline.refresh(offline.OFFLINE_DIR, from_dir=from_dir)
+        print(f"refreshed {len(written)} files in data/offline/; every checksum matches {offline.CHECKSUMS}")
+    problems = offline.verify(offline.OFFLINE_DIR)
+    if problems:
+        raise H3FusionError(
+            "data/offline/ does not match its checksums: " + "; ".join(problems)
+            + ". Restore it with `git checkout -- data/offline` or `h3fusion data --download`"
+        )
+    print(f"data/offline/: {len(offline.recorded_checksums(offline.OFFLINE_DIR))} files, every checksum matches {offline.CHECKSUMS}")
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -94,10 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add(
+    p = add(
         "data",
         cmd_data,
         "print counts per task and split, one example each, and every deviation from the paper",
+    )
+    shipped = p.add_mutually_exclusive_group()
+    shipped.add_argument("--check", action="store_true", help="check the shipped data/offline/ against SHA256SUMS")
+    shipped.add_argument(
+        "--download",
+        action="store_true",
+        help="refresh data/offline/ from the pinned GitHub commits and the hub (needs internet), checksums checked",
+    )
+    shipped.add_argument(
+        "--from", dest="from_dir", metavar="DIR", help="refresh data/offline/ from a plain folder of the same layout"
     )
     p = add("align", cmd_align, "stage 1: LoRA-align one expert per task")
     p.add_argument("--task", "-t", choices=TASK_CHOICES, default="all")

@@ -29,7 +29,7 @@ PROFILES_DIR = PROJECT_ROOT / "profiles"
 def shown_path(path: str | os.PathLike[str]) -> str:
     """`path` as log lines show it: relative to the project when inside it (``runs/cpu/experts/helpful``), so
     executed notebooks and logs do not carry one machine's folders; absolute otherwise."""
-    absolute = Path(os.path.abspath(path))  # not resolve(): data/raw is a link to a folder elsewhere
+    absolute = Path(os.path.abspath(path))  # not resolve(): keep a linked folder's own name
     return str(absolute.relative_to(PROJECT_ROOT)) if absolute.is_relative_to(PROJECT_ROOT) else str(absolute)
 
 
@@ -62,9 +62,9 @@ class PerTask(Section):
 
 class DataConfig(Section):
     source: Literal["local", "hub"] = "local"
-    """`local`: files laid out as ../shared/data (see data/README.md); `hub`: the Hugging Face hub."""
+    """`local`: a folder laid out as data/README.md says (plain or xz files); `hub`: the Hugging Face hub."""
     dir: str | None = None
-    """Local data folder; default: $H3FUSION_DATA_DIR, else data/raw/ in the project."""
+    """Local data folder; default: $H3FUSION_DATA_DIR, else the copies shipped in data/offline/."""
     max_length: int = Field(gt=8)
     train_examples: PerTask
     """Training examples per task for both stages (capped by what the split holds)."""
@@ -336,7 +336,7 @@ class Profile(Section):
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data.dir or os.environ.get("H3FUSION_DATA_DIR") or PROJECT_ROOT / "data" / "raw")
+        return Path(self.data.dir or os.environ.get("H3FUSION_DATA_DIR") or PROJECT_ROOT / "data" / "offline")
 
     def section_hash(self, *keys: str) -> str:
         """Stable short hash of the named sections or dotted keys (`data.max_length`): an artifact is

@@ -15,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from h3fusion.config import Profile
+from h3fusion.config import Profile, shown_path
+from h3fusion.data import offline
 from h3fusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,14 @@ ANNOTATIONS_ORIGIN = (
 ANNOTATION_FIELDS = (("instruction", str), ("output_1", str), ("output_2", str))
 
 
-def local_file(profile: Profile, name: str) -> Path:
-    return profile.data_dir / SOURCES[name].local_path
+def local_file(profile: Profile, name: str) -> Path | None:
+    """The split's file in the data folder, plain or xz-compressed (the shipped copies); None if absent."""
+    return offline.find(profile.data_dir, SOURCES[name].local_path)
 
 
 def available(profile: Profile, name: str) -> bool:
     """Whether a split can be read: always on the hub, only if its file exists locally."""
-    return profile.data.source == "hub" or local_file(profile, name).is_file()
+    return profile.data.source == "hub" or local_file(profile, name) is not None
 
 
 def load_records(profile: Profile, name: str) -> list[Record]:
@@ -119,14 +121,15 @@ def load_records(profile: Profile, name: str) -> list[Record]:
         origin = source.hub_name
     else:
         path = local_file(profile, name)
-        if not path.is_file():
+        if path is None:
             raise DataError(
-                f"missing data file {path} (expected for {name}); get it from the {source.hub_name} "
-                f"(set `data.source: hub`, needs internet) or point `data.dir` / $H3FUSION_DATA_DIR at a folder "
-                f"laid out like data/README.md"
+                f"missing data file {shown_path(profile.data_dir / source.local_path)} (expected for {name}, "
+                f"plain or {offline.COMPRESSED}); get it from the {source.hub_name} (set `data.source: hub`, needs "
+                f"internet), restore the shipped copies (`git checkout -- data/offline`) or point `data.dir` / "
+                f"$H3FUSION_DATA_DIR at a folder laid out like data/README.md"
             )
         records = list(_read_file(path.resolve(), path.stat().st_mtime_ns))
-        origin = str(path)
+        origin = shown_path(path)
     validate(records, source.fields, origin)
     return records
 
@@ -157,10 +160,10 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 @lru_cache(maxsize=32)
 def _read_file(path: Path, mtime_ns: int) -> tuple[Record, ...]:
-    """Parse a JSON list or JSON-lines file once per (path, modification time)."""
+    """Parse a JSON list or JSON-lines file (plain or xz) once per (path, modification time)."""
     del mtime_ns  # part of the cache key only
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    text = offline.read_bytes(path).decode("utf-8")
+    if path.name.removesuffix(offline.COMPRESSED).endswith(".jsonl"):
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -225,7 +228,7 @@ def _mc_from_hub(record: Record) -> Record:
 def load_annotation_files(profile: Profile) -> dict[str, list[Record]]:
     """AlpacaEval GPT-4 pairwise verdicts, one list per evaluated model (file stem), validated."""
     folder = profile.data_dir / ANNOTATIONS_DIR
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    files = sorted([*folder.glob("*.json"), *folder.glob(f"*.json{offline.COMPRESSED}")]) if folder.is_dir() else []
     if not files:
         raise DataError(
             f"no AlpacaEval GPT-4 annotation files (*.json) in {folder}; they are not on the Hugging Face hub as a "
@@ -239,5 +242,5 @@ def load_annotation_files(profile: Profile) -> dict[str, list[Record]]:
         for index, record in enumerate(records):
             if "preference" not in record:
                 raise DataError(f"malformed record {index} in {path}: missing field 'preference'")
-        out[path.stem] = records
+        out[path.name.split(".")[0]] = records
     return out
