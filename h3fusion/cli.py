@@ -89,7 +89,8 @@ def cmd_baselines(args: argparse.Namespace) -> None:
 
 
 def cmd_run_notebooks(args: argparse.Namespace) -> None:
-    _call("notebooks", "run_notebooks")(args.profile, only=args.only, output_dir=args.output_dir)
+    run = _call("notebooks", "run_notebooks")
+    run(args.profile, only=args.only, output_dir=args.output_dir, overrides=_parse_set(args.set))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run-notebooks", cmd_run_notebooks, "execute the notebooks with papermill into book/", profile=False
     )
     p.add_argument("--profile", "-p", default="cpu", help="profile name or path")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a profile key in every notebook"
+    )
     p.add_argument("--only", action="append", help="notebook number (e.g. 02); repeatable")
     p.add_argument("--output-dir", help="where executed notebooks go (default: book/)")
     p = add(

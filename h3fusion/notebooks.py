@@ -3,7 +3,9 @@
 The source notebooks (``notebooks/NN_name.ipynb``, no outputs) take one papermill parameter,
 ``profile``, and load the profile themselves, so a notebook run by hand, on Colab or in batch
 sees the same configuration. Executed copies go to ``book/`` (or ``output_dir``), where Jupyter
-Book renders them with execution off. Every notebook runs with the project root as its working
+Book renders them with execution off. A notebook executes into a temporary file that replaces the
+committed copy only when every cell succeeded: a failed run leaves the book as it was and keeps the
+partly executed notebook in ``<output>/_failed/`` for its traceback. Every notebook runs with the project root as its working
 directory, whatever the output folder, so relative paths mean the same thing everywhere.
 The wall time of each notebook is recorded in ``<output>/_wall_times_<profile>.json`` for the
 reproducibility page.
@@ -26,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from h3fusion.config import PROJECT_ROOT, profile_path
+from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
 from h3fusion.errors import H3FusionError
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -101,13 +103,17 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
     os.replace(tmp, path)
 
 
-def _failure_message(nb: Path, out: Path, err: Any) -> str:
+FAILED_DIR = "_failed"
+"""Subfolder of the output folder that keeps a failed notebook's partial execution (git-ignored)."""
+
+
+def _failure_message(nb: Path, kept: Path, err: Any) -> str:
     source = (err.source or "").strip().splitlines()
     first = source[0] if source else ""
     return (
         f"notebook {nb.name} failed at cell {err.cell_index} (In [{err.exec_count}], starting `{first}`): "
-        f"{err.ename}: {err.evalue}\nthe partly executed notebook, with the traceback, is {out}; "
-        f"fix the cause and re-run with --only {nb.stem[:2]}"
+        f"{err.ename}: {err.evalue}\nthe book's copy is unchanged; the partly executed notebook, with the "
+        f"traceback, is {shown_path(kept)}; fix the cause and re-run with --only {nb.stem[:2]}"
     )
 
 
@@ -150,28 +156,41 @@ def _quiet_kernel_progress_bars() -> Iterator[None]:
                 os.environ.pop(k, None)
 
 
-def execute_notebook(nb: Path, out: Path, profile: str, cwd: Path = PROJECT_ROOT) -> float:
-    """Execute one notebook with papermill; returns its wall time in seconds."""
+def execute_notebook(
+    nb: Path, out: Path, profile: str, overrides: dict[str, Any] | None = None, cwd: Path = PROJECT_ROOT
+) -> float:
+    """Execute one notebook with papermill into `out`, atomically; returns its wall time in seconds.
+
+    The notebook runs into a temporary sibling of `out`, which replaces `out` only on success; on a
+    failure it moves to ``<out folder>/_failed/`` and `out` keeps its previous content.
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.ipynb")  # papermill wants the suffix
     start = time.perf_counter()
     try:
         with _quiet_kernel_progress_bars(), _kernel_env(OUTPUT_ENV, str(out.parent.resolve())):
             papermill.execute_notebook(
                 str(nb),
-                str(out),
-                parameters={"profile": profile},
+                str(tmp),
+                parameters={"profile": profile, "overrides": dict(overrides or {})},
                 kernel_name=KERNEL,
                 cwd=str(cwd),
                 progress_bar=True,
             )
     except PapermillExecutionError as err:
-        raise NotebookError(_failure_message(nb, out, err)) from None
-    finally:
-        if out.exists():
-            hide_parameter_cells(out)
-            add_profile_banner(out, profile)
+        kept = out.parent / FAILED_DIR / out.name
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(tmp, kept)
+        raise NotebookError(_failure_message(nb, kept, err)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    hide_parameter_cells(tmp)
+    add_profile_banner(tmp, load_profile(profile, overrides))
+    os.replace(tmp, out)
     return time.perf_counter() - start
 
 
@@ -182,14 +201,11 @@ PLUMBING_BANNER = (
 )
 
 
-def add_profile_banner(path: Path, profile: str) -> None:
+def add_profile_banner(path: Path, p: Profile) -> None:
     """Put a warning under the title of a chapter executed with a random-weights profile (smoke), so a
     reader never mistakes plumbing numbers for results."""
     import nbformat
 
-    from h3fusion.config import load_profile
-
-    p = load_profile(profile)
     if p.model.base != "tiny-random":
         return
     nb = nbformat.read(path, as_version=4)
@@ -221,20 +237,22 @@ def run_notebooks(
     only: Iterable[str] | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     source_dir: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Execute the notebooks in order with `profile`; stop at the first failure, naming the cell.
+    """Execute the notebooks in order with `profile` (and `overrides`, the `--set` keys); stop at the first
+    failure, naming the cell.
 
     Returns the wall time in seconds per notebook stem; they are also merged into
     ``<output_dir>/_wall_times_<profile>.json``.
     """
-    profile_path(profile)  # fail fast, listing the known profiles, before starting any kernel
+    load_profile(profile, overrides)  # fail fast on a bad profile or key, before starting any kernel
     out_dir = Path(output_dir) if output_dir else BOOK_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = select_notebooks(source_notebooks(Path(source_dir) if source_dir else NOTEBOOKS_DIR), only)
     times: dict[str, float] = {}
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {nb.stem} (profile {profile}) -> {out_dir / nb.name}", flush=True)
-        seconds = execute_notebook(nb, out_dir / nb.name, profile)
+        seconds = execute_notebook(nb, out_dir / nb.name, profile, overrides)
         times[nb.stem] = seconds
         _record_wall_time(out_dir, profile, nb.stem, seconds)
         print(f"[{i}/{len(notebooks)}] {nb.stem} done in {seconds:.1f} s", flush=True)

@@ -14,6 +14,8 @@ import nbformat
 import pytest
 
 from h3fusion import bookcheck
+from h3fusion.cli import main
+from h3fusion.config import ConfigError, load_profile
 from h3fusion.notebooks import (
     NotebookError,
     run_notebooks,
@@ -86,13 +88,46 @@ def test_failing_notebook_names_the_cell_and_stops(tmp_path: Path) -> None:
     _notebook([params, nbformat.v4.new_code_cell("assert profile == 'smoke'")], src / "00_ok.ipynb")
     _notebook([params, nbformat.v4.new_code_cell("1 / 0")], src / "01_broken.ipynb")
     _notebook([params], src / "02_never.ipynb")
+    out.mkdir()
+    committed = b'{"the committed copy": true}'
+    (out / "01_broken.ipynb").write_bytes(committed)
     with pytest.raises(NotebookError) as err:
         run_notebooks("smoke", output_dir=out, source_dir=src)
     message = str(err.value)
     assert "01_broken.ipynb failed at cell 2" in message and "ZeroDivisionError" in message
+    assert "the book's copy is unchanged" in message and "_failed/01_broken.ipynb" in message
+    assert (out / "01_broken.ipynb").read_bytes() == committed  # the failed run replaced nothing
+    failed = nbformat.read(out / "_failed" / "01_broken.ipynb", as_version=4)
+    assert any(o.get("ename") == "ZeroDivisionError" for c in failed.cells for o in c.get("outputs", []))
     assert (out / "00_ok.ipynb").exists() and not (out / "02_never.ipynb").exists()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00_ok.ipynb",
+        "01_broken.ipynb",
+        "_failed",
+        "_wall_times_smoke.json",
+    ]
     times = json.loads(wall_times_path(out, "smoke").read_text())
     assert list(times["notebooks"]) == ["00_ok"] and times["profile"] == "smoke"
+
+
+def test_run_notebooks_passes_set_overrides_to_every_notebook(tmp_path: Path, monkeypatch) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    params = nbformat.v4.new_code_cell('profile = "cpu"\noverrides = {}', metadata={"tags": ["parameters"]})
+    _notebook(
+        [params, nbformat.v4.new_code_cell("assert overrides == {'fusion.top_k': 1}, overrides")],
+        src / "00_a.ipynb",
+    )
+    run_notebooks("smoke", output_dir=out, source_dir=src, overrides={"fusion.top_k": 1})
+    assert (out / "00_a.ipynb").exists()
+    seen = {}
+    monkeypatch.setattr(
+        "h3fusion.notebooks.run_notebooks", lambda profile, **kw: seen.update(kw, profile=profile)
+    )
+    assert main(["run-notebooks", "-p", "smoke", "--set", "fusion.top_k=1", "--only", "00"]) == 0
+    assert seen["overrides"] == {"fusion.top_k": 1} and seen["profile"] == "smoke"
+    with pytest.raises(ConfigError, match="top_k"):
+        run_notebooks("smoke", output_dir=out, source_dir=src, overrides={"fusion.top_k": "two"})
 
 
 def test_every_source_notebook_is_in_the_toc() -> None:
@@ -192,10 +227,10 @@ def test_random_model_chapters_carry_a_warning_once(tmp_path):
 
     path = tmp_path / "06_results.ipynb"
     shutil.copy(NOTEBOOKS_DIR / "06_results.ipynb", path)
-    add_profile_banner(path, "cpu")  # a real model: no banner
+    add_profile_banner(path, load_profile("cpu"))  # a real model: no banner
     assert not any("not results" in c.source for c in nbformat.read(path, 4).cells)
-    add_profile_banner(path, "smoke")
-    add_profile_banner(path, "smoke")
+    add_profile_banner(path, load_profile("smoke"))
+    add_profile_banner(path, load_profile("smoke"))
     cells = nbformat.read(path, 4).cells
     banners = [i for i, c in enumerate(cells) if "not results" in c.source]
     assert len(banners) == 1 and cells[banners[0] - 1].source.startswith("# 6.")

@@ -231,8 +231,9 @@ def load_annotation_files(profile: Profile) -> dict[str, list[Record]]:
     files = sorted([*folder.glob("*.json"), *folder.glob(f"*.json{offline.COMPRESSED}")]) if folder.is_dir() else []
     if not files:
         raise DataError(
-            f"no AlpacaEval GPT-4 annotation files (*.json) in {folder}; they are not on the Hugging Face hub as a "
-            f"dataset: copy them from {ANNOTATIONS_ORIGIN} into that folder, or point `data.dir` / "
+            f"no AlpacaEval GPT-4 annotation files (*.json or *.json.xz) in {shown_path(folder)}; they are not a "
+            f"Hugging Face hub dataset. They ship in data/offline/ (restore with `git checkout -- data/offline`); "
+            f"`h3fusion data --download` fetches them again from {ANNOTATIONS_ORIGIN}; or point `data.dir` / "
             f"$H3FUSION_DATA_DIR at a folder laid out like data/README.md"
         )
     out = {}
