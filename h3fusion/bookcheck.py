@@ -29,10 +29,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
+from h3fusion import repository
 from h3fusion.errors import H3FusionError
 from h3fusion.notebooks import BOOK_DIR, NOTEBOOKS_DIR, run_notebooks, source_notebooks
 
-COLAB_PREFIX = "https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/"
 MATHJAX_FILE = "_static/mathjax/tex-mml-chtml.js"
 CHROMIUM_FLAGS = (
     "--headless",
@@ -99,13 +99,21 @@ def check_source_notebook(path: Path) -> list[str]:
         problems.append(f"{name}: the first cell must be a code cell tagged `parameters`")
     elif not re.search(r"^profile\s*=", _cell_text(first), re.M):
         problems.append(f"{name}: the parameters cell must set `profile = ...`")
-    if header["cell_type"] != "markdown" or COLAB_PREFIX + name not in _cell_text(header):
-        problems.append(f"{name}: the second cell must be markdown with the Colab link {COLAB_PREFIX + name}")
-    if not any(
-        c["cell_type"] == "code" and '"google.colab" in sys.modules' in _cell_text(c) for c in cells[2:4]
-    ):
+    url = repository.repository_url()
+    colab = repository.colab_header(name, url)
+    if header["cell_type"] != "markdown" or colab not in _cell_text(header):
+        problems.append(f"{name}: the second cell must be markdown with the Colab line {colab}")
+    setup = [
+        c for c in cells[2:4] if c["cell_type"] == "code" and '"google.colab" in sys.modules' in _cell_text(c)
+    ]
+    if not setup:
         problems.append(
             f'{name}: a setup cell with `if "google.colab" in sys.modules:` must follow the header'
+        )
+    elif repository.url_assignment(url) not in _cell_text(setup[0]):
+        problems.append(
+            f"{name}: the Colab setup cell must clone the repository of book/_config.yml "
+            f"(`{repository.url_assignment(url)}`); run `h3fusion set-repository URL`"
         )
     for i, c in enumerate(cells):
         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None):

@@ -93,6 +93,13 @@ def cmd_run_notebooks(args: argparse.Namespace) -> None:
     run(args.profile, only=args.only, output_dir=args.output_dir, overrides=_parse_set(args.set))
 
 
+def cmd_set_repository(args: argparse.Namespace) -> None:
+    if bool(args.url) == args.unset:
+        raise H3FusionError("give the URL (https://github.com/OWNER/NAME) or --unset, not both or neither")
+    written = _call("repository", "set_repository")(None if args.unset else args.url)
+    print(f"rewrote {len(written)} files; the Colab links now point at {args.url or 'nothing (not published)'}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     _call("bench", "run_bench")(args)
 
@@ -153,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--only", action="append", help="notebook number (e.g. 02); repeatable")
     p.add_argument("--output-dir", help="where executed notebooks go (default: book/)")
+    p = add(
+        "set-repository",
+        cmd_set_repository,
+        "publish the companion's GitHub URL: book/_config.yml, every Colab link and Colab setup cell",
+        profile=False,
+    )
+    p.add_argument("url", nargs="?", help="https://github.com/OWNER/NAME")
+    p.add_argument("--unset", action="store_true", help="back to 'not published' (no links)")
     p = add(
         "bench", cmd_bench, "benchmark the MoE against the dense model (ratios in one process)", profile=False
     )

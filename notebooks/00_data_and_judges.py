@@ -19,7 +19,7 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # %% [markdown]
 # # 0. Data and judges
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/00_data_and_judges.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # The paper aligns one expert per dimension on its own dataset and evaluates every model on all
 # three: **helpful** (Alpaca for training, AlpacaEval for evaluation), **harmless** (BeaverTails:
@@ -40,7 +40,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

@@ -19,7 +19,7 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # %% [markdown]
 # # 1. Expert alignment
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/01_expert_alignment.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # Stage 1 of H3Fusion: one expert per dimension, each the base model with LoRA on the FFN projections
 # (gate, up, down) trained on its own task's data with the loss on the response tokens. Then the base model
@@ -38,7 +38,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

@@ -19,7 +19,7 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # %% [markdown]
 # # 4. Ablations
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/04_ablations.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # What each part of H3Fusion-MoE's fusion objective does: the gating loss on and off, drift regularisation
 # raised for one expert at a time (the paper's Figure 2), the number of fine-tuning steps, the number of
@@ -48,7 +48,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

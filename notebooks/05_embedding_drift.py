@@ -22,7 +22,7 @@ layer = -1  # hidden-state index: 0 is the embedding layer, -1 the last layer (a
 # %% [markdown]
 # # 5. Embedding drift
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/05_embedding_drift.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # The paper's Figure 4 shows how far each model's hidden representations move away from the base
 # model's: a t-SNE map of the hidden embeddings of 100 samples, one colour per model, with each model's
@@ -47,7 +47,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

@@ -19,7 +19,7 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # %% [markdown]
 # # 6. Results
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/06_results.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # The paper's main table: every model on the three dimensions, and its headline comparisons, H3Fusion
 # against the best individually aligned expert, the best ensemble and the best merge. Everything below
@@ -38,7 +38,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

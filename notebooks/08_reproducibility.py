@@ -19,7 +19,7 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # %% [markdown]
 # # Reproducibility
 #
-# [Open in Colab](https://colab.research.google.com/github/h3fusion/h3fusion-companion/blob/main/notebooks/08_reproducibility.ipynb)
+# *Open in Colab: not available yet, this copy of the companion names no published repository (README, "Repository URL").*
 #
 # Everything in this book can be re-computed from a clone of the repository with `make book`. This page
 # says with what: the software, the seeds, the machine, and the wall time of every notebook and of every
@@ -37,7 +37,9 @@ if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    url = "https://github.com/h3fusion/h3fusion-companion"
+    url = None  # not published yet: `h3fusion set-repository https://github.com/OWNER/NAME` sets it
+    if url is None:
+        raise RuntimeError("this copy of the companion names no published repository to install from: see its README")
     repo = "/content/h3fusion-companion"
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     if not os.path.isdir(repo):

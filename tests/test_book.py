@@ -50,7 +50,7 @@ def test_source_check_flags_each_convention(tmp_path: Path) -> None:
     text = "\n".join(problems)
     for expected in (
         "tagged `parameters`",
-        "Colab link",
+        "Colab line",
         "google.colab",
         "stored with outputs",
         "matplotlib.use",
