@@ -259,6 +259,27 @@ def notebook_errors(folder: Path) -> list[str]:
     return problems
 
 
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:tmp|work|home|root|Users|mnt|private|var/folders|content)/[^\s'\"<>)]*")
+PROGRESS_OUTPUT = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+|it/s\]|s/it\]|<progress|Training Loss")
+
+
+def executed_output_problems(folder: Path) -> list[str]:
+    """What an executed notebook must not show a reader: one machine's folders (in outputs or in the
+    papermill metadata) and progress bars or the Trainer's step tables (the chapters plot the curves)."""
+    problems = []
+    for nb in sorted(Path(folder).glob("*.ipynb")):
+        data = json.loads(nb.read_text())
+        if hits := MACHINE_PATH.findall(json.dumps(data.get("metadata", {}))):
+            problems.append(f"{nb.name}: the notebook metadata names machine paths ({hits[0]})")
+        for i, cell in enumerate(data.get("cells", [])):
+            text = json.dumps(cell.get("outputs", []))
+            if hits := MACHINE_PATH.findall(text):
+                problems.append(f"{nb.name}: cell {i} shows a machine path ({hits[0]})")
+            if hit := PROGRESS_OUTPUT.search(text):
+                problems.append(f"{nb.name}: cell {i} shows progress output ({hit.group(0)!r})")
+    return problems
+
+
 # ---------------------------------------------------------------- build, screenshot, the whole check
 
 
@@ -356,7 +377,7 @@ def check_book(profile: str = "smoke", workdir: Path | None = None, shot: bool =
     _copy_book_sources(book)
     run_notebooks(profile, output_dir=book)
     report = BookReport(build_dir=book / "_build" / "html")
-    report.problems += notebook_errors(book)
+    report.problems += notebook_errors(book) + executed_output_problems(book)
     listed = set(toc_files(book))
     report.problems += [
         f"{nb.stem} is executed but not in book/_toc.yml"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile, shown_path
 from h3fusion.errors import ArtifactError
-from h3fusion.training import loss_log, prepare_work_dir, training_arguments
+from h3fusion.training import hide_progress, loss_log, prepare_work_dir, training_arguments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -150,6 +150,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
             data_collator=LMCollator(PadCollator(tok.pad_token_id)),
             callbacks=callbacks,
         )
+        hide_progress(trainer)
         print(f"[experts] {task}: {len(dataset)} examples" + (f", resuming from {resume}" if resume else ""))
         result = trainer.train(resume_from_checkpoint=resume)
     trainable, total = model.get_nb_trainable_parameters()

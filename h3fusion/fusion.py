@@ -27,7 +27,7 @@ import torch
 from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, Profile, shown_path
 from h3fusion.errors import ArtifactError
-from h3fusion.training import loss_log, prepare_work_dir, training_arguments
+from h3fusion.training import hide_progress, loss_log, prepare_work_dir, training_arguments
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -226,6 +226,7 @@ def _trainer_class() -> type[Trainer]:
 
         def __init__(self, *args: Any, profile: Profile, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            hide_progress(self)
             self.profile = profile
             self.model_accepts_loss_kwargs = (
                 False  # the LM loss is a per-batch mean; the Trainer scales for accumulation

@@ -188,8 +188,7 @@ def execute_notebook(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    hide_parameter_cells(tmp)
-    add_profile_banner(tmp, load_profile(profile, overrides))
+    finish_executed(tmp, nb, out, load_profile(profile, overrides))
     os.replace(tmp, out)
     return time.perf_counter() - start
 
@@ -216,6 +215,19 @@ def add_profile_banner(path: Path, p: Profile) -> None:
         i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith("# ")
     ]
     nb.cells.insert(titles[0] + 1 if titles else 0, nbformat.v4.new_markdown_cell(text))
+    nbformat.write(nb, path)
+
+
+def finish_executed(path: Path, source: Path, out: Path, p: Profile) -> None:
+    """What an executed notebook needs before the book shows it: parameters hidden, the random-model
+    banner, and papermill's record of its paths without this machine's folders."""
+    import nbformat
+
+    hide_parameter_cells(path)
+    add_profile_banner(path, p)
+    nb = nbformat.read(path, as_version=4)
+    record = nb.metadata.get("papermill", {})
+    record.update(input_path=shown_path(source), output_path=out.name)
     nbformat.write(nb, path)
 
 

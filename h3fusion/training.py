@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.config import TrainConfig
+from h3fusion.progress import bars_disabled
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -40,6 +41,7 @@ def training_arguments(
         logging_steps=train.logging_steps,
         logging_first_step=True,
         report_to="none",
+        disable_tqdm=bars_disabled(),
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,  # the collator decides what the model sees
@@ -51,6 +53,17 @@ def training_arguments(
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def hide_progress(trainer: Trainer) -> None:
+    """Drop the Trainer's progress bar or table and its printed logs when bars are hidden (executed notebooks):
+    they duplicate the loss curves the chapters plot from `loss_log`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    if bars_disabled():
+        for callback in (PrinterCallback, ProgressCallback, NotebookProgressCallback):
+            trainer.remove_callback(callback)
 
 
 def prepare_work_dir(work: Path, config_hash: str) -> str | None:

@@ -234,3 +234,31 @@ def test_random_model_chapters_carry_a_warning_once(tmp_path):
     cells = nbformat.read(path, 4).cells
     banners = [i for i, c in enumerate(cells) if "not results" in c.source]
     assert len(banners) == 1 and cells[banners[0] - 1].source.startswith("# 6.")
+
+
+def test_executed_output_check_flags_machine_paths_and_progress_output(tmp_path: Path) -> None:
+    def executed(name: str, text: str, html: str = "", meta: str = "notebooks/x.ipynb") -> None:
+        cell = nbformat.v4.new_code_cell("x")
+        cell.outputs = [nbformat.v4.new_output("stream", text=text)]
+        if html:
+            cell.outputs.append(nbformat.v4.new_output("display_data", data={"text/html": html}))
+        nb = _notebook([cell], tmp_path / name)
+        book_nb = nbformat.read(nb, as_version=4)
+        book_nb.metadata["papermill"] = {"input_path": meta, "output_path": name}
+        nbformat.write(book_nb, nb)
+
+    executed("00_clean.ipynb", "loaded runs/cpu/experts/helpful and data/offline\n")
+    executed("01_path.ipynb", "saved /tmp/fresh/main/runs/cpu/fusion/raw\n")
+    executed("02_bar.ipynb", " 40%|####      | 4/10 [00:02<00:03, 2.0it/s]\n")
+    executed("03_table.ipynb", "", html="<progress value='30' max='30'></progress><th>Training Loss</th>")
+    executed("04_meta.ipynb", "ok\n", meta="/home/someone/h3fusion/notebooks/04_meta.ipynb")
+    problems = bookcheck.executed_output_problems(tmp_path)
+    assert not [p for p in problems if p.startswith("00_clean")]
+    assert any(p.startswith("01_path.ipynb: cell 0 shows a machine path (/tmp/fresh") for p in problems)
+    assert any(p.startswith("02_bar.ipynb: cell 0 shows progress output") for p in problems)
+    assert any(p.startswith("03_table.ipynb: cell 0 shows progress output") for p in problems)
+    assert any(p.startswith("04_meta.ipynb: the notebook metadata names machine paths") for p in problems)
+
+
+def test_committed_book_shows_no_machine_paths_or_progress_output() -> None:
+    assert bookcheck.executed_output_problems(bookcheck.BOOK_DIR) == []
