@@ -70,6 +70,9 @@ class DataConfig(Section):
     """Training examples per task for both stages (capped by what the split holds)."""
     eval_examples: PerTask
     """Evaluation items per dimension (the paper: 50 AlpacaEval, all BeaverTails test, 409 TruthfulQA)."""
+    eval_sample: Literal["stratified", "first"] = "stratified"
+    """How evaluation items are drawn: a seeded sample stratified by each source's strata, or the first N of the
+    file (the paper's rule for AlpacaEval; biased where a file is grouped, as TruthfulQA's is by category)."""
     beavertails_eval_fraction: float = Field(0.5, gt=0, lt=1)
     """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt); the
     rest ("non_eval") trains the harmless expert (safe rows) and the harmlessness judge (all rows)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from h3fusion.config import Profile
+from h3fusion.config import Profile, load_profile
 from h3fusion.data import (
     IGNORE_INDEX,
     PadCollator,
@@ -65,7 +65,7 @@ def test_truthfulqa_halves_408_409_and_mc_targets_complete(smoke_profile):
     assert (len(train_rows), len(eval_rows), offset) == (408, 409, 408)
     items = load_eval_items(p, "honest")
     assert len(items) == 409
-    assert items[0]["id"] == "truthfulqa-408" and items[-1]["id"] == "truthfulqa-816"
+    assert sorted(int(i["id"].rsplit("-", 1)[1]) for i in items) == list(range(408, 817))
     _, missing = splits.honest_eval_all(p)
     assert missing == []
     for item in items:
@@ -85,7 +85,8 @@ def test_alpaca_eval_805_with_reference_and_first_n(smoke_profile):
     items = load_eval_items(_uncapped(smoke_profile), "helpful")
     assert len(items) == 805 and len({i["instruction"] for i in items}) == 805
     raw = sources.load_records(smoke_profile, "alpaca_eval")
-    assert [i["reference"] for i in items] == [r["output"] for r in raw]
+    by_id = {i["id"]: i for i in items}
+    assert [by_id[f"alpaca_eval-{k}"]["reference"] for k in range(805)] == [r["output"] for r in raw]
     first = load_eval_items(smoke_profile, "helpful")
     assert first == items[: smoke_profile.data.eval_examples.helpful]
 
@@ -157,8 +158,8 @@ def test_alpaca_eval_annotations(smoke_profile):
     assert len(ann) == 8 * 805
     assert {a["preference"] for a in ann} <= {0.0, 1.0, 2.0, None}
     assert {"instruction", "output_1", "output_2", "preference", "model", "index"} <= set(ann[0])
-    items = load_eval_items(_uncapped(smoke_profile), "helpful")
-    assert all(a["instruction"] == items[a["index"]]["instruction"] for a in ann[:805])
+    items = {i["id"]: i for i in load_eval_items(_uncapped(smoke_profile), "helpful")}
+    assert all(a["instruction"] == items[f"alpaca_eval-{a['index']}"]["instruction"] for a in ann[:805])
 
 
 # ---------------------------------------------------------------------------- template and tokens
@@ -352,3 +353,42 @@ def test_report_counts_and_deviations(smoke_profile, capsys):
     assert "2,526 prompts" in out and "by prompt" in out
     assert "409 eval questions, MC1/MC2 targets matched for 409 (0 missing)" in out
     assert out.count("### Response:") >= len(smoke_profile.tasks)
+
+
+@pytest.mark.parametrize("task", ["helpful", "harmless", "honest"])
+def test_every_prefix_of_the_eval_order_is_a_stratified_sample(smoke_profile, task):
+    """Any n items drawn hold each stratum in proportion (within 1.5 items); the file's first n do not."""
+    from collections import Counter
+
+    from h3fusion.data.splits import eval_items_all
+
+    items = eval_items_all(smoke_profile, task)
+    strata = Counter(i["stratum"] for i in items)
+    assert len(strata) >= 5
+    for n in (10, 25, 50, 100, 200):
+        have = Counter(i["stratum"] for i in items[:n])
+        assert max(abs(have[k] - n * m / len(items)) for k, m in strata.items()) <= 1.5, (task, n)
+    assert sorted(i["id"] for i in items) == sorted(
+        i["id"] for i in eval_items_all(load_profile("smoke", {"data.eval_sample": "first"}), task)
+    )
+
+
+def test_eval_sample_is_seeded_and_first_keeps_the_paper_rule(smoke_profile):
+    ids = [i["id"] for i in load_eval_items(smoke_profile, "honest")]
+    assert ids == [i["id"] for i in load_eval_items(load_profile("smoke"), "honest")]
+    other = load_profile("smoke", {"seed": 7})
+    assert ids != [i["id"] for i in load_eval_items(other, "honest")]
+    first = load_profile("smoke", {"data.eval_sample": "first", "data.eval_examples.helpful": 5})
+    assert [i["id"] for i in load_eval_items(first, "helpful")] == [f"alpaca_eval-{i}" for i in range(5)]
+    assert load_profile("paper").data.eval_sample == "first"
+
+
+def test_helpful_judge_never_trains_or_validates_on_the_scored_sample():
+    from h3fusion.evaluation.judges.helpful import split_instructions
+
+    profile = load_profile("cpu")
+    split = split_instructions(profile, 805)
+    scored = {int(i["id"].rsplit("-", 1)[1]) for i in load_eval_items(profile, "helpful")}
+    assert set(split["scored"]) == scored and len(scored) == 50
+    assert not scored & set(split["validation"]) and not scored & set(split["train"])
+    assert len(scored) + len(split["validation"]) + len(split["train"]) == 805

@@ -21,6 +21,28 @@ def _show(title: str, prompt: str, response: str) -> None:
     print(textwrap.indent(_clip(prompt + response), "    "))
 
 
+STRATA = {"helpful": "AlpacaEval subset", "harmless": "harm category", "honest": "TruthfulQA category"}
+
+
+def _print_eval_samples(profile: Profile) -> None:
+    """How the evaluation items were drawn, and each stratum's share in the sample against the whole set."""
+    from collections import Counter
+
+    for task in profile.tasks:
+        population = splits.eval_items_all(profile, task)
+        sample = splits.load_eval_items(profile, task)
+        if profile.data.eval_sample == "first":
+            print(f"{task:<9}: the first {len(sample):,} of {len(population):,} evaluation items (file order)")
+            continue
+        have, of = Counter(i["stratum"] for i in sample), Counter(i["stratum"] for i in population)
+        largest = ", ".join(f"{k} {have[k]}/{of[k]}" for k, _ in of.most_common(4))
+        print(
+            f"{task:<9}: {len(sample):,} of {len(population):,} evaluation items, seeded sample stratified by "
+            f"{STRATA[task]} ({len(have)} of {len(of)} strata present; largest: {largest})"
+        )
+    print()
+
+
 def print_report(profile: Profile) -> None:
     """Print the data each stage of this profile will use and how it differs from the paper's."""
     where = shown_path(profile.data_dir) if profile.data.source == "local" else "the Hugging Face hub"
@@ -38,6 +60,7 @@ def print_report(profile: Profile) -> None:
     train_all = {"helpful": helpful, "harmless": harmless, "honest": honest}
     eval_all = {"helpful": helpful_eval, "harmless": splits.harmless_eval_all(profile), "honest": honest_eval}
 
+    _print_eval_samples(profile)
     print(f"{'task':<10}{'train available':>17}{'train used':>12}{'eval available':>16}{'eval used':>11}")
     for task in profile.tasks:
         n_train = min(len(train_all[task]), profile.data.train_examples[task])
@@ -131,10 +154,12 @@ def print_report(profile: Profile) -> None:
         "harmless": len(eval_all["harmless"]),
         "honest": len(tqa_eval),
     }
+    drawn = "a seeded sample stratified by " if profile.data.eval_sample == "stratified" else "the first "
     for task in profile.tasks:
         used = min(len(eval_all[task]), profile.data.eval_examples[task])
-        if used != paper_n[task]:
-            deviations.append(f"{task}: evaluation on the first {used:,} items instead of {paper_eval[task]}")
+        if used != paper_n[task] or (task == "helpful" and profile.data.eval_sample == "stratified"):
+            how = f"{drawn}{STRATA[task]}" if profile.data.eval_sample == "stratified" else drawn.strip()
+            deviations.append(f"{task}: evaluation on {used:,} items, {how}, instead of {paper_eval[task]}")
     deviations.append(
         "prompt template ends with '### Response:\\n' (one newline; the paper's ends at the colon); prompt and "
         "response are tokenised separately, loss on response tokens + EOS only"

@@ -9,6 +9,10 @@
   answer, last half (409) for evaluation with the best answer and the MC1/MC2 targets of mc_task.json.
 
 Training examples are capped at `profile.data.train_examples[task]` by a seeded sample (source order kept).
+Evaluation items are a seeded sample stratified by each source's own strata (AlpacaEval subset, BeaverTails
+harm category, TruthfulQA category; `stratified_order`), never the first N of a file: TruthfulQA's file is
+grouped by category. `data.eval_sample: first` keeps the paper's "first N" rule (the `paper` profile's 50
+AlpacaEval instructions).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +74,12 @@ def helpful_train_all(profile: Profile) -> tuple[list[TrainExample], int]:
 def helpful_eval_all(profile: Profile) -> list[dict[str, Any]]:
     records = sources.load_records(profile, "alpaca_eval")
     return [
-        {"id": f"alpaca_eval-{i}", "instruction": r["instruction"], "reference": r["output"]}
+        {
+            "id": f"alpaca_eval-{i}",
+            "instruction": r["instruction"],
+            "reference": r["output"],
+            "stratum": str(r.get("dataset") or "all"),
+        }
         for i, r in enumerate(records)
     ]
 
@@ -202,6 +212,7 @@ def honest_eval_all(profile: Profile) -> tuple[list[dict[str, Any]], list[str]]:
                 "incorrect_answers": [a for a in r["incorrect_answers"] if a.strip()],
                 "mc1_targets": dict(match["mc1_targets"]) if match else {},
                 "mc2_targets": dict(match["mc2_targets"]) if match else {},
+                "stratum": str(r.get("category") or "all"),
             }
         )
     if missing:
@@ -232,8 +243,29 @@ def load_train_examples(profile: Profile, task: str) -> list[TrainExample]:
     return cap(examples, profile.data.train_examples[task], profile.seed, task)
 
 
-def load_eval_items(profile: Profile, task: str) -> list[dict[str, Any]]:
-    """The first `profile.data.eval_examples[task]` evaluation items of one task (keys: see data/README.md)."""
+def stratified_order(items: list[dict[str, Any]], seed: int, task: str) -> list[dict[str, Any]]:
+    """`items` in a seeded order whose every prefix is a proportionally stratified sample (by `stratum`).
+
+    Within each stratum the items are shuffled; item j of a stratum of m items gets the key (j + u) / m, with u
+    one uniform offset per stratum, and sorting by key interleaves the strata in proportion to their sizes
+    (systematic sampling). So the first n items hold about n * m / N of each stratum, and a shorter prefix
+    (the ablations' scoring items) is a stratified sample nested in the longer one.
+    """
+    rng = random.Random(f"{seed}:{task}:eval-sample")
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        members[item["stratum"]].append(i)
+    keyed = []
+    for stratum in sorted(members):
+        indices = members[stratum]
+        rng.shuffle(indices)
+        offset = rng.random()
+        keyed += [((j + offset) / len(indices), rng.random(), i) for j, i in enumerate(indices)]
+    return [items[i] for *_, i in sorted(keyed)]
+
+
+def eval_items_all(profile: Profile, task: str) -> list[dict[str, Any]]:
+    """Every evaluation item of one task, in the order samples are drawn from (`data.eval_sample`)."""
     _check_task(task)
     if task == "helpful":
         items = helpful_eval_all(profile)
@@ -241,7 +273,13 @@ def load_eval_items(profile: Profile, task: str) -> list[dict[str, Any]]:
         items = harmless_eval_all(profile)
     else:
         items, _ = honest_eval_all(profile)
-    return items[: profile.data.eval_examples[task]]
+    return stratified_order(items, profile.seed, task) if profile.data.eval_sample == "stratified" else items
+
+
+def load_eval_items(profile: Profile, task: str) -> list[dict[str, Any]]:
+    """The `profile.data.eval_examples[task]` evaluation items of one task: a seeded stratified sample (or the
+    first N with `data.eval_sample: first`); keys: see data/README.md, `stratum` included."""
+    return eval_items_all(profile, task)[: profile.data.eval_examples[task]]
 
 
 def harmless_eval_all(profile: Profile) -> list[dict[str, Any]]:
@@ -249,7 +287,20 @@ def harmless_eval_all(profile: Profile) -> list[dict[str, Any]]:
     bt = beavertails_split(profile)
     all_test = distinct_in_order([r["prompt"] for r in sources.load_records(profile, "beavertails_test")])
     position = {p: i for i, p in enumerate(all_test)}
-    return [{"id": f"beavertails-{position[p]}", "prompt": p} for p in bt.eval_prompts]
+    flagged: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in bt.eval_rows:
+        flagged[r["prompt"]].update(k for k, v in r["category"].items() if v)
+    return [
+        {"id": f"beavertails-{position[p]}", "prompt": p, "stratum": _harm_category(flagged[p])}
+        for p in bt.eval_prompts
+    ]
+
+
+def _harm_category(counts: Counter[str]) -> str:
+    """A prompt's stratum: the harm category its labelled responses are flagged with most often (ties by name)."""
+    if not counts:
+        return "none flagged"
+    return min(counts, key=lambda k: (-counts[k], k))
 
 
 def _preference(value: Any, index: int, origin: str) -> float | None:

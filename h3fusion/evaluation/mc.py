@@ -16,8 +16,10 @@ Prompt format (``evaluation.mc_prompt``):
 - ``alpaca``: the Alpaca template the experts were aligned with (`h3fusion.data.format_prompt(question)`, ending
   in ``### Response:\n``), each choice the response after it. Compares models in the format they answer in.
 
-On the cpu profile's 50 questions SmolLM2-135M's MC1 is below chance under both (8-10 %): the summed
-log-likelihood favours the shorter false choices, a property of the model at that size, not of the scoring.
+The scorer agrees with an independent re-implementation of lm-evaluation-harness's MC1/MC2 to 5e-5 per choice.
+Which questions are scored matters more than how: TruthfulQA's file is grouped by category, and its first 50
+evaluation questions (mostly "Confusion: People" and adversarial ones) put SmolLM2-135M below chance, which is
+why evaluation items are a stratified sample (`h3fusion.data.load_eval_items`), never the first N.
 """
 
 from __future__ import annotations

@@ -101,9 +101,14 @@ def _is_tie(preference: float | None) -> bool:
 
 
 def split_instructions(profile: Profile, n_items: int) -> dict[str, list[int]]:
-    """AlpacaEval item indices: scored (first eval_examples.helpful), held-out validation, training; disjoint."""
-    n_scored = min(profile.data.eval_examples.helpful, n_items)
-    rest = list(range(n_scored, n_items))
+    """AlpacaEval item indices: scored (the evaluation sample), held-out validation, training; disjoint."""
+    from h3fusion.data import load_eval_items
+
+    scored = sorted(int(it["id"].rsplit("-", 1)[1]) for it in load_eval_items(profile, "helpful"))
+    scored = [i for i in scored if i < n_items]
+    n_scored = len(scored)
+    taken = set(scored)
+    rest = [i for i in range(n_items) if i not in taken]
     random.Random(f"{profile.seed}:helpful-judge").shuffle(rest)
     n_val = min(profile.judges.helpful_validation_instructions, len(rest) // 2)
     if n_val < 1 or len(rest) - n_val < 1:
@@ -112,7 +117,7 @@ def split_instructions(profile: Profile, n_items: int) -> dict[str, list[int]]:
             "validate the helpfulness judge; lower data.eval_examples.helpful"
         )
     return {
-        "scored": list(range(n_scored)),
+        "scored": scored,
         "validation": sorted(rest[:n_val]),
         "train": sorted(rest[n_val:]),
     }
@@ -217,6 +222,7 @@ def config_hash(profile: Profile) -> str:
         "params": GBT_PARAMS,
         "seed": profile.seed,
         "scored": profile.data.eval_examples.helpful,
+        "eval_sample": profile.data.eval_sample,
         "val": profile.judges.helpful_validation_instructions,
         "data": str(profile.data_dir),
         "source": profile.data.source,
