@@ -404,9 +404,7 @@ def test_build_writes_skips_and_rebuilds_on_change(with_experts, tok, adapters):
 
 
 def test_ensembles_and_instruct_build_and_load_as_language_models(with_experts, monkeypatch):
-    from h3fusion.baselines import build_baseline, load_baseline, runner
-
-    monkeypatch.setattr(runner, "selection_rule", lambda: "likelihood-consensus")  # no judge training here
+    from h3fusion.baselines import build_baseline, load_baseline
     from h3fusion.baselines.ensembles import SelectEnsemble
     from h3fusion.baselines.instruct import InstructFusion
     from h3fusion.evaluation.lm import LanguageModel
@@ -547,7 +545,7 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
     they generate the experts' answers themselves, and generate none of them."""
     from h3fusion.baselines import runner
-    from h3fusion.baselines.ensembles import SelectEnsemble, judge_selector
+    from h3fusion.baselines.ensembles import SelectEnsemble
     from h3fusion.baselines.instruct import InstructFusion
     from h3fusion.evaluation.run import evaluate_model
 
@@ -560,9 +558,12 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     cfg, seed = profile.evaluation.generation, profile.seed
     bank, tok = runner.expert_bank(profile)
 
+    def longest(prompts, candidates):  # any selector that reads the candidates
+        return [max(range(len(cs)), key=lambda j, cs=cs: (len(cs[j]), -j)) for cs in candidates]
+
     def lms(k):
         return (
-            SelectEnsemble(bank, tok, judge_selector(judges), known=k, progress=False),
+            SelectEnsemble(bank, tok, longest, known=k, progress=False),
             InstructFusion(bank, tok, profile.tasks, cfg, seed=seed, known=k, progress=False),
         )
 

@@ -405,8 +405,9 @@ class TokenEnsemble:
 
 def likelihood_selector(ensemble: TokenEnsemble) -> Selector:
     """Consensus selection: the answer with the highest mean per-token log-likelihood under the uniform mixture
-    of all experts. Used when no judge is available: it prefers the answer the experts jointly find most
-    plausible (a minimum-Bayes-risk-like rule), not the longest one (per-token mean, not sum)."""
+    of all experts. Judge-free on purpose, so the judges that score the evaluation never pick the answers they
+    score: it prefers the answer the experts jointly find most plausible (a minimum-Bayes-risk-like rule), not
+    the longest one (per-token mean, not sum)."""
 
     def select(prompts: list[str], candidates: list[list[str]]) -> list[int]:
         flat_p = [p for p, cs in zip(prompts, candidates, strict=True) for _ in cs]
@@ -422,50 +423,6 @@ def likelihood_selector(ensemble: TokenEnsemble) -> Selector:
                 scores[k + j] / lengths[k + j] if cs[j].strip() else float("-inf") for j in range(len(cs))
             ]
             out.append(max(range(len(cs)), key=lambda j, s=per_token: (s[j], -j)))
-            k += len(cs)
-        return out
-
-    return select
-
-
-def judge_selector(judges: Any) -> Selector:
-    """Selection by the evaluation's judges (`h3fusion.evaluation.judges.load_judges`): score_j =
-    (mean over the other answers k of P(answer j beats answer k), the pairwise helpfulness judge) *
-    (1 - P(answer j is harmful), the harmlessness judge); the highest score wins (ties: the first expert).
-
-    Honesty has no reference-free judge, so it does not enter the rule. Caveat for the tables: the same offline
-    judges score the evaluation, so this selection optimises the very metric it is scored with."""
-    from h3fusion.baselines.instruct import split_prompt
-
-    def select(prompts: list[str], candidates: list[list[str]]) -> list[int]:
-        requests = [split_prompt(p) for p in prompts]
-        flat_r = [r for r, cs in zip(requests, candidates, strict=True) for _ in cs]
-        flat_c = [c for cs in candidates for c in cs]
-        harmful = list(judges.harmless.harmful_probability(flat_r, flat_c))
-        pair_r, pair_a, pair_b, owner = [], [], [], []
-        k = 0
-        for r, cs in zip(requests, candidates, strict=True):
-            for j in range(len(cs)):
-                for m in range(len(cs)):
-                    if m != j:
-                        pair_r.append(r)
-                        pair_a.append(cs[j])
-                        pair_b.append(cs[m])
-                        owner.append(k + j)
-            k += len(cs)
-        wins = list(judges.helpful.win_probability(pair_r, pair_a, pair_b)) if pair_r else []
-        helpful = [0.0] * len(flat_c)
-        counts = [0] * len(flat_c)
-        for o, w in zip(owner, wins, strict=True):
-            helpful[o] += float(w)
-            counts[o] += 1
-        score = [
-            (helpful[i] / counts[i] if counts[i] else 1.0) * (1.0 - float(harmful[i]))
-            for i in range(len(flat_c))
-        ]
-        out, k = [], 0
-        for cs in candidates:
-            out.append(max(range(len(cs)), key=lambda j, base=k: (score[base + j], -j)))
             k += len(cs)
         return out
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.config import Profile, shown_path
+from h3fusion.errors import ArtifactError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,11 +60,9 @@ def expert_identities(profile: Profile) -> dict[str, str]:
     return out
 
 
-def selection_rule() -> str:
-    """`judges` when the evaluation's judges module exists, else the likelihood-consensus rule."""
-    import importlib.util
-
-    return "judges" if importlib.util.find_spec("h3fusion.evaluation.judges") else "likelihood-consensus"
+SELECTION_RULE = "likelihood-consensus"
+"""ensemble-select's rule (`ensembles.likelihood_selector`): judge-free, so the judges that score the evaluation
+never choose the answers they score."""
 
 
 def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
@@ -83,7 +82,7 @@ def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
     if name == "ensemble-packllm":
         return {"weighting": "perplexity", "temperature": b.packllm_temperature}
     if name == "ensemble-select":
-        return {"selector": selection_rule()}
+        return {"selector": SELECTION_RULE}
     from h3fusion.baselines.instruct import FUSER_PROMPT_TEMPLATE
 
     if name == "instruct-zeroshot":
@@ -391,16 +390,17 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     shared = _open_session(profile) or _Shared(profile)
     bank, tok = shared.bank()
     if entry.kind == "ensemble":
-        from h3fusion.baselines.ensembles import SelectEnsemble
+        from h3fusion.baselines.ensembles import SelectEnsemble, likelihood_selector
 
         if "selector" in params:
+            if params["selector"] != SELECTION_RULE:
+                raise ArtifactError(
+                    f"{shown_path(folder)} was built with the selection rule {params['selector']!r}, not "
+                    f"{SELECTION_RULE!r}; rebuild it with `h3fusion baselines --profile {profile.name} --only {name}`"
+                )
             mixture = shared.mixture()
             return SelectEnsemble(
-                bank,
-                tok,
-                _selector(shared, mixture, params["selector"]),
-                known=shared.known(),
-                mixture=mixture,
+                bank, tok, likelihood_selector(mixture), known=shared.known(), mixture=mixture
             )
         if params["weighting"] == "uniform":
             return shared.mixture()
@@ -437,14 +437,6 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return HFLanguageModel(model.to(_device()).eval(), tok)
-
-
-def _selector(shared: _Shared, mixture: TokenEnsemble, rule: str) -> Any:
-    from h3fusion.baselines.ensembles import judge_selector, likelihood_selector
-
-    if rule == "judges":
-        return judge_selector(shared.get_judges())
-    return likelihood_selector(mixture)
 
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:
