@@ -75,7 +75,8 @@ _ENTRIES = (
     Baseline(
         "ensemble-select",
         "ensemble",
-        "output-level ensemble: every expert answers, a judge rule picks one of the answers",
+        "output-level ensemble: every expert answers; the answer the experts jointly find most likely (mean "
+        "per-token log-likelihood under their uniform mixture) is kept. No judge selects, so none scores its own pick",
         "H3Fusion: Helpful, Harmless, Honest Fusion of Aligned LLMs (Tekin et al.), arXiv 2411.17792 "
         "(ensemble baseline; the selection rule is this companion's)",
     ),
