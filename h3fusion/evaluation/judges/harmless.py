@@ -247,7 +247,6 @@ def load_offline(profile: Profile) -> OfflineModerationJudge:
 
     folder, manifest = cached_judge(profile, "harmless", config_hash(profile), build)
     validation = dict(manifest.get("validation", {}))
-    validation["train_wall_time_s"] = manifest.get("wall_time_s")
     return OfflineModerationJudge(_load_saved(folder), validation)
 
 

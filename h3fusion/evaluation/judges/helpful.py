@@ -254,7 +254,6 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
             f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it"
         )
     validation = dict(manifest.get("validation", {}))
-    validation["train_wall_time_s"] = manifest.get("wall_time_s")
     return OfflinePairwiseJudge(load_model(folder / "model.pkl"), validation)
 
 
