@@ -14,7 +14,8 @@ writes into ``runs/<profile>/eval/<name>/``:
 
 Caching: the generations of a dimension are reused when its *generation hash* is unchanged. That hash covers the
 evaluation items, the generation config, the seed, the prompt format and the model's identity (the manifest of
-its artifact folder, so a re-trained model is re-generated). Judgements are reused when the judge identity
+its artifact folder without the build's wall time, date, paths and machine: a model re-trained with another
+config or to another loss log is re-generated, one re-built the same is not). Judgements are reused when the judge identity
 (names and validation figures) is unchanged too; a re-run with nothing changed loads nothing and returns the
 stored metrics. `score_generations` re-judges stored generations without loading the model.
 """
