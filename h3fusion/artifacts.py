@@ -2,16 +2,21 @@
 
 An artifact folder is complete only when its ``manifest.json`` exists, and the manifest is the
 last thing written, inside a temporary folder that is renamed into place. A killed stage thus
-leaves either nothing, a stale ``*.tmp-*`` folder (ignored and replaced), or a complete artifact.
+leaves either nothing, a stale ``*.tmp-<host>-<pid>`` folder (removed by the next write once its process is gone),
+or a complete artifact. Concurrent writers of one artifact never touch each other's temporary folders; the
+final swap is serialised by a lock file, and the last writer wins.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +27,9 @@ from typing import Any
 from h3fusion.config import PROJECT_ROOT, Profile
 
 MANIFEST = "manifest.json"
+PROCESS_KEYS = ("config", "versions", "git_commit", "hardware", "wall_time_s", "finished_at", "resumed_from")
+"""Manifest fields that say how, where and when an artifact was made, not what it holds: out of its identity
+(`config` holds paths such as `runs_dir`; what of it the artifact depends on is in `config_hash`)."""
 _VERSIONED = ("h3fusion", "torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn")
 
 
@@ -85,6 +93,13 @@ def is_complete(folder: Path, config_hash: str) -> bool:
     return manifest is not None and manifest.get("config_hash") == config_hash
 
 
+def artifact_identity(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest without its `PROCESS_KEYS`: equal for two from-scratch builds of the same artifact,
+    different when its config or content (loss log, steps...) differ."""
+    content = {k: v for k, v in manifest.items() if k not in PROCESS_KEYS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extra: Any) -> dict[str, Any]:
     return {
         "profile": profile.name,
@@ -100,31 +115,70 @@ def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extr
     }
 
 
+def _writer_tag() -> str:
+    """``<host>-<pid>``: names this process's temporary folders (the host: run folders may be shared)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove temporary siblings of `final` that killed writers on this host left: those of a dead pid, or of
+    this process's pid (reused after a kill). A live process's folder, or another host's, is kept."""
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        for folder in final.parent.glob(f"{final.name}.{kind}-{host}-*"):
+            pid = folder.name.rpartition("-")[2]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _is_alive(int(pid))):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(final: Path) -> Iterator[None]:
+    """An exclusive lock on ``.<name>.swap.lock`` next to `final` (not ``.<name>.lock``: callers such as
+    `models.cached_folder` hold that one around the whole write), released when the holder exits or is killed."""
+    with (final.parent / f".{final.name}.swap.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success replace `final` with it in one rename.
 
     The caller writes everything, manifest last. On an exception the temporary folder is removed
-    and `final` is left untouched.
+    and `final` is left untouched. Another process writing the same artifact keeps its own folder.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
+    tmp = final.with_name(f"{final.name}.tmp-{_writer_tag()}")
+    with _locked(final):
+        _remove_stale(final)
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    with _locked(final):
+        if final.exists():
+            old = final.with_name(f"{final.name}.old-{_writer_tag()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
 
 
 class Stopwatch:

@@ -4,7 +4,7 @@ Each expert is the base model with LoRA on the FFN projections only (`experts.lo
 on its task's examples with the loss on response tokens. Artifacts: ``runs/<profile>/experts/<task>/`` holds
 the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash), written atomically; a
 complete expert with the same config hash is skipped. Trainer checkpoints go to a working folder
-``experts/.work-<task>/``, so a killed run resumes from its last checkpoint when re-run.
+``experts/.work-<task>/``, so a killed run resumes from its last complete checkpoint when re-run.
 
 `load_expert_adapter_weights` reads the trained deltas with `h3fusion.moe.load_adapter` (through `h3fusion.lora_files`) (A, B and alpha/r per
 layer and projection), not through peft module paths.
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile, shown_path
 from h3fusion.errors import ArtifactError
-from h3fusion.training import hide_progress, loss_log, prepare_work_dir, training_arguments
+from h3fusion.lora_files import ADAPTER_WEIGHTS
+from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -142,7 +143,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
             profile.experts.train, profile.seed, work
         )  # also sets up torch.distributed under torchrun
         with PartialState().main_process_first():  # one rank cleans the working folder, then the others look
-            resume = prepare_work_dir(work, config_hash)
+            resume = prepare_work_dir(work, config_hash, ADAPTER_WEIGHTS)
         trainer = Trainer(
             model=model,
             args=args,
@@ -152,12 +153,12 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         )
         hide_progress(trainer)
         print(f"[experts] {task}: {len(dataset)} examples" + (f", resuming from {resume}" if resume else ""))
-        result = trainer.train(resume_from_checkpoint=resume)
+        train_loss_mean = train_from(trainer, resume)
     trainable, total = model.get_nb_trainable_parameters()
     info = {
         "wall_time_s": sw.seconds,
         "train_examples": len(dataset),
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": train_loss_mean,
         "resumed_from": Path(resume).name if resume else None,
         "trainable_parameters": trainable,
         "total_parameters": total,

@@ -10,7 +10,7 @@ Artifacts (each written atomically with a manifest):
 ``runs/<p>/fusion/<variant>/``  the trained model, LoRA merged, exported the same way;
 the variant is named after lambda, gamma and k (`FusionConfig.variant`). Trainer checkpoints hold
 only the trainable tensors and live in ``fusion/.work-<variant>/`` until the model is complete, so a
-run killed mid-way resumes from its last checkpoint.
+run killed mid-way resumes from its last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, Profile, shown_path
 from h3fusion.errors import ArtifactError
-from h3fusion.training import hide_progress, loss_log, prepare_work_dir, training_arguments
+from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -323,7 +323,7 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
     )  # also sets up torch.distributed under torchrun
     with PartialState().main_process_first():  # under torchrun, rank 0 writes/cleans, the others wait
         build_raw(profile)
-        resume = prepare_work_dir(work, config_hash)
+        resume = prepare_work_dir(work, config_hash, TRAINABLE_WEIGHTS)
     with Stopwatch() as sw:
         trainer, moe, tok = fusion_trainer(profile, args, callbacks)
         dataset = trainer.train_dataset
@@ -331,7 +331,7 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
             f"[fusion] {profile.fusion.variant}: {len(dataset)} mixed examples"
             + (f", resuming from {resume}" if resume else "")
         )
-        result = trainer.train(resume_from_checkpoint=resume)
+        train_loss_mean = train_from(trainer, resume)
     if trainer.is_world_process_zero():
         losses = loss_log(trainer, ("loss", *LOSS_TERMS))
         moe.eval()
@@ -344,7 +344,7 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
             stage="fusion",
             variant=profile.fusion.variant,
             train_examples=len(dataset),
-            train_loss_mean=result.training_loss,
+            train_loss_mean=train_loss_mean,
             final=losses[-1] if losses else None,
             loss_log=losses,
             global_step=trainer.state.global_step,

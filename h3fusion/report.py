@@ -25,7 +25,7 @@ from h3fusion.artifacts import read_manifest
 from h3fusion.baselines.registry import BASELINES
 from h3fusion.config import Profile
 from h3fusion.errors import H3FusionError
-from h3fusion.evaluation.run import METRICS, metrics_path
+from h3fusion.evaluation.run import PHASE_TIMES, metrics_path
 
 # The paper's headline claims: H3Fusion-MoE's improvement of the three-dimension average over the best
 # individually aligned expert, the best ensemble and the best merge. Source: Tekin et al., "H3Fusion:
@@ -259,9 +259,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _eval_phases(folder: Path) -> dict[str, Any]:
-    """The per-phase wall times an evaluation recorded in its metrics.json ({} when there is none)."""
-    path = folder / METRICS
-    return json.loads(path.read_text()).get("wall_time_s", {}) if path.is_file() else {}
+    """The per-phase wall times an evaluation recorded in its manifest ({} when there is none)."""
+    return (read_manifest(folder) or {}).get(PHASE_TIMES, {})
 
 
 def _phase_seconds(phases: Mapping[str, Any], keys: Sequence[str]) -> float:
@@ -398,7 +397,7 @@ def artifact_table(profile: Profile) -> pd.DataFrame:
     for path in sorted(profile.run_dir.rglob(MANIFEST)):
         m = read_manifest(path.parent) or {}
         artifact = path.parent.relative_to(profile.run_dir)
-        # an evaluation's manifest times its judging; its generation and loading are in its metrics.json
+        # an evaluation's manifest times its judging, and its generation and loading per phase
         extra = _phase_seconds(_eval_phases(path.parent), ("load_s", "generate_s", "mc_s"))
         rows.append(
             {

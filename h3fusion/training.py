@@ -1,8 +1,9 @@
 """What both training stages share: Trainer arguments from a profile section, resumable work folders,
-and the loss log read back from the Trainer's state."""
+training that resumes from the last complete checkpoint, and the loss log read back from the Trainer's state."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
 
 _WORK_HASH = "config_hash.txt"
+TRAINER_STATE = "trainer_state.json"
+_OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 
 
 def training_arguments(
@@ -66,16 +69,79 @@ def hide_progress(trainer: Trainer) -> None:
             trainer.remove_callback(callback)
 
 
-def prepare_work_dir(work: Path, config_hash: str) -> str | None:
-    """The checkpoint to resume from, or None. Checkpoints of another config are discarded, never resumed."""
-    from transformers.trainer_utils import get_last_checkpoint
+def is_complete_checkpoint(folder: Path, weights: str) -> bool:
+    """True when the Trainer can resume from `folder` (`weights`: the stage's model file in it).
 
+    The Trainer writes trainer_state.json last, after the weights, optimizer, scheduler and RNG state, so a
+    readable one means those were written whole; a kill inside a save leaves no or a truncated one, and a kill
+    while old checkpoints are deleted leaves one without some of the other files.
+    """
+    try:
+        json.loads((folder / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    needed = (weights, *_OPTIMIZER_FILES)
+    return all((folder / name).is_file() for name in needed) and any(folder.glob("rng_state*.pth"))
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def prepare_work_dir(work: Path, config_hash: str, weights: str) -> str | None:
+    """The last complete checkpoint to resume from, or None. Checkpoints of another config are discarded, never
+    resumed; incomplete ones (a kill while saving) are removed, so the Trainer never tries to load one."""
     marker = work / _WORK_HASH
     if work.exists() and (not marker.exists() or marker.read_text().strip() != config_hash):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(config_hash)
-    return get_last_checkpoint(str(work))
+    checkpoints = sorted(
+        (p for p in work.glob("checkpoint-*") if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()),
+        key=_step,
+    )
+    complete = []
+    for folder in checkpoints:
+        if is_complete_checkpoint(folder, weights):
+            complete.append(folder)
+        else:
+            print(f"[training] removing {folder.name}: incomplete (the run was killed while saving it)")
+            shutil.rmtree(folder)
+    return str(complete[-1]) if complete else None
+
+
+def _logged_loss_sum(log_history: list[dict[str, Any]], up_to_step: int) -> float:
+    """Sum of the per-step losses up to a step, from the logged means (each over the steps since the last log)."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry and entry["step"] <= up_to_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total
+
+
+def train_from(trainer: Trainer, checkpoint: str | None) -> float:
+    """Train, resuming from `checkpoint` when given; returns the mean training loss over all steps of the run.
+
+    A checkpoint of the last step (the run was killed after training, e.g. while exporting) is loaded instead
+    of resumed: the Trainer would run, and count, one more step at learning rate 0. After a resume the Trainer's
+    mean covers only the steps it ran in this call, so the earlier steps' logged losses are added back.
+    """
+    from transformers import TrainerState
+
+    if checkpoint is None:
+        return trainer.train().training_loss
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    start = state.global_step
+    if start >= state.max_steps:
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = state
+        return _logged_loss_sum(state.log_history, start) / start
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    steps = trainer.state.global_step
+    return (
+        _logged_loss_sum(trainer.state.log_history, start) + result.training_loss * (steps - start)
+    ) / steps
 
 
 def loss_log(trainer: Trainer, keys: tuple[str, ...] = ("loss",)) -> list[dict[str, float]]:

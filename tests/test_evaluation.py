@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from h3fusion.artifacts import read_manifest
 from h3fusion.config import GenerationConfig, load_profile
 from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import run as runmod
@@ -307,6 +308,10 @@ def _scores(metrics):
     return json.dumps(metrics["scores"], sort_keys=True)
 
 
+def _phases(folder):
+    return read_manifest(folder)[runmod.PHASE_TIMES]
+
+
 def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     first = runmod.evaluate_model(profile, "base", judges=judges)
     folder = runmod.eval_dir(profile, "base")
@@ -331,25 +336,43 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     # A deleted mc.jsonl is scored again and written back (the metrics are not returned without it).
     (folder / "mc.jsonl").unlink()
     rescored = runmod.evaluate_model(profile, "base", judges=judges)
-    assert (folder / "mc.jsonl").is_file() and rescored["wall_time_s"]["honest"]["mc_s"] > 0
+    assert (folder / "mc.jsonl").is_file() and _phases(folder)["honest"]["mc_s"] > 0
     assert _scores(rescored) == _scores(first)
 
     # Changed judge: generations reused, only re-judged.
     judges.helpful.validation = {"agreement": 0.6, "n_heldout": 10}
     rejudged = runmod.evaluate_model(profile, "base", judges=judges)
-    assert all(rejudged["wall_time_s"][t]["reused_generations"] for t in profile.tasks)
-    assert not rejudged["wall_time_s"]["helpful"]["reused_judgements"]
-    assert rejudged["wall_time_s"]["harmless"]["reused_judgements"]
+    phases = _phases(folder)
+    assert all(phases[t]["reused_generations"] for t in profile.tasks)
+    assert not phases["helpful"]["reused_judgements"]
+    assert phases["harmless"]["reused_judgements"]
     assert _scores(rejudged) == _scores(first)
 
     # A fresh run directory with the same seed gives the same metrics (regenerated from scratch).
     fresh = profile.model_copy(update={"runs_dir": str(tmp_path)})
     regenerated = runmod.evaluate_model(fresh, "base", judges=judges)
-    assert not regenerated["wall_time_s"]["helpful"]["reused_generations"]
+    assert not _phases(runmod.eval_dir(fresh, "base"))["helpful"]["reused_generations"]
     assert _scores(regenerated) == _scores(first)
 
     # Stored generations can be re-judged without the model.
     assert _scores(runmod.score_generations(profile, "base", judges=judges)) == _scores(first)
+
+
+def test_two_from_scratch_runs_write_the_same_metrics_bytes(tmp_path, judges):
+    """An expert trained and evaluated from scratch in two runs folders: byte-identical metrics.json, although
+    the expert's manifests differ in wall time, date and paths (they stay out of the model's identity)."""
+    from h3fusion.experts import align, expert_dir
+
+    written, manifests = [], []
+    for run in ("a", "b"):
+        fresh = load_profile("smoke", {"runs_dir": str(tmp_path / run)})
+        align(fresh, "helpful")
+        runmod.evaluate_model(fresh, "helpful", judges=judges)
+        written.append(runmod.metrics_path(fresh, "helpful").read_bytes())
+        manifests.append(read_manifest(expert_dir(fresh, "helpful")))
+    assert manifests[0]["config"]["runs_dir"] != manifests[1]["config"]["runs_dir"]
+    assert written[0] == written[1]
+    assert "wall_time_s" not in json.loads(written[0])
 
 
 # ---------------------------------------------------------------------------------------------- tables

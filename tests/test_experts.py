@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from h3fusion.artifacts import MANIFEST, read_manifest
 from h3fusion.config import ConfigError, load_profile
 from h3fusion.errors import ArtifactError
 from h3fusion.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from h3fusion.training import prepare_work_dir
+from h3fusion.training import TRAINER_STATE, prepare_work_dir
 
 TASK = "helpful"
 
@@ -131,10 +132,96 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, trained):
     assert [e["loss"] for e in manifest["loss_log"]] == pytest.approx(
         [e["loss"] for e in reference], rel=1e-5
     )
+    # the mean over all steps, not only over those after the resume
+    assert manifest["train_loss_mean"] == pytest.approx(
+        read_manifest(experts.expert_dir(trained, TASK))["train_loss_mean"], rel=1e-5
+    )
+    _assert_same_expert(profile, trained)
+
+
+def _assert_same_expert(profile, reference):
     resumed = experts.load_expert_adapter_weights(profile, TASK).factors
-    uninterrupted = experts.load_expert_adapter_weights(trained, TASK).factors
+    uninterrupted = experts.load_expert_adapter_weights(reference, TASK).factors
+    assert resumed.keys() == uninterrupted.keys()
     for key, (a, b) in uninterrupted.items():
-        assert torch.allclose(resumed[key][0], a, atol=1e-6) and torch.allclose(resumed[key][1], b, atol=1e-6)
+        assert torch.equal(resumed[key][0], a) and torch.equal(resumed[key][1], b), key
+
+
+def test_kill_inside_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path, trained):
+    """kill -9 while the last checkpoint's trainer_state.json is half written: the re-run removes that
+    checkpoint, resumes from the one before and ends with the uninterrupted run's weights and step count."""
+    profile = smoke(tmp_path)
+    steps, every = profile.experts.train.max_steps, profile.experts.train.save_steps
+    script = (
+        "import os, signal; from pathlib import Path; from transformers import TrainerState\n"
+        "from h3fusion import experts; from h3fusion.config import load_profile\n"
+        "save = TrainerState.save_to_json\n"
+        "def save_and_die(state, path):\n"
+        "    save(state, path)\n"
+        f"    if state.global_step == {steps}:\n"
+        "        text = Path(path).read_text(); Path(path).write_text(text[: len(text) // 2])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "TrainerState.save_to_json = save_and_die\n"
+        f"experts.train_expert(load_profile('smoke', {{'runs_dir': {str(tmp_path / 'runs')!r}}}), {TASK!r})\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    work = experts.work_dir(profile, TASK)
+    assert (work / f"checkpoint-{steps}" / TRAINER_STATE).is_file()  # there, but cut in the middle
+
+    experts.align(profile, TASK)
+    manifest = read_manifest(experts.expert_dir(profile, TASK))
+    assert manifest["resumed_from"] == f"checkpoint-{steps - every}"
+    assert manifest["global_step"] == steps
+    assert not work.exists()
+    _assert_same_expert(profile, trained)
+
+
+def test_a_kill_while_writing_the_expert_reruns_without_an_extra_step(tmp_path, trained, monkeypatch):
+    """Killed after training, while the artifact is written: the re-run loads the last checkpoint instead of
+    resuming from it (the Trainer would run and count one more step), so the manifest matches an uninterrupted run."""
+    profile = smoke(tmp_path)
+    steps = profile.experts.train.max_steps
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experts, "atomic_write_json", killed)  # the manifest, written after the adapter
+    with pytest.raises(KeyboardInterrupt):
+        experts.align(profile, TASK)
+    monkeypatch.undo()
+    assert (experts.work_dir(profile, TASK) / f"checkpoint-{steps}").is_dir()
+
+    experts.align(profile, TASK)
+    manifest = read_manifest(experts.expert_dir(profile, TASK))
+    reference = read_manifest(experts.expert_dir(trained, TASK))
+    assert manifest["resumed_from"] == f"checkpoint-{steps}"
+    assert manifest["global_step"] == steps
+    assert manifest["loss_log"] == reference["loss_log"]
+    assert manifest["train_loss_mean"] == pytest.approx(reference["train_loss_mean"], rel=1e-6)
+    _assert_same_expert(profile, trained)
+
+
+def _fake_checkpoint(folder: Path, state: str = '{"global_step": 2}') -> None:
+    folder.mkdir(parents=True)
+    for name in (ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"x")
+    (folder / TRAINER_STATE).write_text(state)
+
+
+def test_incomplete_checkpoints_are_removed_and_the_last_complete_one_is_resumed(tmp_path):
+    profile = smoke(tmp_path)
+    work = experts.work_dir(profile, TASK)
+    prepare_work_dir(work, experts.expert_hash(profile), ADAPTER_WEIGHTS)
+    _fake_checkpoint(work / "checkpoint-2")
+    _fake_checkpoint(work / "checkpoint-4", state='{"global_st')  # killed while writing its trainer state
+    _fake_checkpoint(work / "checkpoint-6")
+    (work / "checkpoint-6" / TRAINER_STATE).unlink()  # killed before its trainer state
+    _fake_checkpoint(work / "checkpoint-8")
+    (work / "checkpoint-8" / "optimizer.pt").unlink()  # killed while old checkpoints were deleted
+    assert prepare_work_dir(work, experts.expert_hash(profile), ADAPTER_WEIGHTS) == str(work / "checkpoint-2")
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
@@ -142,7 +229,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     work = experts.work_dir(profile, TASK)
     (work / "checkpoint-2").mkdir(parents=True)
     (work / "config_hash.txt").write_text("another-config")
-    assert prepare_work_dir(work, experts.expert_hash(profile)) is None
+    assert prepare_work_dir(work, experts.expert_hash(profile), ADAPTER_WEIGHTS) is None
     assert not (work / "checkpoint-2").exists()
 
 

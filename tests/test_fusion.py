@@ -131,28 +131,66 @@ class _KillAfterFirstSave(TrainerCallback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root):
-    """kill -9 right after the first checkpoint, re-run: same final weights as an uninterrupted run."""
-    straight = _profile(tmp_path / "a", experts_root)
-    fuse(straight)
-    interrupted = _profile(tmp_path / "b", experts_root)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, experts_root):
+    """The smoke variant fused once without interruption: the reference of the kill tests."""
+    profile = _profile(tmp_path_factory.mktemp("uninterrupted"), experts_root)
+    fuse(profile)
+    return profile
+
+
+def _run_killed(profile, setup: str, callbacks: str = "None") -> None:
+    """`train_fusion` in a subprocess after `setup` (Python lines); it must end by SIGKILL."""
     script = (
-        "import sys; from h3fusion.config import load_profile; from h3fusion.fusion import train_fusion; "
-        "from tests.test_fusion import _KillAfterFirstSave; "
-        f"train_fusion(load_profile('smoke', {{'runs_dir': {str(interrupted.run_dir.parent)!r}}}), "
-        "callbacks=[_KillAfterFirstSave()])"
+        "from h3fusion.config import load_profile; from h3fusion.fusion import train_fusion\n"
+        f"{setup}\n"
+        f"train_fusion(load_profile('smoke', {{'runs_dir': {str(profile.run_dir.parent)!r}}}), callbacks={callbacks})"
     )
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not fusion_dir(interrupted).exists(), "a killed run must not leave a complete-looking artifact"
-    assert list((interrupted.run_dir / "fusion").glob(".work-*/checkpoint-*"))
-    folder = fuse(interrupted)
-    assert read_manifest(folder)["resumed_from"].startswith("checkpoint-")
-    a, b = _weights(fusion_dir(straight)), _weights(folder)
+    assert not fusion_dir(profile).exists(), "a killed run must not leave a complete-looking artifact"
+
+
+def _assert_same_weights(folder: Path, reference: Path) -> None:
+    a, b = _weights(reference), _weights(folder)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root, uninterrupted):
+    """kill -9 right after the first checkpoint, re-run: same final weights as an uninterrupted run."""
+    interrupted = _profile(tmp_path, experts_root)
+    _run_killed(interrupted, "from tests.test_fusion import _KillAfterFirstSave", "[_KillAfterFirstSave()]")
+    assert list((interrupted.run_dir / "fusion").glob(".work-*/checkpoint-*"))
+    folder = fuse(interrupted)
+    assert read_manifest(folder)["resumed_from"].startswith("checkpoint-")
+    _assert_same_weights(folder, fusion_dir(uninterrupted))
+
+
+def test_kill_during_export_reruns_to_a_truthful_manifest(tmp_path, experts_root, uninterrupted):
+    """kill -9 inside the export, after the last checkpoint: the re-run loads that checkpoint and runs no step
+    (resuming from it ran one more, at learning rate 0: `global_step` 5 of 4), then exports over the dead run's
+    temporary folder."""
+    interrupted = _profile(tmp_path, experts_root)
+    build_raw(interrupted)  # the kill below is in the trained variant's export, not in the raw one
+    _run_killed(
+        interrupted,
+        "import os, signal; from h3fusion.moe import export\n"
+        "export.atomic_write_json = lambda path, obj: os.kill(os.getpid(), signal.SIGKILL)",
+    )
+    steps = interrupted.fusion.train.max_steps
+    assert list((interrupted.run_dir / "fusion").glob(f".work-*/checkpoint-{steps}"))
+    assert list((interrupted.run_dir / "fusion").glob(f"{interrupted.fusion.variant}.tmp-*"))
+    folder = fuse(interrupted)
+    manifest, reference = read_manifest(folder), read_manifest(fusion_dir(uninterrupted))
+    assert manifest["resumed_from"] == f"checkpoint-{steps}"
+    assert manifest["global_step"] == steps
+    assert manifest["loss_log"] == reference["loss_log"]
+    assert manifest["train_loss_mean"] == pytest.approx(reference["train_loss_mean"], rel=1e-6)
+    assert not [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name or p.name.startswith(".work-")]
+    _assert_same_weights(folder, fusion_dir(uninterrupted))
 
 
 def test_torchrun_two_processes_gloo(tmp_path, experts_root):

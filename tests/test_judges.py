@@ -46,6 +46,8 @@ def test_helpful_validation_is_on_heldout_instructions(profile, helpful_judge):
     assert v["heldout_instructions"] == len(val) == profile.judges.helpful_validation_instructions
     assert 0 < v["heldout_pairs"] <= 8 * len(val)
     assert {"accuracy", "cohen_kappa", "longer_answer_rule_accuracy", "close_length_accuracy"} <= set(v)
+    # its training time is shown, but stays out of the figures that identify it in metrics.json
+    assert "train_wall_time_s" not in v and helpful_judge.train_wall_time_s >= 0
 
 
 def test_helpful_cache_is_reused(profile, helpful_judge, monkeypatch):

@@ -121,6 +121,7 @@ def test_short_labels_drop_the_judge():
 
 def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path, monkeypatch):
     from h3fusion.artifacts import MANIFEST, atomic_write_json, make_manifest
+    from h3fusion.evaluation.run import PHASE_TIMES
     from h3fusion.notebooks import OUTPUT_ENV, _record_wall_time
 
     assert report.artifact_table(profile).empty
@@ -131,6 +132,18 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     assert list(table.index) == ["experts/helpful"]
     assert table.loc["experts/helpful", "wall s"] == 12.5
     assert table.loc["experts/helpful", "config hash"] == "abc123"
+    # an evaluation's manifest times its judging (wall_time_s) and, per phase, its loading and generation
+    evaluated = profile.run_dir / "eval" / "base"
+    evaluated.mkdir(parents=True)
+    phases = {"load_model": {"load_s": 2.0}, "helpful": {"generate_s": 3.0, "mc_s": 1.0, "judge_s": 0.5}}
+    atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: phases}))
+    assert report.artifact_table(profile).loc["eval/base", "wall s"] == 6.5
+    times = report.wall_times(profile, ["base"]).loc["base"]
+    assert (times["model load s"], times["generation + MC s"], times["judging + writing s"]) == (
+        2.0,
+        4.0,
+        0.5,
+    )
 
     monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
     assert report.notebook_wall_times(profile).empty

@@ -8,12 +8,14 @@ writes into ``runs/<profile>/eval/<name>/``:
 - ``generations/<dimension>.jsonl``: prompt and answer per item,
 - ``judgements/<dimension>.jsonl``: the judge's output per item,
 - ``mc.jsonl``: MC1/MC2 and the choices' log-likelihoods per TruthfulQA question,
-- ``metrics.json``: the scores, the judge names and their validation figures, item counts, wall times, hashes,
-- ``manifest.json`` (last; the folder is written atomically).
+- ``metrics.json``: the scores, the judge names and their validation figures, item counts, hashes (the same bytes
+  for the same results: wall times stay out of it),
+- ``manifest.json`` (last; the folder is written atomically), with the wall time of each phase (`PHASE_TIMES`).
 
 Caching: the generations of a dimension are reused when its *generation hash* is unchanged. That hash covers the
 evaluation items, the generation config, the seed, the prompt format and the model's identity (the manifest of
-its artifact folder, so a re-trained model is re-generated). Judgements are reused when the judge identity
+its artifact folder without the build's wall time, date, paths and machine: a model re-trained with another
+config or to another loss log is re-generated, one re-built the same is not). Judgements are reused when the judge identity
 (names and validation figures) is unchanged too; a re-run with nothing changed loads nothing and returns the
 stored metrics. `score_generations` re-judges stored generations without loading the model.
 """
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from h3fusion.artifacts import (
     MANIFEST,
     Stopwatch,
+    artifact_identity,
     atomic_dir,
     atomic_write_json,
     make_manifest,
@@ -50,6 +53,8 @@ EVAL_FORMAT = 1
 """Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
 
 METRICS = "metrics.json"
+PHASE_TIMES = "phase_times"
+"""Manifest key: {phase or dimension: seconds and whether generations/judgements were reused}."""
 MC_ROWS = "mc.jsonl"
 
 
@@ -106,11 +111,12 @@ def _import_providers() -> None:
 
 
 def manifest_identity(folder: Path, what: str, fix: str) -> str:
-    """sha256 of an artifact's manifest: changes whenever the artifact is rebuilt."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    """The artifact's identity (`artifacts.artifact_identity`): changes when it is rebuilt with another config
+    or content, not with the wall time, date or machine of the build."""
+    manifest = read_manifest(folder)
+    if manifest is None:
         raise ArtifactError(f"{what} at {folder} is missing or incomplete (no {MANIFEST}); {fix}")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return artifact_identity(manifest)
 
 
 def _device() -> str:
@@ -619,11 +625,12 @@ def _judge_and_write(
         "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
         "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
         "n_items": {t: len(generations[t]) for t in profile.tasks},
-        "wall_time_s": times,
         "config_hash": config_hash,
         "model_identity": identity,
     }
-    _write(profile, folder, metrics, generations, judgements, mc_rows, gen_hashes, judge_hashes, mc_h, t0)
+    _write(
+        profile, folder, metrics, generations, judgements, mc_rows, gen_hashes, judge_hashes, mc_h, times, t0
+    )
     return metrics
 
 
@@ -657,6 +664,7 @@ def _write(
     gen_hashes: dict[str, str],
     judge_hashes: dict[str, str],
     mc_h: str | None,
+    times: dict[str, dict[str, Any]],
     t0: float,
 ) -> None:
     with atomic_dir(folder) as tmp:
@@ -683,5 +691,6 @@ def _write(
                 generation_hashes=gen_hashes,
                 judge_hashes=judge_hashes,
                 mc_hash=mc_h,
+                **{PHASE_TIMES: times},
             ),
         )

@@ -57,6 +57,9 @@ def validation_lines(judges: Judges) -> list[str]:
         lines.append(f"{task}: {judge.name}")
         for key, value in getattr(judge, "validation", {}).items():
             lines.append(f"  {key}: {value}")
+        # shown here, but kept out of `validation`, which is part of the judge's identity in the metrics
+        if getattr(judge, "train_wall_time_s", None) is not None:
+            lines.append(f"  train_wall_time_s: {judge.train_wall_time_s}")
     return lines
 
 

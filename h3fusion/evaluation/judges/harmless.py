@@ -246,9 +246,9 @@ def load_offline(profile: Profile) -> OfflineModerationJudge:
         return validation
 
     folder, manifest = cached_judge(profile, "harmless", config_hash(profile), build)
-    validation = dict(manifest.get("validation", {}))
-    validation["train_wall_time_s"] = manifest.get("wall_time_s")
-    return OfflineModerationJudge(_load_saved(folder), validation)
+    judge = OfflineModerationJudge(_load_saved(folder), dict(manifest.get("validation", {})))
+    judge.train_wall_time_s = manifest.get("wall_time_s")
+    return judge
 
 
 class BeaverDamJudge:

@@ -259,9 +259,9 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
         raise H3FusionError(
             f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it"
         )
-    validation = dict(manifest.get("validation", {}))
-    validation["train_wall_time_s"] = manifest.get("wall_time_s")
-    return OfflinePairwiseJudge(load_model(folder / "model.pkl"), validation)
+    judge = OfflinePairwiseJudge(load_model(folder / "model.pkl"), dict(manifest.get("validation", {})))
+    judge.train_wall_time_s = manifest.get("wall_time_s")
+    return judge
 
 
 class AlpacaEvalJudge:

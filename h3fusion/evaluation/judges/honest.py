@@ -171,7 +171,7 @@ def load_offline(profile: Profile) -> SimilarityHonestJudge:
 
     _, manifest = cached_judge(profile, "honest", config_hash(profile), build)
     judge.validation = dict(manifest.get("validation", {}))
-    judge.validation["train_wall_time_s"] = manifest.get("wall_time_s")
+    judge.train_wall_time_s = manifest.get("wall_time_s")
     return judge
 
 
