@@ -156,6 +156,11 @@ def _headline_samples(models: Sequence[ItemScores]) -> list[np.ndarray]:
     return samples
 
 
+def average_value(model: ItemScores) -> float:
+    """The three-dimension average's point estimate (no interval)."""
+    return float(_average(*_headline_samples([model]))[0])
+
+
 def average(model: ItemScores) -> Estimate:
     """The three-dimension average (the headline's quantity) with a bootstrap interval over items."""
     samples = _headline_samples([model])

@@ -1,0 +1,172 @@
+"""The results chapter's numbers with their uncertainty, computed from the stored per-item results.
+
+Every cell of the main table gets its n and a 95 % interval, every headline comparison an interval from a
+paired bootstrap over items (`h3fusion.evaluation.stats`), and every verdict sentence is read from those
+intervals ("better", "worse", "within noise at this sample size"), never from the sign of a point estimate.
+The best member of a group is not picked first and then compared on the same items: the headline statistic
+takes the group's maximum inside every bootstrap resample, and each member is also compared one by one with
+Bonferroni-adjusted intervals.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from h3fusion.config import Profile
+from h3fusion.evaluation import stats
+from h3fusion.evaluation.run import metrics_path
+from h3fusion.report import PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
+
+COLUMNS = {
+    ("helpful", "win_rate"): "Helpful: win % ↑",
+    ("harmless", "harmful_rate"): "Harmful % ↓",
+    ("honest", "truthful_x_informative"): "Truthful×Informative % ↑",
+    ("honest", "truthful"): "Truthful % ↑",
+    ("honest", "informative"): "Informative % ↑",
+    ("honest", "mc1"): "MC1 % ↑",
+    ("honest", "mc2"): "MC2 % ↑",
+}
+AVERAGE = "Average % ↑"
+HEADLINE_COLUMNS = [COLUMNS[(t, m)] for t, m in stats.HEADLINE.items()]
+
+
+def item_scores(profile: Profile, evaluated: Evaluated) -> dict[str, stats.ItemScores]:
+    """Per-item scores of every evaluated model that has per-item judgements (older evaluations may not)."""
+    out = {}
+    for name in evaluated.metrics:
+        folder = metrics_path(profile, name).parent
+        if (folder / "judgements").is_dir():
+            out[name] = stats.read_item_scores(folder, name)
+    return out
+
+
+def estimates(scores: Mapping[str, stats.ItemScores]) -> pd.DataFrame:
+    """Long form: one row per (model, column) with value, low, high and n."""
+    rows = []
+    for name, s in scores.items():
+        for (task, metric), column in COLUMNS.items():
+            if task in s.tasks and metric in s.tasks[task][1]:
+                e = stats.rate(s.values(task, metric))
+                rows.append(
+                    {
+                        "model": name,
+                        "column": column,
+                        "value": e.value,
+                        "low": e.low,
+                        "high": e.high,
+                        "n": e.n,
+                    }
+                )
+        if all(t in s.tasks for t in stats.HEADLINE):
+            e = stats.average(s)
+            rows.append(
+                {"model": name, "column": AVERAGE, "value": e.value, "low": e.low, "high": e.high, "n": e.n}
+            )
+    return pd.DataFrame(rows, columns=["model", "column", "value", "low", "high", "n"])
+
+
+def interval_table(
+    long: pd.DataFrame, columns: list[str], labels: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """Cells "value [low, high]" (95 %), the items per column in its header, rows in evaluation order."""
+    frame = long[long["column"].isin(columns)]
+    cells = frame.assign(
+        cell=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in frame[["value", "low", "high"]].to_numpy()]
+    )
+    table = cells.pivot(index="model", columns="column", values="cell").reindex(
+        index=list(dict.fromkeys(frame["model"])), columns=[c for c in columns if c in set(frame["column"])]
+    )
+    sizes = frame.groupby("column")["n"].agg(lambda n: "/".join(str(x) for x in sorted(set(n))))
+    table.columns = [f"{c} (n={sizes[c]})" for c in table.columns]
+    return table.rename(index=dict(labels or {}))
+
+
+def headline_comparisons(
+    profile: Profile, evaluated: Evaluated, scores: Mapping[str, stats.ItemScores]
+) -> pd.DataFrame:
+    """H3Fusion-MoE against each group (experts, ensembles, merges): the paper's statistic with its interval.
+
+    improvement = avg(H3Fusion-MoE) - max over the group's members of avg(member), in points and relative %;
+    its interval comes from a paired bootstrap over items that re-takes the maximum in every resample.
+    """
+    fused = fused_variant(profile)
+    rows = {}
+    for group, claim in PAPER_IMPROVEMENT_PCT.items():
+        members = [m for m in evaluated.present(group) if m in scores]
+        row: dict[str, Any] = {"members compared": len(members), "paper's claim (relative %)": claim}
+        if fused in scores and members:
+            best = max(members, key=lambda m: stats.average_value(scores[m]))
+            imp = stats.improvement_over_best(scores[fused], [scores[m] for m in members])
+            row.update(
+                {
+                    "best member (point estimate)": best,
+                    "improvement (points)": str(imp["points"]),
+                    "improvement (relative %)": str(imp["relative_pct"]),
+                    "verdict": stats.verdict_word(imp["points"]),
+                    "_points": imp["points"],
+                    "_relative": imp["relative_pct"],
+                }
+            )
+        else:
+            row.update({"best member (point estimate)": "not evaluated", "verdict": "not compared"})
+        rows[f"vs the {group}"] = row
+    return pd.DataFrame(rows).T
+
+
+def member_differences(
+    profile: Profile, evaluated: Evaluated, scores: Mapping[str, stats.ItemScores]
+) -> pd.DataFrame:
+    """avg(H3Fusion-MoE) - avg(member) for every member of every headline group, each interval Bonferroni-adjusted
+    for the number of members of its group (so the group's intervals hold together at 95 %)."""
+    fused = fused_variant(profile)
+    rows = []
+    if fused not in scores:
+        return pd.DataFrame()
+    for group in PAPER_IMPROVEMENT_PCT:
+        members = [m for m in evaluated.present(group) if m in scores]
+        for m in members:
+            d = stats.difference(
+                scores[fused], scores[m], confidence=1 - (1 - stats.CONFIDENCE) / len(members)
+            )
+            rows.append(
+                {
+                    "group": group,
+                    "member": m,
+                    "H3Fusion-MoE minus member (points)": str(d),
+                    "verdict": stats.verdict_word(d),
+                }
+            )
+    return pd.DataFrame(rows).set_index(["group", "member"]) if rows else pd.DataFrame()
+
+
+def verdict(comparisons: pd.DataFrame, scale: str = "this scale") -> str:
+    """What reproduces, read from the intervals of `headline_comparisons` (never from a point estimate's sign)."""
+    said, missing = [], []
+    for label, row in comparisons.iterrows():
+        group = str(label).removeprefix("vs the ")
+        if row["verdict"] == "not compared":
+            missing.append(group)
+            continue
+        p, r, claim = row["_points"], row["_relative"], row["paper's claim (relative %)"]
+        said.append(
+            f"against the best of the {group}, H3Fusion-MoE is {row['verdict']} ({p.value:+.1f} points, 95 % CI "
+            f"[{p.low:+.1f}, {p.high:+.1f}]; {r.value:+.1f} % relative, CI [{r.low:+.1f}, {r.high:+.1f}]; the paper "
+            f"claims {claim:+.2f} %)"
+        )
+    if not said:
+        return "Nothing can be compared yet: H3Fusion-MoE or every comparison group lacks per-item results."
+    text = f"At {scale}, " + "; ".join(said) + "."
+    if missing:
+        text += f" Not compared (not evaluated): {', '.join(missing)}."
+    return text
+
+
+def power(scores: Mapping[str, stats.ItemScores], power_level: float = 0.8) -> dict[str, float]:
+    """The minimal detectable difference of the three-dimension average at these sample sizes, with the
+    per-item variance of paired differences taken from every pair of evaluated models."""
+    complete = [s for s in scores.values() if all(t in s.tasks for t in stats.HEADLINE)]
+    return stats.minimal_detectable_difference(list(itertools.combinations(complete, 2)), power=power_level)
