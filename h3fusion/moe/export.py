@@ -163,7 +163,11 @@ def check_round_trip(moe: MoECausalLM, folder: str | Path) -> float:
     """
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=moe.dtype).to(moe.device).eval()
+    loaded = (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=moe.dtype, use_safetensors=True)
+        .to(moe.device)
+        .eval()
+    )
     ids = torch.arange(min(ROUND_TRIP_TOKENS, moe.config.vocab_size), device=moe.device).unsqueeze(0)
     was_training = moe.training
     moe.eval()
@@ -233,7 +237,7 @@ def load_moe(
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    mixtral = MixtralForCausalLM.from_pretrained(folder, **kwargs)
+    mixtral = MixtralForCausalLM.from_pretrained(folder, use_safetensors=True, **kwargs)
     if device is not None:
         mixtral.to(device)
     return from_mixtral(mixtral)
