@@ -131,6 +131,7 @@ class _KillAfterFirstSave(TrainerCallback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root):
     """kill -9 right after the first checkpoint, re-run: same final weights as an uninterrupted run."""
     straight = _profile(tmp_path / "a", experts_root)
@@ -155,6 +156,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, experts_root):
     profile = _profile(tmp_path, experts_root)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
