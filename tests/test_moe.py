@@ -371,6 +371,8 @@ def test_exported_mixtral_gives_the_same_logits(base, adapters, batch, tmp_path,
     assert back.expert_names == moe.expert_names and back.storage == "materialised"
     torch.testing.assert_close(logits_of(back, batch), expected, atol=ATOL, rtol=0)
     assert len(back(**batch).router_logits) == LAYERS
+    again = AutoModelForCausalLM.from_pretrained(export_mixtral(back, None, tmp_path / "again")).eval()
+    torch.testing.assert_close(logits_of(again, batch), expected, atol=ATOL, rtol=0)
 
 
 def test_generate_matches_the_exported_model(base, adapters, batch, tmp_path):

@@ -79,7 +79,8 @@ def check_base_family(config: Any) -> None:
 def mixtral_config(moe: MoECausalLM) -> MixtralConfig:
     """The Mixtral config equivalent to `moe` (its inner config + E, k)."""
     src = moe.config
-    check_base_family(src)
+    if src.model_type != "mixtral":  # a loaded Mixtral folder (`load_moe`) re-exports as itself
+        check_base_family(src)
     fields: dict[str, Any] = {k: getattr(src, k) for k in _CARRIED if hasattr(src, k)}
     fields.update(
         num_local_experts=moe.num_experts,
