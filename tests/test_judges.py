@@ -66,7 +66,12 @@ def test_helpful_judge_predicts_the_same_after_its_cache_is_reloaded(tmp_path, m
     fresh = load_profile("smoke", {"runs_dir": str(tmp_path / "runs")})
     fitted = []
     fit = helpful.fit_model
-    monkeypatch.setattr(helpful, "fit_model", lambda *a: fitted.append(fit(*a)) or fitted[-1])
+
+    def recording_fit(*args):
+        fitted.append(fit(*args))
+        return fitted[-1]
+
+    monkeypatch.setattr(helpful, "fit_model", recording_fit)
     loaded = helpful.load_offline(fresh)
     assert len(fitted) == 2  # built, then refitted from train.npz
     x, _ = helpful.load_training_data(
@@ -80,6 +85,7 @@ def test_helpful_judge_predicts_the_same_after_its_cache_is_reloaded(tmp_path, m
 
 
 def test_a_foreign_helpful_judge_file_is_refused_not_run(profile, helpful_judge, tmp_path):
+    """A pickle in place of train.npz (unpickling it would create `marker`) and changed arrays: both refused."""
     import pickle
     import shutil
 
