@@ -98,11 +98,15 @@ def _prompt_batches(
 
 
 def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECausalLM, Any]:
-    """The raw MoE in memory, in the profile's storage: base + the profile's experts, router initialised."""
-    from h3fusion.experts import require_expert
-    from h3fusion.models import load_base
-    from h3fusion.moe import upcycle
+    """The raw MoE in memory, in the profile's storage: base + the profile's experts, router initialised.
 
+    The base's family is checked from its config first: an unsupported base fails before any weights load."""
+    from h3fusion.experts import require_expert
+    from h3fusion.models import base_config, load_base
+    from h3fusion.moe import upcycle
+    from h3fusion.moe.export import check_base_family
+
+    check_base_family(base_config(profile))
     folders = [require_expert(profile, task, "`h3fusion fuse`") for task in profile.tasks]
     base, tok = load_base(profile)
     f = profile.fusion

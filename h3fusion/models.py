@@ -29,7 +29,7 @@ from h3fusion.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import LlamaForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_OFFLINE = "smollm2-offline"
 TINY_RANDOM = "tiny-random"
@@ -326,6 +326,23 @@ def tiny_random_llama(
     model.generation_config.eos_token_id = eos_token_id
     model.generation_config.pad_token_id = pad_token_id
     return model
+
+
+def base_config(profile: Profile) -> PreTrainedConfig:
+    """The base model's config without its weights, so stages can check the family before any heavy work.
+
+    The built-in bases (tiny-random, smollm2-offline) are Llamas by construction: a default `LlamaConfig`
+    stands for them (family and biases are right; the shape is not).
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    base = profile.model.base
+    if base in (TINY_RANDOM, SMOLLM2_OFFLINE):
+        return LlamaConfig()
+    local = _local_folder(base)
+    if local is not None:
+        return _from_pretrained(AutoConfig, str(local), base)
+    return _from_pretrained(AutoConfig, base, base, token=hub_token())
 
 
 def load_base(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,12 +1,21 @@
-"""Shared fixtures: keep this file small (per-module fixtures live in their test files)."""
+"""Shared fixtures: keep this file small (per-module fixtures live in their test files).
+
+One torch thread per test process, and (through OMP_NUM_THREADS) per subprocess a test spawns: torchrun ranks,
+notebook kernels; so parallel test processes and CI runners do not oversubscribe the cores.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from h3fusion.config import Profile, load_profile
+
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture()

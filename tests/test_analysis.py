@@ -58,11 +58,22 @@ def llama(profile, tokenizer):
 # ---------------------------------------------------------------------------------------------- routing
 
 
-def test_routing_profile_rows_are_distributions(mixtral, tokenizer):
+def test_routing_profile_is_the_mean_router_softmax_of_each_prompt(mixtral, tokenizer):
+    """Recomputed by hand, one unpadded prompt at a time: softmax of the router logits, mean over the prompt's
+    tokens, then over prompts (padded batches of 2 must not change it)."""
+    per_prompt = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            logits = mixtral(input_ids=ids, output_router_logits=True).router_logits
+            per_prompt.append(
+                [lg.reshape(ids.shape[1], N_EXPERTS).softmax(-1).mean(0).double().numpy() for lg in logits]
+            )
+    want = np.mean(np.array(per_prompt), axis=0)
     prof = analysis.routing_profile(mixtral, tokenizer, PROMPTS, batch_size=2)
     assert prof.shape == (N_LAYERS, N_EXPERTS)
-    np.testing.assert_allclose(prof.sum(axis=1), 1.0, atol=1e-6)
-    assert (prof > 0).all()
+    np.testing.assert_allclose(prof, want, atol=1e-5)
+    assert np.abs(want - 1 / N_EXPERTS).max() > 1e-3  # not a uniform profile that any average would give
 
 
 def test_routing_does_not_depend_on_padding_or_batch_size(mixtral, tokenizer):

@@ -294,10 +294,25 @@ def test_prompt_perplexities_with_the_shared_prefix_equal_full_forwards(profile,
             assert float(got[i, j]) == pytest.approx(float(want[0]), abs=1e-4)
 
 
-def test_prompt_weights_of_packllm_ensemble_sum_to_one(profile, tok, adapters):
+def test_packllm_prompt_weights_are_the_softmax_of_negative_prompt_nll(profile, tok, adapters):
+    """PackLLM-sim: w = softmax(-mean prompt NLL / tau) over experts, the NLL recomputed here by a full forward."""
+    from h3fusion.evaluation.generate import encode_prompts
+
     bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
-    w = TokenEnsemble(bank, tok, weighting="perplexity", progress=False).prompt_weights(PROMPTS)
-    assert w.shape == (2, 3) and torch.allclose(w.sum(-1), torch.ones(2)) and (w > 0).all()
+    tau = 0.05
+    w = TokenEnsemble(bank, tok, weighting="perplexity", temperature=tau, progress=False).prompt_weights(
+        PROMPTS
+    )
+    nll = torch.zeros(len(PROMPTS), 3)
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([encode_prompts(tok, [prompt])[0]])
+        for j, e in enumerate(("a", "b", "c")):
+            with torch.no_grad():
+                logp = torch.log_softmax(bank.use(e)(input_ids=ids).logits[0, :-1].float(), -1)
+            nll[i, j] = -logp.gather(-1, ids[0, 1:, None]).mean()
+    torch.testing.assert_close(w, torch.softmax(-nll / tau, dim=-1), atol=1e-3, rtol=0)
+    assert (w.argmax(-1) == nll.argmin(-1)).all()  # the expert that finds the prompt likeliest weighs most
+    assert (w.max(-1).values - w.min(-1).values > 0.01).all()  # far from uniform at this temperature
 
 
 def test_mixture_of_one_distribution_is_its_log_softmax():

@@ -15,6 +15,7 @@ from h3fusion.config import load_profile
 from h3fusion.moe.layer import PROJECTIONS
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("H3FUSION_RUNS_DIR", str(tmp_path / "runs"))  # no pipeline run: book "not run yet"
     monkeypatch.setattr(bench, "PROJECT_ROOT", tmp_path)  # nor a book build

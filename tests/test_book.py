@@ -81,6 +81,7 @@ def test_select_notebooks_by_number_or_name(tmp_path: Path) -> None:
         select_notebooks(nbs, ["7"])
 
 
+@pytest.mark.slow
 def test_failing_notebook_names_the_cell_and_stops(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
@@ -201,6 +202,7 @@ def test_page_requests_keeps_the_page_requests_only(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the real book
 
 
+@pytest.mark.slow
 def test_book_builds_from_smoke_notebooks_and_passes_the_reader_checks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,11 +18,21 @@ def _subcommands() -> list[str]:
     return sorted(action.choices)
 
 
-def test_console_script_help() -> None:
-    res = subprocess.run([sys.executable, "-m", "h3fusion.cli", "--help"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    for name in _subcommands():
-        assert name in res.stdout
+def test_console_script_runs_main_and_reports_mistakes_in_one_line() -> None:
+    """The installed `h3fusion` entry point is cli.main, and a fresh process prints a user mistake as one line
+    on stderr with exit status 2 (no traceback)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="h3fusion")
+    assert script.value == "h3fusion.cli:main"
+    res = subprocess.run(
+        [sys.executable, "-m", "h3fusion.cli", "evaluate", "--profile", "no-such-profile", "--model", "base"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "unknown profile 'no-such-profile'" in res.stderr
 
 
 @pytest.mark.parametrize("command", _subcommands())

@@ -71,8 +71,23 @@ def judges():
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def test_hf_model_is_a_language_model(tiny):
+def test_hf_continuation_logprobs_equal_a_direct_forward(tiny):
+    """log p(continuation | prompt) = the sum of log-softmax of the continuation tokens in one forward of
+    prompt + continuation, tokenised as training does (several continuations per prompt, shared prefix)."""
+    from h3fusion.data import format_prompt
+
     assert isinstance(tiny, LanguageModel)
+    prompts = [format_prompt("Name a colour.")] * 2 + [format_prompt("What is the capital of France?")]
+    conts = [" Blue.", " Red, like a rose.", " Paris"]
+    got = tiny.continuation_logprobs(prompts, conts)
+    for prompt, cont, value in zip(prompts, conts, got, strict=True):
+        ctx, ids = split_continuation(tiny.tokenizer, prompt, cont)
+        full = torch.tensor([ctx + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny.model(input_ids=full).logits[0].float(), -1)
+        want = sum(float(logp[len(ctx) + t - 1, tok]) for t, tok in enumerate(ids))
+        assert value == pytest.approx(want, abs=1e-3)
+    assert got[0] != pytest.approx(got[1], abs=1e-3)
 
 
 def test_batched_left_padded_generation_equals_unbatched(tiny):
@@ -97,7 +112,11 @@ def test_sampling_is_seeded(tiny):
 
     prompts = [format_prompt("Tell a story."), format_prompt("List three fruits.")]
     cfg = GenerationConfig(max_new_tokens=6, batch_size=2, temperature=1.0)
-    assert tiny.generate(prompts, cfg, seed=3) == tiny.generate(prompts, cfg, seed=3)
+    greedy = tiny.generate(prompts, GenerationConfig(max_new_tokens=6, batch_size=2, temperature=0.0), seed=3)
+    seed3 = tiny.generate(prompts, cfg, seed=3)
+    assert seed3 == tiny.generate(prompts, cfg, seed=3)  # one seed repeats
+    assert seed3 != tiny.generate(prompts, cfg, seed=4)  # another seed samples other tokens
+    assert seed3 != greedy  # and sampling is not greedy decoding
 
 
 def test_length_sorted_batches_cover_every_index_once():
@@ -445,6 +464,22 @@ def test_headline_improvements_on_a_hand_made_table(hand_table):
         headline_improvements(hand_table, "missing", ["helpful"], [], [])
 
 
-def test_results_table_accepts_a_dataframe_round_trip(hand_table):
-    assert isinstance(hand_table, pd.DataFrame)
-    assert hand_table.loc["fused", "Harmful % ↓ [offline judge]"] == 15.0
+def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, tmp_path):
+    """Each cell comes from its metric, the average uses 100 - harmful, a model not evaluated on a dimension
+    gets NaN there (and in the average), and write_table's CSV reads back to the same table."""
+    from h3fusion.evaluation.tables import AVERAGE, write_table
+
+    fused = hand_table.loc["fused"]
+    assert fused["Helpful win rate % ↑ [offline judge]"] == 60.0
+    assert fused["Harmful % ↓ [offline judge]"] == 15.0
+    assert fused[AVERAGE] == pytest.approx(65.0)
+    assert hand_table.loc["harmless", AVERAGE] == pytest.approx(50.0)
+    partial = _metrics("partial", 70.0, 5.0, 40.0)
+    del partial["scores"]["honest"]
+    table = results_table({"fused": _metrics("fused", 60.0, 15.0, 50.0), "partial": partial})
+    assert list(table.index) == ["fused", "partial"]
+    assert math.isnan(table.loc["partial", "MC1 % ↑"]) and math.isnan(table.loc["partial", AVERAGE])
+    assert table.loc["partial", "Harmful % ↓ [offline judge]"] == 5.0
+    write_table(hand_table, tmp_path / "results")
+    back = pd.read_csv(tmp_path / "results.csv", index_col="model")
+    pd.testing.assert_frame_equal(back, hand_table)

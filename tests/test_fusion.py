@@ -159,6 +159,7 @@ def _assert_same_weights(folder: Path, reference: Path) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root, uninterrupted):
     """kill -9 right after the first checkpoint, re-run: same final weights as an uninterrupted run."""
     interrupted = _profile(tmp_path, experts_root)
@@ -169,6 +170,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, experts_root, uninterr
     _assert_same_weights(folder, fusion_dir(uninterrupted))
 
 
+@pytest.mark.slow
 def test_kill_during_export_reruns_to_a_truthful_manifest(tmp_path, experts_root, uninterrupted):
     """kill -9 inside the export, after the last checkpoint: the re-run loads that checkpoint and runs no step
     (resuming from it ran one more, at learning rate 0: `global_step` 5 of 4), then exports over the dead run's
@@ -193,6 +195,7 @@ def test_kill_during_export_reruns_to_a_truthful_manifest(tmp_path, experts_root
     _assert_same_weights(folder, fusion_dir(uninterrupted))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, experts_root):
     profile = _profile(tmp_path, experts_root)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from h3fusion.config import load_profile
-from h3fusion.errors import H3FusionError
+from h3fusion.errors import ArtifactError, H3FusionError
+from h3fusion.evaluation.judges import helpful
+from h3fusion.evaluation.judges.common import judges_dir, read_json
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +53,69 @@ def test_helpful_validation_is_on_heldout_instructions(profile, helpful_judge):
 
 
 def test_helpful_cache_is_reused(profile, helpful_judge, monkeypatch):
-    from h3fusion.evaluation.judges import helpful
+    import h3fusion.data
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the cached judge was retrained")
+        raise AssertionError("the cached judge was rebuilt from the annotations")
 
-    monkeypatch.setattr(helpful, "fit_model", refuse)
+    monkeypatch.setattr(h3fusion.data, "load_alpaca_eval_annotations", refuse)
     again = helpful.load_offline(profile)
     assert again.validation["accuracy"] == helpful_judge.validation["accuracy"]
-    x = (["Say hi."], ["Hi there!"], ["Hello."])
-    assert np.allclose(again.win_probability(*x), helpful_judge.win_probability(*x))
+
+
+def test_helpful_judge_predicts_the_same_after_its_cache_is_reloaded(tmp_path, monkeypatch):
+    """The trees fitted while building equal those refitted from the cached pairs, prediction for prediction."""
+    fresh = load_profile("smoke", {"runs_dir": str(tmp_path / "runs")})
+    fitted = []
+    fit = helpful.fit_model
+
+    def recording_fit(*args):
+        fitted.append(fit(*args))
+        return fitted[-1]
+
+    monkeypatch.setattr(helpful, "fit_model", recording_fit)
+    loaded = helpful.load_offline(fresh)
+    assert len(fitted) == 2  # built, then refitted from train.npz
+    x, _ = helpful.load_training_data(
+        judges_dir(fresh) / "helpful" / helpful.TRAIN_DATA,
+        read_json(judges_dir(fresh) / "helpful" / "features.json")["train_sha256"],
+    )
+    probe = x[:: max(1, len(x) // 200)] + 0.25  # training rows and rows between them
+    before = fitted[0].predict_proba(probe)[:, 1]
+    assert np.array_equal(loaded.model.predict_proba(probe)[:, 1], before)
+    assert len(np.unique(before)) > 10  # a judge that says something, not a constant
+
+
+def test_a_foreign_helpful_judge_file_is_refused_not_run(profile, helpful_judge, tmp_path):
+    """A pickle in place of train.npz (unpickling it would create `marker`) and changed arrays: both refused."""
+    import pickle
+    import shutil
+
+    folder = judges_dir(profile) / "helpful"
+    data = folder / helpful.TRAIN_DATA
+    original = data.read_bytes()
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    try:
+        data.write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(ArtifactError, match="not a helpfulness judge written by h3fusion.*delete"):
+            helpful.load_offline(profile)
+        assert not marker.exists()
+
+        data.write_bytes(original)
+        with np.load(data) as arrays:
+            x, y = arrays["x"].copy(), arrays["y"].copy()
+        y[0] = 1 - y[0]
+        np.savez(tmp_path / "changed.npz", x=x, y=y)
+        shutil.copy(tmp_path / "changed.npz", data)
+        with pytest.raises(ArtifactError, match="digest"):
+            helpful.load_offline(profile)
+    finally:
+        data.write_bytes(original)
 
 
 def test_helpful_cache_rebuilds_when_its_config_changes(profile, helpful_judge):

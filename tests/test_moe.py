@@ -11,12 +11,20 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    Qwen2Config,
+)
 
 from h3fusion.errors import ArtifactError, ModelError
 from h3fusion.losses import drift_loss, gating_loss
 from h3fusion.moe import (
     PROJECTIONS,
+    ExpertAdapter,
     MoECausalLM,
     MoEFeedForward,
     adapter_from_state_dict,
@@ -25,6 +33,7 @@ from h3fusion.moe import (
     load_moe,
     upcycle,
 )
+from h3fusion.moe import export as export_module
 
 HIDDEN, FFN, LAYERS, VOCAB = 32, 48, 3, 97
 R, ALPHA = 4, 8.0
@@ -362,6 +371,8 @@ def test_exported_mixtral_gives_the_same_logits(base, adapters, batch, tmp_path,
     assert back.expert_names == moe.expert_names and back.storage == "materialised"
     torch.testing.assert_close(logits_of(back, batch), expected, atol=ATOL, rtol=0)
     assert len(back(**batch).router_logits) == LAYERS
+    again = AutoModelForCausalLM.from_pretrained(export_mixtral(back, None, tmp_path / "again")).eval()
+    torch.testing.assert_close(logits_of(again, batch), expected, atol=ATOL, rtol=0)
 
 
 def test_generate_matches_the_exported_model(base, adapters, batch, tmp_path):
@@ -374,6 +385,111 @@ def test_generate_matches_the_exported_model(base, adapters, batch, tmp_path):
     )
     assert ours.shape == (1, prompt.shape[1] + 6)
     assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------- base model families
+FAMILY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=VOCAB,
+)
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**FAMILY_SHAPE),
+    # a window shorter than the batch, so a dropped sliding_window would change the logits
+    "mistral": lambda: MistralConfig(**FAMILY_SHAPE, sliding_window=4),
+    "qwen2": lambda: Qwen2Config(**FAMILY_SHAPE),
+    "gemma": lambda: GemmaConfig(**FAMILY_SHAPE),
+}
+
+
+def family_base(family: str):
+    """A tiny random base of `family` whose norms and biases are random too (their defaults hide differences)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def family_adapters(base) -> list:
+    from h3fusion.moe.layer import projection_shapes
+
+    shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
+    gen = torch.Generator().manual_seed(0)
+    return [
+        ExpertAdapter(
+            name=f"e{i}",
+            scale=2.0,
+            factors={
+                (layer, p): (
+                    0.1 * torch.randn(R, shapes[p][1], generator=gen),
+                    0.1 * torch.randn(shapes[p][0], R, generator=gen),
+                )
+                for layer in range(base.config.num_hidden_layers)
+                for p in PROJECTIONS
+            },
+        )
+        for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_accepted_families_export_exactly(family, batch, tmp_path):
+    base = family_base(family)
+    moe = upcycle(base, family_adapters(base), top_k=2, show_progress=False).eval()
+    expected = logits_of(moe, batch)
+    export_mixtral(moe, None, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.sliding_window == getattr(base.config, "sliding_window", None)
+    torch.testing.assert_close(logits_of(loaded, batch), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_other_families_are_refused_before_upcycling(family):
+    base = family_base(family)
+    with pytest.raises(ModelError, match=rf"{family!r} model.*\['llama', 'mistral'\].*model\.base"):
+        upcycle(base, family_adapters(base), top_k=2, show_progress=False)
+    assert all(not isinstance(layer.mlp, MoEFeedForward) for layer in base.model.layers)
+
+
+def test_llama_with_attention_biases_is_refused():
+    base = LlamaForCausalLM(LlamaConfig(**FAMILY_SHAPE, attention_bias=True))
+    with pytest.raises(ModelError, match="biases"):
+        upcycle(base, family_adapters(base), top_k=2, show_progress=False)
+
+
+def test_a_wrong_export_is_caught_by_the_round_trip(monkeypatch, tmp_path):
+    """Gemma let through the allow-list: the folder's logits differ, so export refuses and leaves no folder."""
+    monkeypatch.setattr(export_module, "MIXTRAL_EXACT_FAMILIES", ("llama", "mistral", "gemma"))
+    base = family_base("gemma")
+    moe = upcycle(base, family_adapters(base), top_k=2, show_progress=False).eval()
+    with pytest.raises(ModelError, match="does not reproduce"):
+        export_mixtral(moe, None, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob("m.tmp-*"))
+
+
+def test_fuse_checks_the_family_before_loading_the_base(tmp_path, monkeypatch):
+    """A Gemma folder as `model.base`: refused from its config.json, before weights or experts are read."""
+    from h3fusion import fusion, models
+    from h3fusion.config import load_profile
+
+    family_base("gemma").save_pretrained(tmp_path / "gemma")
+    profile = load_profile(
+        "smoke", {"runs_dir": str(tmp_path / "runs"), "model": {"base": str(tmp_path / "gemma")}}
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base weights were loaded")
+
+    monkeypatch.setattr(models, "load_base", refuse)
+    with pytest.raises(ModelError, match="'gemma' model"):
+        fusion.upcycle_profile(profile)
 
 
 # ------------------------------------------------------------------------------ bad inputs

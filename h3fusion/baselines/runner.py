@@ -432,7 +432,9 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     from h3fusion.evaluation.lm import HFLanguageModel
     from h3fusion.models import prepare_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, profile.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, profile.model.dtype), use_safetensors=True
+    )
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

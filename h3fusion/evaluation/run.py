@@ -170,7 +170,9 @@ def _load_folder_lm(profile: Profile, folder: Path, what: str, fix: str) -> HFLa
     from h3fusion.models import load_tokenizer, prepare_tokenizer
 
     manifest_identity(folder, what, fix)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, profile.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, profile.model.dtype), use_safetensors=True
+    )
     has_tok = any(
         (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     )

@@ -1,8 +1,11 @@
 """Export to a standard `MixtralForCausalLM` folder, and loading such a folder back (DESIGN 4, 8.1).
 
-The routing of `MoEFeedForward` is Mixtral's, so an upcycled Llama-family model *is* a Mixtral:
+The routing of `MoEFeedForward` is Mixtral's, so an upcycled Llama or Mistral model *is* a Mixtral:
 ``num_local_experts = E``, ``num_experts_per_tok = k``, and GQA, head_dim, RoPE parameters, norms'
-epsilon, tied embeddings and token ids carried over from the base config. The folder loads with
+epsilon, sliding window, tied embeddings and token ids carried over from the base config. Other families
+are refused up front (`check_base_family`, also called by `upcycle`), as mergekit-moe does: Gemma scales
+embeddings and norms differently, Qwen2 has q/k/v biases, and a Mixtral folder has neither. After writing, the
+folder is loaded back and its logits compared with the in-memory model's (`check_round_trip`). The folder loads with
 ``AutoModelForCausalLM.from_pretrained(folder)`` without custom code. Delta storage and fusion LoRA
 are materialised on export. transformers 5.x packs Mixtral experts in memory
 (``mlp.experts.gate_up_proj`` [E, 2f, d], gate rows first; ``mlp.experts.down_proj`` [E, d, f]);
@@ -46,29 +49,44 @@ _CARRIED = (
     "tie_word_embeddings",
     "rope_parameters",
     "attention_dropout",
+    "sliding_window",
 )
+MIXTRAL_EXACT_FAMILIES = ("llama", "mistral")
+"""Base `config.model_type`s whose upcycled MoE the Mixtral architecture reproduces exactly (tests/test_moe.py)."""
+ROUND_TRIP_TOKENS = 8
+"""Token ids the exported folder's logits are checked on."""
 EXPERT_NAMES_KEY = "h3fusion_expert_names"
 """Extra config.json key: the experts' task names (ignored by other readers)."""
+
+
+def check_base_family(config: Any) -> None:
+    """Refuse a base whose upcycled MoE a Mixtral folder would not reproduce (before any weights are touched)."""
+    family = getattr(config, "model_type", None)
+    if family not in MIXTRAL_EXACT_FAMILIES:
+        raise ModelError(
+            f"the base model is a {family!r} model; H3Fusion exports the fused MoE as a Mixtral folder, which "
+            f"reproduces only the families {list(MIXTRAL_EXACT_FAMILIES)} exactly ({family!r} differs in its "
+            "norms, embedding scaling, biases or attention). Set `model.base` to a Llama or Mistral model "
+            "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct or smollm2-offline)"
+        )
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ModelError(
+            "the base model's attention or MLP has biases, which Mixtral lacks; it cannot be exported as Mixtral. "
+            "Use a base without biases (attention_bias and mlp_bias false)"
+        )
 
 
 def mixtral_config(moe: MoECausalLM) -> MixtralConfig:
     """The Mixtral config equivalent to `moe` (its inner config + E, k)."""
     src = moe.config
-    if getattr(src, "attention_bias", False):
-        raise ModelError(
-            "the base model's attention has biases, which Mixtral lacks; it cannot be exported as Mixtral"
-        )
-    if getattr(src, "sliding_window", None) is not None and src.model_type != "mixtral":
-        raise ModelError(
-            "the base model uses sliding-window attention; only full-attention Llama bases export exactly"
-        )
+    if src.model_type != "mixtral":  # a loaded Mixtral folder (`load_moe`) re-exports as itself
+        check_base_family(src)
     fields: dict[str, Any] = {k: getattr(src, k) for k in _CARRIED if hasattr(src, k)}
     fields.update(
         num_local_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k,
         router_jitter_noise=0.0,
         output_router_logits=False,
-        sliding_window=None,
         architectures=["MixtralForCausalLM"],
     )
     cfg = MixtralConfig(**fields)
@@ -117,17 +135,57 @@ def export_mixtral(
 ) -> Path:
     """Write a standard Mixtral folder (weights, config, generation config, tokenizer) atomically.
 
+    The folder is loaded back before it is complete and must give `moe_model`'s logits (`check_round_trip`).
     `manifest`, when given, is written last as ``manifest.json`` (the artifact's completion mark).
     """
     folder = Path(folder)
     mixtral = to_mixtral(moe_model)
     with atomic_dir(folder) as tmp:
         mixtral.save_pretrained(tmp)
+        del mixtral
+        check_round_trip(moe_model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if manifest is not None:
             atomic_write_json(tmp / MANIFEST, manifest)
     return folder
+
+
+def round_trip_tolerance(dtype: torch.dtype) -> float:
+    """Largest logit difference accepted, relative to max(1, max |logit|): storage forms round differently."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+@torch.no_grad()
+def check_round_trip(moe: MoECausalLM, folder: str | Path) -> float:
+    """Load `folder` with plain transformers and compare its logits with `moe`'s on a few token ids.
+
+    Returns the largest absolute difference; raises `ModelError` when it exceeds `round_trip_tolerance`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    loaded = (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=moe.dtype, use_safetensors=True)
+        .to(moe.device)
+        .eval()
+    )
+    ids = torch.arange(min(ROUND_TRIP_TOKENS, moe.config.vocab_size), device=moe.device).unsqueeze(0)
+    was_training = moe.training
+    moe.eval()
+    try:
+        expected = moe(input_ids=ids).logits.float()
+    finally:
+        moe.train(was_training)
+    diff = (loaded(input_ids=ids).logits.float() - expected).abs().max().item()
+    del loaded
+    tol = round_trip_tolerance(moe.dtype) * max(1.0, expected.abs().max().item())
+    if not diff <= tol:
+        raise ModelError(
+            f"the exported Mixtral folder does not reproduce the fused model: logits differ by up to {diff:.3g} "
+            f"(tolerance {tol:.3g}) for a {moe.config.model_type!r} base. Nothing was written; report this as a "
+            "bug with the base model's config.json"
+        )
+    return diff
 
 
 def from_mixtral(mixtral: PreTrainedModel, storage: str = "materialised") -> MoECausalLM:
@@ -180,7 +238,7 @@ def load_moe(
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    mixtral = MixtralForCausalLM.from_pretrained(folder, **kwargs)
+    mixtral = MixtralForCausalLM.from_pretrained(folder, use_safetensors=True, **kwargs)
     if device is not None:
         mixtral.to(device)
     return from_mixtral(mixtral)

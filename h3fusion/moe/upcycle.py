@@ -1,8 +1,8 @@
-"""Upcycling: a dense Llama-family base + one LoRA adapter per task -> an MoE model (DESIGN 8.2).
+"""Upcycling: a dense Llama or Mistral base + one LoRA adapter per task -> an MoE model (DESIGN 8.2).
 
 Expert i's FFN = base FFN + (lora_alpha / r) * B_i A_i of adapter i, per projection and layer;
 attention, embeddings, norms and LM head stay the base's. Every adapter is read and checked
-against the base (shapes, layers, targets) before any layer is touched, so a wrong folder fails in
+against the base (family, shapes, layers, targets) before any layer is touched, so a wrong folder fails in
 milliseconds with a message that says what to do.
 
 `upcycle` takes ownership of `base_model`: its MLP modules are replaced in place (delta storage
@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from h3fusion.errors import ModelError
+from h3fusion.moe.export import check_base_family
 from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, Storage, check_top_k, projection_shapes
 from h3fusion.moe.model import MoECausalLM, decoder_layers
 from h3fusion.progress import progress
@@ -128,15 +129,13 @@ def check_adapters(base_model: PreTrainedModel, adapters: Sequence[ExpertAdapter
 
 
 def _check_base(base_model: PreTrainedModel) -> None:
-    cfg = base_model.config
-    if getattr(cfg, "mlp_bias", False):
-        raise ModelError("the base model's MLP has biases; the Mixtral export (and this MoE layer) has none")
+    check_base_family(base_model.config)
     for layer in decoder_layers(base_model):
         mlp = getattr(layer, "mlp", None)
         if mlp is None or not all(hasattr(mlp, p) for p in PROJECTIONS):
             raise ModelError(
                 f"{type(base_model).__name__}'s MLP ({type(mlp).__name__}) is not a gated SwiGLU with "
-                "gate_proj/up_proj/down_proj; upcycling supports Llama-family models"
+                "gate_proj/up_proj/down_proj; upcycling supports Llama and Mistral models"
             )
 
 

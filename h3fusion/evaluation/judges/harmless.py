@@ -195,7 +195,7 @@ def _load_saved(folder: Path) -> CrossEncoder:
     with torch.no_grad():
         head.weight.copy_(torch.tensor(meta["weight"]))
         head.bias.copy_(torch.tensor(meta["bias"]))
-    encoder = AutoModel.from_pretrained(folder / "encoder")
+    encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True)
     encoder.eval()
     return CrossEncoder(AutoTokenizer.from_pretrained(folder / "encoder"), encoder, head, meta["max_length"])
 

@@ -134,23 +134,53 @@ def fit_model(x: np.ndarray, y: np.ndarray, seed: int) -> Any:
     return HistGradientBoostingClassifier(**GBT_PARAMS, random_state=seed).fit(x, y)
 
 
-def save_model(model: Any, path: Path) -> None:
-    import pickle
+TRAIN_DATA = "train.npz"
+"""The cached judge is its training pairs (plain arrays, no pickle: a cache from elsewhere runs no code); the
+boosted trees are refitted from them on load, deterministically (same data, same seed, same trees)."""
+STORAGE_FORMAT = "refit-npz-1"
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(pickle.dumps(model))
+
+def _digest(x: np.ndarray, y: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+
+
+def save_training_data(x: np.ndarray, y: np.ndarray, path: Path) -> str:
+    """Write the training pairs as a plain .npz (atomically); returns their digest for features.json."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, x=np.ascontiguousarray(x, dtype=np.float64), y=np.ascontiguousarray(y, dtype=np.int64))
     tmp.replace(path)
+    return _digest(x.astype(np.float64), y.astype(np.int64))
 
 
-def load_model(path: Path) -> Any:
-    import pickle
-
+def load_training_data(path: Path, digest: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The cached training pairs, refused unless they are plain numeric arrays of the right shape and digest."""
+    refuse = f"delete {path.parent} to rebuild it"
     try:
-        return pickle.loads(path.read_bytes())
-    except Exception as exc:  # a pickle from another scikit-learn version, or a damaged file
+        with np.load(path, allow_pickle=False) as data:
+            if set(data.files) != {"x", "y"}:
+                raise ValueError(f"arrays {sorted(data.files)} instead of x and y")
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError, EOFError) as exc:
         raise ArtifactError(
-            f"cannot load the cached helpfulness judge {path} ({exc}); delete {path.parent} to rebuild it"
+            f"{path} is not a helpfulness judge written by h3fusion ({exc}); it was not loaded: {refuse}"
         ) from None
+    if (
+        x.dtype != np.float64
+        or y.dtype != np.int64
+        or x.ndim != 2
+        or x.shape[1] != len(FEATURES)
+        or y.shape != (len(x),)
+    ):
+        raise ArtifactError(
+            f"{path} holds arrays of another shape or type than the judge's training pairs: {refuse}"
+        )
+    if _digest(x, y) != digest:
+        raise ArtifactError(
+            f"{path} does not match the digest in features.json (changed or damaged): {refuse}"
+        )
+    return x, y
 
 
 def _pairs(annotations: list[dict[str, Any]], items: set[int]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -226,6 +256,7 @@ def config_hash(profile: Profile) -> str:
         "val": profile.judges.helpful_validation_instructions,
         "data": str(profile.data_dir),
         "source": profile.data.source,
+        "storage": STORAGE_FORMAT,
     }
     import hashlib
     import json
@@ -234,7 +265,7 @@ def config_hash(profile: Profile) -> str:
 
 
 def load_offline(profile: Profile) -> OfflinePairwiseJudge:
-    """Fit (or load the cached) offline pairwise judge and its validation figures."""
+    """The offline pairwise judge, refitted from its cached training pairs (built first when missing)."""
 
     def build(folder: Path) -> dict[str, Any]:
         from h3fusion.data import load_alpaca_eval_annotations
@@ -248,8 +279,10 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
         validation["train_instructions"] = len(split["train"])
         validation["train_pairs"] = len(y)
         validation["scored_instructions_excluded"] = len(split["scored"])
-        save_model(model, folder / "model.pkl")
-        atomic_write_json(folder / "features.json", {"features": FEATURES, "params": GBT_PARAMS})
+        digest = save_training_data(x, y, folder / TRAIN_DATA)
+        atomic_write_json(
+            folder / "features.json", {"features": FEATURES, "params": GBT_PARAMS, "train_sha256": digest}
+        )
         atomic_write_json(folder / "split.json", split)
         return validation
 
@@ -259,7 +292,8 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
         raise H3FusionError(
             f"cached helpfulness judge {folder} has other features; delete the folder to rebuild it"
         )
-    judge = OfflinePairwiseJudge(load_model(folder / "model.pkl"), dict(manifest.get("validation", {})))
+    x, y = load_training_data(folder / TRAIN_DATA, stored.get("train_sha256"))
+    judge = OfflinePairwiseJudge(fit_model(x, y, profile.seed), dict(manifest.get("validation", {})))
     judge.train_wall_time_s = manifest.get("wall_time_s")
     return judge
 
