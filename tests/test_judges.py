@@ -42,7 +42,9 @@ def test_helpful_validation_is_on_heldout_instructions(profile, helpful_judge):
 
     split = read_json(judges_dir(profile) / "helpful" / "split.json")
     scored, val, train = set(split["scored"]), set(split["validation"]), set(split["train"])
-    assert scored == set(range(profile.data.eval_examples.helpful))
+    from h3fusion.data import load_eval_items
+
+    assert scored == {int(i["id"].rsplit("-", 1)[1]) for i in load_eval_items(profile, "helpful")}
     assert not (scored & val) and not (scored & train) and not (val & train)
     v = helpful_judge.validation
     assert v["heldout_instructions"] == len(val) == profile.judges.helpful_validation_instructions
