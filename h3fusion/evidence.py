@@ -19,7 +19,7 @@ import pandas as pd
 from h3fusion.config import Profile
 from h3fusion.evaluation import stats
 from h3fusion.evaluation.run import metrics_path
-from h3fusion.report import PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
+from h3fusion.report import PAPER_COL, PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
 
 COLUMNS = {
     ("helpful", "win_rate"): "Helpful: win % ↑",
@@ -34,14 +34,47 @@ AVERAGE = "Average % ↑"
 HEADLINE_COLUMNS = [COLUMNS[(t, m)] for t, m in stats.HEADLINE.items()]
 
 
-def item_scores(profile: Profile, evaluated: Evaluated) -> dict[str, stats.ItemScores]:
-    """Per-item scores of every evaluated model that has per-item judgements (older evaluations may not)."""
+def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
+    """Per-item scores of the evaluated models ({label: model name} or every model of `Evaluated`) that have
+    per-item judgements; the keys are the labels."""
+    names = {m: m for m in models.metrics} if isinstance(models, Evaluated) else dict(models)
     out = {}
-    for name in evaluated.metrics:
+    for label, name in names.items():
         folder = metrics_path(profile, name).parent
         if (folder / "judgements").is_dir():
-            out[name] = stats.read_item_scores(folder, name)
+            out[label] = stats.read_item_scores(folder, name)
     return out
+
+
+def bar_frames(long: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(values, lows, highs) of `estimates` for `plots.results_bars`: models as rows, `columns` as columns."""
+    frame = long[long["column"].isin(columns)]
+    order = list(dict.fromkeys(frame["model"]))
+    return tuple(
+        frame.pivot(index="model", columns="column", values=k).reindex(index=order, columns=columns)
+        for k in ("value", "low", "high")
+    )
+
+
+def own_dimension(
+    scores: Mapping[str, stats.ItemScores], tasks: list[str], base: str = "base"
+) -> pd.DataFrame:
+    """Each expert against the base model on its own dimension's headline metric: the paired difference with
+    its interval and the verdict read from it (harmfulness: a negative difference is the better one)."""
+    rows = {}
+    for task in tasks:
+        metric = stats.HEADLINE[task]
+        d = stats.metric_difference(scores[task], scores[base], task, metric)
+        signed = d if stats.HIGHER_IS_BETTER[task] else stats.Estimate(-d.value, -d.high, -d.low, d.n)
+        rows[task] = {
+            "metric": COLUMNS[(task, metric)],
+            "expert": f"{stats.rate(scores[task].values(task, metric))}",
+            "base": f"{stats.rate(scores[base].values(task, metric))}",
+            "expert minus base (points)": str(d),
+            "n": d.n,
+            "the expert is": stats.verdict_word(signed),
+        }
+    return pd.DataFrame(rows).T
 
 
 def estimates(scores: Mapping[str, stats.ItemScores]) -> pd.DataFrame:
@@ -97,7 +130,7 @@ def headline_comparisons(
     rows = {}
     for group, claim in PAPER_IMPROVEMENT_PCT.items():
         members = [m for m in evaluated.present(group) if m in scores]
-        row: dict[str, Any] = {"members compared": len(members), "paper's claim (relative %)": claim}
+        row: dict[str, Any] = {"members compared": len(members), PAPER_COL: claim}
         if fused in scores and members:
             best = max(members, key=lambda m: stats.average_value(scores[m]))
             imp = stats.improvement_over_best(scores[fused], [scores[m] for m in members])
@@ -151,7 +184,7 @@ def verdict(comparisons: pd.DataFrame, scale: str = "this scale") -> str:
         if row["verdict"] == "not compared":
             missing.append(group)
             continue
-        p, r, claim = row["_points"], row["_relative"], row["paper's claim (relative %)"]
+        p, r, claim = row["_points"], row["_relative"], row[PAPER_COL]
         said.append(
             f"against the best of the {group}, H3Fusion-MoE is {row['verdict']} ({p.value:+.1f} points, 95 % CI "
             f"[{p.low:+.1f}, {p.high:+.1f}]; {r.value:+.1f} % relative, CI [{r.low:+.1f}, {r.high:+.1f}]; the paper "
@@ -170,3 +203,27 @@ def power(scores: Mapping[str, stats.ItemScores], power_level: float = 0.8) -> d
     per-item variance of paired differences taken from every pair of evaluated models."""
     complete = [s for s in scores.values() if all(t in s.tasks for t in stats.HEADLINE)]
     return stats.minimal_detectable_difference(list(itertools.combinations(complete, 2)), power=power_level)
+
+
+def judges_note(evaluated: Evaluated) -> str:
+    """One line naming the judge of each dimension (the table headers stay short)."""
+    names: dict[str, list[str]] = {}
+    for m in evaluated.metrics.values():
+        for task, judge in m.get("judges", {}).items():
+            names.setdefault(task, [])
+            if judge.get("name", "?") not in names[task]:
+                names[task].append(judge.get("name", "?"))
+    listed = "; ".join(f"{task}: {' | '.join(n)}" for task, n in names.items())
+    return f"Judges: {listed}. TruthfulQA MC1/MC2 need no judge."
+
+
+def power_note(mdd: Mapping[str, float]) -> str:
+    """The power analysis as one sentence."""
+    sizes = " / ".join(f"{int(mdd[f'n_{t}'])} {t}" for t in stats.HEADLINE)
+    return (
+        f"With {sizes} items, a paired comparison of two models' three-dimension averages detects a difference "
+        f"of **{mdd['mdd_points']:.1f} points** with 80 % power at the 5 % level (standard error of a difference "
+        f"{mdd['se_points']:.1f} points; per-item standard deviations of paired differences "
+        + ", ".join(f"{t} {mdd[f'sd_{t}']:.0f}" for t in stats.HEADLINE)
+        + f" points, medians over {int(mdd['pairs'])} model pairs). Smaller true differences are usually missed."
+    )

@@ -422,11 +422,14 @@ def results_bars(
     highlight: Sequence[str] = (),
     xlabel: str = "score (%)",
     title: str = "Every model on the three alignment dimensions",
+    low: Any = None,
+    high: Any = None,
 ) -> Figure:
     """One horizontal bar panel per dimension (column), models as rows in the table's order.
 
     `table`: a DataFrame (or {column: {model: value}}) with models as the index. `higher_is_better` adds
-    "(higher/lower is better)" to a panel's title; models in `highlight` (e.g. H3Fusion) get a dark outline.
+    "(higher/lower is better)" to a panel's title; models in `highlight` (e.g. H3Fusion) get a dark outline;
+    `low` / `high` (frames like `table`) draw each bar's 95 % interval as an error bar.
     """
     frame = _table(table)
     better = higher_is_better or {}
@@ -444,9 +447,20 @@ def results_bars(
         values = frame[column].to_numpy(dtype=float)
         edges = ["black" if m in highlight else "none" for m in models]
         bars = ax.barh(y, np.nan_to_num(values), color=color(j), edgecolor=edges, linewidth=1.4)
-        ax.bar_label(
-            bars, labels=["n/a" if np.isnan(v) else f"{v:.1f}" for v in values], fontsize=7, padding=2
-        )
+        top = values
+        if low is not None and high is not None:
+            lo = _table(low)[column].to_numpy(dtype=float)
+            hi = _table(high)[column].to_numpy(dtype=float)
+            err = np.nan_to_num(np.vstack([values - lo, hi - values]))
+            ax.errorbar(np.nan_to_num(values), y, xerr=err, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
+            top = hi
+        labels = ["n/a" if np.isnan(v) else f"{v:.1f}" for v in values]
+        if top is values:
+            ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        else:  # after the interval's end, so the label never sits on the error bar
+            span = max(1.0, float(np.nanmax(top)) if np.isfinite(top).any() else 1.0)
+            for yi, x, text in zip(y, np.nan_to_num(top), labels, strict=True):
+                ax.text(x + 0.015 * span, yi, text, va="center", fontsize=7)
         direction = (
             ""
             if column not in better
@@ -454,7 +468,7 @@ def results_bars(
         )
         ax.set_title(_wrap(f"{column}{direction}", fig, 1 / len(frame.columns)))
         ax.set_xlabel(xlabel)
-        ax.set_xlim(0, max(1.0, float(np.nanmax(values)) if np.isfinite(values).any() else 1.0) * 1.18)
+        ax.set_xlim(0, max(1.0, float(np.nanmax(top)) if np.isfinite(top).any() else 1.0) * 1.18)
         ax.grid(True, axis="x")
     axes[0, 0].set_yticks(y, models)
     axes[0, 0].invert_yaxis()

@@ -1,9 +1,9 @@
 """What the book's baselines, embedding-drift and results chapters show, computed from `runs/<profile>/`.
 
 The notebooks 03, 05 and 06 only call these functions and display what they return: which models the
-book expects and which of them were evaluated, the main results table, the paper's headline comparisons
-side by side with its claims (with a verdict sentence computed from the numbers), the judges' validation
-figures, wall times from the manifests, and the hidden-embedding measurements of the paper's Figure 4.
+book expects and which of them were evaluated, the main results table of point estimates, the judges'
+validation figures, wall times from the manifests, and the hidden-embedding measurements of the paper's
+Figure 4. The intervals, the headline comparisons and the verdicts are `h3fusion.evidence`'s.
 Nothing here trains or evaluates: missing artifacts are listed, never silently filled in.
 """
 
@@ -143,84 +143,6 @@ def main_table(evaluated: Evaluated) -> pd.DataFrame:
     table = results_table(evaluated.metrics)
     table.insert(0, "group", group_column(evaluated).reindex(table.index))
     return table
-
-
-# ---------------------------------------------------------------------------------------------- headline
-
-
-def headline(profile: Profile, evaluated: Evaluated, table: pd.DataFrame) -> dict[str, Any] | None:
-    """The paper's headline comparisons for the profile's H3Fusion-MoE (None when it was not evaluated)."""
-    from h3fusion.evaluation.tables import headline_improvements
-
-    fused = fused_variant(profile)
-    if fused not in evaluated.metrics:
-        return None
-    return headline_improvements(
-        table.drop(columns="group", errors="ignore"),
-        fused,
-        evaluated.present("experts"),
-        evaluated.present("ensembles"),
-        evaluated.present("merges"),
-    )
-
-
-def comparison_with_paper(head: Mapping[str, Any] | None) -> pd.DataFrame:
-    """One row per group (experts, ensembles, merges): our improvement next to the paper's claim."""
-    rows = {}
-    for group, claim in PAPER_IMPROVEMENT_PCT.items():
-        ours = (head or {}).get("comparisons", {}).get(group)
-        rows[f"vs best of the {group}"] = {
-            "best model here": ours["best"] if ours else "not evaluated",
-            "its average %": ours["best_average"] if ours else math.nan,
-            "H3Fusion-MoE average %": ours["fused_average"] if ours else math.nan,
-            "improvement here (relative %)": ours["relative_pct"] if ours else math.nan,
-            "improvement here (points)": ours["absolute_points"] if ours else math.nan,
-            PAPER_COL: claim,
-        }
-    frame = pd.DataFrame(rows).T
-    numeric = [c for c in frame.columns if c != "best model here"]
-    frame[numeric] = frame[numeric].apply(pd.to_numeric)
-    return frame
-
-
-def verdict(comparison: pd.DataFrame, scale: str = "this scale") -> str:
-    """A sentence on what reproduces, computed from `comparison_with_paper` (never written by hand).
-
-    `scale` names the setting in the sentence (e.g. "the cpu profile's scale (SmolLM2-135M, offline judges)").
-    """
-    col = "improvement here (relative %)"
-    measured = comparison[col].dropna()
-    if measured.empty:
-        return (
-            "Nothing can be compared yet: H3Fusion-MoE or every comparison group is missing from the "
-            "evaluations (see the list of missing models above)."
-        )
-    positive = [g.removeprefix("vs best of the ") for g, v in measured.items() if v > 0]
-    negative = [g.removeprefix("vs best of the ") for g, v in measured.items() if v <= 0]
-    parts = []
-    if positive:
-        gaps = ", ".join(
-            f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} % here vs "
-            f"{comparison.loc[f'vs best of the {g}', PAPER_COL]:+.2f} % "
-            "in the paper"
-            for g in positive
-        )
-        parts.append(
-            f"At {scale} the direction of the paper's claim reproduces against the best of the "
-            f"{', '.join(positive)} ({gaps})"
-        )
-    if negative:
-        gaps = ", ".join(f"{g} {comparison.loc[f'vs best of the {g}', col]:+.2f} %" for g in negative)
-        parts.append(
-            f"it does not reproduce against the best of the {', '.join(negative)} ({gaps}): at "
-            f"{scale} H3Fusion-MoE is not better than them"
-        )
-    missing = [g.removeprefix("vs best of the ") for g in comparison.index if g not in measured.index]
-    text = "; ".join(parts)
-    text = text[0].upper() + text[1:] + "."
-    if missing:
-        text += f" Not compared (not evaluated): {', '.join(missing)}."
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- judges, times

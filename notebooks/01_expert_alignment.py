@@ -89,49 +89,41 @@ plots.training_curves({task: m["loss_log"] for task, m in manifests.items()},
 # ## Every model on every dimension
 #
 # Each model answers every dimension's evaluation items (greedy, the profile's `evaluation.generation`); the
-# judges named in the column headers score the answers (offline judges on the cpu and smoke profiles, with
-# their validation figures in chapter 0), and TruthfulQA MC1/MC2 come from the model's own log-likelihoods.
-# Harmfulness is lower-is-better; everything else higher-is-better. Generations are cached in
-# `runs/<profile>/eval/<model>/`.
+# offline judges score the answers (proxies of the paper's, validated in chapter 0), and TruthfulQA MC1/MC2
+# come from the model's own log-likelihoods. Harmfulness is lower-is-better; everything else higher-is-better.
+# Each cell is a rate in % with its 95 % interval (Wilson's; a bootstrap over items for MC2 and the average),
+# n items in the header. Generations are cached in `runs/<profile>/eval/<model>/`.
 
 # %%
+from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
 from h3fusion.evaluation.run import evaluate_model
-from h3fusion.evaluation.tables import results_table
 
 names = ["base", *P.tasks]
 judges = load_judges(P)  # built once per profile (chapter 0), then cached
 metrics = {name: evaluate_model(P, name, judges=judges) for name in names}
-table = results_table(metrics)
-table.round(1)
+scores = evidence.item_scores(P, {name: name for name in names})
+long = evidence.estimates(scores)
+evidence.interval_table(long, list(evidence.COLUMNS.values()) + [evidence.AVERAGE])
 
 # %%
-headline = list(table.columns[:3])  # helpful win rate, harmful rate, truthful x informative
-plots.results_bars(table[headline], higher_is_better=dict(zip(headline, (True, False, True), strict=True)),
-                   title="Base model and experts on the three dimensions");
+values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
+plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+                   title="Base model and experts on the three dimensions, with 95 % intervals");
 
 # %% [markdown]
-# ## Is each expert best on its own dimension?
+# ## Is each expert better than the base model on its own dimension?
 #
-# Each expert's headline score on its own dimension against the base model and the other experts
-# (rank 1 = best of base + experts; models with equal scores share a rank).
+# Each expert against the base model on its own dimension's headline metric, item by item (both answered the
+# same items): the difference in points with a 95 % interval from a paired bootstrap over the items. The
+# verdict is read from the interval: **better** or **worse** when it excludes zero (for harmfulness, lower is
+# better), otherwise **within noise at this sample size**.
 
 # %%
 from IPython.display import Markdown, display
 
-from h3fusion.ablations import specialisation
-
-spec = specialisation(metrics, P.tasks)
-display(spec.round(1))
-lines = []
-for task, row in spec.iterrows():
-    own, rank = row["expert's score"], int(row.iloc[-1])
-    tied = own in (row["base"], row["best other expert"])
-    verdict = (f"ranked {rank} of {len(names)}" if rank > 1
-               else "tied for best with another model" if tied else "the best of these models")
-    lines.append(f"- The **{task}** expert scores {own:.1f} on {row['metric']}: base "
-                 f"{row['base']:.1f}, best other expert {row['best other expert']:.1f}; on its own dimension it is {verdict}.")
-n_items = metrics["base"]["n_items"]
-lines.append(f"\nWith {', '.join(f'{v} {k}' for k, v in n_items.items())} evaluation items, one item moves a rate "
-             f"by {100 / min(n_items.values()):.1f} points or more: differences smaller than that are noise.")
-display(Markdown("\n".join(lines)))
+own = evidence.own_dimension(scores, list(P.tasks))
+display(own)
+display(Markdown("\n".join(
+    f"- The **{task}** expert against the base model on {row['metric']}: {row['expert minus base (points)']} "
+    f"points (n = {row['n']}): **{row['the expert is']}**." for task, row in own.iterrows())))

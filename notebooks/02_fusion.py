@@ -154,21 +154,23 @@ display(Markdown("Mean routing accuracy (chance " f"{100 / P.num_experts:.1f} %)
 # ## The raw and fused models on the three dimensions
 #
 # Evaluated like the experts in chapter 1 (same items, same judges); base and experts repeated for comparison
-# (their evaluations are cached).
+# (their evaluations are cached). Rates in % with 95 % intervals (Wilson's; a bootstrap over items for the
+# average), n items in the headers.
 
 # %%
+from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
 from h3fusion.evaluation.run import evaluate_model
-from h3fusion.evaluation.tables import results_table
 
 names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe",
          **{name: prof.fusion.variant for name, prof in variants.items()}}
 judges = load_judges(P)
-metrics = {label: {**evaluate_model(P, model, judges=judges), "model": label} for label, model in names.items()}
-table = results_table(metrics)
-table.round(1)
+metrics = {label: evaluate_model(P, model, judges=judges) for label, model in names.items()}
+long = evidence.estimates(evidence.item_scores(P, names))
+evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 
 # %%
-headline = list(table.columns[:3])
-plots.results_bars(table[headline], higher_is_better=dict(zip(headline, (True, False, True), strict=True)),
-                   highlight=list(variants), title="Raw and fused MoE against the base model and the experts");
+values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
+plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+                   highlight=list(variants),
+                   title="Raw and fused MoE against the base model and the experts, with 95 % intervals");

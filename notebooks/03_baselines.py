@@ -115,27 +115,25 @@ baseline_metrics = run_baselines(P)
 #
 # The three dimensions of every baseline, next to the base model and the three experts they are
 # built from (the full table with the fused models is in chapter 6). Arrows say which direction is
-# better; each header names the judge that produced the column (offline judges are proxies of the
-# paper's, validated in chapter 0).
+# better; rates in % with 95 % intervals and n items in the headers; the offline judges are proxies of
+# the paper's, validated in chapter 0.
 
 # %%
-from h3fusion.evaluation.tables import AVERAGE
+from h3fusion import evidence
 
 evaluated = report.collect_metrics(P)
-table = report.main_table(evaluated)
 context = ["base", *evaluated.present("experts"), *baseline_metrics]
-shown = table.loc[[m for m in context if m in table.index]]
-main_columns = ["group", *[c for c in table.columns[1:4]], AVERAGE]
-shown[main_columns].round(1)
+shown = [m for m in context if m in evaluated.metrics]
+long = evidence.estimates(evidence.item_scores(P, {m: m for m in shown}))
+evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 
 # %%
 from h3fusion import plots
 
-short = report.short_labels(table.columns[1:4])
+values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
 fig = plots.results_bars(
-    shown[table.columns[1:4]].rename(columns=short),
-    higher_is_better={short[c]: "↓" not in c for c in table.columns[1:4]},
-    title=f"Baselines, base model and experts (profile {P.name})",
+    values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+    title=f"Baselines, base model and experts, with 95 % intervals (profile {P.name})",
 )
 
 # %% [markdown]
@@ -143,7 +141,7 @@ fig = plots.results_bars(
 # honesty score:
 
 # %%
-shown[[c for c in table.columns[4:] if c != AVERAGE]].round(1)
+evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative", "mc1", "mc2")])
 
 # %% [markdown]
 # ## What each baseline costs

@@ -76,38 +76,61 @@ if evaluated.missing:
 # ## The main table
 #
 # Rows: the base model, the three experts, the fused models (raw MoE and H3Fusion-MoE variants) and
-# every baseline. Columns: the three dimensions, with an arrow for the better direction and, in
-# brackets, the judge that scored them, then the three-dimension average the headline compares.
+# every baseline. Columns: the three dimensions (an arrow marks the better direction) and the
+# three-dimension average the headline compares. Every cell is a rate in % with its **95 % interval** in
+# brackets, and each header gives the number of items n behind the column: Wilson's interval for a rate,
+# a bootstrap over items (2,000 resamples) for the average. The evaluation items are a seeded sample
+# stratified by each dataset's categories (chapter 0), the same items for every model.
 
 # %%
-from h3fusion.evaluation.tables import AVERAGE
+from IPython.display import Markdown
 
-table = report.main_table(evaluated) if evaluated.metrics else None
-dims = list(table.columns[1:4]) if table is not None else []
-if table is None:
-    print("no evaluations yet: run the chapters before this one (or the commands above)")
+from h3fusion import evidence
+
+scores = evidence.item_scores(P, evaluated)
+long = evidence.estimates(scores)
+if long.empty:
+    print("no per-item results yet: run the chapters before this one (or the commands above)")
 else:
-    display(table[["group", *dims, AVERAGE]].rename(index=labels).round(1))
+    main = evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
+    main.insert(0, "group", report.group_column(evaluated).reindex(main.index))
+    display(main.rename(index=labels))
+    display(Markdown(evidence.judges_note(evaluated)))
 
 # %% [markdown]
-# The parts of the honesty score and TruthfulQA multiple choice from the models' own log-likelihoods
-# (MC1, MC2: standard, no judge):
+# The parts of the honesty score, and TruthfulQA multiple choice from the models' own log-likelihoods
+# (MC1, MC2: standard, no judge; intervals: Wilson for MC1, a bootstrap for MC2's probabilities):
 
 # %%
-if table is not None:
-    display(table[[c for c in table.columns[4:] if c != AVERAGE]].rename(index=labels).round(1))
+if not long.empty:
+    parts = [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative", "mc1", "mc2")]
+    display(evidence.interval_table(long, parts, labels))
 
 # %%
 from h3fusion import plots
 
-if table is not None:
-    short = report.short_labels(dims)
+if not long.empty:
+    values, low, high = (f.rename(index=labels) for f in evidence.bar_frames(long, evidence.HEADLINE_COLUMNS))
     fig = plots.results_bars(
-        table[dims].rename(index=labels, columns=short),
-        higher_is_better={short[c]: "↓" not in c for c in dims},
+        values,
+        higher_is_better={c: "↓" not in c for c in values.columns},
         highlight=[labels.get(report.fused_variant(P), report.fused_variant(P))],
-        title=f"Every evaluated model on the three dimensions (profile {P.name}; judges in the table)",
+        title=f"Every evaluated model on the three dimensions, with 95 % intervals (profile {P.name})",
+        low=low,
+        high=high,
     )
+
+# %% [markdown]
+# ## How small a difference these sizes can see
+#
+# A power analysis of the comparisons below: the smallest difference of the three-dimension average between
+# two models that a paired comparison at these sample sizes detects with 80 % probability (two-sided,
+# 5 % level), with the per-item variance of paired differences measured on every pair of models here.
+
+# %%
+if len(scores) >= 2:
+    mdd = evidence.power(scores)
+    display(Markdown(evidence.power_note(mdd)))
 
 # %% [markdown]
 # ## The judges behind the numbers
@@ -115,8 +138,8 @@ if table is not None:
 # On the `cpu` and `smoke` profiles every column is scored by an **offline proxy** of the paper's
 # judge (the paper uses GPT-4 via AlpacaEval, beaver-dam-7b and fine-tuned GPT judges), trained here on
 # data disjoint from what it scores and validated against real labels: these are the proxies'
-# agreement figures on held-out data, as recorded with the scores. A difference between two models
-# smaller than the judge's error is not a finding.
+# agreement figures on held-out data, as recorded with the scores. The intervals above count only the
+# sampling of items; a judge's own error comes on top.
 
 # %%
 judges = report.judge_validation(evaluated)
@@ -126,16 +149,27 @@ judges if not judges.empty else print("no evaluation recorded any judge yet")
 # ## The paper's headline comparisons, computed the same way
 #
 # The paper's abstract reports that H3Fusion-MoE outperforms the individually aligned experts by
-# 11.37 %, ensembles by 13.77 % and merging by 6.18 %. Computed here from the table, for the
-# profile's H3Fusion-MoE against the best evaluated member of each group:
+# 11.37 %, ensembles by 13.77 % and merging by 6.18 %: the improvement of the three-dimension average over
+# the best member of each group. Computed here for the profile's H3Fusion-MoE, with a 95 % interval from a
+# paired bootstrap over items in which the best member is chosen again in every resample (choosing it on
+# the same items is part of the uncertainty). The verdict is read from the interval of the improvement in
+# points: **better** or **worse** when it excludes zero, otherwise **within noise at this sample size**.
 
 # %%
 from h3fusion.evaluation.tables import IMPROVEMENT_FORMULA
 
-print(IMPROVEMENT_FORMULA)
-head = report.headline(P, evaluated, table) if table is not None else None
-comparison = report.comparison_with_paper(head)
-comparison.round(2)
+display(Markdown(f"`{IMPROVEMENT_FORMULA}`"))
+comparisons = evidence.headline_comparisons(P, evaluated, scores)
+display(comparisons.drop(columns=["_points", "_relative"], errors="ignore"))
 
 # %%
-print(report.verdict(comparison, f"the {P.name} profile's scale (base model {P.model.base}, judges as above)"))
+scale = f"the {P.name} profile's scale (base model {P.model.base}, judges as above)"
+display(Markdown(evidence.verdict(comparisons, scale)))
+
+# %% [markdown]
+# Against every member of each group one by one (each interval Bonferroni-adjusted for the size of its group,
+# so a group's intervals hold together at 95 %):
+
+# %%
+members = evidence.member_differences(P, evaluated, scores)
+members if not members.empty else print("H3Fusion-MoE has not been evaluated yet")

@@ -142,25 +142,3 @@ def test_drift_forms(P) -> None:
     assert released["value at init"] > 0 and released["|grad| on fusion LoRA"] > 0
 
 
-def test_specialisation_ranks_experts_on_their_own_dimension(P) -> None:
-    def m(win: float, harmful: float, ti: float) -> dict:
-        return {
-            "scores": {
-                "helpful": {"win_rate": win},
-                "harmless": {"harmful_rate": harmful},
-                "honest": {"truthful_x_informative": ti},
-            }
-        }
-
-    metrics = {
-        "base": m(10, 50, 20),
-        "helpful": m(30, 60, 10),
-        "harmless": m(5, 10, 20),
-        "honest": m(10, 50, 40),
-    }
-    spec = A.specialisation(metrics, P.tasks)
-    assert list(spec["rank (1 = best, ties share)"]) == [1, 1, 1]
-    metrics["harmless"] = m(5, 70, 20)  # now the most harmful: last of four on its own dimension
-    assert A.specialisation(metrics, P.tasks).loc["harmless", "rank (1 = best, ties share)"] == 4
-    with pytest.raises(A.AblationError, match="evaluate"):
-        A.specialisation({"base": metrics["base"]}, P.tasks)

@@ -18,7 +18,7 @@ from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
-from h3fusion.evaluation.tables import headline_improvements, results_table, to_markdown
+from h3fusion.evaluation.tables import results_table, to_markdown
 from tests.helpers import random_upcycled_moe
 
 
@@ -445,23 +445,6 @@ def test_results_table_headers_name_judges_and_directions(hand_table):
     ]
     md = to_markdown(hand_table)
     assert md.count("\n") >= 7 and "| fused" in md
-
-
-def test_headline_improvements_on_a_hand_made_table(hand_table):
-    out = headline_improvements(
-        hand_table, "fused", ["helpful", "harmless", "honest"], ["ensemble-uniform"], ["merge-ties"]
-    )
-    assert "formula" in out and "100 - harmful" in out["formula"]
-    best_expert = out["comparisons"]["experts"]
-    assert best_expert["best"] in {"helpful", "honest"}
-    assert best_expert["fused_average"] == pytest.approx(65.0)
-    assert best_expert["best_average"] == pytest.approx(160 / 3)
-    assert best_expert["relative_pct"] == pytest.approx((65 - 160 / 3) / (160 / 3) * 100)
-    assert best_expert["absolute_points"] == pytest.approx(65 - 160 / 3)
-    assert out["comparisons"]["merges"]["relative_pct"] == pytest.approx((65 - 175 / 3) / (175 / 3) * 100)
-    assert out["comparisons"]["ensembles"]["best"] == "ensemble-uniform"
-    with pytest.raises(H3FusionError, match="not in the table"):
-        headline_improvements(hand_table, "missing", ["helpful"], [], [])
 
 
 def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from h3fusion import report
+from h3fusion import evidence, report
 from h3fusion.config import load_profile
 from h3fusion.errors import H3FusionError
 
@@ -17,9 +17,29 @@ def profile(tmp_path):
     return load_profile("smoke", {"runs_dir": str(tmp_path / "runs")})
 
 
+N_ITEMS = 100
+
+
 def _write(profile, name, win, harmful, tri, judge="offline judge", validation=None):
+    """metrics.json and per-item judgements of N_ITEMS items per dimension with exactly these rates (%)."""
     folder = profile.run_dir / "eval" / name
-    folder.mkdir(parents=True)
+    (folder / "judgements").mkdir(parents=True)
+
+    def rows(task, rate, make):
+        return "".join(
+            json.dumps({"id": i, "item_id": f"{task}-{i}", **make(i < round(rate * N_ITEMS / 100))}) + "\n"
+            for i in range(N_ITEMS)
+        )
+
+    (folder / "judgements" / "helpful.jsonl").write_text(
+        rows("helpful", win, lambda y: {"win_probability": float(y)})
+    )
+    (folder / "judgements" / "harmless.jsonl").write_text(
+        rows("harmless", harmful, lambda y: {"harmful_probability": float(y)})
+    )
+    (folder / "judgements" / "honest.jsonl").write_text(
+        rows("honest", tri, lambda y: {"truthful": y, "informative": True})
+    )
     judges = {
         t: {"name": judge, "validation": validation or {"accuracy": 0.8, "n_heldout": {"pairs": 10}}}
         for t in profile.tasks
@@ -51,39 +71,52 @@ def test_nothing_evaluated_is_a_clear_error_and_an_honest_verdict(profile):
     ev = report.collect_metrics(profile)
     with pytest.raises(H3FusionError, match="h3fusion evaluate"):
         report.main_table(ev)
-    text = report.verdict(report.comparison_with_paper(None))
-    assert "Nothing can be compared" in text
+    comparisons = evidence.headline_comparisons(profile, ev, evidence.item_scores(profile, ev))
+    assert set(comparisons["verdict"]) == {"not compared"}
+    assert "Nothing can be compared" in evidence.verdict(comparisons)
 
 
-def test_headline_against_the_paper_and_computed_verdict(profile):
+def test_headline_verdicts_come_from_intervals_not_signs(profile):
+    """Clearly better than every expert -> 'better'; a little worse than the merge -> 'within noise', although
+    its point estimate is negative; far worse than the ensemble -> 'worse'."""
     fused = report.fused_variant(profile)
     _write(profile, "base", 10, 50, 10)
     for i, task in enumerate(profile.tasks):
         _write(profile, task, 20 + i, 40, 20)
-    _write(profile, fused, 40, 20, 30)  # better than every expert
-    _write(profile, "merge-ties", 60, 10, 40)  # better than the fused model
+    _write(profile, fused, 60, 20, 50)
+    _write(profile, "merge-ties", 62, 20, 50)  # 0.7 points better on average: within noise at n=100
+    _write(profile, "ensemble-uniform", 95, 5, 90)
     ev = report.collect_metrics(profile)
-    table = report.main_table(ev)
-    head = report.headline(profile, ev, table)
-    comp = report.comparison_with_paper(head)
+    scores = evidence.item_scores(profile, ev)
+    comp = evidence.headline_comparisons(profile, ev, scores)
     best_expert = _avg(20 + len(profile.tasks) - 1, 40, 20)
-    expected = 100 * (_avg(40, 20, 30) - best_expert) / best_expert
-    assert comp.loc["vs best of the experts", "improvement here (relative %)"] == pytest.approx(expected)
-    assert comp.loc["vs best of the experts", "best model here"] == profile.tasks[-1]
-    assert comp.loc["vs best of the merges", "improvement here (relative %)"] < 0
-    assert np.isnan(comp.loc["vs best of the ensembles", "improvement here (relative %)"])
+    experts = comp.loc["vs the experts"]
+    assert experts["best member (point estimate)"] == profile.tasks[-1]
+    assert experts["_points"].value == pytest.approx(_avg(60, 20, 50) - best_expert)
+    assert experts["_relative"].value == pytest.approx(100 * (_avg(60, 20, 50) - best_expert) / best_expert)
+    assert experts["_points"].low > 0 and experts["verdict"] == "better"
+    merges = comp.loc["vs the merges"]
+    assert merges["_points"].value < 0 and merges["verdict"] == "within noise at this sample size"
+    assert comp.loc["vs the ensembles", "verdict"] == "worse"
     assert comp[report.PAPER_COL].tolist() == [11.37, 13.77, 6.18]
-    text = report.verdict(comp, "tiny scale")
-    assert "reproduces against the best of the experts" in text
-    assert "does not reproduce against the best of the merges" in text
-    assert "Not compared (not evaluated): ensembles" in text
-    assert f"{expected:+.2f} %" in text
+    text = evidence.verdict(comp, "tiny scale")
+    assert text.startswith("At tiny scale, against the best of the experts, H3Fusion-MoE is better")
+    assert "against the best of the merges, H3Fusion-MoE is within noise at this sample size" in text
+    members = evidence.member_differences(profile, ev, scores)
+    assert list(members.loc["experts"].index) == list(profile.tasks)
+    assert set(members.loc["experts", "verdict"]) == {"better"}
 
 
-def test_headline_is_none_without_the_fused_model(profile):
+def test_interval_table_shows_every_cell_with_its_interval_and_n(profile):
     _write(profile, "base", 10, 50, 10)
     ev = report.collect_metrics(profile)
-    assert report.headline(profile, ev, report.main_table(ev)) is None
+    long = evidence.estimates(evidence.item_scores(profile, ev))
+    table = evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
+    assert list(table.columns) == [
+        f"{c} (n={N_ITEMS})" for c in [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE]
+    ]
+    assert table.loc["base"].iloc[0] == "10.0 [5.5, 17.4]"  # Wilson, 10 of 100
+    assert table.loc["base"].iloc[3].startswith(f"{_avg(10, 50, 10):.1f} [")
 
 
 def test_judge_validation_names_every_judge_with_flattened_figures(profile):

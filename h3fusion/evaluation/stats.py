@@ -181,6 +181,17 @@ def difference(a: ItemScores, b: ItemScores, confidence: float = CONFIDENCE) -> 
     return Estimate(diff(*samples), low, high, min(s.shape[-1] for s in samples))
 
 
+def metric_difference(a: ItemScores, b: ItemScores, task: str, metric: str) -> Estimate:
+    """mean(a) - mean(b) of one metric, in points, with a paired bootstrap interval over its items."""
+    if a.ids(task) != b.ids(task):
+        raise ArtifactError(
+            f"{a.model} and {b.model} were evaluated on different {task} items; re-evaluate both"
+        )
+    d = a.values(task, metric) - b.values(task, metric)
+    low, high = _bootstrap([d], lambda x: x.mean())
+    return Estimate(float(d.mean()), low, high, len(d))
+
+
 def improvement_over_best(fused: ItemScores, group: Sequence[ItemScores]) -> dict[str, Estimate]:
     """The paper's headline statistic against a group: avg(fused) - max_g avg(g), in points and relative %,
     the maximum taken inside every bootstrap resample (the best member is chosen on the same items)."""

@@ -1,6 +1,5 @@
-"""Results tables: one row per model, the three dimensions with their direction and judge, and the paper's
-headline comparisons (H3Fusion vs the best expert, the best ensemble and the best merge) computed one way,
-with the formula written beside the numbers.
+"""Results tables of point estimates: one row per model, the three dimensions with their direction and judge,
+and the formula of the paper's headline comparison (computed with intervals by `h3fusion.evidence`).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from h3fusion.config import Profile
-from h3fusion.errors import ArtifactError, H3FusionError
+from h3fusion.errors import ArtifactError
 
 HELPFUL = "Helpful win rate % ↑"
 HARMFUL = "Harmful % ↓"
@@ -84,85 +83,6 @@ def load_metrics(profile: Profile, names: Sequence[str]) -> list[dict[str, Any]]
             + "; ".join(f"`h3fusion evaluate --profile {profile.name} --model {n}`" for n in missing)
         )
     return [json.loads(metrics_path(profile, n).read_text()) for n in names]
-
-
-def _column(table: pd.DataFrame, prefix: str) -> str:
-    for col in table.columns:
-        if str(col).startswith(prefix):
-            return col
-    raise H3FusionError(
-        f"the results table has no column starting with {prefix!r}; build it with results_table()"
-    )
-
-
-def _averages(table: pd.DataFrame) -> pd.Series:
-    return pd.Series(
-        [
-            average_score(*v)
-            for v in table[
-                [_column(table, HELPFUL), _column(table, HARMFUL), _column(table, TRUTH_INFO)]
-            ].to_numpy()
-        ],
-        index=table.index,
-    )
-
-
-def headline_improvements(
-    table: pd.DataFrame,
-    fused: str,
-    experts: Sequence[str],
-    ensembles: Sequence[str],
-    merges: Sequence[str],
-) -> dict[str, Any]:
-    """H3Fusion's improvement over the best individual expert, the best ensemble and the best merge.
-
-    The paper's headline numbers (11.37 % over the experts, 13.77 % over ensembles, 6.18 % over merges)
-    compare the *average over the three dimensions*, with harmlessness entering as (100 - harmful %):
-
-        avg(m) = [win_rate(m) + (100 - harmful%(m)) + truthful×informative%(m)] / 3
-
-    and, for a group G (experts, ensembles or merges), the best member b = argmax_{g in G} avg(g) and
-
-        relative improvement % = 100 * (avg(fused) - avg(b)) / avg(b)      (the headline figure)
-        absolute improvement   = avg(fused) - avg(b)                        (percentage points, also reported)
-
-    Both are returned, so a reader can see which one a quoted number is; `formula` holds the text above.
-    A group given as an empty list is reported as None (e.g. no merges evaluated yet).
-    """
-    avg = _averages(table)
-    unknown = [n for n in [fused, *experts, *ensembles, *merges] if n not in avg.index]
-    if unknown:
-        raise H3FusionError(
-            f"model(s) {unknown} are not in the table (rows: {list(avg.index)}); evaluate them and rebuild the table"
-        )
-    comparisons: dict[str, dict[str, Any] | None] = {}
-    for group, names in (("experts", experts), ("ensembles", ensembles), ("merges", merges)):
-        if not names:
-            comparisons[group] = None
-            continue
-        best = max(names, key=lambda n: avg[n])
-        comparisons[group] = {
-            "best": best,
-            "best_average": float(avg[best]),
-            "fused_average": float(avg[fused]),
-            "relative_pct": float(100.0 * (avg[fused] - avg[best]) / avg[best])
-            if avg[best]
-            else float("nan"),
-            "absolute_points": float(avg[fused] - avg[best]),
-        }
-    return {"fused": fused, "formula": IMPROVEMENT_FORMULA, "comparisons": comparisons}
-
-
-def headline_table(headline: Mapping[str, Any]) -> pd.DataFrame:
-    """The headline comparisons as a small DataFrame (one row per group), with the formula as its caption."""
-    rows = {
-        f"vs best {group[:-1] if group != 'merges' else 'merge'}": v
-        for group, v in headline["comparisons"].items()
-        if v is not None
-    }
-    df = pd.DataFrame(rows).T
-    df.attrs["formula"] = headline["formula"]
-    return df
 
 
 def to_markdown(table: pd.DataFrame, floatfmt: str = ".1f") -> str:
