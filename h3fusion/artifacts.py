@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from h3fusion.config import PROJECT_ROOT, Profile
+from h3fusion.config import PROJECT_ROOT, Profile, shown_path
+from h3fusion.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("h3fusion", "torch", "transformers", "peft", "accelerate", "numpy", "scikit-learn")
@@ -85,6 +86,41 @@ def is_complete(folder: Path, config_hash: str) -> bool:
     return manifest is not None and manifest.get("config_hash") == config_hash
 
 
+def check_weight_files(folder: Path, rebuild: str) -> None:
+    """Refuse a finished artifact whose ``.safetensors`` files are truncated or corrupt, before anything loads them.
+
+    Loaders fail deep inside safetensors with an error that names no file, and the artifact's manifest still says
+    complete, so the message names the file and says to delete the folder and rebuild it (`rebuild`: the command).
+    Only each file's header is read."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ArtifactError(
+                f"{shown_path(path)} is {problem}, so the artifact {shown_path(folder)} cannot be loaded; delete the "
+                f"folder {shown_path(folder)} and {rebuild}"
+            )
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (8-byte header size, JSON header, data it describes), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_size is None or header_size > size - 8:
+            return f"truncated ({size} bytes, shorter than its header)"
+        try:
+            header = json.loads(fh.read(header_size))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "corrupt (its header is not a safetensors header)"
+    expected = 8 + header_size + max(ends, default=0)
+    if size != expected:
+        return f"truncated or corrupt ({size} bytes where its header describes {expected})"
+    return None
+
+
 def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extra: Any) -> dict[str, Any]:
     return {
         "profile": profile.name,
@@ -104,10 +140,11 @@ def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extr
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success replace `final` with it in one rename.
 
-    The caller writes everything, manifest last. On an exception the temporary folder is removed
-    and `final` is left untouched.
+    The caller writes everything, manifest last. On an exception the temporary folder (and any parent
+    folder made for it that is still empty) is removed and `final` is left untouched.
     """
     final = Path(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f"{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -117,6 +154,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first; a failed stage leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
