@@ -97,8 +97,7 @@ def check_weight_files(folder: Path, rebuild: str) -> None:
         problem = _safetensors_problem(path)
         if problem:
             raise ArtifactError(
-                f"{shown_path(path)} is {problem}, so the artifact {shown_path(folder)} cannot be loaded; delete the "
-                f"folder {shown_path(folder)} and {rebuild}"
+                f"{shown_path(path)} is {problem}: delete the folder {shown_path(folder)} and {rebuild}"
             )
 
 

@@ -15,7 +15,7 @@ from h3fusion.artifacts import MANIFEST, atomic_dir, atomic_write_json, make_man
 from h3fusion.cli import main
 from h3fusion.config import ConfigError, Profile, load_profile
 from h3fusion.errors import ArtifactError, DataError, ModelError
-from h3fusion.experts import align, expert_dir, expert_hash
+from h3fusion.experts import align, expert_dir, expert_hash, load_expert_adapter_weights
 from h3fusion.lora_files import ADAPTER_WEIGHTS
 
 RAW = Path(__file__).resolve().parent.parent / "data" / "raw"
@@ -224,7 +224,7 @@ def experts_profile(tmp_path: Path) -> Profile:
 
 def _expect_damaged(err: str, file: Path, folder: Path, rebuild: str) -> None:
     assert f"{file} is truncated" in err
-    assert f"cannot be loaded; delete the folder {folder} and {rebuild}" in err
+    assert f": delete the folder {folder} and {rebuild}" in err
 
 
 @pytest.mark.parametrize(
@@ -244,6 +244,8 @@ def test_truncated_expert_adapter_is_named_and_nothing_is_written(tmp_path, caps
     _expect_damaged(
         err, folder / ADAPTER_WEIGHTS, folder, "re-run `h3fusion align --profile smoke --task helpful`"
     )
+    with pytest.raises(ArtifactError, match="adapter_model.safetensors is truncated"):
+        load_expert_adapter_weights(experts_profile, "helpful")
     assert _written(experts_profile) == before  # no fusion/, eval/ or (empty) baselines/ folder
 
 

@@ -62,7 +62,7 @@ def check_mc_targets(record: Record, index: int, origin: str) -> None:
             if type(label) is not int or label not in (0, 1):
                 raise DataError(
                     f"{where}: field {key!r} gives the answer {answer!r} the label {label!r}; MC labels must be the "
-                    f"integers 0 or 1 (1 = a true answer), e.g. {{{answer!r}: 1}}"
+                    "integers 0 or 1 (1 = a true answer)"
                 )
     labels1, labels2 = list(record["mc1_targets"].values()), list(record["mc2_targets"].values())
     if sum(labels1) != 1:
