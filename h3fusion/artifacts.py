@@ -24,7 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from h3fusion.config import PROJECT_ROOT, Profile
+from h3fusion.config import PROJECT_ROOT, Profile, shown_path
+from h3fusion.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 PROCESS_KEYS = ("config", "versions", "git_commit", "hardware", "wall_time_s", "finished_at", "resumed_from")
@@ -100,6 +101,40 @@ def artifact_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_weight_files(folder: Path, rebuild: str) -> None:
+    """Refuse a finished artifact whose ``.safetensors`` files are truncated or corrupt, before anything loads them.
+
+    Loaders fail deep inside safetensors with an error that names no file, and the artifact's manifest still says
+    complete, so the message names the file and says to delete the folder and rebuild it (`rebuild`: the command).
+    Only each file's header is read."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ArtifactError(
+                f"{shown_path(path)} is {problem}: delete the folder {shown_path(folder)} and {rebuild}"
+            )
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (8-byte header size, JSON header, data it describes), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        header_size = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_size is None or header_size > size - 8:
+            return f"truncated ({size} bytes, shorter than its header)"
+        try:
+            header = json.loads(fh.read(header_size))
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "corrupt (its header is not a safetensors header)"
+    expected = 8 + header_size + max(ends, default=0)
+    if size != expected:
+        return f"truncated or corrupt ({size} bytes where its header describes {expected})"
+    return None
+
+
 def make_manifest(profile: Profile, config_hash: str, wall_time_s: float, **extra: Any) -> dict[str, Any]:
     return {
         "profile": profile.name,
@@ -157,10 +192,12 @@ def _locked(final: Path) -> Iterator[None]:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success replace `final` with it in one rename.
 
-    The caller writes everything, manifest last. On an exception the temporary folder is removed
-    and `final` is left untouched. Another process writing the same artifact keeps its own folder.
+    The caller writes everything, manifest last. On an exception the temporary folder (and any parent
+    folder made for it that is still empty) is removed and `final` is left untouched. Another process
+    writing the same artifact keeps its own folder.
     """
     final = Path(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{_writer_tag()}")
     with _locked(final):
@@ -170,6 +207,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first; a failed stage leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     with _locked(final):
         if final.exists():

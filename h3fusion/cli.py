@@ -27,7 +27,14 @@ def _parse_set(values: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise H3FusionError(f"--set expects KEY=VALUE (e.g. fusion.top_k=1), got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise H3FusionError(
+                f"--set {key.strip()}: the value {value!r} is not valid YAML ({problem}); write a list as [1, 2] or "
+                f"a mapping as {{a: 1}}, or quote the value to pass it as text: --set \"{key.strip()}='{value}'\""
+            ) from None
     return out
 
 

@@ -281,14 +281,16 @@ class AblationsConfig(Section):
     def _checkpoints(self) -> AblationsConfig:
         late = [s for s in self.step_checkpoints if not 0 < s <= self.steps]
         if late:
-            raise ValueError(f"step_checkpoints {late} must lie in 1..steps ({self.steps})")
+            raise ValueError(f"`step_checkpoints` {late} must lie in 1..`steps` ({self.steps})")
         negative = [g for g in (*self.gate_weights, *self.drift_gammas) if g < 0]
         if negative:
-            raise ValueError(f"negative loss weight(s) {negative}; use values >= 0")
+            raise ValueError(
+                f"negative loss weight(s) {negative} in `gate_weights`/`drift_gammas`; use values >= 0"
+            )
         unknown = set(self.released_code_runs) - set(ReleasedCodeSwitches.model_fields)
         if unknown:
             raise ValueError(
-                f"unknown released_code_runs {sorted(unknown)}; allowed: {list(ReleasedCodeSwitches.model_fields)}"
+                f"unknown `released_code_runs` {sorted(unknown)}; allowed: {list(ReleasedCodeSwitches.model_fields)}"
             )
         return self
 
@@ -325,6 +327,13 @@ class Profile(Section):
             raise ValueError(
                 f"`fusion.top_k` = {self.fusion.top_k} is larger than the number of experts ({n}, one per task "
                 f"in `tasks`); use a top_k between 1 and {n}"
+            )
+        top_ks = self.ablations.top_ks or ()
+        outside = [k for k in top_ks if not 1 <= k <= n]
+        if outside:
+            raise ValueError(
+                f"`ablations.top_ks` = {list(top_ks)} has k = {outside} outside 1..{n} (the number of experts, one "
+                f"per task in `tasks`); use values between 1 and {n}, or null for all of them"
             )
         return self
 
@@ -374,8 +383,21 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             lines.append(f"  - `{key}`: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - `{key}`: {msg} (got {e.get('input')!r})")
+            where = f"`{key}`: " if e["loc"] else ""  # a cross-key check names its keys itself
+            got = (
+                ""
+                if e["type"] == "value_error" and isinstance(e.get("input"), dict)
+                else _shown(e.get("input"))
+            )
+            lines.append(f"  - {where}{msg}{got}")
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """` (got VALUE)`, cut short. Cross-key checks (value errors of a whole section) get none: their message names
+    the keys and values, and their input is the section, or the entire profile."""
+    shown = repr(value)
+    return f" (got {shown if len(shown) <= 120 else shown[:117] + '...'})"
 
 
 def _deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

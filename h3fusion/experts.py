@@ -13,16 +13,26 @@ layer and projection), not through peft module paths.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.artifacts import MANIFEST, Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
+from h3fusion.artifacts import (
+    MANIFEST,
+    Stopwatch,
+    atomic_dir,
+    atomic_write_json,
+    check_weight_files,
+    is_complete,
+    make_manifest,
+)
 from h3fusion.config import TRAINING_DATA_KEYS, ConfigError, Profile, shown_path
 from h3fusion.errors import ArtifactError
 from h3fusion.lora_files import ADAPTER_WEIGHTS
 from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
     from h3fusion.moe.upcycle import ExpertAdapter
@@ -61,9 +71,35 @@ def _tasks(profile: Profile, task: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- training
 
 
+def check_target_modules(profile: Profile, model: nn.Module) -> None:
+    """`experts.lora.target_modules` must name modules of the base (as peft matches them: the name or its last
+    dotted parts) and include an FFN projection, which upcycling reads; otherwise peft fails with a traceback or
+    three experts train that `fuse` then refuses."""
+    from torch import nn
+
+    from h3fusion.moe.layer import PROJECTIONS
+
+    targets = profile.experts.lora.target_modules
+    names = [n for n, _ in model.named_modules()]
+    valid = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        raise ConfigError(
+            f"`experts.lora.target_modules` = {list(targets)}: {unknown} name no module of the base model "
+            f"{profile.model.base!r}; its linear modules are {valid} (fusion needs {list(PROJECTIONS)})"
+        )
+    if not any(t.rsplit(".", 1)[-1] in PROJECTIONS for t in targets):
+        raise ConfigError(
+            f"`experts.lora.target_modules` = {list(targets)} adapts no FFN projection, so `h3fusion fuse` could not "
+            f"upcycle the experts; include {list(PROJECTIONS)} (the default), e.g. "
+            f"--set 'experts.lora.target_modules=[{', '.join(PROJECTIONS)}]'"
+        )
+
+
 def _lora_model(profile: Profile, model: PreTrainedModel) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    check_target_modules(profile, model)
     lora = profile.experts.lora
     cfg = LoraConfig(
         r=lora.r,
@@ -196,6 +232,7 @@ def require_expert(profile: Profile, task: str, needed_by: str) -> Path:
             f"expert {task!r} is missing or was trained with another config ({folder}); {needed_by} needs it: "
             f"run `h3fusion align --profile {profile.name} --task {task}` (or `--task all`) first"
         )
+    check_weight_files(folder, f"re-run `h3fusion align --profile {profile.name} --task {task}`")
     return folder
 
 
@@ -204,3 +241,13 @@ def load_expert_adapter_weights(profile: Profile, task: str) -> ExpertAdapter:
     from h3fusion.moe import load_adapter
 
     return load_adapter(require_expert(profile, task, "reading its adapter"), task)
+
+
+def check_experts_fit(profile: Profile, tasks: Sequence[str]) -> None:
+    """`fuse`'s check (`moe.upcycle.check_adapters`: layers and shapes vs the base) for the consumers that load
+    experts with peft, which fails with a size mismatch or silently drops the layers the base lacks; run on the
+    base's config, before anything heavy."""
+    from h3fusion.models import base_config
+    from h3fusion.moe.upcycle import check_adapters
+
+    check_adapters(base_config(profile), [load_expert_adapter_weights(profile, t) for t in tasks])

@@ -29,7 +29,13 @@ from h3fusion.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import LlamaForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
 
 SMOLLM2_OFFLINE = "smollm2-offline"
 TINY_RANDOM = "tiny-random"
@@ -298,26 +304,10 @@ def tiny_random_llama(
     The global torch RNG is left as it was (the seed is applied inside a forked RNG state).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise ModelError(
-            f"model.tiny: hidden_size ({cfg.hidden_size}) must be divisible by num_attention_heads "
-            f"({cfg.num_attention_heads}), which must be divisible by num_key_value_heads ({cfg.num_key_value_heads})"
-        )
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        hidden_act="silu",
-        tie_word_embeddings=True,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+    config = tiny_llama_config(
+        cfg, vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -328,21 +318,27 @@ def tiny_random_llama(
     return model
 
 
-def base_config(profile: Profile) -> PreTrainedConfig:
-    """The base model's config without its weights, so stages can check the family before any heavy work.
+def tiny_llama_config(cfg: TinyModelConfig, vocab_size: int, **token_ids: int | None) -> LlamaConfig:
+    """The `LlamaConfig` of `tiny_random_llama`."""
+    from transformers import LlamaConfig
 
-    The built-in bases (tiny-random, smollm2-offline) are Llamas by construction: a default `LlamaConfig`
-    stands for them (family and biases are right; the shape is not).
-    """
-    from transformers import AutoConfig, LlamaConfig
-
-    base = profile.model.base
-    if base in (TINY_RANDOM, SMOLLM2_OFFLINE):
-        return LlamaConfig()
-    local = _local_folder(base)
-    if local is not None:
-        return _from_pretrained(AutoConfig, str(local), base)
-    return _from_pretrained(AutoConfig, base, base, token=hub_token())
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ModelError(
+            f"model.tiny: hidden_size ({cfg.hidden_size}) must be divisible by num_attention_heads "
+            f"({cfg.num_attention_heads}), which must be divisible by num_key_value_heads ({cfg.num_key_value_heads})"
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        **token_ids,
+    )
 
 
 def load_base(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -372,6 +368,22 @@ def load_base(profile: Profile) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     return model, tok
+
+
+def base_config(profile: Profile) -> PretrainedConfig:
+    """The base model's config without its weights: checks of artifacts against the base (layers, shapes) run
+    before anything heavy is loaded."""
+    from transformers import AutoConfig
+
+    base = profile.model.base
+    if base == TINY_RANDOM:
+        return tiny_llama_config(profile.model.tiny, len(load_tokenizer(profile)))
+    if base == SMOLLM2_OFFLINE:
+        return AutoConfig.from_pretrained(str(smollm2_model_dir(profile)))
+    local = _local_folder(base)
+    if local is not None:
+        return _from_pretrained(AutoConfig, str(local), base)
+    return _from_pretrained(AutoConfig, base, base, token=hub_token())
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def test_changed_config_reruns(trained, monkeypatch):
 
 
 def test_unknown_task_and_missing_expert_are_user_errors(tmp_path):
-    profile = smoke(tmp_path, tasks=["helpful", "honest"])
+    profile = smoke(tmp_path, tasks=["helpful", "honest"], **{"ablations.top_ks": [1, 2]})  # k <= 2 experts
     with pytest.raises(ConfigError, match="harmless"):
         experts.align(profile, "harmless")
     with pytest.raises(ArtifactError, match="h3fusion align"):

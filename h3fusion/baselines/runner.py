@@ -48,6 +48,16 @@ def baseline_dir(profile: Profile, name: str) -> Path:
     return profile.run_dir / "baselines" / name
 
 
+def _rebuild(profile: Profile, name: str) -> str:
+    return f"run `h3fusion baselines --profile {profile.name} --only {name}`"
+
+
+def _baseline_identity(profile: Profile, name: str) -> str:
+    from h3fusion.evaluation.run import manifest_identity
+
+    return manifest_identity(baseline_dir(profile, name), f"the baseline {name}", _rebuild(profile, name))
+
+
 def expert_identities(profile: Profile) -> dict[str, str]:
     """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
     from h3fusion.evaluation.run import manifest_identity
@@ -128,10 +138,11 @@ def _device() -> str:
 def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
     """The base model loaded once with every expert's adapter (named after its task)."""
     from h3fusion.baselines.ensembles import AdapterBank
-    from h3fusion.experts import expert_dir
+    from h3fusion.experts import check_experts_fit, expert_dir
     from h3fusion.models import load_base
 
     expert_identities(profile)
+    check_experts_fit(profile, profile.tasks)
     model, tok = load_base(profile)
     bank = AdapterBank(model.to(_device()), {t: expert_dir(profile, t) for t in profile.tasks})
     return bank, tok
@@ -252,15 +263,14 @@ def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[
 def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
     """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
     from them still has generations to make; the baselines then read them instead of generating them."""
-    from h3fusion.evaluation.run import evaluate_model, manifest_identity
+    from h3fusion.evaluation.run import evaluate_model
 
     inputs = _eval_inputs(profile)
     pending = [
         n
         for n in names
         if n in EXPERT_ANSWER_BASELINES
-        and len(_cached_dimensions(profile, n, manifest_identity(baseline_dir(profile, n), n, ""), inputs))
-        < len(profile.tasks)
+        and len(_cached_dimensions(profile, n, _baseline_identity(profile, n), inputs)) < len(profile.tasks)
     ]
     if not pending:
         return
@@ -377,13 +387,9 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
 
     Inside `run_baselines` the bank, judges and the experts' cached answers are the session's; otherwise they
     are loaded here (the cached answers are read from eval/<expert>/ when present)."""
-    from h3fusion.evaluation.run import manifest_identity
-
     entry = get_baseline(name)
     folder = baseline_dir(profile, name)
-    manifest_identity(
-        folder, f"the baseline {name}", f"run `h3fusion baselines --profile {profile.name} --only {name}`"
-    )
+    _baseline_identity(profile, name)
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
     if entry.kind == "merge":
         return _load_merged(profile, folder)
@@ -443,17 +449,15 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:
     """Every baseline as an evaluation `ModelEntry` (registered with `h3fusion.evaluation.run.register_models`)."""
-    from h3fusion.evaluation.run import ModelEntry, manifest_identity
+    from h3fusion.evaluation.run import ModelEntry
 
     out = {}
     for name, b in BASELINES.items():
-        folder = baseline_dir(profile, name)
-        fix = f"run `h3fusion baselines --profile {profile.name} --only {name}`"
         out[name] = ModelEntry(
             name,
             "baseline",
             lambda n=name: load_baseline(profile, n),
-            lambda f=folder, n=name, x=fix: manifest_identity(f, f"the baseline {n}", x),
+            lambda n=name: _baseline_identity(profile, n),
             b.description,
         )
     return out
@@ -464,10 +468,13 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
 
     One session for all of them: judges loaded once, one expert bank, the experts' cached evaluation answers."""
     from h3fusion.evaluation.run import evaluate_model
+    from h3fusion.experts import check_experts_fit
 
     names = [only] if only else list(profile.baselines.names or baseline_names())
     for n in names:
         get_baseline(n)
+    expert_identities(profile)
+    check_experts_fit(profile, profile.tasks)  # before any baseline is built: the adapters fit the base
     shared = _Shared(profile)
     for n in names:
         build_baseline(profile, n, shared)

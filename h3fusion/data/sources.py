@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,8 @@ class Source:
     fields: tuple[tuple[str, type | tuple[type, ...]], ...]
     hub_file: str | None = None
     """A JSON file in the hub repository, read when the repository is a loading script (unsupported by datasets>=4)."""
+    check: Callable[[Record, int, str], None] | None = None
+    """A check of one record's values beyond the field types (record, index, origin); raises `DataError`."""
 
     @property
     def hub_name(self) -> str:
@@ -49,6 +52,27 @@ class Source:
 
 _BEAVER_FIELDS = (("prompt", str), ("response", str), ("is_safe", bool), ("category", dict))
 _TQA_MC_FIELDS = (("question", str), ("mc1_targets", dict), ("mc2_targets", dict))
+
+
+def check_mc_targets(record: Record, index: int, origin: str) -> None:
+    """MC targets map answer -> label 0/1 with one true MC1 answer and both kinds in MC2: scoring needs them so,
+    and a label such as "yes" would otherwise fail deep inside the evaluation."""
+    where = f"malformed record {index} in {origin} (question {record['question']!r})"
+    for key in ("mc1_targets", "mc2_targets"):
+        for answer, label in record[key].items():
+            if type(label) is not int or label not in (0, 1):
+                raise DataError(
+                    f"{where}: field {key!r} gives the answer {answer!r} the label {label!r}; MC labels must be the "
+                    "integers 0 or 1 (1 = a true answer)"
+                )
+    labels1, labels2 = list(record["mc1_targets"].values()), list(record["mc2_targets"].values())
+    if sum(labels1) != 1:
+        raise DataError(
+            f"{where}: field 'mc1_targets' has {sum(labels1)} answers labelled 1; MC1 needs exactly one"
+        )
+    if 1 not in labels2 or 0 not in labels2:
+        raise DataError(f"{where}: field 'mc2_targets' needs both true (1) and false (0) answers")
+
 
 SOURCES: dict[str, Source] = {
     "alpaca": Source(
@@ -93,6 +117,7 @@ SOURCES: dict[str, Source] = {
         "multiple_choice",
         "validation",
         _TQA_MC_FIELDS,
+        check=check_mc_targets,
     ),
 }
 
@@ -130,14 +155,18 @@ def load_records(profile: Profile, name: str) -> list[Record]:
             )
         records = list(_read_file(path.resolve(), path.stat().st_mtime_ns))
         origin = shown_path(path)
-    validate(records, source.fields, origin)
+    validate(records, source.fields, origin, source.check)
     return records
 
 
 def validate(
-    records: list[Any], fields: tuple[tuple[str, type | tuple[type, ...]], ...], origin: str
+    records: list[Any],
+    fields: tuple[tuple[str, type | tuple[type, ...]], ...],
+    origin: str,
+    check: Callable[[Record, int, str], None] | None = None,
 ) -> None:
-    """Raise `DataError` for the first record that is not a mapping or lacks/mistypes a required field."""
+    """Raise `DataError` for the first record that is not a mapping, lacks/mistypes a required field or fails
+    `check`."""
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(
@@ -151,6 +180,8 @@ def validate(
                     f"malformed record {index} in {origin}: field {field!r} should be {_kind_name(kind)}, "
                     f"got {type(record[field]).__name__}"
                 )
+        if check is not None:
+            check(record, index, origin)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

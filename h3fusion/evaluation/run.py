@@ -37,6 +37,7 @@ from h3fusion.artifacts import (
     artifact_identity,
     atomic_dir,
     atomic_write_json,
+    check_weight_files,
     make_manifest,
     read_manifest,
 )
@@ -112,10 +113,12 @@ def _import_providers() -> None:
 
 def manifest_identity(folder: Path, what: str, fix: str) -> str:
     """The artifact's identity (`artifacts.artifact_identity`): changes when it is rebuilt with another config
-    or content, not with the wall time, date or machine of the build."""
+    or content, not with the wall time, date or machine of the build. An error (saying `fix`) when the artifact
+    is incomplete or one of its weight files is damaged, before anything is loaded or written."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise ArtifactError(f"{what} at {folder} is missing or incomplete (no {MANIFEST}); {fix}")
+    check_weight_files(folder, fix)
     return artifact_identity(manifest)
 
 
@@ -137,9 +140,10 @@ def _load_base_lm(profile: Profile) -> HFLanguageModel:
 
 def _expert_identity(profile: Profile, task: str) -> str:
     """The expert's manifest hash; an error when it is missing or was trained with another config."""
-    from h3fusion.experts import require_expert
+    from h3fusion.experts import check_experts_fit, require_expert
 
     folder = require_expert(profile, task, "evaluating it")
+    check_experts_fit(profile, [task])
     return manifest_identity(
         folder, f"the {task} expert", f"re-run `h3fusion align --profile {profile.name} --task {task}`"
     )
@@ -215,9 +219,9 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
         kind = "raw-moe" if name == "raw-moe" else "fused"
         what = "the raw (upcycled) MoE" if kind == "raw-moe" else f"the fused model {name}"
         fix = (
-            "build it with `h3fusion fuse --raw-only`"
+            f"build it with `h3fusion fuse --profile {profile.name} --raw-only`"
             if kind == "raw-moe"
-            else "train it with `h3fusion fuse`"
+            else f"train it with `h3fusion fuse --profile {profile.name}`"
         )
         entries[name] = ModelEntry(
             name,
@@ -229,7 +233,8 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
     if (run / "baselines").is_dir():
         for folder in sorted((run / "baselines").iterdir()):
             if (folder / "config.json").is_file() and folder.name not in entries:
-                what, fix = f"the baseline {folder.name}", f"run `h3fusion baselines --only {folder.name}`"
+                what = f"the baseline {folder.name}"
+                fix = f"run `h3fusion baselines --profile {profile.name} --only {folder.name}`"
                 entries[folder.name] = ModelEntry(
                     folder.name,
                     "baseline",
@@ -489,10 +494,10 @@ def evaluate_model(
     """
     entry = resolve_model(profile, name) if lm is None else None
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
+    inputs = {task: dimension_inputs(task, _load_eval_items(profile, task)) for task in profile.tasks}
     judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
     folder = eval_dir(profile, name)
     previous = _previous(folder)
-    inputs = {task: dimension_inputs(task, _load_eval_items(profile, task)) for task in profile.tasks}
     gen_hashes = {t: generation_hash(profile, identity, t, inputs[t]) for t in profile.tasks}
     mc_h = mc_hash(profile, identity, inputs["honest"]) if "honest" in inputs else None
 

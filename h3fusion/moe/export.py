@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
-from h3fusion.artifacts import MANIFEST, atomic_dir, atomic_write_json
+from h3fusion.artifacts import MANIFEST, atomic_dir, atomic_write_json, check_weight_files
 from h3fusion.errors import ArtifactError, ModelError
 from h3fusion.moe.layer import MoEFeedForward
 from h3fusion.moe.model import MoECausalLM, decoder_layers
@@ -235,6 +235,7 @@ def load_moe(
         )
     if json.loads(config_path.read_text()).get("model_type") != "mixtral":
         raise ArtifactError(f"{folder} does not hold a Mixtral model; expected an MoE exported by h3fusion")
+    check_weight_files(folder, "re-run `h3fusion fuse` (with `--raw-only` for fusion/raw)")
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype

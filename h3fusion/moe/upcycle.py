@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from h3fusion.errors import ModelError
 from h3fusion.moe.export import check_base_family
@@ -102,9 +102,8 @@ def adapter_from_state_dict(
     return ExpertAdapter(name=name, scale=scale, factors=factors, source=source)
 
 
-def check_adapters(base_model: PreTrainedModel, adapters: Sequence[ExpertAdapter]) -> None:
-    """Every adapter must fit the base: layer indices and (out, in) shapes of each projection."""
-    cfg = base_model.config
+def check_adapters(cfg: PretrainedConfig, adapters: Sequence[ExpertAdapter]) -> None:
+    """Every adapter must fit the base of config `cfg`: layer indices and (out, in) shapes of each projection."""
     shapes = projection_shapes(cfg.hidden_size, cfg.intermediate_size)
     for ad in adapters:
         for (layer, proj), (a, b) in ad.factors.items():
@@ -282,7 +281,7 @@ def upcycle(
         )
     _check_base(base_model)
     loaded = [a if isinstance(a, ExpertAdapter) else load_adapter(a) for a in adapters]
-    check_adapters(base_model, loaded)
+    check_adapters(base_model.config, loaded)
     names = list(expert_names) if expert_names else [a.name for a in loaded]
 
     cfg = base_model.config
