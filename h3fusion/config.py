@@ -191,6 +191,30 @@ class GenerationConfig(Section):
 
 class EvaluationConfig(Section):
     generation: GenerationConfig
+    max_new_tokens_by_dimension: dict[str, int] = Field(default_factory=dict)
+    """Per-dimension caps that replace `generation.max_new_tokens` (e.g. {helpful: 256}: the helpfulness judge
+    was validated on whole answers, so its answers must be long enough to end)."""
+
+    @field_validator("max_new_tokens_by_dimension")
+    @classmethod
+    def _known_dimensions(cls, caps: dict[str, int]) -> dict[str, int]:
+        unknown = [d for d in caps if d not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown dimension(s) {unknown}; use {list(TASKS)}")
+        if any(v <= 0 for v in caps.values()):
+            raise ValueError("every cap must be a positive number of tokens")
+        return caps
+
+    def generation_for(self, task: str) -> GenerationConfig:
+        """The generation config of one dimension (its own cap where it has one)."""
+        if task not in self.max_new_tokens_by_dimension:
+            return self.generation
+        return self.generation.model_copy(update={"max_new_tokens": self.max_new_tokens_by_dimension[task]})
+
+    @property
+    def longest_answer(self) -> int:
+        """The largest cap of any dimension (room to keep for an answer)."""
+        return max([self.generation.max_new_tokens, *self.max_new_tokens_by_dimension.values()])
     helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
     harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
     honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"

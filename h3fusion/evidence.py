@@ -227,3 +227,32 @@ def power_note(mdd: Mapping[str, float]) -> str:
         + ", ".join(f"{t} {mdd[f'sd_{t}']:.0f}" for t in stats.HEADLINE)
         + f" points, medians over {int(mdd['pairs'])} model pairs). Smaller true differences are usually missed."
     )
+
+
+def finished_share(profile: Profile, models: Mapping[str, str]) -> pd.DataFrame:
+    """Per model and dimension, the share (%) of answers that ended before the generation cap, with its interval.
+
+    Estimated from the stored answers: one whose tokens (re-tokenised with the profile's tokenizer) come within
+    one token of its dimension's cap (`evaluation.generation_for`) is counted as cut; the others stopped at the
+    end-of-turn token or a stop string. The helpfulness judge was validated on whole answers, so a low share
+    means it scores something it was not validated on (chapter 0 measures how much that matters).
+    """
+    import numpy as np
+
+    from h3fusion.evaluation.run import read_jsonl
+    from h3fusion.models import load_tokenizer
+
+    tok = load_tokenizer(profile)
+    rows = {}
+    for label, name in models.items():
+        folder = metrics_path(profile, name).parent / "generations"
+        if not folder.is_dir():
+            continue
+        row = {}
+        for path in sorted(folder.glob("*.jsonl")):
+            cap = profile.evaluation.generation_for(path.stem).max_new_tokens
+            answers = [r["answer"] for r in read_jsonl(path)]
+            lengths = [len(tok(a, add_special_tokens=False).input_ids) for a in answers]
+            row[f"{path.stem} (cap {cap}, n={len(answers)})"] = str(stats.rate(100.0 * (np.asarray(lengths) < cap - 1)))
+        rows[label] = row
+    return pd.DataFrame(rows).T

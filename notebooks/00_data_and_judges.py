@@ -153,3 +153,17 @@ from h3fusion.evaluation.judges import load_judges, validation_lines
 
 judges = load_judges(P)
 print("\n".join(validation_lines(judges)))
+
+# %% [markdown]
+# ### The helpfulness judge at the length it scores
+#
+# The judge was fitted and validated on whole answers, but the models here answer in at most the profile's
+# cap of new tokens. So it is validated a second time where it is used: on the same held-out pairs with the
+# candidate answer cut to the cap, against GPT-4's verdicts on the whole answers.
+
+# %%
+from IPython.display import Markdown, display
+
+from h3fusion.evaluation.judges.helpful import describe_at_cap
+
+display(Markdown(describe_at_cap(judges.helpful.validation)))

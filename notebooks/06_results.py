@@ -121,6 +121,17 @@ if not long.empty:
     )
 
 # %% [markdown]
+# ## Do the answers end before the cap?
+#
+# The share of answers that ended before their dimension's cap of new tokens (the rest were cut), per model
+# and dimension, with Wilson intervals. The helpfulness judge was validated on whole answers and, in chapter 0,
+# on answers cut to this cap; the helpful dimension has a longer cap for that reason.
+
+# %%
+finished = evidence.finished_share(P, {m: m for m in evaluated.metrics})
+finished.rename(index=labels) if not finished.empty else print("no generations yet")
+
+# %% [markdown]
 # ## How small a difference these sizes can see
 #
 # A power analysis of the comparisons below: the smallest difference of the three-dimension average between

@@ -528,7 +528,7 @@ def test_known_answers_hit_only_for_the_same_list_config_and_seed():
     from h3fusion.baselines.ensembles import KnownAnswers
 
     cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
-    known = KnownAnswers(cfg, 42, ("###",), {"a": {("p1", "p2"): ("x", "y")}})
+    known = KnownAnswers(42, ("###",), {"a": {(cfg.model_dump_json(), ("p1", "p2")): ("x", "y")}})
     assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) == ["x", "y"]
     assert known.lookup("a", ["p2", "p1"], cfg, 42, ["###"]) is None  # another batching: generated
     assert known.lookup("a", ["p1"], cfg, 42, ["###"]) is None

@@ -466,3 +466,14 @@ def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, 
     write_table(hand_table, tmp_path / "results")
     back = pd.read_csv(tmp_path / "results.csv", index_col="model")
     pd.testing.assert_frame_equal(back, hand_table)
+
+
+def test_a_dimension_can_have_its_own_generation_cap():
+    from h3fusion.config import ConfigError, load_profile
+
+    p = load_profile("smoke", {"evaluation.max_new_tokens_by_dimension": {"helpful": 32}})
+    assert p.evaluation.generation_for("helpful").max_new_tokens == 32
+    assert p.evaluation.generation_for("honest") == p.evaluation.generation
+    assert p.evaluation.longest_answer == 32
+    with pytest.raises(ConfigError, match="unknown dimension"):
+        load_profile("smoke", {"evaluation.max_new_tokens_by_dimension": {"funny": 32}})

@@ -236,3 +236,26 @@ def test_real_judges_say_what_they_need(profile):
                 from h3fusion.evaluation import judges
 
                 getattr(judges, "_" + key.split("_")[0])(profile.model_copy(update={"evaluation": ev}))
+
+
+def test_helpful_validation_at_the_cap_equals_the_whole_answer_one_when_nothing_is_cut(
+    profile, helpful_judge
+):
+    """validate_at_cap with an identity cut reproduces validate's accuracy; cutting every answer to a few words
+    changes the judge's verdicts (so the figure measures the cut, not a copy of the whole-answer one)."""
+    from h3fusion.data import load_alpaca_eval_annotations
+    from h3fusion.evaluation.judges import helpful
+    from h3fusion.evaluation.judges.common import judges_dir, read_json
+
+    split = read_json(judges_dir(profile) / "helpful" / "split.json")
+    annotations, items = load_alpaca_eval_annotations(profile), set(split["validation"])
+    whole = helpful.validate(helpful_judge.model, annotations, items)
+    same = helpful.validate_at_cap(helpful_judge.model, annotations, items, lambda t: t, 10**6)
+    assert same["accuracy_vs_gpt4_whole_answers"] == whole["accuracy"]
+    assert same["generator_rank_rho_at_cap"] == same["generator_rank_rho_whole"]
+    short = helpful.validate_at_cap(
+        helpful_judge.model, annotations, items, lambda t: " ".join(t.split()[:5]), 5
+    )
+    assert short["judge_win_rate_range_at_cap"][1] < same["judge_win_rate_range_at_cap"][1]
+    assert "at_generation_cap" in helpful_judge.validation
+    assert "agrees with GPT-4" in helpful.describe_at_cap(helpful_judge.validation)

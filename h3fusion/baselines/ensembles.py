@@ -128,11 +128,10 @@ class KnownAnswers:
     same order: batching (which prompts share a padded batch) can move a greedy answer at the rounding level, so
     only the list the expert generated is certain to give the same tokens again. Anything else is generated."""
 
-    cfg: GenerationConfig
     seed: int
     stop_strings: tuple[str, ...]
-    runs: Mapping[str, Mapping[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
-    """{expert: {prompts: answers}}."""
+    runs: Mapping[str, Mapping[tuple[str, tuple[str, ...]], tuple[str, ...]]] = field(default_factory=dict)
+    """{expert: {(generation config as JSON, prompts): answers}}: dimensions may have their own caps."""
 
     def lookup(
         self,
@@ -142,9 +141,9 @@ class KnownAnswers:
         seed: int,
         stop_strings: Sequence[str],
     ) -> list[str] | None:
-        if (cfg, seed, tuple(stop_strings)) != (self.cfg, self.seed, self.stop_strings):
+        if (seed, tuple(stop_strings)) != (self.seed, self.stop_strings):
             return None
-        hit = self.runs.get(expert, {}).get(tuple(prompts))
+        hit = self.runs.get(expert, {}).get((cfg.model_dump_json(), tuple(prompts)))
         return list(hit) if hit is not None else None
 
     def __len__(self) -> int:

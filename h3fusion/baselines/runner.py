@@ -104,6 +104,7 @@ def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
         "lora": b.instruct_lora.model_dump(mode="json"),
         "train": b.instruct_train.model_dump(mode="json"),
         "candidates": profile.evaluation.generation.model_dump(mode="json"),
+        "caps": profile.evaluation.max_new_tokens_by_dimension,
         "seed": profile.seed,
         "max_length": fuser_max_length(profile),
         "data": profile.model_dump(mode="json")["data"],
@@ -112,7 +113,7 @@ def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
 
 def fuser_max_length(profile: Profile) -> int:
     """Room for the request (data.max_length) plus one answer of max_new_tokens per expert."""
-    return profile.data.max_length + profile.num_experts * profile.evaluation.generation.max_new_tokens
+    return profile.data.max_length + profile.num_experts * profile.evaluation.longest_answer
 
 
 def baseline_hash(profile: Profile, name: str) -> str:
@@ -229,13 +230,14 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
 
     identities = expert_identities(profile)
     inputs = _eval_inputs(profile)
-    runs: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    runs: dict[str, dict[tuple[str, tuple[str, ...]], tuple[str, ...]]] = {}
     for task in profile.tasks:
         for dim in _cached_dimensions(profile, task, identities[task], inputs):
             rows = read_jsonl(eval_dir(profile, task) / "generations" / f"{dim}.jsonl")
             if [r.get("prompt") for r in rows] == inputs[dim].prompts:
-                runs.setdefault(task, {})[tuple(inputs[dim].prompts)] = tuple(r["answer"] for r in rows)
-    return KnownAnswers(profile.evaluation.generation, profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
+                key = (profile.evaluation.generation_for(dim).model_dump_json(), tuple(inputs[dim].prompts))
+                runs.setdefault(task, {})[key] = tuple(r["answer"] for r in rows)
+    return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
 
 
 def _eval_inputs(profile: Profile) -> dict[str, Any]:

@@ -350,7 +350,7 @@ def generation_hash(profile: Profile, model_identity: str, task: str, inputs: Di
             "task": task,
             "model": model_identity,
             "seed": profile.seed,
-            "generation": profile.evaluation.generation.model_dump(mode="json"),
+            "generation": profile.evaluation.generation_for(task).model_dump(mode="json"),
             "prompts": inputs.prompts,
             "stop": DEFAULT_STOP_STRINGS,
         }
@@ -521,7 +521,7 @@ def evaluate_model(
         lm_now = None if reused else get_model()  # loading is timed on its own
         with Stopwatch() as sw:
             if lm_now is not None:
-                answers = _generate(lm_now, inputs[task].prompts, profile, f"{name}/{task}")
+                answers = _generate(lm_now, inputs[task].prompts, profile, task, f"{name}/{task}")
                 cached = [
                     {"id": i, **k, "prompt": p, "answer": a}
                     for i, (k, p, a) in enumerate(
@@ -546,8 +546,8 @@ def evaluate_model(
     )
 
 
-def _generate(lm: LanguageModel, prompts: list[str], profile: Profile, desc: str) -> list[str]:
-    cfg, seed = profile.evaluation.generation, profile.seed
+def _generate(lm: LanguageModel, prompts: list[str], profile: Profile, task: str, desc: str) -> list[str]:
+    cfg, seed = profile.evaluation.generation_for(task), profile.seed
     if isinstance(lm, HFLanguageModel):
         return lm.generate(prompts, cfg, seed, desc=desc)
     return lm.generate(prompts, cfg, seed)

@@ -220,6 +220,63 @@ def validate(model: Any, annotations: list[dict[str, Any]], items: set[int]) -> 
     }
 
 
+def validate_at_cap(
+    model: Any, annotations: list[dict[str, Any]], items: set[int], cut: Any, cap: int
+) -> dict[str, Any]:
+    """The judge where it is used: held-out pairs whose candidate answer is cut to the generation cap (`cut`:
+    text -> its first `cap` tokens), scored against GPT-4's verdicts on the WHOLE answers (the models here answer
+    in at most `cap` new tokens). Per generator, the judge's win rate next to GPT-4's, and how well each ranks
+    the 8 generators (Spearman's rho; 1 = GPT-4's order)."""
+    from scipy.stats import spearmanr
+
+    x, y, rows = _pairs(annotations, items)
+    cut_rows = [{**r, "output_2": cut(r["output_2"] or "")} for r in rows]
+    x_cut = np.array(
+        [pair_features(r["instruction"], r["output_2"], r["output_1"]) for r in cut_rows], dtype=np.float64
+    ).reshape(len(rows), len(FEATURES))
+    full, at_cap = model.predict_proba(x)[:, 1] > 0.5, model.predict_proba(x_cut)[:, 1] > 0.5
+    generators = sorted({r["model"] for r in rows})
+    per = {
+        g: (
+            float(y[m].mean()),
+            float(full[m].mean()),
+            float(at_cap[m].mean()),
+        )
+        for g in generators
+        for m in [np.array([r["model"] == g for r in rows])]
+    }
+    gpt4, judge_full, judge_cap = (np.array([per[g][i] for g in generators]) for i in range(3))
+    return {
+        "cap_tokens": cap,
+        "accuracy_vs_gpt4_whole_answers": binary_metrics(y, at_cap.astype(int))["accuracy"],
+        "gpt4_win_rate_range": [round(float(gpt4.min()), 3), round(float(gpt4.max()), 3)],
+        "judge_win_rate_range_whole": [round(float(judge_full.min()), 3), round(float(judge_full.max()), 3)],
+        "judge_win_rate_range_at_cap": [round(float(judge_cap.min()), 3), round(float(judge_cap.max()), 3)],
+        "generator_rank_rho_whole": round(float(spearmanr(gpt4, judge_full).statistic), 3),
+        "generator_rank_rho_at_cap": round(float(spearmanr(gpt4, judge_cap).statistic), 3),
+        "generators": len(generators),
+    }
+
+
+def describe_at_cap(validation: dict[str, Any]) -> str:
+    """`validate_at_cap`'s figures as two sentences a reader can act on."""
+    cap = validation.get("at_generation_cap")
+    if not cap:
+        return "This judge was not validated at the generation cap (a judge other than the offline one)."
+    lo, hi = cap["gpt4_win_rate_range"]
+    jl, jh = cap["judge_win_rate_range_at_cap"]
+    return (
+        f"With candidate answers cut to {cap['cap_tokens']} tokens, the judge agrees with GPT-4's verdicts on the "
+        f"whole answers on {100 * cap['accuracy_vs_gpt4_whole_answers']:.1f} % of held-out pairs (whole answers: "
+        f"{100 * validation['accuracy']:.1f} %; the longer-answer rule: {100 * validation['longer_answer_rule_accuracy']:.1f} %). "
+        f"Across the {cap['generators']} AlpacaEval generators its win rates span {100 * jl:.0f}-{100 * jh:.0f} % "
+        f"where GPT-4's span {100 * lo:.0f}-{100 * hi:.0f} %, and it orders the generators with Spearman's rho "
+        f"{cap['generator_rank_rho_at_cap']:.2f} (whole answers: {cap['generator_rank_rho_whole']:.2f}). "
+        "A win rate below is comparable between models of this book, answered under the same cap; as an absolute "
+        "AlpacaEval figure it is only as good as this agreement."
+    )
+
+
 class OfflinePairwiseJudge:
     """Pairwise helpfulness judge fitted to AlpacaEval 1's GPT-4 verdicts (a proxy, not GPT-4)."""
 
@@ -257,6 +314,8 @@ def config_hash(profile: Profile) -> str:
         "data": str(profile.data_dir),
         "source": profile.data.source,
         "storage": STORAGE_FORMAT,
+        "cap": profile.evaluation.generation_for("helpful").max_new_tokens,
+        "tokenizer": profile.model.base,
     }
     import hashlib
     import json
@@ -264,8 +323,22 @@ def config_hash(profile: Profile) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _token_cut(profile: Profile, cap: int) -> Any:
+    """text -> its first `cap` tokens of the profile's tokenizer (how long the evaluated models' answers can be)."""
+    from h3fusion.models import load_tokenizer
+
+    tok = load_tokenizer(profile)
+
+    def cut(text: str) -> str:
+        ids = tok(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= cap else tok.decode(ids[:cap], skip_special_tokens=True)
+
+    return cut
+
+
 def load_offline(profile: Profile) -> OfflinePairwiseJudge:
     """The offline pairwise judge, refitted from its cached training pairs (built first when missing)."""
+    cap = profile.evaluation.generation_for("helpful").max_new_tokens
 
     def build(folder: Path) -> dict[str, Any]:
         from h3fusion.data import load_alpaca_eval_annotations
@@ -276,6 +349,9 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
         x, y, _ = _pairs(annotations, set(split["train"]))
         model = fit_model(x, y, profile.seed)
         validation = validate(model, annotations, set(split["validation"]))
+        validation["at_generation_cap"] = validate_at_cap(
+            model, annotations, set(split["validation"]), _token_cut(profile, cap), cap
+        )
         validation["train_instructions"] = len(split["train"])
         validation["train_pairs"] = len(y)
         validation["scored_instructions_excluded"] = len(split["scored"])
