@@ -102,7 +102,9 @@ pd.DataFrame(rows).set_index("task").round(1)
 # ## Evaluation items
 #
 # The paper scores the first 50 AlpacaEval instructions, the BeaverTails test prompts and the 409
-# held-out TruthfulQA questions; the profile caps each (`data.eval_examples`). One item per task:
+# held-out TruthfulQA questions. Here each dimension's items are a seeded sample of `data.eval_examples`
+# items, stratified by the dataset's categories (the report above lists each sample's make-up), the same
+# items for every model. One item per task:
 
 # %%
 rows = []

@@ -45,8 +45,9 @@ def test_config_rejects_checkpoints_beyond_steps_and_bad_top_k() -> None:
         load_profile("smoke", {"ablations.steps": 2, "ablations.step_checkpoints": [3]})
     with pytest.raises(ConfigError, match="released_code_runs"):
         load_profile("smoke", {"ablations.released_code_runs": ["typo"]})
-    with pytest.raises(A.AblationError, match="top_ks"):
-        A.top_ks(load_profile("smoke", {"ablations.top_ks": [4]}))
+    with pytest.raises(ConfigError, match=r"`ablations.top_ks` = \[4\] has k = \[4\] outside 1..3"):
+        load_profile("smoke", {"ablations.top_ks": [4]})
+    assert A.top_ks(load_profile("smoke", {"ablations.top_ks": None})) == [1, 2, 3]
 
 
 def test_response_nll_is_the_mean_token_cross_entropy(P) -> None:
