@@ -207,6 +207,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:  # this call made the folder, so its lock file is ours to remove with it
+            (final.parent / f".{final.name}.swap.lock").unlink(missing_ok=True)
         for parent in created:  # innermost first; a failed stage leaves no empty folder behind
             with contextlib.suppress(OSError):
                 parent.rmdir()

@@ -570,8 +570,11 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     known = runner.expert_eval_answers(profile)
     assert len(known) == profile.num_experts * len(profile.tasks)  # every expert, every dimension
     inputs = runner._eval_inputs(profile)
-    cfg, seed = profile.evaluation.generation, profile.seed
+    seed = profile.seed
     bank, tok = runner.expert_bank(profile)
+
+    def cfg(d):
+        return profile.evaluation.generation_for(d)
 
     def longest(prompts, candidates):  # any selector that reads the candidates
         return [max(range(len(cs)), key=lambda j, cs=cs: (len(cs[j]), -j)) for cs in candidates]
@@ -579,19 +582,23 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     def lms(k):
         return (
             SelectEnsemble(bank, tok, longest, known=k, progress=False),
-            InstructFusion(bank, tok, profile.tasks, cfg, seed=seed, known=k, progress=False),
+            InstructFusion(
+                bank, tok, profile.tasks, profile.evaluation.generation, seed=seed, known=k, progress=False
+            ),
         )
 
     calls = count_expert_generations(monkeypatch)
-    reused = {d: [lm.generate(inputs[d].prompts, cfg, seed) for lm in lms(known)] for d in profile.tasks}
+    reused = {d: [lm.generate(inputs[d].prompts, cfg(d), seed) for lm in lms(known)] for d in profile.tasks}
     select_reused = lms(known)[0]
-    select_reused.generate(inputs["honest"].prompts, cfg, seed)
+    select_reused.generate(inputs["honest"].prompts, cfg("honest"), seed)
     assert calls == []  # no expert answer was generated
-    regenerated = {d: [lm.generate(inputs[d].prompts, cfg, seed) for lm in lms(None)] for d in profile.tasks}
+    regenerated = {
+        d: [lm.generate(inputs[d].prompts, cfg(d), seed) for lm in lms(None)] for d in profile.tasks
+    }
     assert calls  # the regenerate path did generate them
     assert reused == regenerated
     select_fresh = lms(None)[0]
-    select_fresh.generate(inputs["honest"].prompts, cfg, seed)
+    select_fresh.generate(inputs["honest"].prompts, cfg("honest"), seed)
     assert select_reused.last_candidates == select_fresh.last_candidates
     assert any(a for cs in select_fresh.last_candidates for a in cs)  # non-trivial answers were compared
 
@@ -609,7 +616,10 @@ def test_stale_expert_answers_are_not_reused(own_experts):
                 update={
                     "generation": ev.generation.model_copy(
                         update={"max_new_tokens": ev.generation.max_new_tokens + 1}
-                    )
+                    ),
+                    "max_new_tokens_by_dimension": {
+                        d: n + 1 for d, n in ev.max_new_tokens_by_dimension.items()
+                    },
                 }
             )
         }

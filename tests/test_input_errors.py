@@ -14,11 +14,12 @@ import pytest
 from h3fusion.artifacts import MANIFEST, atomic_dir, atomic_write_json, make_manifest
 from h3fusion.cli import main
 from h3fusion.config import ConfigError, Profile, load_profile
+from h3fusion.data import offline
 from h3fusion.errors import ArtifactError, DataError, ModelError
 from h3fusion.experts import align, expert_dir, expert_hash, load_expert_adapter_weights
 from h3fusion.lora_files import ADAPTER_WEIGHTS
 
-RAW = Path(__file__).resolve().parent.parent / "data" / "raw"
+RAW = offline.OFFLINE_DIR
 MC_FILE = Path("truthfulqa") / "v0" / "mc_task.json"
 
 
@@ -71,7 +72,7 @@ def _truncate(path: Path) -> None:
 
 
 def _data_dir_with_mc_label(tmp_path: Path, field: str, label: object) -> tuple[Path, str]:
-    """A copy of data/raw (links) whose mc_task.json gives the first answer of the first evaluated question's
+    """A copy of the shipped data (links) whose mc_task.json gives the first answer of the first evaluated question's
     `field` the label `label`; returns the folder and that question."""
     from h3fusion.data.splits import truthfulqa_halves
 
@@ -81,12 +82,15 @@ def _data_dir_with_mc_label(tmp_path: Path, field: str, label: object) -> tuple[
             (data / entry.name).parent.mkdir(parents=True, exist_ok=True)
             (data / entry.name).symlink_to(entry)
     for entry in (RAW / "truthfulqa").rglob("*"):
-        if entry.is_file() and entry.relative_to(RAW) != MC_FILE:
+        if entry.is_file() and entry.relative_to(RAW) not in (
+            MC_FILE,
+            MC_FILE.with_name(MC_FILE.name + ".xz"),
+        ):
             (data / entry.relative_to(RAW)).parent.mkdir(parents=True, exist_ok=True)
             (data / entry.relative_to(RAW)).symlink_to(entry)
     _, eval_rows, _ = truthfulqa_halves(_smoke(tmp_path))
     question = eval_rows[0]["question"].strip()
-    records = json.loads((RAW / MC_FILE).read_text())
+    records = json.loads(offline.read_bytes(offline.find(RAW, str(MC_FILE))))
     record = next(r for r in records if r["question"].strip() == question)
     record[field][next(iter(record[field]))] = label
     (data / MC_FILE).parent.mkdir(parents=True, exist_ok=True)
