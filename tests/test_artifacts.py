@@ -83,3 +83,47 @@ def test_artifact_identity_ignores_how_when_and_where_it_was_built():
     assert artifact_identity(built) == artifact_identity(rebuilt)
     assert artifact_identity(built) != artifact_identity({**built, "loss_log": [{"step": 1, "loss": 2.4}]})
     assert artifact_identity(built) != artifact_identity({**built, "config_hash": "abd"})
+
+
+def _evaluate(runs_dir: str, barrier) -> None:  # noqa: ANN001
+    """One `evaluate --model base` of the smoke profile, started together with another on one runs folder."""
+    import torch
+
+    from h3fusion.config import load_profile
+    from h3fusion.evaluation.run import evaluate_model
+    from tests.test_baselines import fake_judges
+
+    torch.set_num_threads(1)
+    profile = load_profile("smoke", {"runs_dir": runs_dir})
+    barrier.wait(timeout=120)
+    evaluate_model(profile, "base", judges=fake_judges())
+
+
+def test_two_concurrent_evaluate_runs_on_one_runs_folder_both_finish_with_the_same_metrics(tmp_path):
+    """Two evaluations of one model on one runs folder at once: neither crashes or deletes the other's files, and
+    the metrics left behind are byte-identical to a run alone."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    shared = tmp_path / "shared"
+    procs = [ctx.Process(target=_evaluate, args=(str(shared), barrier)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=600)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    alone = tmp_path / "alone"
+    proc = ctx.Process(target=_evaluate, args=(str(alone), _NoBarrier()))
+    proc.start()
+    proc.join(timeout=600)
+    assert proc.exitcode == 0
+    metrics = "smoke/eval/base/metrics.json"
+    assert (shared / metrics).read_bytes() == (alone / metrics).read_bytes()
+    leftovers = [
+        p.name for p in (shared / "smoke" / "eval").iterdir() if ".tmp-" in p.name or ".old-" in p.name
+    ]
+    assert leftovers == []
+
+
+class _NoBarrier:
+    def wait(self, timeout: float | None = None) -> None:
+        return None
