@@ -264,3 +264,11 @@ def test_executed_output_check_flags_machine_paths_and_progress_output(tmp_path:
 
 def test_committed_book_shows_no_machine_paths_or_progress_output() -> None:
     assert bookcheck.executed_output_problems(bookcheck.BOOK_DIR) == []
+
+
+def test_executed_output_check_accepts_an_allowed_runs_folder(tmp_path: Path) -> None:
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", text="saved /tmp/check-runs/smoke/fusion/raw\n")]
+    _notebook([cell], tmp_path / "00_x.ipynb")
+    assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/check-runs",)) == []
+    assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/other",))
