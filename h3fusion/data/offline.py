@@ -18,12 +18,12 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from h3fusion.artifacts import atomic_write_bytes
 from h3fusion.config import PROJECT_ROOT, shown_path
 from h3fusion.errors import DataError
 
@@ -254,10 +254,12 @@ def refresh(
             + f". Check the origin; if the change is intended, update {CHECKSUMS} and the folder's README"
         )
     for path, data in contents.items():
-        _write_atomic(folder / (path + COMPRESSED), lzma.compress(data, preset=9))
+        atomic_write_bytes(folder / (path + COMPRESSED), lzma.compress(data, preset=9))
     if from_dir is not None:
         _copy_docs(Path(from_dir), folder)
-    _write_atomic(folder / CHECKSUMS, "".join(f"{sha256(d)}  {p}\n" for p, d in contents.items()).encode())
+    atomic_write_bytes(
+        folder / CHECKSUMS, "".join(f"{sha256(d)}  {p}\n" for p, d in contents.items()).encode()
+    )
     return list(contents)
 
 
@@ -265,11 +267,4 @@ def _copy_docs(src: Path, dest: Path) -> None:
     for sub in sorted({Path(spec.path).parent for spec in FILES}):
         for doc in DOCS:
             if (src / sub / doc).is_file():
-                _write_atomic(dest / sub / doc, (src / sub / doc).read_bytes())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+                atomic_write_bytes(dest / sub / doc, (src / sub / doc).read_bytes())
