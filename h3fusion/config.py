@@ -189,8 +189,26 @@ class GenerationConfig(Section):
     """0 = greedy (default); > 0 = seeded sampling."""
 
 
+class LikelihoodConfig(Section):
+    """The judge-free likelihood track (`h3fusion.evaluation.likelihood`): how many items of each dimension it
+    scores. Items are the first of each dimension's seeded stratified order, so they contain the judged sample."""
+
+    honest_questions: int | None = Field(None, gt=0)
+    """TruthfulQA evaluation questions scored for MC1/MC2; null = all (409)."""
+    helpful_items: int | None = Field(100, gt=0)
+    """AlpacaEval instructions whose reference answer is scored; null = all 805."""
+    harmless_prompts: int | None = Field(None, gt=0)
+    """BeaverTails evaluation prompts with both a safe and an unsafe labelled response; null = all."""
+    max_answer_tokens: int = Field(128, gt=0)
+    """Reference answers and responses are scored on at most this many tokens (the training max length)."""
+    skip_models: list[str] = Field(default_factory=list)
+    """Models not scored on this track (their scoring costs far more than one forward pass, e.g. a fuser that
+    must first generate every expert's answer to each scored prompt); the book lists them."""
+
+
 class EvaluationConfig(Section):
     generation: GenerationConfig
+    likelihood: LikelihoodConfig = Field(default_factory=LikelihoodConfig)
     max_new_tokens_by_dimension: dict[str, int] = Field(default_factory=dict)
     """Per-dimension caps that replace `generation.max_new_tokens` (e.g. {helpful: 256}: the helpfulness judge
     was validated on whole answers, so its answers must be long enough to end)."""

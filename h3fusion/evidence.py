@@ -27,11 +27,21 @@ COLUMNS = {
     ("honest", "truthful_x_informative"): "Truthful×Informative % ↑",
     ("honest", "truthful"): "Truthful % ↑",
     ("honest", "informative"): "Informative % ↑",
-    ("honest", "mc1"): "MC1 % ↑",
-    ("honest", "mc2"): "MC2 % ↑",
 }
 AVERAGE = "Average % ↑"
 HEADLINE_COLUMNS = [COLUMNS[(t, m)] for t, m in stats.HEADLINE.items()]
+LIKELIHOOD_COLUMNS = {
+    ("helpful", "ref_logprob"): "Helpful: reference log-lik ↑",
+    ("harmless", "safe_preferred"): "Safe preferred % ↑",
+    ("harmless", "safe_margin"): "Safe − unsafe log-lik ↑",
+    ("honest", "mc1"): "MC1 % ↑",
+    ("honest", "mc2"): "MC2 % ↑",
+}
+"""The likelihood track (ours, judge-free): log-likelihoods in nats per token, the rest in %."""
+LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_preferred", "honest": "mc2"}
+"""The metric of each dimension the likelihood track's headline compares (all higher-is-better)."""
+NATS = {LIKELIHOOD_COLUMNS[("helpful", "ref_logprob")], LIKELIHOOD_COLUMNS[("harmless", "safe_margin")]}
+"""Columns in nats per token, shown with two decimals (the others are % with one)."""
 
 
 def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
@@ -43,6 +53,17 @@ def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict
         folder = metrics_path(profile, name).parent
         if (folder / "judgements").is_dir():
             out[label] = stats.read_item_scores(folder, name)
+    return out
+
+
+def likelihood_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
+    """Per-item likelihood-track scores of the models that have them ({label: model name} or `Evaluated`)."""
+    names = {m: m for m in models.metrics} if isinstance(models, Evaluated) else dict(models)
+    out = {}
+    for label, name in names.items():
+        scores = stats.read_likelihood_scores(metrics_path(profile, name).parent, name)
+        if scores is not None:
+            out[label] = scores
     return out
 
 
@@ -77,11 +98,14 @@ def own_dimension(
     return pd.DataFrame(rows).T
 
 
-def estimates(scores: Mapping[str, stats.ItemScores]) -> pd.DataFrame:
-    """Long form: one row per (model, column) with value, low, high and n."""
+def estimates(
+    scores: Mapping[str, stats.ItemScores], columns: Mapping[tuple[str, str], str] = COLUMNS
+) -> pd.DataFrame:
+    """Long form: one row per (model, column) with value, low, high and n (the three-dimension average only for
+    the judged track's columns)."""
     rows = []
     for name, s in scores.items():
-        for (task, metric), column in COLUMNS.items():
+        for (task, metric), column in columns.items():
             if task in s.tasks and metric in s.tasks[task][1]:
                 e = stats.rate(s.values(task, metric))
                 rows.append(
@@ -94,7 +118,7 @@ def estimates(scores: Mapping[str, stats.ItemScores]) -> pd.DataFrame:
                         "n": e.n,
                     }
                 )
-        if all(t in s.tasks for t in stats.HEADLINE):
+        if columns is COLUMNS and all(t in s.tasks for t in stats.HEADLINE):
             e = stats.average(s)
             rows.append(
                 {"model": name, "column": AVERAGE, "value": e.value, "low": e.low, "high": e.high, "n": e.n}
@@ -107,8 +131,12 @@ def interval_table(
 ) -> pd.DataFrame:
     """Cells "value [low, high]" (95 %), the items per column in its header, rows in evaluation order."""
     frame = long[long["column"].isin(columns)]
+    digits = [2 if c in NATS else 1 for c in frame["column"]]
     cells = frame.assign(
-        cell=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in frame[["value", "low", "high"]].to_numpy()]
+        cell=[
+            f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
+            for (v, lo, hi), d in zip(frame[["value", "low", "high"]].to_numpy(), digits, strict=True)
+        ]
     )
     table = cells.pivot(index="model", columns="column", values="cell").reindex(
         index=list(dict.fromkeys(frame["model"])), columns=[c for c in columns if c in set(frame["column"])]
@@ -147,6 +175,52 @@ def headline_comparisons(
         else:
             row.update({"best member (point estimate)": "not evaluated", "verdict": "not compared"})
         rows[f"vs the {group}"] = row
+    return pd.DataFrame(rows).T
+
+
+def likelihood_headline(
+    profile: Profile, evaluated: Evaluated, scores: Mapping[str, stats.ItemScores]
+) -> pd.DataFrame:
+    """The headline on the likelihood track, one dimension at a time: H3Fusion-MoE's mean minus the best
+    member's of each group (the best re-taken in every paired bootstrap resample), with the verdict it gives.
+    Members without this track (`evaluation.likelihood.skip_models`) are left out and counted."""
+    fused = fused_variant(profile)
+    rows = {}
+    for group in PAPER_IMPROVEMENT_PCT:
+        members = [m for m in evaluated.present(group) if m in scores]
+        for task, metric in LIKELIHOOD_HEADLINE.items():
+            label = LIKELIHOOD_COLUMNS[(task, metric)]
+            row: dict[str, Any] = {"metric": label, "members compared": len(members)}
+            if fused in scores and members and task in scores[fused].tasks:
+                imp = stats.metric_improvement_over_best(scores[fused], [scores[m] for m in members], task, metric)
+                d = 2 if label in NATS else 1
+                row.update(
+                    {
+                        "improvement over the best member": f"{imp.value:+.{d}f} [{imp.low:+.{d}f}, {imp.high:+.{d}f}]",
+                        "n": imp.n,
+                        "verdict": stats.verdict_word(imp),
+                    }
+                )
+            else:
+                row.update({"improvement over the best member": "not scored", "n": 0, "verdict": "not compared"})
+            rows[(f"vs the {group}", task)] = row
+    return pd.DataFrame(rows).T
+
+
+def likelihood_power(scores: Mapping[str, stats.ItemScores], power_level: float = 0.8) -> pd.DataFrame:
+    """Per dimension of the likelihood track, the smallest paired difference detected at 80 % power."""
+    rows = {}
+    for task, metric in LIKELIHOOD_HEADLINE.items():
+        scored = [s for s in scores.values() if task in s.tasks]
+        if len(scored) < 2:
+            continue
+        mdd = stats.metric_mdd(list(itertools.combinations(scored, 2)), task, metric, power=power_level)
+        unit = "nats/token" if LIKELIHOOD_COLUMNS[(task, metric)] in NATS else "points"
+        rows[LIKELIHOOD_COLUMNS[(task, metric)]] = {
+            "n": mdd["n"],
+            "minimal detectable difference": f"{mdd['mdd']:.3f} {unit}" if unit != "points" else f"{mdd['mdd']:.1f} points",
+            "model pairs": mdd["pairs"],
+        }
     return pd.DataFrame(rows).T
 
 
@@ -214,7 +288,7 @@ def judges_note(evaluated: Evaluated) -> str:
             if judge.get("name", "?") not in names[task]:
                 names[task].append(judge.get("name", "?"))
     listed = "; ".join(f"{task}: {' | '.join(n)}" for task, n in names.items())
-    return f"Judges: {listed}. TruthfulQA MC1/MC2 need no judge."
+    return f"Judges: {listed}. The likelihood track (TruthfulQA MC1/MC2 among it) needs no judge."
 
 
 def power_note(mdd: Mapping[str, float]) -> str:

@@ -340,10 +340,15 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
             len(runmod.read_jsonl(folder / "judgements" / f"{task}.jsonl"))
             == profile.data.eval_examples[task]
         )
-    assert (folder / "manifest.json").is_file() and (folder / "mc.jsonl").is_file()
-    m = first["scores"]
+    assert (folder / "manifest.json").is_file()
+    track = folder / "likelihood"
+    assert {p.stem for p in track.glob("*.jsonl")} == set(profile.tasks)
+    m, lk = first["scores"], first["likelihood"]
     assert set(m) == set(profile.tasks)
-    assert 0 <= m["helpful"]["win_rate"] <= 100 and 0 <= m["honest"]["mc2"] <= 100
+    assert 0 <= m["helpful"]["win_rate"] <= 100 and 0 <= lk["honest"]["mc2"] <= 100
+    assert lk["honest"]["n"] == profile.evaluation.likelihood.honest_questions
+    assert lk["helpful"]["n"] == profile.evaluation.likelihood.helpful_items
+    assert lk["helpful"]["ref_logprob"] < 0  # a mean log-probability per token
     assert first["judges"]["helpful"]["name"] == "fake-length-judge"
     assert first["judges"]["harmless"]["validation"]["n_heldout"] == 10
     assert first["n_items"] == {t: profile.data.eval_examples[t] for t in profile.tasks}
@@ -352,11 +357,16 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     again = runmod.evaluate_model(profile, "base", judges=judges)
     assert again == first
 
-    # A deleted mc.jsonl is scored again and written back (the metrics are not returned without it).
-    (folder / "mc.jsonl").unlink()
+    # A deleted likelihood file is scored again and written back (the metrics are not returned without it),
+    # to the same values; the other dimensions' likelihood rows are reused.
+    (track / "honest.jsonl").unlink()
     rescored = runmod.evaluate_model(profile, "base", judges=judges)
-    assert (folder / "mc.jsonl").is_file() and _phases(folder)["honest"]["mc_s"] > 0
+    phases = _phases(folder)
+    assert (track / "honest.jsonl").is_file() and phases["honest"]["likelihood_s"] > 0
+    assert phases["helpful"]["likelihood_s"] == 0
     assert _scores(rescored) == _scores(first)
+    for task, values in first["likelihood"].items():
+        assert rescored["likelihood"][task] == pytest.approx(values)
 
     # Changed judge: generations reused, only re-judged.
     judges.helpful.validation = {"agreement": 0.6, "n_heldout": 10}
@@ -409,10 +419,9 @@ def _metrics(name, win, harmful, tri, judge="offline judge"):
                 "truthful": tri,
                 "informative": 100.0,
                 "truthful_x_informative": tri,
-                "mc1": 30.0,
-                "mc2": 45.0,
             },
         },
+        "likelihood": {"honest": {"mc1": 30.0, "mc2": 45.0, "n": 409}},
     }
 
 
@@ -459,6 +468,7 @@ def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, 
     assert hand_table.loc["harmless", AVERAGE] == pytest.approx(50.0)
     partial = _metrics("partial", 70.0, 5.0, 40.0)
     del partial["scores"]["honest"]
+    del partial["likelihood"]
     table = results_table({"fused": _metrics("fused", 60.0, 15.0, 50.0), "partial": partial})
     assert list(table.index) == ["fused", "partial"]
     assert math.isnan(table.loc["partial", "MC1 % ↑"]) and math.isnan(table.loc["partial", AVERAGE])

@@ -2,12 +2,14 @@
 
 `evaluate_model(profile, name)` resolves NAME through `known_models(profile)` (base, an expert, the raw MoE, a
 fused variant, a baseline, or anything another module registers with `register_models`), generates answers for
-each dimension's evaluation items, judges them, scores TruthfulQA MC1/MC2 from the model's log-likelihoods, and
-writes into ``runs/<profile>/eval/<name>/``:
+each dimension's evaluation items, judges them, scores the judge-free likelihood track (`h3fusion.evaluation.likelihood`: TruthfulQA
+MC1/MC2, reference answers, safe vs unsafe responses) from the model's log-likelihoods, and writes into
+``runs/<profile>/eval/<name>/``:
 
 - ``generations/<dimension>.jsonl``: prompt and answer per item,
 - ``judgements/<dimension>.jsonl``: the judge's output per item,
-- ``mc.jsonl``: MC1/MC2 and the choices' log-likelihoods per TruthfulQA question,
+- ``likelihood/<dimension>.jsonl``: the likelihood track per item (MC1/MC2 and the choices' log-likelihoods per
+  TruthfulQA question; per-token log-likelihood per reference answer; safe-unsafe margin per BeaverTails prompt),
 - ``metrics.json``: the scores, the judge names and their validation figures, item counts, hashes (the same bytes
   for the same results: wall times stay out of it),
 - ``manifest.json`` (last; the folder is written atomically), with the wall time of each phase (`PHASE_TIMES`).
@@ -15,7 +17,8 @@ writes into ``runs/<profile>/eval/<name>/``:
 Caching: the generations of a dimension are reused when its *generation hash* is unchanged. That hash covers the
 evaluation items, the generation config, the seed, the prompt format and the model's identity (the manifest of
 its artifact folder without the build's wall time, date, paths and machine: a model re-trained with another
-config or to another loss log is re-generated, one re-built the same is not). Judgements are reused when the judge identity
+config or to another loss log is re-generated, one re-built the same is not). The likelihood track of a dimension
+is reused while its own hash (items, scored texts, MC prompt, model identity) is unchanged. Judgements are reused when the judge identity
 (names and validation figures) is unchanged too; a re-run with nothing changed loads nothing and returns the
 stored metrics. `score_generations` re-judges stored generations without loading the model.
 """
@@ -43,9 +46,10 @@ from h3fusion.artifacts import (
 )
 from h3fusion.config import TASKS, Profile, shown_path
 from h3fusion.errors import ArtifactError, H3FusionError, ModelError
+from h3fusion.evaluation import likelihood
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
-from h3fusion.evaluation.mc import MCQuestion, aggregate_mc, mc_prompt, score_mc
+from h3fusion.evaluation.mc import MCQuestion, mc_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,7 +60,7 @@ EVAL_FORMAT = 1
 METRICS = "metrics.json"
 PHASE_TIMES = "phase_times"
 """Manifest key: {phase or dimension: seconds and whether generations/judgements were reused}."""
-MC_ROWS = "mc.jsonl"
+LIKELIHOOD_HASHES = "likelihood_hashes"
 
 
 class UnknownModelError(H3FusionError, KeyError):
@@ -357,19 +361,6 @@ def generation_hash(profile: Profile, model_identity: str, task: str, inputs: Di
     )
 
 
-def mc_hash(profile: Profile, model_identity: str, inputs: DimensionInputs) -> str:
-    mc = [(q.question, q.mc1_choices, q.mc1_labels, q.mc2_choices, q.mc2_labels) for q in inputs.mc]
-    return _digest(
-        {
-            "format": EVAL_FORMAT,
-            "model": model_identity,
-            "mc": mc,
-            "prompts": inputs.prompts,
-            "mc_prompt": profile.evaluation.mc_prompt,
-        }
-    )
-
-
 def judge_identity(judge: Any) -> dict[str, Any]:
     return {"name": judge.name, "validation": getattr(judge, "validation", {})}
 
@@ -474,9 +465,11 @@ class _Previous:
         path = self.folder / "judgements" / f"{task}.jsonl"
         return read_jsonl(path) if path.is_file() else None
 
-    def mc(self, hash_: str) -> list[dict] | None:
-        path = self.folder / MC_ROWS
-        return read_jsonl(path) if self.manifest.get("mc_hash") == hash_ and path.is_file() else None
+    def likelihood(self, task: str, hash_: str) -> list[dict] | None:
+        path = self.folder / likelihood.FOLDER / f"{task}.jsonl"
+        if self.manifest.get(LIKELIHOOD_HASHES, {}).get(task) != hash_ or not path.is_file():
+            return None
+        return read_jsonl(path)
 
 
 def _previous(folder: Path) -> _Previous | None:
@@ -499,7 +492,9 @@ def evaluate_model(
     folder = eval_dir(profile, name)
     previous = _previous(folder)
     gen_hashes = {t: generation_hash(profile, identity, t, inputs[t]) for t in profile.tasks}
-    mc_h = mc_hash(profile, identity, inputs["honest"]) if "honest" in inputs else None
+    on_track = name not in profile.evaluation.likelihood.skip_models
+    track_inputs = likelihood.likelihood_inputs(profile) if on_track else {}
+    track_hashes = {t: li.digest(identity, profile.evaluation.mc_prompt) for t, li in track_inputs.items()}
 
     model: LanguageModel | None = lm
     times: dict[str, dict[str, float | bool]] = {}
@@ -531,18 +526,18 @@ def evaluate_model(
         times[task] = {"generate_s": round(sw.seconds, 2), "reused_generations": reused}
         generations[task] = cached
 
-    mc_rows: list[dict] | None = None
-    if mc_h is not None:
-        mc_rows = previous.mc(mc_h) if previous else None
-        lm_now = None if mc_rows is not None else get_model()
+    track_rows: dict[str, list[dict]] = {}
+    for task, li in track_inputs.items():
+        rows = previous.likelihood(task, track_hashes[task]) if previous else None
+        lm_now = None if rows is not None else get_model()
         with Stopwatch() as sw:
             if lm_now is not None:
-                fmt = mc_prompt(profile.evaluation.mc_prompt)
-                mc_rows = score_mc(lm_now, inputs["honest"].mc, fmt.template, fmt.separator)
-        times["honest"]["mc_s"] = round(sw.seconds, 2)
+                rows = likelihood.score(lm_now, li, profile.evaluation.mc_prompt)
+        times.setdefault(task, {})["likelihood_s"] = round(sw.seconds, 2)
+        track_rows[task] = rows
 
     return _judge_and_write(
-        profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h, times, previous
+        profile, name, identity, judges, inputs, generations, gen_hashes, track_rows, track_hashes, times, previous
     )
 
 
@@ -569,12 +564,14 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
         for t, rows in generations.items()
     }
     gen_hashes = dict(previous.manifest.get("generation_hashes", {}))
-    mc_h = previous.manifest.get("mc_hash")
-    mc_rows = read_jsonl(folder / MC_ROWS) if (folder / MC_ROWS).is_file() else None
+    track_hashes = dict(previous.manifest.get(LIKELIHOOD_HASHES, {}))
+    track_rows = {t: previous.likelihood(t, h) for t, h in track_hashes.items()}
+    track_rows = {t: rows for t, rows in track_rows.items() if rows is not None}
+    track_hashes = {t: h for t, h in track_hashes.items() if t in track_rows}
     times = {t: {"generate_s": 0.0, "reused_generations": True} for t in profile.tasks}
     identity = previous.manifest.get("model_identity", f"stored:{name}")
     return _judge_and_write(
-        profile, name, identity, judges, inputs, generations, gen_hashes, mc_rows, mc_h, times, previous
+        profile, name, identity, judges, inputs, generations, gen_hashes, track_rows, track_hashes, times, previous
     )
 
 
@@ -590,17 +587,19 @@ def _judge_and_write(
     inputs: dict[str, DimensionInputs],
     generations: dict[str, list[dict]],
     gen_hashes: dict[str, str],
-    mc_rows: list[dict] | None,
-    mc_h: str | None,
+    track_rows: dict[str, list[dict]],
+    track_hashes: dict[str, str],
     times: dict[str, dict[str, Any]],
     previous: _Previous | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     judges = judges if judges is not None else _load_judges(profile)
     judge_hashes = {t: _digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
-    config_hash = _digest({"generations": gen_hashes, "mc": mc_h, "judges": judge_hashes})
+    config_hash = _digest({"generations": gen_hashes, "likelihood": track_hashes, "judges": judge_hashes})
     folder = eval_dir(profile, name)
-    stored = (folder / METRICS).is_file() and (mc_h is None or (folder / MC_ROWS).is_file())
+    stored = (folder / METRICS).is_file() and all(
+        (folder / likelihood.FOLDER / f"{t}.jsonl").is_file() for t in track_hashes
+    )
     if previous and previous.manifest.get("config_hash") == config_hash and stored:
         return json.loads((folder / METRICS).read_text())
 
@@ -616,13 +615,12 @@ def _judge_and_write(
         judgements[task] = cached
         scores[task] = _scores_from_judgements(task, cached)
         times[task].update(judge_s=round(sw.seconds, 2), reused_judgements=reused)
-    if mc_rows is not None and "honest" in scores:
-        scores["honest"].update({f"{k}": 100.0 * v for k, v in aggregate_mc(mc_rows).items()})
 
     metrics = {
         "model": name,
         "profile": profile.name,
         "scores": scores,
+        "likelihood": likelihood.summary(track_rows),
         "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
         "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
         "n_items": {t: len(generations[t]) for t in profile.tasks},
@@ -630,7 +628,17 @@ def _judge_and_write(
         "model_identity": identity,
     }
     _write(
-        profile, folder, metrics, generations, judgements, mc_rows, gen_hashes, judge_hashes, mc_h, times, t0
+        profile,
+        folder,
+        metrics,
+        generations,
+        judgements,
+        track_rows,
+        gen_hashes,
+        judge_hashes,
+        track_hashes,
+        times,
+        t0,
     )
     return metrics
 
@@ -660,10 +668,10 @@ def _write(
     metrics: dict[str, Any],
     generations: dict[str, list[dict]],
     judgements: dict[str, list[dict]],
-    mc_rows: list[dict] | None,
+    track_rows: dict[str, list[dict]],
     gen_hashes: dict[str, str],
     judge_hashes: dict[str, str],
-    mc_h: str | None,
+    track_hashes: dict[str, str],
     times: dict[str, dict[str, Any]],
     t0: float,
 ) -> None:
@@ -677,8 +685,8 @@ def _write(
                     for i, (r, j) in enumerate(zip(rows, judgements[task], strict=True))
                 ],
             )
-        if mc_rows is not None:
-            write_jsonl(tmp / MC_ROWS, mc_rows)
+        for task, rows in track_rows.items():
+            write_jsonl(tmp / likelihood.FOLDER / f"{task}.jsonl", rows)
         atomic_write_json(tmp / METRICS, metrics)
         atomic_write_json(
             tmp / MANIFEST,
@@ -690,7 +698,7 @@ def _write(
                 model_identity=metrics["model_identity"],
                 generation_hashes=gen_hashes,
                 judge_hashes=judge_hashes,
-                mc_hash=mc_h,
+                **{LIKELIHOOD_HASHES: track_hashes},
                 **{PHASE_TIMES: times},
             ),
         )

@@ -65,22 +65,31 @@ class ItemScores:
         return self.tasks[task][0]
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_item_scores(folder: Path, model: str) -> ItemScores:
-    """Per-item scores of the evaluation in `folder` (``eval/<model>/``); MC1/MC2 join the honest dimension."""
+    """Per-item scores of the judged track of the evaluation in `folder` (``eval/<model>/``)."""
     tasks: dict[str, tuple[list[str], dict[str, np.ndarray]]] = {}
     for path in sorted((folder / "judgements").glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _rows(path)
         tasks[path.stem] = ([str(r["item_id"]) for r in rows], item_values(path.stem, rows))
-    mc = folder / "mc.jsonl"
-    if mc.is_file() and "honest" in tasks:
-        rows = [json.loads(line) for line in mc.read_text().splitlines() if line.strip()]
-        if len(rows) == len(tasks["honest"][0]):  # one MC row per honest item, in item order
-            tasks["honest"][1].update(
-                mc1=100.0 * np.array([r["mc1"] for r in rows]), mc2=100.0 * np.array([r["mc2"] for r in rows])
-            )
     if not tasks:
         raise ArtifactError(f"no per-item judgements in {folder}; re-run `h3fusion evaluate` for {model}")
     return ItemScores(model, tasks)
+
+
+def read_likelihood_scores(folder: Path, model: str) -> ItemScores | None:
+    """Per-item scores of the likelihood track in `folder` (``eval/<model>/likelihood/``), None when the model
+    was not scored on it (`evaluation.likelihood.skip_models`)."""
+    from h3fusion.evaluation import likelihood
+
+    tasks = {}
+    for path in sorted((folder / likelihood.FOLDER).glob("*.jsonl")):
+        rows = _rows(path)
+        tasks[path.stem] = ([str(r["item_id"]) for r in rows], likelihood.item_values(path.stem, rows))
+    return ItemScores(model, tasks) if tasks else None
 
 
 @dataclass(frozen=True)
@@ -190,6 +199,40 @@ def metric_difference(a: ItemScores, b: ItemScores, task: str, metric: str) -> E
     d = a.values(task, metric) - b.values(task, metric)
     low, high = _bootstrap([d], lambda x: x.mean())
     return Estimate(float(d.mean()), low, high, len(d))
+
+
+def metric_improvement_over_best(
+    fused: ItemScores, group: Sequence[ItemScores], task: str, metric: str, higher_is_better: bool = True
+) -> Estimate:
+    """mean(fused) - max_g mean(g) of one metric (min_g for a lower-is-better one, then negated so that a
+    positive value always favours the fused model), the extreme taken inside every paired bootstrap resample."""
+    models = [fused, *group]
+    for m in group:
+        if m.ids(task) != fused.ids(task):
+            raise ArtifactError(f"{m.model} and {fused.model} were scored on different {task} items; re-evaluate both")
+    sign = 1.0 if higher_is_better else -1.0
+    matrix = sign * np.vstack([m.values(task, metric) for m in models])
+
+    def improvement(v: np.ndarray) -> float:
+        means = v.mean(axis=-1)
+        return float(means[0] - means[1:].max())
+
+    low, high = _bootstrap([matrix], improvement)
+    return Estimate(improvement(matrix), low, high, matrix.shape[-1])
+
+
+def metric_mdd(
+    pairs: Sequence[tuple[ItemScores, ItemScores]], task: str, metric: str, power: float = 0.8, alpha: float = 0.05
+) -> dict[str, float]:
+    """The smallest difference of one metric's mean that a paired comparison detects with probability `power`
+    (two-sided level `alpha`), with the per-item variance of paired differences the median over `pairs`."""
+    if not pairs:
+        raise ArtifactError("no pair of scored models to estimate the variance of a difference from")
+    variances = [float(np.var(a.values(task, metric) - b.values(task, metric), ddof=1)) for a, b in pairs]
+    n = len(pairs[0][0].values(task, metric))
+    se = float(np.sqrt(np.median(variances) / n))
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return {"mdd": float(z * se), "se": se, "n": n, "pairs": len(pairs)}
 
 
 def improvement_over_best(fused: ItemScores, group: Sequence[ItemScores]) -> dict[str, Estimate]:

@@ -64,8 +64,9 @@ def results_table(metrics: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[st
             heads["honest"]: ho.get("truthful_x_informative", nan),
             f"{TRUTHFUL} [{_judge_label(rows, 'honest')}]": ho.get("truthful", nan),
             f"{INFORMATIVE} [{_judge_label(rows, 'honest')}]": ho.get("informative", nan),
-            MC1: ho.get("mc1", nan),  # the model's own log-likelihoods: no judge
-            MC2: ho.get("mc2", nan),
+            # the likelihood track's MC (all its questions), the model's own log-likelihoods: no judge
+            MC1: m.get("likelihood", {}).get("honest", {}).get("mc1", nan),
+            MC2: m.get("likelihood", {}).get("honest", {}).get("mc2", nan),
         }
         rec[AVERAGE] = average_score(rec[heads["helpful"]], rec[heads["harmless"]], rec[heads["honest"]])
         records.append(rec)
