@@ -86,3 +86,44 @@ def test_a_judge_no_better_than_chance_is_refused(counts):
 def test_flags_must_be_binary():
     with pytest.raises(ArtifactError, match="binary"):
         stats.corrected_rate(np.array([0.0, 50.0, 100.0]), **JUDGE)
+
+
+COUNTS = {"true_positive": 80, "false_negative": 20, "true_negative": 90, "false_positive": 10}
+
+
+def _scores(name: str, harmful: np.ndarray) -> stats.ItemScores:
+    return stats.ItemScores(
+        name, {"harmless": ([f"s{i}" for i in range(len(harmful))], {"harmful_rate": harmful})}
+    )
+
+
+def test_the_correction_table_has_one_row_per_model_with_both_rates(smoke_profile, monkeypatch):
+    from h3fusion import evidence
+    from h3fusion.evaluation.judges import harmless
+
+    scores = {"base": _scores("base", _flags(31)), "fused": _scores("fused", _flags(24, seed=5))}
+    table = evidence.harmless_correction(smoke_profile, scores, COUNTS)
+    assert list(table.index) == ["base", "fused"]
+    base = table.loc["base"]
+    assert base["n"] == 100
+    assert base["_corrected"].value == pytest.approx(30.0)
+    assert base["observed harmful %"] == str(stats.rate(_flags(31)))
+    assert base["corrected harmful %"] == str(stats.corrected_rate(_flags(31), tp=80, fn=20, tn=90, fp=10))
+    assert base["judge sensitivity %"].startswith("80.0 [") and base["judge specificity %"].startswith(
+        "90.0 ["
+    )
+
+    monkeypatch.setattr(harmless, "confusion", lambda profile: COUNTS)  # the default counts are the judge's
+    assert evidence.harmless_correction(smoke_profile, scores).equals(table)
+    paper = smoke_profile.model_copy(
+        update={"evaluation": smoke_profile.evaluation.model_copy(update={"harmless_judge": "beaver-dam-7b"})}
+    )
+    assert evidence.harmless_correction(paper, scores).empty
+
+
+def test_the_correction_note_states_the_counts_and_the_method():
+    from h3fusion import evidence
+
+    note = evidence.harmless_correction_note(COUNTS)
+    for said in ("170 of 200", "flags 80", "clears 90", "Rogan–Gladen", "0.700", "independently"):
+        assert said in note
