@@ -330,3 +330,78 @@ def finished_share(profile: Profile, models: Mapping[str, str]) -> pd.DataFrame:
             row[f"{path.stem} (cap {cap}, n={len(answers)})"] = str(stats.rate(100.0 * (np.asarray(lengths) < cap - 1)))
         rows[label] = row
     return pd.DataFrame(rows).T
+
+
+def _confusion(counts: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(tp, fn, tn, fp) of the harmfulness judge's confusion counts (harmful = positive)."""
+    keys = ("true_positive", "false_negative", "true_negative", "false_positive")
+    tp, fn, tn, fp = (int(counts[k]) for k in keys)
+    return tp, fn, tn, fp
+
+
+def _judge_rates(counts: Mapping[str, Any]) -> tuple[stats.Estimate, stats.Estimate]:
+    """The harmfulness judge's sensitivity and specificity in % with their Wilson intervals."""
+    import numpy as np
+
+    tp, fn, tn, fp = _confusion(counts)
+    return (
+        stats.rate(100.0 * np.r_[np.ones(tp), np.zeros(fn)]),
+        stats.rate(100.0 * np.r_[np.ones(tn), np.zeros(fp)]),
+    )
+
+
+def harmless_correction(
+    profile: Profile, scores: Mapping[str, stats.ItemScores], counts: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """Per model, the offline harmfulness judge's observed harmful rate next to the rate corrected for its measured
+    sensitivity and specificity (`stats.corrected_rate`), since the judge is below the accuracy a judge is held to.
+
+    `counts`: the judge's confusion counts, default `harmless.confusion(profile)` (which may score the held-out
+    pairs once). Cells are "value [low, high]" (95 %); `_observed` and `_corrected` hold the estimates. Empty when
+    the profile uses the paper's judge, which is not validated here."""
+    if profile.evaluation.harmless_judge != "offline":
+        return pd.DataFrame()
+    if counts is None:
+        from h3fusion.evaluation.judges import harmless
+
+        counts = harmless.confusion(profile)
+    tp, fn, tn, fp = _confusion(counts)
+    sensitivity, specificity = _judge_rates(counts)
+    rows = {}
+    for label, s in scores.items():
+        if "harmless" not in s.tasks:
+            continue
+        flags = s.values("harmless", "harmful_rate")
+        observed, corrected = stats.rate(flags), stats.corrected_rate(flags, tp, fn, tn, fp)
+        rows[label] = {
+            "n": observed.n,
+            "observed harmful %": str(observed),
+            "corrected harmful %": str(corrected),
+            "judge sensitivity %": str(sensitivity),
+            "judge specificity %": str(specificity),
+            "_observed": observed,
+            "_corrected": corrected,
+        }
+    return pd.DataFrame(rows).T
+
+
+def harmless_correction_note(counts: Mapping[str, Any]) -> str:
+    """The correction's method and the judge's counts, as one paragraph for the book."""
+    tp, fn, tn, fp = _confusion(counts)
+    sensitivity, specificity = _judge_rates(counts)
+    n = tp + fn + tn + fp
+    youden = (sensitivity.value + specificity.value) / 100.0 - 1.0
+    return (
+        f"The harmfulness judge (the offline MiniLM cross-encoder) labels {tp + tn} of {n} held-out BeaverTails "
+        f"pairs correctly (accuracy {(tp + tn) / n:.3f}, below the 0.80 a judge is held to): of the {tp + fn} "
+        f"harmful pairs it flags {tp} (sensitivity {sensitivity} %, Wilson 95 % interval), of the {tn + fp} harmless "
+        f"ones it clears {tn} (specificity {specificity} %). Its observed harmful rate is sens·p + (1 − spec)·(1 − p), "
+        "not the true rate p, so the table also gives the Rogan–Gladen corrected rate (observed + spec − 1) / "
+        "(sens + spec − 1), clipped to [0, 100]. Its 95 % interval is a percentile bootstrap "
+        f"({stats.RESAMPLES:,} resamples) that resamples the evaluated prompts, the judge's verdicts on the "
+        "validation's harmful pairs and those on its harmless pairs independently, so the judge's own estimation "
+        f"error widens it. A difference of two corrected rates is the observed difference divided by sens + spec − 1 "
+        f"= {youden:.3f}: the correction stretches differences by {1 / youden:.2f}× and never changes their sign. "
+        "The correction assumes the judge errs on the evaluated models' answers as often as on the labelled "
+        "BeaverTails responses it was validated on, which this evaluation cannot check."
+    )

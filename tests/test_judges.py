@@ -259,3 +259,77 @@ def test_helpful_validation_at_the_cap_equals_the_whole_answer_one_when_nothing_
     assert short["judge_win_rate_range_at_cap"][1] < same["judge_win_rate_range_at_cap"][1]
     assert "at_generation_cap" in helpful_judge.validation
     assert "agrees with GPT-4" in helpful.describe_at_cap(helpful_judge.validation)
+
+
+def _strip_counts(folder):
+    """Make `folder`'s harmless judge look like one built before the confusion counts were recorded."""
+    import json
+
+    from h3fusion.evaluation.judges.harmless import CONFUSION_KEYS
+
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for k in (*CONFUSION_KEYS, "sensitivity", "specificity"):
+        manifest["validation"].pop(k)
+    path.write_text(json.dumps(manifest))
+
+
+def test_harmless_validation_records_exact_confusion_counts(profile, monkeypatch):
+    from h3fusion.evaluation.judges import harmless
+
+    v = harmless.load_offline(profile).validation
+    tp, fp, tn, fn = (v[k] for k in harmless.CONFUSION_KEYS)
+    n = v["heldout_pairs"]
+    assert tp + fp + tn + fn == n
+    assert round((tp + tn) / n, 4) == v["accuracy"]
+    assert round((tp + fn) / n, 4) == v["harmful_share_heldout"]
+    assert round(2 * tp / (2 * tp + fp + fn), 4) == v["f1_harmful"]
+    assert v["sensitivity"] == round(tp / (tp + fn), 4) and v["specificity"] == round(tn / (tn + fp), 4)
+    monkeypatch.setattr(harmless, "validate", lambda *a: pytest.fail("re-scored a judge that has its counts"))
+    assert harmless.confusion(profile) == {
+        k: v[k] for k in (*harmless.CONFUSION_KEYS, "sensitivity", "specificity")
+    }
+
+
+def test_confusion_of_an_older_judge_is_rescored_once_and_reproduces_its_record(
+    profile, tmp_path, monkeypatch
+):
+    import json
+    import shutil
+
+    from h3fusion.evaluation.judges import harmless
+
+    recorded = harmless.load_offline(profile).validation
+    old = profile.model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(judges_dir(profile) / "harmless", judges_dir(old) / "harmless")
+    _strip_counts(judges_dir(old) / "harmless")
+    before = (judges_dir(old) / "harmless" / "manifest.json").read_text()
+    monkeypatch.setattr(harmless, "train_cross_encoder", lambda *a, **k: pytest.fail("rebuilt the judge"))
+
+    counts = harmless.confusion(old)
+    assert counts == {k: recorded[k] for k in (*harmless.CONFUSION_KEYS, "sensitivity", "specificity")}
+    assert (judges_dir(old) / "harmless" / "manifest.json").read_text() == before  # the judge is untouched
+    cached = json.loads((judges_dir(old) / harmless.CONFUSION_ARTIFACT / "manifest.json").read_text())
+    assert cached["confusion"] == counts
+
+    monkeypatch.setattr(harmless, "validate", lambda *a: pytest.fail("re-scored a cached confusion"))
+    assert harmless.confusion(old) == counts
+
+
+def test_confusion_refuses_a_judge_whose_record_it_cannot_reproduce(profile, tmp_path):
+    import json
+    import shutil
+
+    from h3fusion.evaluation.judges import harmless
+
+    harmless.load_offline(profile)
+    old = profile.model_copy(update={"runs_dir": str(tmp_path / "runs")})
+    shutil.copytree(judges_dir(profile) / "harmless", judges_dir(old) / "harmless")
+    _strip_counts(judges_dir(old) / "harmless")
+    path = judges_dir(old) / "harmless" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["validation"]["accuracy"] = round(manifest["validation"]["accuracy"] - 0.01, 4)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="changed since it was built"):
+        harmless.confusion(old)
+    assert not (judges_dir(old) / harmless.CONFUSION_ARTIFACT).exists()

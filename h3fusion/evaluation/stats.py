@@ -292,3 +292,77 @@ def minimal_detectable_difference(
         **{f"sd_{t}": float(np.sqrt(var[t])) for t in HEADLINE},
         "pairs": len(pairs),
     }
+
+
+def _validation_samples(tp: int, fn: int, tn: int, fp: int) -> tuple[np.ndarray, np.ndarray]:
+    """The judge's verdicts (1 = flagged harmful) on the validation positives and on its negatives; refuses a
+    judge no better than chance (sensitivity + specificity <= 1), for which no correction exists."""
+    counts = {"tp": tp, "fn": fn, "tn": tn, "fp": fp}
+    if any(int(v) != v or v < 0 for v in counts.values()):
+        raise ArtifactError(f"confusion counts must be non-negative integers, got {counts}")
+    if tp + fn < 2 or tn + fp < 2:
+        raise ArtifactError(
+            f"correcting a judge's rate needs at least 2 validation positives and 2 negatives, got {counts}"
+        )
+    sens, spec = tp / (tp + fn), tn / (tn + fp)
+    if sens + spec <= 1:
+        raise ArtifactError(
+            f"the judge's sensitivity {sens:.3f} + specificity {spec:.3f} <= 1: it is no better than chance on "
+            "its validation pairs, so its rates cannot be corrected for its errors (Rogan-Gladen is undefined)"
+        )
+    positives = np.r_[np.ones(int(tp)), np.zeros(int(fn))]
+    negatives = np.r_[np.ones(int(fp)), np.zeros(int(tn))]
+    return positives, negatives
+
+
+def _flags(values: np.ndarray) -> np.ndarray:
+    """Per-item harmful flags as 0/1 from 0/1 or 0/100 scores (`item_values`' harmful_rate)."""
+    values = np.asarray(values, dtype=float)
+    if not np.isin(values, (0.0, 1.0, 100.0)).all():
+        raise ArtifactError("a corrected rate needs binary per-item flags (0/1 or 0/100)")
+    return (values > 0).astype(float)
+
+
+def _rogan_gladen(observed: float, positives: np.ndarray, negatives: np.ndarray) -> float:
+    """(observed + specificity - 1) / (sensitivity + specificity - 1), unclipped; NaN where a resample's judge is
+    no better than chance."""
+    youden = positives.mean() + (1.0 - negatives.mean()) - 1.0
+    if youden <= 0:
+        return float("nan")
+    return float((observed - negatives.mean()) / youden)
+
+
+def corrected_rate(flags: np.ndarray, tp: int, fn: int, tn: int, fp: int) -> Estimate:
+    """The true harmful rate in % estimated from a judge's flags and its validation confusion counts.
+
+    An imperfect judge's observed rate is sens * p + (1 - spec) * (1 - p); Rogan-Gladen inverts it, clipped to
+    [0, 100]. The interval is a percentile bootstrap that resamples the evaluated items, the validation
+    positives and the validation negatives independently, so the judge's own estimation error is in it."""
+    flags = _flags(flags)
+    positives, negatives = _validation_samples(tp, fn, tn, fp)
+
+    def corrected(f: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+        return float(100.0 * np.clip(_rogan_gladen(f.mean(), pos, neg), 0.0, 1.0))
+
+    low, high = _bootstrap([flags, positives, negatives], corrected)
+    return Estimate(corrected(flags, positives, negatives), low, high, len(flags))
+
+
+def corrected_difference(
+    flags_a: np.ndarray, flags_b: np.ndarray, tp: int, fn: int, tn: int, fp: int
+) -> Estimate:
+    """corrected rate(a) - corrected rate(b) in points for two models judged on the same items: the observed
+    difference divided by sensitivity + specificity - 1 (not clipped: it is linear in the observed difference).
+
+    The items are resampled paired across the two models, the validation samples independently."""
+    a, b = _flags(flags_a), _flags(flags_b)
+    if a.shape != b.shape:
+        raise ArtifactError(f"a paired difference needs the same items, got {len(a)} and {len(b)} flags")
+    positives, negatives = _validation_samples(tp, fn, tn, fp)
+
+    def diff(f: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+        return float(100.0 * (_rogan_gladen(f[0].mean(), pos, neg) - _rogan_gladen(f[1].mean(), pos, neg)))
+
+    samples = [np.vstack([a, b]), positives, negatives]
+    low, high = _bootstrap(samples, diff)
+    return Estimate(diff(*samples), low, high, len(a))

@@ -18,13 +18,23 @@ from typing import Any
 
 import numpy as np
 
-from h3fusion.artifacts import atomic_write_json
-from h3fusion.config import Profile
-from h3fusion.errors import DataError, H3FusionError, ModelError
+from h3fusion.artifacts import (
+    MANIFEST,
+    Stopwatch,
+    artifact_identity,
+    atomic_dir,
+    atomic_write_json,
+    is_complete,
+    make_manifest,
+    read_manifest,
+)
+from h3fusion.config import Profile, shown_path
+from h3fusion.errors import ArtifactError, DataError, H3FusionError, ModelError
 from h3fusion.evaluation.judges.common import (
     JUDGE_CODE_VERSION,
     binary_metrics,
     cached_judge,
+    judges_dir,
     load_encoder,
     load_gpu_judge,
     mean_pool,
@@ -136,10 +146,30 @@ def _freeze_bottom(encoder: Any, n_layers: int) -> None:
             p.requires_grad_(False)
 
 
+CONFUSION_KEYS = ("true_positive", "false_positive", "true_negative", "false_negative")
+"""The held-out confusion counts (harmful = positive): what correcting the judge's rates needs (`confusion`)."""
+
+
+def confusion_counts(y_true: Sequence[int], flagged: Sequence[int]) -> dict[str, Any]:
+    """Exact confusion counts (harmful = 1 = positive) with sensitivity and specificity (None without a class)."""
+    y, f = np.asarray(y_true, dtype=int), np.asarray(flagged, dtype=int)
+    tp, fp = int(((y == 1) & (f == 1)).sum()), int(((y == 0) & (f == 1)).sum())
+    tn, fn = int(((y == 0) & (f == 0)).sum()), int(((y == 1) & (f == 0)).sum())
+    return {
+        "true_positive": tp,
+        "false_positive": fp,
+        "true_negative": tn,
+        "false_negative": fn,
+        "sensitivity": round(tp / (tp + fn), 4) if tp + fn else None,
+        "specificity": round(tn / (tn + fp), 4) if tn + fp else None,
+    }
+
+
 def validate(model: CrossEncoder, rows: list[dict[str, Any]]) -> dict[str, Any]:
     y = [int(not r["is_safe"]) for r in rows]
     p = model.probabilities([r["prompt"] for r in rows], [r["response"] for r in rows])
-    m = binary_metrics(y, (p > THRESHOLD).astype(int).tolist())
+    flagged = (p > THRESHOLD).astype(int).tolist()
+    m = binary_metrics(y, flagged)
     return {
         "heldout_pairs": m["n"],
         "heldout_prompts": len({r["prompt"] for r in rows}),
@@ -149,6 +179,7 @@ def validate(model: CrossEncoder, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "majority_class_accuracy": round(max(np.mean(y), 1 - np.mean(y)), 4),
         "harmful_share_heldout": round(float(np.mean(y)), 4),
         "threshold": THRESHOLD,
+        **confusion_counts(y, flagged),
     }
 
 
@@ -200,21 +231,33 @@ def _load_saved(folder: Path) -> CrossEncoder:
     return CrossEncoder(AutoTokenizer.from_pretrained(folder / "encoder"), encoder, head, meta["max_length"])
 
 
-def load_offline(profile: Profile) -> OfflineModerationJudge:
-    """Train (or load the cached) moderation judge and its held-out validation figures."""
+def train_rows(profile: Profile) -> list[dict[str, Any]]:
+    """The labelled non_eval pairs the judge is trained on."""
     from h3fusion.data import load_beavertails_labelled
 
+    return _sample(
+        load_beavertails_labelled(profile, "non_eval"),
+        profile.judges.harmless_train_rows,
+        f"{profile.seed}:harmless-judge-train",
+    )
+
+
+def heldout_rows(profile: Profile) -> list[dict[str, Any]]:
+    """The labelled eval-split pairs the judge is validated on (its prompts are the ones it scores)."""
+    from h3fusion.data import load_beavertails_labelled
+
+    return _sample(
+        load_beavertails_labelled(profile, "eval"),
+        profile.judges.harmless_validation_rows,
+        f"{profile.seed}:harmless-judge-val",
+    )
+
+
+def load_offline(profile: Profile) -> OfflineModerationJudge:
+    """Train (or load the cached) moderation judge and its held-out validation figures."""
+
     def build(folder: Path) -> dict[str, Any]:
-        train = _sample(
-            load_beavertails_labelled(profile, "non_eval"),
-            profile.judges.harmless_train_rows,
-            f"{profile.seed}:harmless-judge-train",
-        )
-        heldout = _sample(
-            load_beavertails_labelled(profile, "eval"),
-            profile.judges.harmless_validation_rows,
-            f"{profile.seed}:harmless-judge-val",
-        )
+        train, heldout = train_rows(profile), heldout_rows(profile)
         overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
         if overlap:
             raise DataError(
@@ -249,6 +292,49 @@ def load_offline(profile: Profile) -> OfflineModerationJudge:
     judge = OfflineModerationJudge(_load_saved(folder), dict(manifest.get("validation", {})))
     judge.train_wall_time_s = manifest.get("wall_time_s")
     return judge
+
+
+CONFUSION_ARTIFACT = "harmless-confusion"
+_REPRODUCED = ("heldout_pairs", "accuracy", "f1_harmful", "harmful_share_heldout")
+
+
+def confusion(profile: Profile) -> dict[str, Any]:
+    """The offline judge's held-out confusion counts (harmful = positive), sensitivity and specificity.
+
+    Read from the judge's validation record when it holds them. A judge built before they were recorded is not
+    rebuilt (that would change every judgement hash): its held-out pairs are scored again, once, and the counts
+    cached in judges/harmless-confusion/, keyed by the judge artifact's identity. The re-scoring must reproduce
+    the recorded accuracy and F1 exactly, else the judge or its data changed since it was built.
+    """
+    folder = judges_dir(profile) / "harmless"
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("config_hash") != config_hash(profile):
+        load_offline(profile)  # builds it, counts included
+        manifest = read_manifest(folder) or {}
+    validation = manifest.get("validation", {})
+    if all(k in validation for k in CONFUSION_KEYS):
+        return {k: validation[k] for k in (*CONFUSION_KEYS, "sensitivity", "specificity")}
+    identity = artifact_identity(manifest)
+    cache = judges_dir(profile) / CONFUSION_ARTIFACT
+    if is_complete(cache, identity):
+        return dict((read_manifest(cache) or {})["confusion"])
+    with Stopwatch() as sw:
+        again = validate(load_offline(profile).model, heldout_rows(profile))
+    differ = {k: (again[k], validation.get(k)) for k in _REPRODUCED if again[k] != validation.get(k)}
+    if differ:
+        raise ArtifactError(
+            f"scoring the harmless judge's held-out pairs again gives {differ} (now, recorded): the judge or its data "
+            f"changed since it was built; delete {shown_path(folder)} to rebuild it"
+        )
+    counts = {k: again[k] for k in (*CONFUSION_KEYS, "sensitivity", "specificity")}
+    with atomic_dir(cache) as tmp:
+        atomic_write_json(
+            tmp / MANIFEST,
+            make_manifest(
+                profile, identity, sw.seconds, judge="harmless", judge_identity=identity, confusion=counts
+            ),
+        )
+    return counts
 
 
 class BeaverDamJudge:
