@@ -77,21 +77,35 @@ def bar_frames(long: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, pd
     )
 
 
+def cell(estimate: stats.Estimate, column: str) -> str:
+    """"value [low, high]" with two decimals for a column in nats per token, one otherwise."""
+    d = 2 if column in NATS else 1
+    return f"{estimate.value:.{d}f} [{estimate.low:.{d}f}, {estimate.high:.{d}f}]"
+
+
 def own_dimension(
-    scores: Mapping[str, stats.ItemScores], tasks: list[str], base: str = "base"
+    scores: Mapping[str, stats.ItemScores], tasks: list[str], base: str = "base", track: str = "judged"
 ) -> pd.DataFrame:
-    """Each expert against the base model on its own dimension's headline metric: the paired difference with
-    its interval and the verdict read from it (harmfulness: a negative difference is the better one)."""
+    """Each expert against the base model on its own dimension's headline metric (of the judged or the
+    likelihood track): the paired difference with its interval and the verdict read from it (harmfulness
+    judged: a negative difference is the better one; every likelihood metric is higher-is-better)."""
+    headline, columns = (
+        (stats.HEADLINE, COLUMNS) if track == "judged" else (LIKELIHOOD_HEADLINE, LIKELIHOOD_COLUMNS)
+    )
     rows = {}
     for task in tasks:
-        metric = stats.HEADLINE[task]
+        if task not in scores or task not in scores[task].tasks:
+            continue
+        metric = headline[task]
+        column = columns[(task, metric)]
         d = stats.metric_difference(scores[task], scores[base], task, metric)
-        signed = d if stats.HIGHER_IS_BETTER[task] else stats.Estimate(-d.value, -d.high, -d.low, d.n)
+        higher = stats.HIGHER_IS_BETTER[task] if track == "judged" else True
+        signed = d if higher else stats.Estimate(-d.value, -d.high, -d.low, d.n)
         rows[task] = {
-            "metric": COLUMNS[(task, metric)],
-            "expert": f"{stats.rate(scores[task].values(task, metric))}",
-            "base": f"{stats.rate(scores[base].values(task, metric))}",
-            "expert minus base (points)": str(d),
+            "metric": column,
+            "expert": cell(stats.rate(scores[task].values(task, metric)), column),
+            "base": cell(stats.rate(scores[base].values(task, metric)), column),
+            "expert minus base": cell(d, column),
             "n": d.n,
             "the expert is": stats.verdict_word(signed),
         }
@@ -205,6 +219,18 @@ def likelihood_headline(
                 row.update({"improvement over the best member": "not scored", "n": 0, "verdict": "not compared"})
             rows[(f"vs the {group}", task)] = row
     return pd.DataFrame(rows).T
+
+
+def likelihood_verdict(headline: pd.DataFrame) -> str:
+    """The likelihood track's headline as sentences, each read from its interval."""
+    said = []
+    for (group, task), row in headline.iterrows():
+        if row["verdict"] == "not compared":
+            continue
+        said.append(f"{group}, {task} ({row['metric']}): {row['verdict']} ({row['improvement over the best member']}, n = {row['n']})")
+    if not said:
+        return "Nothing can be compared on the likelihood track yet."
+    return "On the likelihood track, H3Fusion-MoE against the best member of each group: " + "; ".join(said) + "."
 
 
 def likelihood_power(scores: Mapping[str, stats.ItemScores], power_level: float = 0.8) -> pd.DataFrame:

@@ -131,6 +131,17 @@ def _layer_ticks(n_layers: int) -> np.ndarray:
     return np.arange(0, n_layers, step)
 
 
+def _colour_range(
+    matrices: Sequence[np.ndarray], vmin: float | None, vmax: float | None
+) -> tuple[float, float]:
+    """The colour scale of heat-maps: the given bounds, else the data's range (widened when it is flat)."""
+    low = float(min(m.min() for m in matrices)) if vmin is None else vmin
+    high = float(max(m.max() for m in matrices)) if vmax is None else vmax
+    if high - low < 1e-6:
+        low, high = low - 0.01, high + 0.01
+    return low, high
+
+
 def _draw_heatmap(
     ax: Axes, matrix: np.ndarray, expert_names: list[str], vmin: float, vmax: float, annotate: bool
 ) -> Any:
@@ -163,11 +174,13 @@ def routing_heatmap(
     matrix: Any,
     expert_names: Sequence[str] | None = None,
     title: str = "Mean router probability per layer and expert",
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
-    """Heat-map of a routing profile [layers, experts] (from `analysis.routing_profile`)."""
+    """Heat-map of a routing profile [layers, experts] (from `analysis.routing_profile`); the colour scale
+    spans the data unless `vmin`/`vmax` are given (router probabilities often span a few hundredths)."""
     m = _matrix(matrix, "routing_heatmap")
+    vmin, vmax = _colour_range([m], vmin, vmax)
     names = _names(expert_names, m.shape[1], "expert", "routing_heatmap")
     fig, axes = _subplots(
         figsize=(max(5.0, 0.35 * m.shape[0] + 2.5), 0.45 * m.shape[1] + 1.6), layout="constrained"
@@ -185,8 +198,8 @@ def routing_heatmap_grid(
     matrices: Mapping[str, Mapping[str, Any]],
     expert_names: Sequence[str] | None = None,
     title: str = "Mean router probability per layer and expert, by task of the prompts",
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """Panels of routing heat-maps: one row per task, one column per model variant.
 
@@ -206,6 +219,9 @@ def routing_heatmap_grid(
             )
     first = _matrix(matrices[variants[0]][tasks[0]], "routing_heatmap_grid")
     names = _names(expert_names, first.shape[1], "expert", "routing_heatmap_grid")
+    vmin, vmax = _colour_range(
+        [_matrix(matrices[v][t], "routing_heatmap_grid") for v in variants for t in tasks], vmin, vmax
+    )
     width = len(variants) * max(3.5, 0.18 * first.shape[0] + 1.5) + 1.2
     height = len(tasks) * (0.35 * first.shape[1] + 1.1) + 0.8
     fig, axes = _subplots(
@@ -267,9 +283,10 @@ def router_weight_bars(
 
 
 def _x_scale(ax: Axes, x: np.ndarray) -> None:
-    """Log x for log-spaced values (gamma 1e-4 ... 1e-1); symlog when 0 is among them (lambda = 0)."""
+    """Log x for log-spaced values (gamma 1e-4 ... 1, lambda 0.1 ... 1); symlog when 0 is among them
+    (lambda = 0), so that 0, 0.1 and 1 are evenly spaced rather than 0 and 0.1 on top of each other."""
     positive = x[x > 0]
-    if len(positive) < 2 or (x < 0).any() or positive.max() / positive.min() < 100:
+    if len(positive) < 2 or (x < 0).any() or positive.max() / positive.min() < 10:
         return
     if (x == 0).any():
         ax.set_xscale("symlog", linthresh=float(positive.min()))
@@ -316,32 +333,42 @@ def tsne_scatter(
     distances_to_base: Mapping[str, float] | None = None,
     title: str = "t-SNE of mean-pooled last-layer hidden states (one point per prompt)",
     reference: str = "base",
+    prompt_tasks: Sequence[str] | None = None,
+    highlight: Sequence[str] = (),
 ) -> Figure:
     """Joint t-SNE map of several models (`analysis.tsne_2d`); the paper's Figure 4 analogue.
 
-    Each legend entry carries the model's mean L2 distance to the `reference` model in the original hidden
-    space (t-SNE distances are not meaningful across clusters, the L2 numbers are).
+    Colour = model; with `prompt_tasks` (the task of each prompt, the same order for every model) the marker
+    shape is the prompt's task. Models in `highlight` (the fused ones) are drawn last, opaque and outlined, so
+    they are not hidden under the others. Each legend entry carries the model's mean L2 distance to the
+    `reference` model in the original hidden space (t-SNE distances are not meaningful across clusters).
     """
     if not coords_by_model:
         raise H3FusionError("tsne_scatter: no coordinates given")
     distances = distances_to_base or {}
     fig, axes = _subplots(figsize=(6.5, 5.0), layout="constrained")
     ax = axes[0, 0]
-    for i, (name, coords) in enumerate(coords_by_model.items()):
+    tasks = list(dict.fromkeys(prompt_tasks)) if prompt_tasks is not None else []
+    order = sorted(enumerate(coords_by_model.items()), key=lambda item: item[1][0] in highlight)
+    for i, (name, coords) in order:
         c = np.asarray(coords, dtype=float)
         if c.ndim != 2 or c.shape[1] != 2:
             raise H3FusionError(f"tsne_scatter: coordinates of {name!r} must be [n, 2], got {c.shape}")
+        if prompt_tasks is not None and len(prompt_tasks) != len(c):
+            raise H3FusionError(f"tsne_scatter: {len(prompt_tasks)} prompt tasks for {len(c)} points of {name!r}")
         label = name if name not in distances else f"{name} (mean L2 to {reference}: {distances[name]:.2f})"
-        ax.scatter(
-            c[:, 0],
-            c[:, 1],
-            s=22,
-            marker=marker(i),
-            color=color(i),
-            alpha=0.75,
-            label=label,
-            edgecolors="none",
-        )
+        strong = name in highlight
+        style = {"s": 34 if strong else 18, "alpha": 1.0 if strong else 0.45, "color": color(i),
+                 "edgecolors": "black" if strong else "none", "linewidths": 0.6, "zorder": 3 if strong else 2}
+        if not tasks:
+            ax.scatter(c[:, 0], c[:, 1], marker=marker(i), label=label, **style)
+            continue
+        for j, task in enumerate(tasks):
+            rows = np.asarray([t == task for t in prompt_tasks])
+            ax.scatter(c[rows, 0], c[rows, 1], marker=marker(j), label=label if j == 0 else None, **style)
+    if tasks:
+        for j, task in enumerate(tasks):
+            ax.scatter([], [], marker=marker(j), color="0.4", label=f"marker: {task} prompts")
     ax.set_xlabel("t-SNE dimension 1 (arbitrary units)")
     ax.set_ylabel("t-SNE dimension 2 (arbitrary units)")
     ax.set_title(_wrap(title, fig, 0.9))

@@ -196,11 +196,11 @@ def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
         build = read_manifest(profile.run_dir / "baselines" / name) or {}
         ev = read_manifest(profile.run_dir / "eval" / name) or {}
         phases = _eval_phases(profile.run_dir / "eval" / name)
-        gen = _phase_seconds(phases, ("generate_s", "mc_s"))
+        gen = _phase_seconds(phases, ("generate_s", "mc_s", "likelihood_s"))
         rows[name] = {
             "build s": build.get("wall_time_s", math.nan),
             "model load s": phases.get("load_model", {}).get("load_s", math.nan) if phases else math.nan,
-            "generation + MC s": gen if phases else math.nan,
+            "generation + likelihood track s": gen if phases else math.nan,
             "judging + writing s": ev.get("wall_time_s", math.nan),
         }
     return pd.DataFrame(rows).T
@@ -320,7 +320,7 @@ def artifact_table(profile: Profile) -> pd.DataFrame:
         m = read_manifest(path.parent) or {}
         artifact = path.parent.relative_to(profile.run_dir)
         # an evaluation's manifest times its judging, and its generation and loading per phase
-        extra = _phase_seconds(_eval_phases(path.parent), ("load_s", "generate_s", "mc_s"))
+        extra = _phase_seconds(_eval_phases(path.parent), ("load_s", "generate_s", "mc_s", "likelihood_s"))
         rows.append(
             {
                 "artifact": str(artifact),
@@ -346,3 +346,48 @@ def environment_table() -> pd.DataFrame:
         with contextlib.suppress(metadata.PackageNotFoundError):
             info[f"version: {name}"] = metadata.version(name)
     return pd.DataFrame({"value": {k: str(v) for k, v in info.items()}}).rename_axis("item")
+
+
+def _examples_seen(train: Any, examples: int) -> str:
+    """Training examples a run sees: steps x batch x accumulation, or epochs x the examples (per expert)."""
+    per_step = train.batch_size * train.grad_accum
+    if train.max_steps is not None:
+        seen = train.max_steps * per_step
+        return f"{train.max_steps} steps x {per_step} = {seen} of {examples} ({min(seen, examples) / examples:.0%} at most once)"
+    return f"{train.epochs:g} epochs x {examples} = {train.epochs * examples:,.0f}"
+
+
+def settings_comparison(profile: Profile, paper: Profile) -> pd.DataFrame:
+    """The settings that shape the results, side by side with the paper profile's (which follows the paper),
+    read from the two profiles, with a mark where they differ."""
+    def rows(p: Profile) -> dict[str, str]:
+        e, f, ev, d = p.experts, p.fusion, p.evaluation, p.data
+        caps = {t: ev.generation_for(t).max_new_tokens for t in p.tasks}
+        sampling = "greedy" if ev.generation.temperature == 0 else f"sampled at temperature {ev.generation.temperature:g}"
+        return {
+            "base model": p.model.base,
+            "training examples per expert": ", ".join(f"{t} {d.train_examples[t]}" for t in p.tasks),
+            "examples an expert sees (helpful)": _examples_seen(e.train, d.train_examples["helpful"]),
+            "max sequence length (tokens)": str(d.max_length),
+            "expert LoRA r / alpha / dropout": f"{e.lora.r} / {e.lora.alpha:g} / {e.lora.dropout:g}",
+            "expert learning rate": f"{e.train.lr:g}",
+            "fusion examples seen": _examples_seen(f.train, sum(d.train_examples[t] for t in p.tasks)),
+            "fusion learning rate": f"{f.train.lr:g}",
+            "gating-loss weight lambda": f"{f.gate_weight:g}",
+            "drift gammas": ", ".join(f"{t} {g:g}" for t, g in f.drift_gammas.items()),
+            "router top-k": str(f.top_k),
+            "new tokens per answer": ", ".join(f"{t} {c}" for t, c in caps.items()) + f" ({sampling})",
+            "evaluation items (judged)": ", ".join(f"{t} {d.eval_examples[t]}" for t in p.tasks)
+            + f" ({d.eval_sample})",
+            "judges": f"{ev.helpful_judge} / {ev.harmless_judge} / {ev.honest_judge}",
+            "DARE drop rate": f"{p.baselines.dare_drop_rate:g}",
+        }
+
+    mine, theirs = rows(profile), rows(paper)
+    return pd.DataFrame(
+        {
+            f"{profile.name} profile": mine,
+            "paper profile (the paper's settings)": theirs,
+            "differs": {k: "yes" if mine[k] != theirs[k] else "" for k in mine},
+        }
+    )

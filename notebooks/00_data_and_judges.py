@@ -59,6 +59,21 @@ P = load_profile(profile, overrides)
 print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 
 # %% [markdown]
+# ## This profile against the paper's settings
+#
+# The settings that shape the results, read from this profile and from the `paper` profile (which follows
+# the paper's hyper-parameters), with a mark where they differ. Every difference is a deviation from the
+# paper that the numbers of this book carry.
+
+# %%
+import pandas as pd
+
+from h3fusion import report as settings
+
+pd.set_option("display.max_colwidth", None)
+settings.settings_comparison(P, load_profile("paper"))
+
+# %% [markdown]
 # ## Counts, examples and deviations
 #
 # `h3fusion data --profile <name>` prints the same report: the number of examples per task and

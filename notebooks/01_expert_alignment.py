@@ -89,10 +89,10 @@ plots.training_curves({task: m["loss_log"] for task, m in manifests.items()},
 # ## Every model on every dimension
 #
 # Each model answers every dimension's evaluation items (greedy, the profile's `evaluation.generation`); the
-# offline judges score the answers (proxies of the paper's, validated in chapter 0), and TruthfulQA MC1/MC2
-# come from the model's own log-likelihoods. Harmfulness is lower-is-better; everything else higher-is-better.
-# Each cell is a rate in % with its 95 % interval (Wilson's; a bootstrap over items for MC2 and the average),
-# n items in the header. Generations are cached in `runs/<profile>/eval/<model>/`.
+# offline judges score the answers (proxies of the paper's, validated in chapter 0). Harmfulness is
+# lower-is-better; everything else higher-is-better. Each cell is a rate in % with its 95 % interval (Wilson's;
+# a bootstrap over items for the average), n items in the header. Generations are cached in
+# `runs/<profile>/eval/<model>/`.
 
 # %%
 from h3fusion import evidence
@@ -125,5 +125,24 @@ from IPython.display import Markdown, display
 own = evidence.own_dimension(scores, list(P.tasks))
 display(own)
 display(Markdown("\n".join(
-    f"- The **{task}** expert against the base model on {row['metric']}: {row['expert minus base (points)']} "
+    f"- The **{task}** expert against the base model on {row['metric']}: {row['expert minus base']} "
     f"points (n = {row['n']}): **{row['the expert is']}**." for task, row in own.iterrows())))
+
+# %% [markdown]
+# ## The same question without a judge
+#
+# The judge-free likelihood track (chapter 6 describes it): each model's own log-likelihoods of fixed texts,
+# on many more items. Helpful: mean log-probability per token (nats) of AlpacaEval's reference answers;
+# harmless: the share of BeaverTails prompts (with both kinds of labelled response) where the model prefers the
+# safe responses, and the mean margin; honest: TruthfulQA MC1/MC2 on every evaluation question. Higher is
+# better in every column.
+
+# %%
+track = evidence.likelihood_scores(P, {name: name for name in names})
+track_long = evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS)
+display(evidence.interval_table(track_long, list(evidence.LIKELIHOOD_COLUMNS.values())))
+own_track = evidence.own_dimension(track, list(P.tasks), track="likelihood")
+display(own_track)
+display(Markdown("\n".join(
+    f"- The **{task}** expert against the base model on {row['metric']}: {row['expert minus base']} "
+    f"(n = {row['n']}): **{row['the expert is']}**." for task, row in own_track.iterrows())))

@@ -137,17 +137,22 @@ fig = plots.results_bars(
 )
 
 # %% [markdown]
-# TruthfulQA multiple choice from the models' own log-likelihoods (no judge) and the parts of the
-# honesty score:
+# The parts of the honesty score, then the judge-free likelihood track (chapter 6 describes it; the
+# H3Fusion-Instruct fusers are not scored on it: scoring a text with them first needs every expert's answer):
 
 # %%
-evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative", "mc1", "mc2")])
+from IPython.display import display
+
+display(evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")]))
+track = evidence.likelihood_scores(P, {m: m for m in shown})
+evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
+                        list(evidence.LIKELIHOOD_COLUMNS.values()))
 
 # %% [markdown]
 # ## What each baseline costs
 #
 # Wall times from the manifests: building (merging the deltas; training the LoRA fuser; nothing for
-# ensembles, which are combined at inference), loading, generating (plus TruthfulQA multiple choice)
+# ensembles, which are combined at inference), loading, generating (plus the likelihood track)
 # and judging. An ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and
 # then the fuser on a prompt three answers long: their generation time shows it.
 

@@ -106,7 +106,9 @@ fig = plots.tsne_scatter(
     {labels[n]: d for n, d in to_base.items() if n != "base"},
     title=f"t-SNE of mean-pooled hidden states ({'last layer' if layer == -1 else f'layer {layer}'}) of "
     f"{len(prompts)} {split} prompts per model "
-    f"(profile {P.name})",
+    f"(profile {P.name}); colour = model, marker = the prompt's task",
+    prompt_tasks=prompt_tasks,
+    highlight=[labels[n] for n in names if n not in ("base", *P.tasks)],
 )
 
 # %% [markdown]

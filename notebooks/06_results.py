@@ -98,13 +98,39 @@ else:
     display(Markdown(evidence.judges_note(evaluated)))
 
 # %% [markdown]
-# The parts of the honesty score, and TruthfulQA multiple choice from the models' own log-likelihoods
-# (MC1, MC2: standard, no judge; intervals: Wilson for MC1, a bootstrap for MC2's probabilities):
+# The parts of the honesty score (judged):
 
 # %%
 if not long.empty:
-    parts = [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative", "mc1", "mc2")]
+    parts = [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")]
     display(evidence.interval_table(long, parts, labels))
+
+# %% [markdown]
+# ## The likelihood track (ours, judge-free)
+#
+# The table above is the paper's kind of metric: generate, then judge. This one needs no judge: each model's
+# own log-likelihoods on fixed texts, over far more items (`h3fusion.evaluation.likelihood`). **Helpful**: the
+# mean log-probability per token (nats) of AlpacaEval's reference answer after the instruction, a proxy
+# (closeness to one good answer, not a preference). **Harmless**: on the BeaverTails evaluation prompts that
+# have both a safe and an unsafe labelled response, the share where the model gives the safe responses the
+# higher mean per-token log-likelihood, and the mean margin (nats). **Honest**: TruthfulQA MC1/MC2 on every
+# evaluation question (the standard 6-shot multiple choice). Texts are scored on at most
+# `evaluation.likelihood.max_answer_tokens` tokens. Higher is better in every column; intervals: Wilson for
+# the two rates of 0/1 items, a bootstrap over items otherwise.
+
+# %%
+track = evidence.likelihood_scores(P, evaluated)
+track_long = evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS)
+if track_long.empty:
+    print("no likelihood-track results yet: run the chapters before this one")
+else:
+    track_table = evidence.interval_table(track_long, list(evidence.LIKELIHOOD_COLUMNS.values()))
+    track_table.insert(0, "group", report.group_column(evaluated).reindex(track_table.index))
+    display(track_table.rename(index=labels))
+skipped = [m for m in evaluated.metrics if m not in track]
+if skipped:
+    print(fill(f"not scored on this track (evaluation.likelihood.skip_models): {', '.join(skipped)}; scoring a "
+               "text with an H3Fusion-Instruct fuser first needs every expert's answer to its prompt", 90))
 
 # %%
 from h3fusion import plots
@@ -144,6 +170,14 @@ if len(scores) >= 2:
     display(Markdown(evidence.power_note(mdd)))
 
 # %% [markdown]
+# The same for each headline metric of the likelihood track (its units: nats per token for the reference
+# log-likelihood, points otherwise):
+
+# %%
+if len(track) >= 2:
+    display(evidence.likelihood_power(track))
+
+# %% [markdown]
 # ## The judges behind the numbers
 #
 # On the `cpu` and `smoke` profiles every column is scored by an **offline proxy** of the paper's
@@ -155,6 +189,28 @@ if len(scores) >= 2:
 # %%
 judges = report.judge_validation(evaluated)
 judges if not judges.empty else print("no evaluation recorded any judge yet")
+
+# %% [markdown]
+# ### The harmfulness judge, corrected for its errors
+#
+# The offline harmfulness judge is below the 0.80 held-out accuracy a judge is held to here, so its harmful
+# rates are not used as if exact: next to each observed rate is the rate corrected for the judge's measured
+# sensitivity and specificity, with the judge's own uncertainty in the interval.
+
+# %%
+from h3fusion.errors import ArtifactError
+from h3fusion.evaluation.judges import harmless as harmless_judge
+
+try:
+    correction = evidence.harmless_correction(P, scores) if scores else None
+except ArtifactError as err:  # a judge no better than chance (the smoke profile's) has no correction
+    correction = None
+    print(fill(f"no correction: {err}", 90))
+if correction is not None and not correction.empty:
+    display(correction.drop(columns=["_observed", "_corrected"]).rename(index=labels))
+    display(Markdown(evidence.harmless_correction_note(harmless_judge.confusion(P))))
+elif correction is not None:
+    print("no correction: the profile uses the paper's judge (not validated here) or nothing was evaluated")
 
 # %% [markdown]
 # ## The paper's headline comparisons, computed the same way
@@ -184,3 +240,17 @@ display(Markdown(evidence.verdict(comparisons, scale)))
 # %%
 members = evidence.member_differences(P, evaluated, scores)
 members if not members.empty else print("H3Fusion-MoE has not been evaluated yet")
+
+# %% [markdown]
+# ## The headline on the likelihood track
+#
+# The same question, one dimension at a time, on the judge-free track: H3Fusion-MoE's mean minus the best
+# member's of each group on the reference log-likelihood (nats per token), the safe-preference rate and MC2
+# (points), the best member re-chosen in every paired bootstrap resample. The track has no three-dimension
+# average (its metrics are on different scales), so there is no relative improvement to set beside the
+# paper's; the verdicts are read from the intervals in the same way.
+
+# %%
+track_headline = evidence.likelihood_headline(P, evaluated, track)
+display(track_headline)
+display(Markdown(evidence.likelihood_verdict(track_headline)))

@@ -44,6 +44,32 @@ def test_routing_heatmap_one_cell_per_layer_and_expert():
     assert [t.get_text() for t in heat.get_yticklabels()] == EXPERTS
     assert len(heat.texts) == m.size  # small maps are annotated with their values
     assert bar.get_ylabel() == "mean router probability"
+    assert image.get_clim() == pytest.approx((m.min(), m.max()))  # the scale spans the data, not 0-1
+
+
+def test_heatmap_grid_shares_one_colour_scale_spanning_every_panel():
+    near = {"a": {"t": np.full((4, 3), 0.33) + np.arange(3) * 0.01}, "b": {"t": np.full((4, 3), 0.30)}}
+    fig = plots.routing_heatmap_grid(near, EXPERTS)
+    clims = [ax.get_images()[0].get_clim() for ax in fig.axes if ax.get_images()]
+    assert len(clims) == 2 and all(c == pytest.approx((0.30, 0.35)) for c in clims)
+
+
+def test_a_sweep_with_zero_and_a_tenfold_range_gets_a_symlog_axis():
+    fig = plots.sensitivity_lines([0.0, 0.1, 1.0], {"m": [1, 2, 3]}, xlabel="lambda")
+    assert fig.axes[0].get_xscale() == "symlog"
+
+
+def test_tsne_draws_highlighted_models_on_top_with_task_markers():
+    rng = np.random.default_rng(0)
+    coords = {"base": rng.normal(size=(6, 2)), "fused": rng.normal(size=(6, 2))}
+    fig = plots.tsne_scatter(coords, prompt_tasks=["a", "a", "b", "b", "c", "c"], highlight=["fused"])
+    ax = fig.axes[0]
+    fused = [c for c in ax.collections if len(c.get_offsets()) and c.get_zorder() == 3]
+    others = [c for c in ax.collections if len(c.get_offsets()) and c.get_zorder() == 2]
+    assert len(fused) == 3 and len(others) == 3  # one scatter per task and model
+    assert all(c.get_alpha() == 1.0 for c in fused) and all(c.get_alpha() < 1.0 for c in others)
+    with pytest.raises(H3FusionError, match="prompt tasks"):
+        plots.tsne_scatter(coords, prompt_tasks=["a"])
 
 
 def test_routing_heatmap_rejects_wrong_names():

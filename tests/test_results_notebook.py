@@ -172,7 +172,7 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: phases}))
     assert report.artifact_table(profile).loc["eval/base", "wall s"] == 6.5
     times = report.wall_times(profile, ["base"]).loc["base"]
-    assert (times["model load s"], times["generation + MC s"], times["judging + writing s"]) == (
+    assert (times["model load s"], times["generation + likelihood track s"], times["judging + writing s"]) == (
         2.0,
         4.0,
         0.5,
