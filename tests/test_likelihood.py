@@ -1,6 +1,6 @@
 """Likelihood scoring (`HFLanguageModel.continuation_token_logprobs`): the packed, cached scorer gives the
 per-token log-probabilities of a naive reference (one plain forward per prompt + continuation, no cache) on
-tiny random models, whatever the batching."""
+tiny random models, whatever the batching; `h3fusion bench` counts the tokens it must process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 
 from h3fusion.config import load_profile
 from h3fusion.evaluation import lm as lm_module
-from h3fusion.evaluation.lm import HFLanguageModel, split_continuation
+from h3fusion.evaluation.generate import encode_prompts
+from h3fusion.evaluation.lm import HFLanguageModel, shared_prefix_length, split_continuation
 from h3fusion.evaluation.mc import mc_prompt
 from tests.helpers import random_upcycled_moe
 
@@ -123,3 +124,21 @@ def test_sums_and_edge_cases(tiny):
         tiny.continuation_token_logprobs(["", "x"], ["a", "b"])
     with pytest.raises(ValueError, match="one per pair"):
         tiny.continuation_token_logprobs(["x"], ["a", "b"])
+
+
+def test_bench_counts_prompt_tails_once_and_every_continuation_token(tiny):
+    """`h3fusion bench`'s scored-token count (the plain forward's tokens) is what the scorer must process."""
+    from h3fusion import bench_likelihood as bl
+
+    prompts, conts = _pairs()
+    distinct = list(dict.fromkeys(prompts))
+    encoded = encode_prompts(tiny.tokenizer, distinct)
+    skip = shared_prefix_length(encoded)
+    assert skip >= lm_module.MIN_SHARED_PREFIX_TOKENS
+    cont_tokens = sum(
+        len(split_continuation(tiny.tokenizer, p, c)[1]) for p, c in zip(prompts, conts, strict=True)
+    )
+    assert (
+        bl.scored_tokens(tiny.tokenizer, prompts, conts) == sum(len(e) - skip for e in encoded) + cont_tokens
+    )
+    bl.plain_forward(tiny.model, tiny.tokenizer, prompts, conts, batch_tokens=64)  # runs, any batch size
