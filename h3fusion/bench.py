@@ -18,10 +18,13 @@ hits both alike:
    one dense LoRA step (the experts' LoRA on the same base: forward, LM loss, backward, AdamW) on the
    same batch size and sequence length (the profile's fusion batch);
 4. batched greedy generation tokens/s of the fused (raw, upcycled) model vs the dense base;
-5. the wall time per stage of the cpu profile's pipeline and book, read from the manifests.
+5. the wall time per stage of the cpu profile's pipeline and book, read from the manifests;
+6. likelihood scoring (`h3fusion.bench_likelihood`): the scorer's tokens/s vs a plain batched forward of the
+   same tokens, dense and fused, and one two-thread process vs two one-thread processes.
 
 ``--quick`` runs the tiny random model (smoke profile) and few tokens/repeats: it checks that the
-command works end to end, its numbers are not meaningful. Targets come from issue 7.
+command works end to end, its numbers are not meaningful. Targets come from issues 7 and 17;
+``--json PATH`` writes every measurement and every ratio with its target and whether it holds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from h3fusion import bench_likelihood
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile
 from h3fusion.errors import H3FusionError
 
@@ -83,8 +87,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "train_step.fusion_vs_dense_lora": ("<=", 1.5),
     "generation.delta_vs_dense": (">=", 0.75),
     "book.total_min": ("<=", 45.0),
+    **bench_likelihood.TARGETS,
 }
-"""Issue 7's targets; every other ratio is reported without one."""
+"""Issue 7's and 17's targets; every other ratio is reported without one."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +102,21 @@ class Plan:
     repeats: int
     step_repeats: int
     gen_repeats: int
+    lik_questions: int = 24
+    lik_repeats: int = 3
 
 
 def make_plan(quick: bool) -> Plan:
     if quick:
         return Plan(
-            "smoke", {"smollm2": 64, "llama2_7b": 8}, warmup=1, repeats=2, step_repeats=2, gen_repeats=1
+            "smoke",
+            {"smollm2": 64, "llama2_7b": 8},
+            warmup=1,
+            repeats=2,
+            step_repeats=2,
+            gen_repeats=1,
+            lik_questions=4,
+            lik_repeats=1,
         )
     return Plan("cpu", {"smollm2": 0, "llama2_7b": 256}, warmup=2, repeats=7, step_repeats=5, gen_repeats=3)
 
@@ -526,6 +540,11 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     values["generation.materialised_vs_dense"] = results["generation"]["materialised_ratio"]
     total = results["book"]["total_s"]
     values["book.total_min"] = None if total is None else total / 60
+    lik = results.get("likelihood")
+    if lik is not None:
+        for model in ("dense", "moe"):
+            values[f"likelihood.{model}.scorer_vs_plain_forward"] = lik[model]["ratio"]
+        values["likelihood.threads.two_processes_vs_two_threads"] = lik["threads"]["ratio"]
     out = {}
     for key, value in values.items():
         op, target = TARGETS.get(key, (None, None))
@@ -581,12 +600,14 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"   {name:<50}{_fmt(s, 1):>12}")
     partial = "" if b.get("complete") or b["total_s"] is None else "  (partial: not every notebook ran yet)"
     print(f"   {'total (notebooks)':<50}{_fmt(b['total_s'], 1):>12}{partial}")
+    if "likelihood" in results:
+        bench_likelihood.print_section(results["likelihood"])
     print("\nRatios and targets")
     for key, r in results["ratios"].items():
         holds = {True: "holds", False: "MISSED", None: "-" if r["target"] is None else "not run yet"}[
             r["holds"]
         ]
-        print(f"   {key:<36}{_fmt(r['value'], 3):>12}  {r['target'] or '':<9} {holds}")
+        print(f"   {key:<48}{_fmt(r['value'], 3):>12}  {r['target'] or '':<9} {holds}")
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -618,17 +639,19 @@ def run_bench(args: argparse.Namespace) -> None:
             "plan": plan.__dict__,
         }
     }
-    print("[bench] 1/5 MoE FFN layer")
+    print("[bench] 1/6 MoE FFN layer")
     results["ffn"] = bench_ffn(profile, plan)
-    base, _ = load_base(profile)
-    print("[bench] 2/5 parameter bytes")
+    base, tokenizer = load_base(profile)
+    print("[bench] 2/6 parameter bytes")
     results["params"] = bench_params(profile, param_configs())
-    print("[bench] 3/5 training step")
+    print("[bench] 3/6 training step")
     results["train_step"] = bench_train_step(profile, plan, base)
-    print("[bench] 4/5 generation")
+    print("[bench] 4/6 generation")
     results["generation"] = bench_generation(profile, plan, base)
-    print("[bench] 5/5 book wall times")
+    print("[bench] 5/6 book wall times")
     results["book"] = book_times(cpu_profile, PROJECT_ROOT / "book")
+    print("[bench] 6/6 likelihood scoring")
+    results["likelihood"] = bench_likelihood.bench_likelihood(profile, plan, base, tokenizer)
     results["ratios"] = ratios(results)
     print_report(results)
     if json_out:

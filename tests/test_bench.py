@@ -37,6 +37,15 @@ def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monk
             continue
         assert r["value"] > 0 and math.isfinite(r["value"]), key
         assert (r["holds"] is None) == (key not in bench.TARGETS), key
+        _assert_holds_is_value_against_target(key, r)
+    assert {"likelihood.dense.scorer_vs_plain_forward", "likelihood.moe.scorer_vs_plain_forward"} <= set(
+        bench.TARGETS
+    )
+    assert "likelihood.threads.two_processes_vs_two_threads" in ratios
+    lik = results["likelihood"]
+    assert lik["tokens"] > 0 and lik["pairs"] > 0
+    for model in ("dense", "moe"):
+        assert lik[model]["ratio"] == pytest.approx(lik[model]["scorer_tok_s"] / lik[model]["plain_tok_s"])
     for row in results["ffn"]:
         assert (row["hidden"], row["ffn"]) == bench.LAYER_SHAPES[row["shape"]]
     assert results["book"]["stages_s"] == {}
@@ -104,3 +113,44 @@ def test_interleaved_medians_runs_each_candidate_warmup_plus_repeats() -> None:
 def test_bench_json_to_a_folder_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def _assert_holds_is_value_against_target(key: str, r: dict) -> None:
+    """`holds` is a bool exactly when there is a target and a value, and says whether value meets target."""
+    if r["target"] is None or r["value"] is None:
+        assert r["holds"] is None, key
+        return
+    op, target = r["target"].split()
+    assert r["target"] == f"{bench.TARGETS[key][0]} {bench.TARGETS[key][1]}", key
+    assert isinstance(r["holds"], bool), key
+    assert r["holds"] == (r["value"] <= float(target) if op == "<=" else r["value"] >= float(target)), key
+
+
+def test_ratios_of_every_section_carry_targets_and_consistent_holds() -> None:
+    """Hand-made results (no timing): every targeted ratio is reported with its target, JSON round-trips."""
+    results = {
+        "ffn": [{"shape": "smollm2", "storage": "delta", "mode": "fwd_bwd", "ratio": 1.7}],
+        "params": [{"model": "smollm2", "storage": "delta", "ratio": 1.01}],
+        "train_step": {"ratio": 1.2},
+        "generation": {"delta_ratio": 0.8, "materialised_ratio": 0.5},
+        "book": {"total_s": None, "complete": False},
+        "likelihood": {"dense": {"ratio": 0.95}, "moe": {"ratio": 0.5}, "threads": {"ratio": 1.1}},
+    }
+    ratios = json.loads(json.dumps(bench.ratios(results)))
+    assert ratios["likelihood.dense.scorer_vs_plain_forward"] == {
+        "value": 0.95,
+        "target": ">= 0.8",
+        "holds": True,
+    }
+    assert ratios["likelihood.moe.scorer_vs_plain_forward"]["holds"] is False
+    assert ratios["likelihood.threads.two_processes_vs_two_threads"] == {
+        "value": 1.1,
+        "target": None,
+        "holds": None,
+    }
+    assert ratios["ffn.smollm2.delta.fwd_bwd"]["holds"] is False
+    assert ratios["book.total_min"]["holds"] is None
+    for key, r in ratios.items():
+        _assert_holds_is_value_against_target(key, r)
+    without = {k: v for k, v in results.items() if k != "likelihood"}  # results written before section 6
+    assert not any(k.startswith("likelihood.") for k in bench.ratios(without))
