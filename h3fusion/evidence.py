@@ -431,3 +431,27 @@ def harmless_correction_note(counts: Mapping[str, Any]) -> str:
         "The correction assumes the judge errs on the evaluated models' answers as often as on the labelled "
         "BeaverTails responses it was validated on, which this evaluation cannot check."
     )
+
+
+def pairwise_summary(
+    judged: Mapping[str, stats.ItemScores],
+    track: Mapping[str, stats.ItemScores],
+    a: str,
+    b: str,
+) -> str:
+    """One sentence per track on `a` minus `b` (paired over the same items), each verdict read from its
+    interval: the judged three-dimension average, and each headline metric of the likelihood track."""
+    parts = []
+    if a in judged and b in judged:
+        d = stats.difference(judged[a], judged[b])
+        parts.append(f"judged three-dimension average {d.value:+.1f} points [{d.low:+.1f}, {d.high:+.1f}] "
+                     f"({stats.verdict_word(d)})")
+    if a in track and b in track:
+        for task, metric in LIKELIHOOD_HEADLINE.items():
+            if task in track[a].tasks and task in track[b].tasks:
+                d = stats.metric_difference(track[a], track[b], task, metric)
+                column = LIKELIHOOD_COLUMNS[(task, metric)]
+                parts.append(f"{column} {cell(d, column)} (n = {d.n}, {stats.verdict_word(d)})")
+    if not parts:
+        return f"{a} and {b} cannot be compared: one of them has no per-item results."
+    return f"**{a}** minus **{b}**: " + "; ".join(parts) + "."

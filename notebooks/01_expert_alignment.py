@@ -146,3 +146,17 @@ display(own_track)
 display(Markdown("\n".join(
     f"- The **{task}** expert against the base model on {row['metric']}: {row['expert minus base']} "
     f"(n = {row['n']}): **{row['the expert is']}**." for task, row in own_track.iterrows())))
+
+# %% [markdown]
+# ## What this shows
+#
+# Whether alignment on one dimension made each expert better than the base model there, on both tracks (the
+# verdicts of the two tables above, each read from its interval):
+
+# %%
+display(Markdown("\n".join(
+    f"- **{task}** expert: judged {own.loc[task, 'metric']} {own.loc[task, 'the expert is']}"
+    + (f"; likelihood track {own_track.loc[task, 'metric']} {own_track.loc[task, 'the expert is']}"
+       if task in own_track.index else "; not scored on the likelihood track")
+    + "." for task in own.index)))
+

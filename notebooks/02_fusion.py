@@ -174,3 +174,30 @@ values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
 plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
                    highlight=list(variants),
                    title="Raw and fused MoE against the base model and the experts, with 95 % intervals");
+
+# %% [markdown]
+# The same models on the judge-free likelihood track (chapter 6 describes it; higher is better everywhere):
+
+# %%
+track = evidence.likelihood_scores(P, names)
+evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
+                        list(evidence.LIKELIHOOD_COLUMNS.values()))
+
+# %% [markdown]
+# ## What this shows
+#
+# Whether the router learned to route by task (the routing accuracy against chance above), and what fusion
+# training and the gating loss changed, each paired over the same items with the verdict read from its
+# interval:
+
+# %%
+judged = evidence.item_scores(P, names)
+with_gate, without_gate = list(variants)[:2]
+display(Markdown("\n".join([
+    "- Mean routing accuracy " + "; ".join(f"{name} {a:.1f} %" for name, a in acc.items())
+    + f" (chance {100 / P.num_experts:.1f} %).",
+    "- " + evidence.pairwise_summary(judged, track, with_gate, "raw MoE"),
+    "- " + evidence.pairwise_summary(judged, track, with_gate, without_gate),
+    "- " + evidence.pairwise_summary(judged, track, with_gate, "base"),
+])))
+

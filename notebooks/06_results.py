@@ -116,7 +116,9 @@ if not long.empty:
 # higher mean per-token log-likelihood, and the mean margin (nats). **Honest**: TruthfulQA MC1/MC2 on every
 # evaluation question (the standard 6-shot multiple choice). Texts are scored on at most
 # `evaluation.likelihood.max_answer_tokens` tokens. Higher is better in every column; intervals: Wilson for
-# the two rates of 0/1 items, a bootstrap over items otherwise.
+# the two rates of 0/1 items, a bootstrap over items otherwise. A token ensemble's likelihood is its mixture's
+# (the experts' next-token probabilities averaged with its weights); `ensemble-select` picks among whole
+# answers and scores texts with the uniform mixture it selects by, so its row equals `ensemble-uniform`'s.
 
 # %%
 track = evidence.likelihood_scores(P, evaluated)
@@ -254,3 +256,17 @@ members if not members.empty else print("H3Fusion-MoE has not been evaluated yet
 track_headline = evidence.likelihood_headline(P, evaluated, track)
 display(track_headline)
 display(Markdown(evidence.likelihood_verdict(track_headline)))
+
+# %% [markdown]
+# ## What this shows
+#
+# The chapter's answer to the paper's question at this scale, on both tracks, every verdict read from an
+# interval (the sections above give the numbers):
+
+# %%
+summary = [evidence.verdict(comparisons, scale), evidence.likelihood_verdict(track_headline)]
+if len(scores) >= 2:
+    summary.append(f"The judged comparisons detect differences of about {mdd['mdd_points']:.1f} points of the "
+                   "three-dimension average with 80 % power; smaller ones are usually missed.")
+display(Markdown("\n\n".join(summary)))
+
