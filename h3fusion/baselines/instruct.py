@@ -1,4 +1,4 @@
-"""H3Fusion-Instruct (DESIGN 8.4): a fuser model reads the request and the experts' answers, writes the final answer.
+"""H3Fusion-Instruct (book chapter 3): a fuser model reads the request and the experts' answers, writes the final answer.
 
 Two fusers share one `AdapterBank` (base weights loaded once): (a) the base model prompted zero-shot (every
 adapter disabled); (b) a LoRA fuser trained here on training prompts of every task: the experts answer them,

@@ -1,4 +1,4 @@
-"""Model merging on FULL weight deltas (DESIGN 8.4): weight averaging, task arithmetic, TIES, DARE.
+"""Model merging on FULL weight deltas (book chapter 3): weight averaging, task arithmetic, TIES, DARE.
 
 Each expert i is a LoRA adapter on the same base; its task vector on a weight W is the full delta
 Delta_i = (lora_alpha / r) * B_i @ A_i (never the factors A, B separately: merging factors does not

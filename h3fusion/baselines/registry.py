@@ -1,4 +1,4 @@
-"""The baselines of DESIGN 8.4: one entry per name, with a one-line description and its reference.
+"""The baselines of the book's chapter 3: one entry per name, with a one-line description and its reference.
 
 This module imports nothing heavy, so the CLI can offer the names as choices and the tables can
 print descriptions and references without loading torch.

@@ -2,7 +2,7 @@
 
 Every item of the mixed dataset is labelled with the index (in `profile.tasks`) of the task it came from.
 The released code built these labels from a running total, so later tasks got earlier tasks' labels
-(with the paper's sizes every TruthfulQA sample is labelled harmless; DESIGN 8.5). That bug is reproduced
+(with the paper's sizes every TruthfulQA sample is labelled harmless; book: released_code_bugs.md). That bug is reproduced
 only when `profile.fusion.released_code.labels` is true.
 """
 

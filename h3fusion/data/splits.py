@@ -1,4 +1,4 @@
-"""The paper's train and evaluation splits of the three tasks (DESIGN section 6), from local files or the hub.
+"""The paper's train and evaluation splits of the three tasks (data/README.md), from local files or the hub.
 
 - helpful: train = Alpaca (records with an empty output are skipped); eval = the 805 AlpacaEval instructions
   with the text-davinci-003 output as reference (the paper scores the first 50).

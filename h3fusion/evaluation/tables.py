@@ -4,15 +4,10 @@ and the formula of the paper's headline comparison (computed with intervals by `
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from h3fusion.config import Profile
-from h3fusion.errors import ArtifactError
 
 HELPFUL = "Helpful win rate % ↑"
 HARMFUL = "Harmful % ↓"
@@ -73,27 +68,6 @@ def results_table(metrics: Iterable[Mapping[str, Any]] | Mapping[str, Mapping[st
     return pd.DataFrame(records, index=pd.Index([m["model"] for m in rows], name="model"))
 
 
-def load_metrics(profile: Profile, names: Sequence[str]) -> list[dict[str, Any]]:
-    """The stored metrics.json of each named model (an error names the models not evaluated yet)."""
-    from h3fusion.evaluation.run import metrics_path
-
-    missing = [n for n in names if not metrics_path(profile, n).is_file()]
-    if missing:
-        raise ArtifactError(
-            f"no evaluation for {missing} in {profile.run_dir / 'eval'}; run "
-            + "; ".join(f"`h3fusion evaluate --profile {profile.name} --model {n}`" for n in missing)
-        )
-    return [json.loads(metrics_path(profile, n).read_text()) for n in names]
-
-
 def to_markdown(table: pd.DataFrame, floatfmt: str = ".1f") -> str:
     """A GitHub markdown table (NaN shown as a dash)."""
     return table.to_markdown(floatfmt=floatfmt, missingval="–")
-
-
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    """Markdown and CSV side by side (path without suffix)."""
-    from h3fusion.artifacts import atomic_write_text
-
-    atomic_write_text(Path(path).with_suffix(".md"), to_markdown(table) + "\n")
-    atomic_write_text(Path(path).with_suffix(".csv"), table.to_csv())

@@ -1,4 +1,4 @@
-"""Export to a standard `MixtralForCausalLM` folder, and loading such a folder back (DESIGN 4, 8.1).
+"""Export to a standard `MixtralForCausalLM` folder, and loading such a folder back (ARCHITECTURE.md).
 
 The routing of `MoEFeedForward` is Mixtral's, so an upcycled Llama or Mistral model *is* a Mixtral:
 ``num_local_experts = E``, ``num_experts_per_tok = k``, and GQA, head_dim, RoPE parameters, norms'

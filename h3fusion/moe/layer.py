@@ -1,4 +1,4 @@
-"""The MoE feed-forward layer that replaces a Llama MLP (DESIGN 8.1, 8.2).
+"""The MoE feed-forward layer that replaces a Llama MLP (book: method.md).
 
 Routing is exactly Mixtral's, so a fused model exports to a standard `MixtralForCausalLM`:
 ``p = softmax(W_g h)`` (in float32), ``S = top-k(p)``, ``p~_i = p_i / sum_{j in S} p_j``,
@@ -15,7 +15,7 @@ Two storages of the same function (`storage`):
   on the routing-weighted mix of the experts' activations. Per expert only rank-r products and the
   elementwise SwiGLU are computed, on the tokens routed to it.
 
-Fusion-stage training (DESIGN 8.3) adds a second, trainable set of per-expert LoRA factors
+Fusion-stage training (book: method.md) adds a second, trainable set of per-expert LoRA factors
 (`add_fusion_lora`, stored in `fusion_lora`, B initialised to zero so the function is unchanged at
 init) in both storages; `merge_fusion_lora` folds them into the expert weights (materialised) or
 appends them to the factored deltas (delta: ranks concatenate, exact). The drift of expert i is

@@ -1,4 +1,4 @@
-"""Upcycling: a dense Llama or Mistral base + one LoRA adapter per task -> an MoE model (DESIGN 8.2).
+"""Upcycling: a dense Llama or Mistral base + one LoRA adapter per task -> an MoE model (book: method.md).
 
 Expert i's FFN = base FFN + (lora_alpha / r) * B_i A_i of adapter i, per projection and layer;
 attention, embeddings, norms and LM head stay the base's. Every adapter is read and checked

@@ -1,4 +1,4 @@
-"""The helpful / harmless / honest judges (DESIGN 8.7), chosen by `profile.evaluation.*_judge`.
+"""The helpful / harmless / honest judges (book chapter 0), chosen by `profile.evaluation.*_judge`.
 
 `offline` judges are proxies built here and validated against real labels (GPT-4 verdicts, BeaverTails
 labels, TruthfulQA references); their validation figures travel with every score. The paper's judges
