@@ -181,7 +181,22 @@ def _eval_phases(folder: Path) -> dict[str, Any]:
 
 
 def _phase_seconds(phases: Mapping[str, Any], keys: Sequence[str]) -> float:
-    return sum(float(v.get(k, 0)) for v in phases.values() if isinstance(v, Mapping) for k in keys)
+    """Seconds of these phases over every dimension; NaN when a reused phase's time was not recorded (an
+    evaluation written before manifests carried the times of reused phases forward)."""
+    values = [v.get(k) for v in phases.values() if isinstance(v, Mapping) for k in keys if k in v]
+    if any(x is None for x in values) or _unrecorded(phases, keys):
+        return math.nan
+    return sum(float(x) for x in values)
+
+
+def _unrecorded(phases: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    """A reused generation or judgement recorded with 0 s: its real time was lost by an older resumed run."""
+    flags = {"generate_s": "reused_generations", "judge_s": "reused_judgements"}
+    return any(
+        isinstance(v, Mapping) and v.get(flags.get(k, ""), False) and not v.get(k)
+        for v in phases.values()
+        for k in keys
+    )
 
 
 def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
@@ -191,11 +206,11 @@ def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
         build = read_manifest(profile.run_dir / "baselines" / name) or {}
         ev = read_manifest(profile.run_dir / "eval" / name) or {}
         phases = _eval_phases(profile.run_dir / "eval" / name)
-        gen = _phase_seconds(phases, ("generate_s", "mc_s", "likelihood_s"))
         rows[name] = {
             "build s": build.get("wall_time_s", math.nan),
             "model load s": phases.get("load_model", {}).get("load_s", math.nan) if phases else math.nan,
-            "generation + likelihood track s": gen if phases else math.nan,
+            "generation s": _phase_seconds(phases, ("generate_s",)) if phases else math.nan,
+            "likelihood track s": _phase_seconds(phases, ("mc_s", "likelihood_s")) if phases else math.nan,
             "judging + writing s": ev.get("wall_time_s", math.nan),
         }
     return pd.DataFrame(rows).T

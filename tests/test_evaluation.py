@@ -354,6 +354,7 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     assert first["n_items"] == {t: profile.data.eval_examples[t] for t in profile.tasks}
 
     # Same config: nothing regenerated, identical metrics returned.
+    first_phases = _phases(folder)
     again = runmod.evaluate_model(profile, "base", judges=judges)
     assert again == first
 
@@ -363,7 +364,11 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     rescored = runmod.evaluate_model(profile, "base", judges=judges)
     phases = _phases(folder)
     assert (track / "honest.jsonl").is_file() and phases["honest"]["likelihood_s"] > 0
-    assert phases["helpful"]["likelihood_s"] == 0
+    assert phases["helpful"]["reused_likelihood"] and not phases["honest"]["reused_likelihood"]
+    # reused phases keep the time the run that produced them spent (the manifest says what each part cost)
+    assert phases["helpful"]["likelihood_s"] == first_phases["helpful"]["likelihood_s"] > 0
+    assert phases["helpful"]["generate_s"] == first_phases["helpful"]["generate_s"] > 0
+    assert phases["helpful"]["reused_generations"]
     assert _scores(rescored) == _scores(first)
     for task, values in first["likelihood"].items():
         assert rescored["likelihood"][task] == pytest.approx(values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -172,11 +173,13 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: phases}))
     assert report.artifact_table(profile).loc["eval/base", "wall s"] == 6.5
     times = report.wall_times(profile, ["base"]).loc["base"]
-    assert (times["model load s"], times["generation + likelihood track s"], times["judging + writing s"]) == (
-        2.0,
-        4.0,
-        0.5,
-    )
+    assert (times["model load s"], times["generation s"], times["likelihood track s"]) == (2.0, 3.0, 1.0)
+    assert times["judging + writing s"] == 0.5
+    # a reused generation recorded as 0 s by an older resumed run: its time is unknown, not zero
+    lost = {"helpful": {"generate_s": 0.0, "reused_generations": True, "likelihood_s": 1.0}}
+    atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: lost}))
+    times = report.wall_times(profile, ["base"]).loc["base"]
+    assert math.isnan(times["generation s"]) and times["likelihood track s"] == 1.0
 
     monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
     assert report.notebook_wall_times(profile).empty

@@ -472,6 +472,15 @@ class _Previous:
         return read_jsonl(path)
 
 
+def _earlier(previous: _Previous | None, task: str, key: str) -> float | None:
+    """The seconds an earlier run spent on a phase that this run reuses (None when it did not record them), so
+    the manifest keeps what producing each part of the evaluation cost."""
+    if previous is None:
+        return None
+    value = previous.manifest.get(PHASE_TIMES, {}).get(task, {}).get(key)
+    return None if value is None else float(value)
+
+
 def _previous(folder: Path) -> _Previous | None:
     manifest = read_manifest(folder)
     return _Previous(manifest, folder) if manifest else None
@@ -523,7 +532,8 @@ def evaluate_model(
                         zip(inputs[task].keys, inputs[task].prompts, answers, strict=True)
                     )
                 ]
-        times[task] = {"generate_s": round(sw.seconds, 2), "reused_generations": reused}
+        seconds = _earlier(previous, task, "generate_s") if reused else round(sw.seconds, 2)
+        times[task] = {"generate_s": seconds, "reused_generations": reused}
         generations[task] = cached
 
     track_rows: dict[str, list[dict]] = {}
@@ -533,7 +543,8 @@ def evaluate_model(
         with Stopwatch() as sw:
             if lm_now is not None:
                 rows = likelihood.score(lm_now, li, profile.evaluation.mc_prompt)
-        times.setdefault(task, {})["likelihood_s"] = round(sw.seconds, 2)
+        seconds = round(sw.seconds, 2) if lm_now is not None else _earlier(previous, task, "likelihood_s")
+        times.setdefault(task, {}).update(likelihood_s=seconds, reused_likelihood=lm_now is None)
         track_rows[task] = rows
 
     return _judge_and_write(
@@ -614,7 +625,8 @@ def _judge_and_write(
                 cached = judge_dimension(task, judges, inputs[task].keys, [r["answer"] for r in rows])
         judgements[task] = cached
         scores[task] = _scores_from_judgements(task, cached)
-        times[task].update(judge_s=round(sw.seconds, 2), reused_judgements=reused)
+        seconds = _earlier(previous, task, "judge_s") if reused else round(sw.seconds, 2)
+        times[task].update(judge_s=seconds, reused_judgements=reused)
 
     metrics = {
         "model": name,
