@@ -152,9 +152,10 @@ evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
 # ## What each baseline costs
 #
 # Wall times from the manifests: building (merging the deltas; training the LoRA fuser; nothing for
-# ensembles, which are combined at inference), loading, generating (plus the likelihood track)
-# and judging. An ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and
-# then the fuser on a prompt three answers long: their generation time shows it.
+# ensembles, which are combined at inference), loading, generating, the likelihood track and judging. An
+# ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and then the fuser on a
+# prompt three answers long: their generation time shows it. A time is the one the run that produced that
+# part spent; NaN means the part was reused from an earlier run that did not record its time.
 
 # %%
 report.wall_times(P, list(baseline_metrics)).round(1)
