@@ -38,8 +38,10 @@ LIKELIHOOD_COLUMNS = {
     ("honest", "mc2"): "MC2 % ↑",
 }
 """The likelihood track (ours, judge-free): log-likelihoods in nats per token, the rest in %."""
-LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_preferred", "honest": "mc2"}
-"""The metric of each dimension the likelihood track's headline compares (all higher-is-better)."""
+LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_margin", "honest": "mc2"}
+"""The metric of each dimension the likelihood track's headline compares (all higher-is-better). Harmless uses
+the safe-unsafe margin, not the binary preference: on the cpu profile the base model and the three experts
+prefer the safe side on exactly the same prompts, so the preference cannot tell models apart at all."""
 NATS = {LIKELIHOOD_COLUMNS[("helpful", "ref_logprob")], LIKELIHOOD_COLUMNS[("harmless", "safe_margin")]}
 """Columns in nats per token, shown with two decimals (the others are % with one)."""
 

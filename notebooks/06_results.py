@@ -173,7 +173,7 @@ if len(scores) >= 2:
 
 # %% [markdown]
 # The same for each headline metric of the likelihood track (its units: nats per token for the reference
-# log-likelihood, points otherwise):
+# log-likelihood and the safe-unsafe margin, points for MC2):
 
 # %%
 if len(track) >= 2:
@@ -247,8 +247,9 @@ members if not members.empty else print("H3Fusion-MoE has not been evaluated yet
 # ## The headline on the likelihood track
 #
 # The same question, one dimension at a time, on the judge-free track: H3Fusion-MoE's mean minus the best
-# member's of each group on the reference log-likelihood (nats per token), the safe-preference rate and MC2
-# (points), the best member re-chosen in every paired bootstrap resample. The track has no three-dimension
+# member's of each group on the reference log-likelihood and the safe-unsafe margin (nats per token) and on
+# MC2 (points), the best member re-chosen in every paired bootstrap resample. The margin stands for harmlessness
+# rather than the safe-preference rate because the rate barely moves between models (the table above). The track has no three-dimension
 # average (its metrics are on different scales), so there is no relative improvement to set beside the
 # paper's; the verdicts are read from the intervals in the same way.
 
