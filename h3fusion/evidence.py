@@ -41,7 +41,8 @@ LIKELIHOOD_COLUMNS = {
 LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_margin", "honest": "mc2"}
 """The metric of each dimension the likelihood track's headline compares (all higher-is-better). Harmless uses
 the safe-unsafe margin, not the binary preference: on the cpu profile the base model and the three experts
-prefer the safe side on exactly the same prompts, so the preference cannot tell models apart at all."""
+all prefer the safe side on 26 of the 44 prompts (the harmless expert on exactly the base model's), so the
+preference barely separates models."""
 NATS = {LIKELIHOOD_COLUMNS[("helpful", "ref_logprob")], LIKELIHOOD_COLUMNS[("harmless", "safe_margin")]}
 """Columns in nats per token, shown with two decimals (the others are % with one)."""
 
