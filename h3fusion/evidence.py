@@ -210,7 +210,7 @@ def likelihood_headline(
             row: dict[str, Any] = {"metric": label, "members compared": len(members)}
             if fused in scores and members and task in scores[fused].tasks:
                 imp = stats.metric_improvement_over_best(scores[fused], [scores[m] for m in members], task, metric)
-                d = 2 if label in NATS else 1
+                d = 3 if label in NATS else 1  # differences of nats per token are hundredths
                 row.update(
                     {
                         "improvement over the best member": f"{imp.value:+.{d}f} [{imp.low:+.{d}f}, {imp.high:+.{d}f}]",
