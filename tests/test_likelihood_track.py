@@ -117,7 +117,8 @@ def test_metric_improvement_over_best_is_the_gap_to_the_best_member():
     same = stats.metric_improvement_over_best(
         _scores("f", member), [_scores("m", member), _scores("o", other)], "honest", "mc2"
     )
-    assert same.value <= 0 and same.high >= 0 or same.value < 0
+    assert same.value == pytest.approx(min(0.0, member.mean() - other.mean()))  # the gap to the better member
+    assert same.low <= same.value <= same.high
     lower = stats.metric_improvement_over_best(
         _scores("f", member - 1.0), [_scores("m", member)], "honest", "mc2", higher_is_better=False
     )
