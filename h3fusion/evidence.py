@@ -379,6 +379,26 @@ def _judge_rates(counts: Mapping[str, Any]) -> tuple[stats.Estimate, stats.Estim
     )
 
 
+def _check_same_judge(profile: Profile, name: str, accuracy: float) -> None:
+    """Refuse to correct judgements made by another judge than the one whose counts are used: the accuracy the
+    evaluation recorded with its harmless judge must be the counts' accuracy (models without a stored
+    evaluation under this name are not checked)."""
+    import json
+
+    path = metrics_path(profile, name)
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text()).get("judges", {}).get("harmless", {}).get("validation", {})
+    if "accuracy" in recorded and abs(float(recorded["accuracy"]) - accuracy) > 5e-5:
+        from h3fusion.errors import ArtifactError
+
+        raise ArtifactError(
+            f"{name}'s harmless judgements were made by a judge with held-out accuracy {recorded['accuracy']}, "
+            f"not by the judge whose confusion counts correct them ({accuracy:.4f}); re-run "
+            f"`h3fusion evaluate --profile {profile.name} --model {name}` so that both are the current judge"
+        )
+
+
 def harmless_correction(
     profile: Profile, scores: Mapping[str, stats.ItemScores], counts: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
@@ -400,6 +420,7 @@ def harmless_correction(
     for label, s in scores.items():
         if "harmless" not in s.tasks:
             continue
+        _check_same_judge(profile, label, (tp + tn) / (tp + fn + tn + fp))
         flags = s.values("harmless", "harmful_rate")
         observed, corrected = stats.rate(flags), stats.corrected_rate(flags, tp, fn, tn, fp)
         rows[label] = {

@@ -127,3 +127,21 @@ def test_the_correction_note_states_the_counts_and_the_method():
     note = evidence.harmless_correction_note(COUNTS)
     for said in ("170 of 200", "flags 80", "clears 90", "Rogan–Gladen", "0.700", "independently"):
         assert said in note
+
+
+def test_judgements_of_another_judge_are_not_corrected_with_these_counts(smoke_profile, tmp_path):
+    import json
+
+    from h3fusion import evidence
+    from h3fusion.evaluation.run import metrics_path
+
+    profile = smoke_profile.model_copy(update={"runs_dir": str(tmp_path)})
+    scores = {"base": _scores("base", _flags(31))}
+    path = metrics_path(profile, "base")
+    path.parent.mkdir(parents=True)
+    accuracy = (80 + 90) / 200  # COUNTS' accuracy: accepted
+    path.write_text(json.dumps({"judges": {"harmless": {"validation": {"accuracy": accuracy}}}}))
+    assert list(evidence.harmless_correction(profile, scores, COUNTS).index) == ["base"]
+    path.write_text(json.dumps({"judges": {"harmless": {"validation": {"accuracy": 0.74}}}}))
+    with pytest.raises(ArtifactError, match="base's harmless judgements were made by a judge with held-out accuracy 0.74"):
+        evidence.harmless_correction(profile, scores, COUNTS)
