@@ -47,12 +47,16 @@ NATS = {LIKELIHOOD_COLUMNS[("helpful", "ref_logprob")], LIKELIHOOD_COLUMNS[("har
 """Columns in nats per token, shown with two decimals (the others are % with one)."""
 
 
+def _labelled(models: Evaluated | Mapping[str, str]) -> dict[str, str]:
+    """{label: model name}: as given, or every model of `Evaluated` under its own name."""
+    return {m: m for m in models.metrics} if isinstance(models, Evaluated) else dict(models)
+
+
 def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
     """Per-item scores of the evaluated models ({label: model name} or every model of `Evaluated`) that have
     per-item judgements; the keys are the labels."""
-    names = {m: m for m in models.metrics} if isinstance(models, Evaluated) else dict(models)
     out = {}
-    for label, name in names.items():
+    for label, name in _labelled(models).items():
         folder = metrics_path(profile, name).parent
         if (folder / "judgements").is_dir():
             out[label] = stats.read_item_scores(folder, name)
@@ -61,9 +65,8 @@ def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict
 
 def likelihood_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
     """Per-item likelihood-track scores of the models that have them ({label: model name} or `Evaluated`)."""
-    names = {m: m for m in models.metrics} if isinstance(models, Evaluated) else dict(models)
     out = {}
-    for label, name in names.items():
+    for label, name in _labelled(models).items():
         scores = stats.read_likelihood_scores(metrics_path(profile, name).parent, name)
         if scores is not None:
             out[label] = scores
@@ -80,10 +83,15 @@ def bar_frames(long: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, pd
     )
 
 
+def _interval(value: float, low: float, high: float, digits: int, sign: str = "") -> str:
+    """"value [low, high]" with `digits` decimals (`sign="+"` to sign every number)."""
+    f = f"{sign}.{digits}f"
+    return f"{value:{f}} [{low:{f}}, {high:{f}}]"
+
+
 def cell(estimate: stats.Estimate, column: str) -> str:
     """"value [low, high]" with two decimals for a column in nats per token, one otherwise."""
-    d = 2 if column in NATS else 1
-    return f"{estimate.value:.{d}f} [{estimate.low:.{d}f}, {estimate.high:.{d}f}]"
+    return _interval(estimate.value, estimate.low, estimate.high, 2 if column in NATS else 1)
 
 
 def own_dimension(
@@ -118,8 +126,9 @@ def own_dimension(
 def estimates(
     scores: Mapping[str, stats.ItemScores], columns: Mapping[tuple[str, str], str] = COLUMNS
 ) -> pd.DataFrame:
-    """Long form: one row per (model, column) with value, low, high and n (the three-dimension average only for
-    the judged track's columns)."""
+    """Long form: one row per (model, column) with value, low, high and n (and the three-dimension average when
+    `columns` hold the judged headline metrics it is made of)."""
+    with_average = all(key in columns for key in stats.HEADLINE.items())
     rows = []
     for name, s in scores.items():
         for (task, metric), column in columns.items():
@@ -135,7 +144,7 @@ def estimates(
                         "n": e.n,
                     }
                 )
-        if columns is COLUMNS and all(t in s.tasks for t in stats.HEADLINE):
+        if with_average and all(t in s.tasks for t in stats.HEADLINE):
             e = stats.average(s)
             rows.append(
                 {"model": name, "column": AVERAGE, "value": e.value, "low": e.low, "high": e.high, "n": e.n}
@@ -148,11 +157,10 @@ def interval_table(
 ) -> pd.DataFrame:
     """Cells "value [low, high]" (95 %), the items per column in its header, rows in evaluation order."""
     frame = long[long["column"].isin(columns)]
-    digits = [2 if c in NATS else 1 for c in frame["column"]]
     cells = frame.assign(
         cell=[
-            f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
-            for (v, lo, hi), d in zip(frame[["value", "low", "high"]].to_numpy(), digits, strict=True)
+            _interval(v, lo, hi, 2 if c in NATS else 1)
+            for v, lo, hi, c in frame[["value", "low", "high", "column"]].itertuples(index=False)
         ]
     )
     table = cells.pivot(index="model", columns="column", values="cell").reindex(
@@ -213,7 +221,7 @@ def likelihood_headline(
                 d = 3 if label in NATS else 1  # differences of nats per token are hundredths
                 row.update(
                     {
-                        "improvement over the best member": f"{imp.value:+.{d}f} [{imp.low:+.{d}f}, {imp.high:+.{d}f}]",
+                        "improvement over the best member": _interval(imp.value, imp.low, imp.high, d, "+"),
                         "n": imp.n,
                         "verdict": stats.verdict_word(imp),
                     }
