@@ -209,6 +209,8 @@ class LikelihoodConfig(Section):
 class EvaluationConfig(Section):
     generation: GenerationConfig
     likelihood: LikelihoodConfig = Field(default_factory=LikelihoodConfig)
+    workers: int = Field(default=1, ge=1)
+    """Models evaluated side by side in one-thread processes (`evaluation.parallel`); 1: in this process."""
     max_new_tokens_by_dimension: dict[str, int] = Field(default_factory=dict)
     """Per-dimension caps that replace `generation.max_new_tokens` (e.g. {helpful: 256}: the helpfulness judge
     was validated on whole answers, so its answers must be long enough to end)."""

@@ -97,11 +97,11 @@ plots.training_curves({task: m["loss_log"] for task, m in manifests.items()},
 # %%
 from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
-from h3fusion.evaluation.run import evaluate_model
+from h3fusion.evaluation.parallel import evaluate_models
 
 names = ["base", *P.tasks]
 judges = load_judges(P)  # built once per profile (chapter 0), then cached
-metrics = {name: evaluate_model(P, name, judges=judges) for name in names}
+metrics = evaluate_models(P, names, judges=judges)  # `evaluation.workers` one-thread processes
 scores = evidence.item_scores(P, {name: name for name in names})
 long = evidence.estimates(scores)
 evidence.interval_table(long, list(evidence.COLUMNS.values()) + [evidence.AVERAGE])

@@ -160,12 +160,12 @@ display(Markdown("Mean routing accuracy (chance " f"{100 / P.num_experts:.1f} %)
 # %%
 from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
-from h3fusion.evaluation.run import evaluate_model
+from h3fusion.evaluation.parallel import evaluate_models
 
 names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe",
          **{name: prof.fusion.variant for name, prof in variants.items()}}
 judges = load_judges(P)
-metrics = {label: evaluate_model(P, model, judges=judges) for label, model in names.items()}
+metrics = dict(zip(names, evaluate_models(P, list(names.values()), judges=judges).values(), strict=True))
 long = evidence.estimates(evidence.item_scores(P, names))
 evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 

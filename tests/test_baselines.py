@@ -280,8 +280,11 @@ def test_perplexity_weights_sum_to_one_and_favour_low_perplexity():
 def test_prompt_perplexities_with_the_shared_prefix_equal_full_forwards(profile, tok, adapters):
     """PackLLM's MC weights (prompt NLLs scored after the prompts' shared prefix) are the weights generation
     computes from one full forward of each prompt."""
-    from h3fusion.baselines.ensembles import _mean_prompt_nll
     from h3fusion.evaluation.generate import encode_prompts
+
+    def mean_prompt_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return -logp.mean(-1)
 
     bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
     ensemble = TokenEnsemble(bank, tok, weighting="perplexity", progress=False)
@@ -290,7 +293,7 @@ def test_prompt_perplexities_with_the_shared_prefix_equal_full_forwards(profile,
         ids = torch.tensor([encode_prompts(tok, [prompt])[0]])
         for j, e in enumerate(("a", "b", "c")):
             with torch.no_grad():
-                want = _mean_prompt_nll(bank.use(e)(input_ids=ids).logits, ids, torch.ones_like(ids))
+                want = mean_prompt_nll(bank.use(e)(input_ids=ids).logits, ids)
             assert float(got[i, j]) == pytest.approx(float(want[0]), abs=1e-4)
 
 
@@ -667,3 +670,73 @@ def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(o
             for r in read_jsonl(eval_dir(profile, "ensemble-select") / "generations" / f"{task}.jsonl")
         ]
         assert all(c in [a[i] for a in experts_answers] for i, c in enumerate(chosen))
+
+
+def naive_mixture_greedy(bank, tok, prompts, experts, weights, new_tokens):
+    """Greedy decoding from sum_i w_i p_i, every step a full forward of each prompt + answer so far, per expert
+    and per prompt (no cache, no padding, no mixed batch): what the one-pass ensemble must reproduce."""
+    from h3fusion.evaluation.generate import encode_prompts
+
+    out = []
+    for k, ids in enumerate(encode_prompts(tok, prompts)):
+        seq = list(ids)
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                logits = [bank.use(e)(input_ids=torch.tensor([seq])).logits[:, -1] for e in experts]
+            seq.append(int(mixture_logprobs(logits, weights[k : k + 1]).argmax(-1)))
+        out.append(seq[len(ids) :])
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "perplexity"])
+def test_one_pass_mixed_adapter_decoding_equals_separate_expert_forwards(profile, tok, adapters, weighting):
+    """All experts in one forward per step (peft mixed-adapter batch, left-padded prompts of other lengths, one
+    KV cache) give the tokens of a naive per-expert, per-prompt decoding from the same mixture."""
+    from h3fusion.evaluation.generate import cut_at_stop
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    ensemble = TokenEnsemble(bank, tok, weighting=weighting, temperature=0.5, stop_strings=(), progress=False)
+    prompts = [*PROMPTS, format_prompt("Say something long about the sea and the sky.")]
+    cfg = GenerationConfig(max_new_tokens=5, batch_size=3)
+    eos = set(tok.all_special_ids)
+    want = naive_mixture_greedy(bank, tok, prompts, ("a", "b", "c"), ensemble.prompt_weights(prompts), 5)
+    for got, tokens in zip(ensemble.generate(prompts, cfg, 0), want, strict=True):
+        kept = next((tokens[:j] for j, t in enumerate(tokens) if t in eos), tokens)
+        assert got == cut_at_stop(tok.decode(kept, skip_special_tokens=True), ())
+
+
+def test_ensemble_mixes_the_experts_stored_logprobs_and_stores_missing_ones(profile, tok, adapters, tmp_path):
+    """With the cache of expert evaluations, an ensemble reads each expert's per-token log-probabilities from
+    what the expert's own (merged) model stored, computes a missing expert merged and stores it, and scores
+    the same as without the cache."""
+    from peft import PeftModel
+
+    from h3fusion.evaluation.logprob_cache import TokenLogprobCache
+
+    cache = TokenLogprobCache(tmp_path / "cache")
+    identities = {"a": "id-a", "b": "id-b", "c": "id-c"}
+    conts = [" Blue and green.", " Paris, in France."]
+    expert_a = HFLanguageModel(
+        PeftModel.from_pretrained(make_base(profile, tok), str(adapters[0])).merge_and_unload(), tok, progress=False
+    )
+    expert_a.store_logprobs(cache, identities["a"])
+    stored_a = expert_a.continuation_token_logprobs(PROMPTS, conts)  # the expert's evaluation stores its values
+    assert cache.get("id-a", PROMPTS, conts) == stored_a
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1], "c": adapters[2]})
+    plain = TokenEnsemble(bank, tok, progress=False).continuation_logprobs(PROMPTS, conts)
+    cached = TokenEnsemble(bank, tok, expert_logprobs=(cache, identities), progress=False)
+    assert cached.continuation_logprobs(PROMPTS, conts) == pytest.approx(plain, abs=1e-4)
+    assert cache.get("id-b", PROMPTS, conts) is not None and cache.get("id-c", PROMPTS, conts) is not None
+
+    # a stored value is what the ensemble mixes: shift expert a's stored values and the mixture moves
+    cache.put("id-a", PROMPTS, conts, [[v - 50.0 for v in row] for row in stored_a])
+    shifted = TokenEnsemble(bank, tok, expert_logprobs=(cache, identities), progress=False)
+    weights = torch.full((3,), 1 / 3, dtype=torch.float64).log()
+    for k, row in enumerate(shifted.continuation_logprobs(PROMPTS, conts)):
+        per_expert = torch.tensor(
+            [[v - 50.0 for v in stored_a[k]], *(cache.get(i, PROMPTS, conts)[k] for i in ("id-b", "id-c"))],
+            dtype=torch.float64,
+        )
+        assert row == pytest.approx(float(torch.logsumexp(per_expert + weights[:, None], 0).sum()), abs=1e-6)
+    assert cache.get("other-identity", PROMPTS, conts) is None  # a re-trained expert misses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
+from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
 from h3fusion.evaluation.tables import results_table, to_markdown
 from tests.helpers import random_upcycled_moe
@@ -359,11 +361,14 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     assert again == first
 
     # A deleted likelihood file is scored again and written back (the metrics are not returned without it),
-    # to the same values; the other dimensions' likelihood rows are reused.
+    # to the same values; the other dimensions' likelihood rows are reused. With the token log-prob cache gone
+    # too, the model itself scores again.
     (track / "honest.jsonl").unlink()
+    shutil.rmtree(profile_cache(profile.run_dir).folder)
     rescored = runmod.evaluate_model(profile, "base", judges=judges)
     phases = _phases(folder)
     assert (track / "honest.jsonl").is_file() and phases["honest"]["likelihood_s"] > 0
+    assert profile_cache(profile.run_dir).folder.is_dir()  # the model's log-probabilities were stored again
     assert phases["helpful"]["reused_likelihood"] and not phases["honest"]["reused_likelihood"]
     # reused phases keep the time the run that produced them spent (the manifest says what each part cost)
     assert phases["helpful"]["likelihood_s"] == first_phases["helpful"]["likelihood_s"] > 0
@@ -492,3 +497,19 @@ def test_a_dimension_can_have_its_own_generation_cap():
     assert p.evaluation.longest_answer == 32
     with pytest.raises(ConfigError, match="unknown dimension"):
         load_profile("smoke", {"evaluation.max_new_tokens_by_dimension": {"funny": 32}})
+
+
+@pytest.mark.slow
+def test_models_evaluated_in_worker_processes_equal_one_process(tmp_path):
+    """`evaluation.workers: 2`: two one-thread processes evaluating side by side (here both the same model into
+    the same folder, so their atomic writes race) return what one process returns."""
+    from h3fusion.evaluation.judges import load_judges
+    from h3fusion.evaluation.parallel import evaluate_models
+
+    one = load_profile("smoke", {"runs_dir": str(tmp_path)})
+    alone = evaluate_models(one, ["base"], judges=load_judges(one))["base"]
+    shutil.rmtree(runmod.eval_dir(one, "base"))
+    two = load_profile("smoke", {"runs_dir": str(tmp_path), "evaluation.workers": 2})
+    side_by_side = evaluate_models(two, ["base", "base"])
+    assert side_by_side == {"base": alone}
+    assert json.loads(runmod.metrics_path(two, "base").read_text()) == alone

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from h3fusion.evaluation.logprob_cache import TokenLogprobCache
+
 Weighting = Literal["uniform", "perplexity"]
 Selector = Callable[[list[str], list[list[str]]], list[int]]
 """(prompts, candidates per prompt [one answer per expert]) -> index of the chosen answer per prompt."""
@@ -200,15 +202,6 @@ def mixture_logprobs(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> t
     return torch.logsumexp(logp + weights.clamp_min(1e-30).log().unsqueeze(-1), dim=1)
 
 
-def _mean_prompt_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each row's prompt tokens (from its second real token on), [batch]; 0 for one-token prompts."""
-    import torch
-
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    valid = (mask[:, 1:] * mask[:, :-1]).float()
-    return -(logp * valid).sum(-1) / valid.sum(-1).clamp_min(1.0)
-
-
 class TokenEnsemble:
     """Token-level probability averaging of the bank's adapters (uniform or PackLLM-sim weights)."""
 
@@ -223,16 +216,21 @@ class TokenEnsemble:
         stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
         logprob_batch_size: int = 16,
         token_logprobs: dict[Any, dict[str, Any]] | None = None,
+        expert_logprobs: tuple[TokenLogprobCache, Mapping[str, str]] | None = None,
         progress: bool = True,
     ) -> None:
         """`logprob_batch_size`: prompts per batch of the PackLLM prompt pass (it keeps every position's logits).
         `token_logprobs`: a store of each expert's prompt NLLs and continuation token log-probabilities per
         scored list, to share between ensembles of the SAME bank that differ only in their weighting (uniform and
-        PackLLM score the same MC choices with the same expert forwards; only the mixing weights differ)."""
+        PackLLM score the same MC choices with the same expert forwards; only the mixing weights differ).
+        `expert_logprobs`: (the profile's token log-prob cache, {expert: its artifact identity}); an expert's
+        per-token log-probabilities are then read from what its own evaluation stored, and scored with the
+        adapter merged (as its evaluation scores it) and stored when missing."""
         if weighting not in ("uniform", "perplexity"):
             raise ValueError(f"unknown weighting {weighting!r}; use 'uniform' or 'perplexity'")
         self.bank, self.tokenizer = bank, tokenizer
         self._token_logprobs = token_logprobs if token_logprobs is not None else {}
+        self.expert_logprobs = expert_logprobs
         self.weighting, self.temperature = weighting, temperature
         self.experts = tuple(experts or bank.names)
         self.stop_strings = tuple(stop_strings)
@@ -254,6 +252,10 @@ class TokenEnsemble:
 
     def prompt_weights(self, prompts: list[str]) -> torch.Tensor:
         """The ensemble weights of each prompt, [prompts, experts] (rows sum to one)."""
+        import torch
+
+        if self.weighting == "uniform":  # no prompt pass needed
+            return torch.full((len(prompts), len(self.experts)), 1.0 / len(self.experts))
         return self._weights(self._prompt_nll(prompts))
 
     def _prompt_nll(self, prompts: list[str]) -> torch.Tensor:
@@ -282,10 +284,11 @@ class TokenEnsemble:
         encoded = encode_prompts(self.tokenizer, prompts)
         answers = [""] * len(prompts)
         gen = torch.Generator().manual_seed(seed)
+        weights = self.prompt_weights(prompts)  # uniform: no prompt pass
         bar = progress(total=len(prompts), desc=desc, show=self.progress, unit="prompt")
         with torch.inference_mode():
             for batch in length_sorted_batches([len(e) for e in encoded], cfg.batch_size):
-                texts = self._generate_batch([encoded[i] for i in batch], cfg, gen)
+                texts = self._generate_batch([encoded[i] for i in batch], cfg, gen, weights[batch])
                 for i, text in zip(batch, texts, strict=True):
                     answers[i] = text
                 bar.update(len(batch))
@@ -293,27 +296,41 @@ class TokenEnsemble:
         return answers
 
     def _generate_batch(
-        self, encoded: list[list[int]], cfg: GenerationConfig, gen: torch.Generator
+        self, encoded: list[list[int]], cfg: GenerationConfig, gen: torch.Generator, weights: torch.Tensor
     ) -> list[str]:
-        """Greedy (or seeded sampling) decoding from the mixture, one KV cache per expert."""
+        """Greedy (or seeded sampling) decoding from the mixture with `weights` [prompts, experts].
+
+        Every expert runs in ONE forward per step: the batch is repeated once per expert (expert-major rows)
+        and peft's mixed-adapter batches (`adapter_names`) apply each row's own LoRA, so the base weights are
+        read once per step for all experts instead of once per expert (one KV cache of n x B rows)."""
         import torch
 
         device = self.bank.device
+        n, rows = len(self.experts), len(encoded)
         ids, mask = left_pad(encoded, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         eos = torch.tensor(eos_token_ids(self.bank.model, self.tokenizer), device=device)
-        caches, last, nll = [], [], []
-        for e in self.experts:
-            out = self.bank.use(e)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            caches.append(out.cache)
-            last.append(out.logits[:, -1])
-            nll.append(_mean_prompt_nll(out.logits, ids, mask))
-        weights = self._weights(torch.stack(nll, dim=-1))
-        done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+        names = [e for e in self.experts for _ in range(rows)]
+        model = self.bank.model
+
+        def forward(tokens: torch.Tensor, cache: Any = None) -> Any:
+            return model(
+                input_ids=tokens.repeat(n, 1),
+                attention_mask=mask.repeat(n, 1),
+                position_ids=pos.repeat(n, 1),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                adapter_names=names,
+            )
+
+        out = forward(ids)
+        weights = weights.to(device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
         new: list[torch.Tensor] = []
-        next_pos = pos[:, -1:] + 1
         for _ in range(cfg.max_new_tokens):
+            last = list(out.logits[:, -1].unflatten(0, (n, rows)).unbind(0))
             scaled = [lg / cfg.temperature for lg in last] if cfg.temperature > 0 else last
             logp = mixture_logprobs(scaled, weights)
             if cfg.temperature > 0:
@@ -326,19 +343,11 @@ class TokenEnsemble:
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            for i, e in enumerate(self.experts):
-                out = self.bank.use(e)(
-                    input_ids=token[:, None],
-                    attention_mask=mask,
-                    position_ids=next_pos,
-                    cache=caches[i],
-                    use_cache=True,
-                )
-                caches[i], last[i] = out.cache, out.logits[:, -1]
-            next_pos = next_pos + 1
-        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in encoded]
+            pos = pos[:, -1:] + 1
+            out = forward(token[:, None], out.cache)
+        rows_out = torch.stack(new, dim=1).tolist() if new else [[] for _ in encoded]
         eos_ids = eos.tolist()
-        return [cut_at_stop(self._decode(r, eos_ids), self.stop_strings) for r in rows]
+        return [cut_at_stop(self._decode(r, eos_ids), self.stop_strings) for r in rows_out]
 
     def _decode(self, tokens: list[int], eos_ids: list[int]) -> str:
         for j, t in enumerate(tokens):
@@ -375,18 +384,12 @@ class TokenEnsemble:
         distinct prompt, `HFLanguageModel`); the tokens' probabilities are then mixed with the prompt's weights."""
         import torch
 
-        from h3fusion.evaluation.lm import HFLanguageModel
 
         unique = list(dict.fromkeys(prompts))
         # the experts' forwards, shared with ensembles of the same bank and other weights
         stored = self._token_logprobs.setdefault((self.experts, tuple(prompts), tuple(continuations)), {})
         if "tokens" not in stored:
-            stored["tokens"] = [
-                HFLanguageModel(self.bank.use(e), self.tokenizer, progress=False).continuation_token_logprobs(
-                    prompts, continuations
-                )
-                for e in self.experts
-            ]
+            stored["tokens"] = [self._expert_token_logprobs(e, prompts, continuations) for e in self.experts]
         if self.weighting != "uniform" and "prompt_nll" not in stored:  # uniform weights need no prompt pass
             stored["prompt_nll"] = self._prompt_nll(unique)
         nll = stored.get("prompt_nll", torch.zeros(len(unique), len(self.experts)))
@@ -397,6 +400,23 @@ class TokenEnsemble:
             lp = torch.tensor([tokens[k] for tokens in stored["tokens"]], dtype=torch.float64)  # [n, tokens]
             out.append(float(torch.logsumexp(lp + log_w[row[prompt]][:, None], dim=0).sum()))
         return out
+
+    def _expert_token_logprobs(self, expert: str, prompts: list[str], continuations: list[str]) -> list[list[float]]:
+        """One expert's per-token log-probabilities of the call: from the cache of expert evaluations when there
+        is one (computed merged and stored on a miss), else from the bank's active adapter."""
+        from h3fusion.evaluation.lm import HFLanguageModel
+
+        if self.expert_logprobs is None:
+            lm = HFLanguageModel(self.bank.use(expert), self.tokenizer, progress=False)
+            return lm.continuation_token_logprobs(prompts, continuations)
+        cache, identities = self.expert_logprobs
+        hit = cache.get(identities[expert], prompts, continuations)
+        if hit is not None:
+            return hit
+        with self.bank.merged(expert) as model:
+            lm = HFLanguageModel(model, self.tokenizer, progress=False)
+            lm.store_logprobs(cache, identities[expert])
+            return lm.continuation_token_logprobs(prompts, continuations)
 
 
 # ---------------------------------------------------------------------------------------------- selection

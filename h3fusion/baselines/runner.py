@@ -175,10 +175,16 @@ class _Shared:
     def token_ensemble(self, weighting: Weighting, temperature: float) -> TokenEnsemble:
         """A token-level ensemble of the shared bank; all of them share the experts' MC token log-probabilities."""
         from h3fusion.baselines.ensembles import TokenEnsemble
+        from h3fusion.evaluation.logprob_cache import profile_cache
 
         bank, tok = self.bank()
         return TokenEnsemble(
-            bank, tok, weighting=weighting, temperature=temperature, token_logprobs=self._token_logprobs
+            bank,
+            tok,
+            weighting=weighting,
+            temperature=temperature,
+            token_logprobs=self._token_logprobs,
+            expert_logprobs=(profile_cache(self.profile.run_dir), expert_identities(self.profile)),
         )
 
     def get_judges(self) -> Any:
@@ -482,5 +488,10 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
         build_baseline(profile, n, shared)
     shared.release()  # merged models load their own weights: free the builders' bank; it comes back once, lazily
     _ensure_expert_answers(profile, names, shared)
+    if profile.evaluation.workers > 1:  # each worker process loads its own bank and judges
+        from h3fusion.evaluation.parallel import evaluate_models
+
+        shared.release()
+        return evaluate_models(profile, names)
     with _session(shared):
         return {n: evaluate_model(profile, n, judges=shared.get_judges()) for n in names}

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from h3fusion.evaluation.logprob_cache import TokenLogprobCache
+
 
 @runtime_checkable
 class LanguageModel(Protocol):
@@ -91,6 +93,13 @@ class HFLanguageModel:
         self.logprob_batch_tokens = logprob_batch_tokens
         self.share_prompt_prefix = share_prompt_prefix
         self.progress = progress
+        self.logprob_cache: TokenLogprobCache | None = None
+        self.identity: str | None = None
+
+    def store_logprobs(self, cache: TokenLogprobCache, identity: str) -> None:
+        """Keep every `continuation_token_logprobs` call's result in CACHE under IDENTITY (the model's artifact
+        identity), and answer repeated calls from it: token ensembles mix their experts' stored values."""
+        self.logprob_cache, self.identity = cache, identity
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +130,21 @@ class HFLanguageModel:
 
     def continuation_token_logprobs(self, prompts: list[str], continuations: list[str]) -> list[list[float]]:
         """log p(token t | prompt, tokens < t) for each token of each continuation (what a mixture of models
-        needs: it mixes probabilities token by token)."""
+        needs: it mixes probabilities token by token). Read from and written to `logprob_cache` when set."""
+        if len(prompts) != len(continuations):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair"
+            )
+        cache, identity = self.logprob_cache, self.identity
+        if cache is not None and identity is not None:
+            hit = cache.get(identity, prompts, continuations)
+            if hit is None:
+                hit = self._continuation_token_logprobs(prompts, continuations)
+                cache.put(identity, prompts, continuations, hit)
+            return hit
+        return self._continuation_token_logprobs(prompts, continuations)
+
+    def _continuation_token_logprobs(self, prompts: list[str], continuations: list[str]) -> list[list[float]]:
         import torch
 
         from h3fusion.progress import progress

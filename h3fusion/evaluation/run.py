@@ -49,6 +49,7 @@ from h3fusion.errors import ArtifactError, H3FusionError, ModelError
 from h3fusion.evaluation import likelihood
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
+from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import MCQuestion, mc_prompt
 
 if TYPE_CHECKING:
@@ -515,6 +516,8 @@ def evaluate_model(
             print(f"loading {name}: {entry.description}")
             with Stopwatch() as sw:
                 model = entry.load()
+            if isinstance(model, HFLanguageModel):  # token ensembles of this model reuse its log-probabilities
+                model.store_logprobs(profile_cache(profile.run_dir), identity)
             times["load_model"] = {"load_s": round(sw.seconds, 2)}
         return model
 
