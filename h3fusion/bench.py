@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from h3fusion import bench_likelihood
+from h3fusion import bench_ensemble, bench_likelihood
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile
 from h3fusion.errors import H3FusionError
 
@@ -88,6 +88,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "generation.delta_vs_dense": (">=", 0.75),
     "book.total_min": ("<=", 45.0),
     **bench_likelihood.TARGETS,
+    **bench_ensemble.TARGETS,
 }
 """Issue 7's and 17's targets; every other ratio is reported without one."""
 
@@ -545,6 +546,10 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for model in ("dense", "moe"):
             values[f"likelihood.{model}.scorer_vs_plain_forward"] = lik[model]["ratio"]
         values["likelihood.threads.two_processes_vs_two_threads"] = lik["threads"]["ratio"]
+    ens = results.get("ensemble")
+    if ens is not None:
+        values["ensemble.one_pass_vs_one_model"] = ens["one_pass_vs_one_model"]
+        values["ensemble.separate_passes_vs_one_model"] = ens["separate_passes_vs_one_model"]
     out = {}
     for key, value in values.items():
         op, target = TARGETS.get(key, (None, None))
@@ -602,6 +607,8 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"   {'total (notebooks)':<50}{_fmt(b['total_s'], 1):>12}{partial}")
     if "likelihood" in results:
         bench_likelihood.print_section(results["likelihood"])
+    if "ensemble" in results:
+        bench_ensemble.print_section(results["ensemble"])
     print("\nRatios and targets")
     for key, r in results["ratios"].items():
         holds = {True: "holds", False: "MISSED", None: "-" if r["target"] is None else "not run yet"}[
@@ -639,19 +646,21 @@ def run_bench(args: argparse.Namespace) -> None:
             "plan": plan.__dict__,
         }
     }
-    print("[bench] 1/6 MoE FFN layer")
+    print("[bench] 1/7 MoE FFN layer")
     results["ffn"] = bench_ffn(profile, plan)
     base, tokenizer = load_base(profile)
-    print("[bench] 2/6 parameter bytes")
+    print("[bench] 2/7 parameter bytes")
     results["params"] = bench_params(profile, param_configs())
-    print("[bench] 3/6 training step")
+    print("[bench] 3/7 training step")
     results["train_step"] = bench_train_step(profile, plan, base)
-    print("[bench] 4/6 generation")
+    print("[bench] 4/7 generation")
     results["generation"] = bench_generation(profile, plan, base)
-    print("[bench] 5/6 book wall times")
+    print("[bench] 5/7 book wall times")
     results["book"] = book_times(cpu_profile, PROJECT_ROOT / "book")
-    print("[bench] 6/6 likelihood scoring")
+    print("[bench] 6/7 likelihood scoring")
     results["likelihood"] = bench_likelihood.bench_likelihood(profile, plan, base, tokenizer)
+    print("[bench] 7/7 token ensemble generation")
+    results["ensemble"] = bench_ensemble.bench_ensemble(profile, plan, base, tokenizer)
     results["ratios"] = ratios(results)
     print_report(results)
     if json_out:
