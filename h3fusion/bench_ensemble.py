@@ -114,7 +114,7 @@ def bench_ensemble(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict[s
     }
     bank_calls = _counted(bank.model.get_base_model())
     per_step: dict[str, list[float]] = {name: [] for name in models}
-    for name, (lm, _) in models.items():  # warm-up, a few tokens each
+    for lm, _ in models.values():  # warm-up, a few tokens each
         lm.generate(prompts[:4], cfg.model_copy(update={"max_new_tokens": 2}), profile.seed)
     for _ in range(plan.gen_repeats):
         for name, (lm, calls) in models.items():
