@@ -38,6 +38,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from h3fusion.errors import ModelError
+from h3fusion.moe.swiglu_mix import expert_order, swiglu_mix
 
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 """The three SwiGLU projections, with peft/Llama names."""
@@ -353,6 +354,9 @@ class MoEFeedForward(nn.Module):
         """
         in_place = not torch.is_grad_enabled()
         w = weights.to(h.dtype)
+        fast = not in_place and self.hidden_act == "silu" and not self._dropout_active()
+        if fast and all(self._sets(p) for p in PROJECTIONS):
+            return self._forward_delta_sorted(h, w, idx)
         onehot = F.one_hot(idx, self.num_experts).to(h.dtype)  # [N, k, E]
         gate0 = F.linear(h, self.base_gate_proj)
         up0 = F.linear(h, self.base_up_proj)
@@ -384,6 +388,34 @@ class MoEFeedForward(nn.Module):
         if down_codes is not None:
             out = out.addmm_(down_codes.flatten(1), down_b)
         return out
+
+    def _dropout_active(self) -> bool:
+        return self.training and any(
+            not isinstance(st.dropout, nn.Identity) for p in PROJECTIONS for st in self._sets(p)
+        )
+
+    def _forward_delta_sorted(self, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`_forward_delta` when recording gradients: the same values from `swiglu_mix`.
+
+        The tokens are sorted by their experts (a gather of [N, d], cheap next to the [N, f] work), so
+        that each slot's rank-r products use only the selected expert's factors and the per-slot
+        SwiGLU and the mix are one autograd node; the output is put back in token order.
+        """
+        perm, runs = expert_order(idx, self.num_experts)
+        h_s, w_s, idx_s = h[perm], w[perm], idx[perm]
+        gate0 = F.linear(h_s, self.base_gate_proj)
+        up0 = F.linear(h_s, self.base_up_proj)
+        low_gate, low_up = self._codes(("gate_proj", "up_proj"), h_s)
+        assert low_gate is not None and low_up is not None
+        a_down, b_parts = self._stack(("down_proj",))
+        b_down = b_parts[0]
+        assert b_down is not None
+        mix, z_down = swiglu_mix(gate0, up0, *low_gate, *low_up, w_s, a_down, runs)
+        # sum_s w_s * A_down,e(s) a_s placed in the block of expert e(s) (slots pick distinct experts)
+        onehot = F.one_hot(idx_s, self.num_experts).to(h.dtype).transpose(0, 1)  # [k, N, E]
+        codes = (onehot[..., None] * (z_down * w_s.T[:, :, None])[:, :, None, :]).sum(0)
+        out = torch.addmm(F.linear(mix, self.base_down_proj), codes.flatten(1), b_down)
+        return out[torch.argsort(perm)]
 
     # ----------------------------------------------------------------- weights
     def expert_weight(self, proj: str) -> torch.Tensor:
