@@ -348,9 +348,9 @@ class MoEFeedForward(nn.Module):
         Only k activations of width f per token are formed (the selected experts), no per-expert
         gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
 
-        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f] and no new
-        buffers); with autograd only the last slot adds its delta into ``g0``/``u0`` in place (safe: neither
-        the base matmul nor the other slots' addmm saves them for backward).
+        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f], no new
+        buffers); with autograd `_forward_delta_sorted` computes the same (the per-slot ops below remain
+        for dropout, other activations and untargeted projections).
         """
         in_place = not torch.is_grad_enabled()
         w = weights.to(h.dtype)
@@ -390,25 +390,19 @@ class MoEFeedForward(nn.Module):
         return out
 
     def _dropout_active(self) -> bool:
-        return self.training and any(
-            not isinstance(st.dropout, nn.Identity) for p in PROJECTIONS for st in self._sets(p)
-        )
+        sets = [st for p in PROJECTIONS for st in self._sets(p)]
+        return self.training and any(not isinstance(st.dropout, nn.Identity) for st in sets)
 
     def _forward_delta_sorted(self, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """`_forward_delta` when recording gradients: the same values from `swiglu_mix`.
-
-        The tokens are sorted by their experts (a gather of [N, d], cheap next to the [N, f] work), so
-        that each slot's rank-r products use only the selected expert's factors and the per-slot
-        SwiGLU and the mix are one autograd node; the output is put back in token order.
-        """
+        """`_forward_delta` with autograd, via `swiglu_mix` on tokens sorted by expert (a gather of
+        [N, d], cheap next to the [N, f] work); the output is put back in token order."""
         perm, runs = expert_order(idx, self.num_experts)
         h_s, w_s, idx_s = h[perm], w[perm], idx[perm]
         gate0 = F.linear(h_s, self.base_gate_proj)
         up0 = F.linear(h_s, self.base_up_proj)
         low_gate, low_up = self._codes(("gate_proj", "up_proj"), h_s)
         assert low_gate is not None and low_up is not None
-        a_down, b_parts = self._stack(("down_proj",))
-        b_down = b_parts[0]
+        a_down, (b_down,) = self._stack(("down_proj",))
         assert b_down is not None
         mix, z_down = swiglu_mix(gate0, up0, *low_gate, *low_up, w_s, a_down, runs)
         # sum_s w_s * A_down,e(s) a_s placed in the block of expert e(s) (slots pick distinct experts)
