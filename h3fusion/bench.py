@@ -81,12 +81,12 @@ LAYER_SHAPES: dict[str, tuple[int, int]] = {
 TARGETS: dict[str, tuple[str, float]] = {
     "ffn.llama2_7b.delta.fwd": ("<=", 1.15),
     "ffn.llama2_7b.delta.fwd_bwd": ("<=", 1.2),
-    "ffn.smollm2.delta.fwd_bwd": ("<=", 1.6),
+    "ffn.smollm2.delta.fwd_bwd": ("<=", 1.3),
     "params.llama2_7b.delta": ("<=", 1.05),
     "params.smollm2.delta": ("<=", 1.05),
-    "train_step.fusion_vs_dense_lora": ("<=", 1.5),
-    "generation.delta_vs_dense": (">=", 0.75),
-    "book.total_min": ("<=", 45.0),
+    "train_step.fusion_vs_dense_lora": ("<=", 1.2),
+    "generation.delta_vs_dense": (">=", 0.95),
+    "book.total_min": ("<=", 90.0),
     **bench_likelihood.TARGETS,
     **bench_ensemble.TARGETS,
 }

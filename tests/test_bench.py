@@ -82,7 +82,7 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     partial = bench.book_times(profile, book)
     assert partial["complete"] is (expected == ["01_experts"])
     (book / "_wall_times_cpu.json").write_text(
-        json.dumps({"notebooks": {n: {"wall_s": 600.0} for n in expected}, "total_wall_s": 3000.0})
+        json.dumps({"notebooks": {n: {"wall_s": 600.0} for n in expected}, "total_wall_s": 6000.0})
     )
     times = bench.book_times(profile, book)
     assert times["complete"]
@@ -92,12 +92,12 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
         {
             "ffn": [],
             "params": [],
-            "train_step": {"ratio": 1.2},
+            "train_step": {"ratio": 1.1},
             "generation": {"delta_ratio": 0.7, "materialised_ratio": 0.5},
             "book": times,
         }
     )
-    assert ratios["book.total_min"] == {"value": 50.0, "target": "<= 45.0", "holds": False}
+    assert ratios["book.total_min"] == {"value": 100.0, "target": "<= 90.0", "holds": False}
     assert ratios["train_step.fusion_vs_dense_lora"]["holds"] is True
     assert ratios["generation.delta_vs_dense"]["holds"] is False  # a ">=" target
     assert ratios["generation.materialised_vs_dense"]["holds"] is None

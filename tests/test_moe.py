@@ -528,3 +528,79 @@ def test_bad_top_k_storage_and_router_init(base, adapters):
         upcycle(model, adapters, top_k=1, router_init="hidden", show_progress=False)
     # all checks run before the model is touched
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+# ---------------------------------------------------------------------------------------------- swiglu_mix
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(3, 2), (4, 3), (2, 1)])
+def test_swiglu_mix_matches_the_plain_formula_and_its_gradients(num_experts, top_k):
+    """The fused node on expert-sorted tokens = the masked per-slot formula (gradcheck in float64)."""
+    from h3fusion.moe.swiglu_mix import expert_order, swiglu_mix, swiglu_mix_reference
+
+    gen = torch.Generator().manual_seed(num_experts)
+    n, f, r, rd = 13, 7, 3, 2
+    idx = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(n)])
+    perm, runs = expert_order(idx, num_experts)
+    args = [
+        torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+        for shape in (
+            (n, f),
+            (n, f),
+            (n, num_experts, r),
+            (num_experts * r, f),
+            (n, num_experts, r),
+            (num_experts * r, f),
+            (n, top_k),
+            (num_experts * rd, f),
+        )
+    ]
+    sort = [a[perm] if a.shape[0] == n else a for a in args]
+    mix, z_down = swiglu_mix(*sort, runs)
+    ref_mix, ref_z = swiglu_mix_reference(*args, idx)
+    torch.testing.assert_close(mix, ref_mix[perm])
+    torch.testing.assert_close(z_down, ref_z[:, perm])
+
+    def sorted_fn(*xs):
+        return swiglu_mix(*[x[perm] if x.shape[0] == n else x for x in xs], runs)
+
+    assert torch.autograd.gradcheck(sorted_fn, args)
+    grads_out = [torch.randn(mix.shape, dtype=torch.float64), torch.randn(z_down.shape, dtype=torch.float64)]
+    got = torch.autograd.grad(sorted_fn(*args), args, grads_out)
+    back = torch.argsort(perm)
+    want = torch.autograd.grad(
+        swiglu_mix_reference(*args, idx), args, [grads_out[0][back], grads_out[1][:, back]]
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_delta_training_path_equals_the_plain_path():
+    """`_forward_delta_sorted` (autograd) = the per-slot ops (no autograd / other activation) to rounding."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(HIDDEN, FFN, 3, 2, "delta", delta_rank=R)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    layer.add_fusion_lora(rank=3, alpha=6.0)
+    with torch.no_grad():
+        for b in layer.fusion_lora.B.values():
+            b.normal_(0, 0.1)
+    layer.requires_grad_(False)
+    layer.router.requires_grad_(True)
+    layer.fusion_lora.requires_grad_(True)
+    h = torch.randn(2, 9, HIDDEN)
+    grad_out = torch.randn(2, 9, HIDDEN)
+    results = []
+    for act in ("silu", "plain"):  # any other name than "silu" takes the per-slot ops (same act_fn)
+        layer.hidden_act = act
+        x = h.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        out.backward(grad_out)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(h), out, atol=ATOL, rtol=0)
+        params = [p.grad for p in layer.parameters() if p.requires_grad]
+        results.append((out.detach(), x.grad, *params))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -38,6 +38,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from h3fusion.errors import ModelError
+from h3fusion.moe.swiglu_mix import expert_order, swiglu_mix
 
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 """The three SwiGLU projections, with peft/Llama names."""
@@ -347,12 +348,15 @@ class MoEFeedForward(nn.Module):
         Only k activations of width f per token are formed (the selected experts), no per-expert
         gather/index_add, and the base weights are read by exactly three matmuls, as in the dense FFN.
 
-        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f] and no new
-        buffers); with autograd only the last slot adds its delta into ``g0``/``u0`` in place (safe: neither
-        the base matmul nor the other slots' addmm saves them for backward).
+        Under ``torch.no_grad`` the element-wise steps run in place (fewer passes over [N, f], no new
+        buffers); with autograd `_forward_delta_sorted` computes the same (the per-slot ops below remain
+        for dropout, other activations and untargeted projections).
         """
         in_place = not torch.is_grad_enabled()
         w = weights.to(h.dtype)
+        fast = not in_place and self.hidden_act == "silu" and not self._dropout_active()
+        if fast and all(self._sets(p) for p in PROJECTIONS):
+            return self._forward_delta_sorted(h, w, idx)
         onehot = F.one_hot(idx, self.num_experts).to(h.dtype)  # [N, k, E]
         gate0 = F.linear(h, self.base_gate_proj)
         up0 = F.linear(h, self.base_up_proj)
@@ -384,6 +388,28 @@ class MoEFeedForward(nn.Module):
         if down_codes is not None:
             out = out.addmm_(down_codes.flatten(1), down_b)
         return out
+
+    def _dropout_active(self) -> bool:
+        sets = [st for p in PROJECTIONS for st in self._sets(p)]
+        return self.training and any(not isinstance(st.dropout, nn.Identity) for st in sets)
+
+    def _forward_delta_sorted(self, h: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`_forward_delta` with autograd, via `swiglu_mix` on tokens sorted by expert (a gather of
+        [N, d], cheap next to the [N, f] work); the output is put back in token order."""
+        perm, runs = expert_order(idx, self.num_experts)
+        h_s, w_s, idx_s = h[perm], w[perm], idx[perm]
+        gate0 = F.linear(h_s, self.base_gate_proj)
+        up0 = F.linear(h_s, self.base_up_proj)
+        low_gate, low_up = self._codes(("gate_proj", "up_proj"), h_s)
+        assert low_gate is not None and low_up is not None
+        a_down, (b_down,) = self._stack(("down_proj",))
+        assert b_down is not None
+        mix, z_down = swiglu_mix(gate0, up0, *low_gate, *low_up, w_s, a_down, runs)
+        # sum_s w_s * A_down,e(s) a_s placed in the block of expert e(s) (slots pick distinct experts)
+        onehot = F.one_hot(idx_s, self.num_experts).to(h.dtype).transpose(0, 1)  # [k, N, E]
+        codes = (onehot[..., None] * (z_down * w_s.T[:, :, None])[:, :, None, :]).sum(0)
+        out = torch.addmm(F.linear(mix, self.base_down_proj), codes.flatten(1), b_down)
+        return out[torch.argsort(perm)]
 
     # ----------------------------------------------------------------- weights
     def expert_weight(self, proj: str) -> torch.Tensor:
