@@ -406,6 +406,34 @@ def check_book(profile: str = "smoke", workdir: Path | None = None, shot: bool =
     report.problems += problems
     if shot:
         _take_screenshot(book, report)
+        report.problems += _width_problems(report)
+    return report
+
+
+def _width_problems(report: BookReport) -> list[str]:
+    """The page-width rule (`h3fusion.pagewidth`) on the intro and every chapter, where Chromium is installed."""
+    from h3fusion.pagewidth import width_problems
+
+    browser = chromium_path()
+    if browser is None:
+        return ["CI requires the page-width check but chromium is not installed"] if os.environ.get("CI") else []
+    pages = [p for p in report.pages if p == "intro" or re.match(r"^\d\d_", p)]
+    return width_problems(report.build_dir, pages, browser, CHROMIUM_FLAGS)
+
+
+def check_committed_book(workdir: Path | None = None) -> BookReport:
+    """The committed executed book (no notebook runs): built strictly, machine paths and progress output, and
+    the page-width rule in Chromium."""
+    root = Path(tempfile.mkdtemp(prefix="h3f-book-")) if workdir is None else Path(workdir)
+    book = root / "book"
+    if book.exists():
+        shutil.rmtree(book)
+    shutil.copytree(BOOK_DIR, book, ignore=shutil.ignore_patterns("_build", "_failed", ".ipynb_checkpoints"))
+    report = BookReport(build_dir=book / "_build" / "html")
+    report.problems += notebook_errors(book) + executed_output_problems(book)
+    build_book(book)
+    report.pages, problems = check_html(book)
+    report.problems += problems + _width_problems(report)
     return report
 
 
@@ -438,10 +466,16 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="work in this folder and keep it (default: a temporary one)"
     )
     parser.add_argument("--no-screenshot", action="store_true")
+    parser.add_argument(
+        "--committed", action="store_true", help="check the committed executed book instead of a smoke run"
+    )
     args = parser.parse_args(argv)
     try:
         problems = check_sources()
-        report = check_book(args.profile, workdir=args.keep, shot=not args.no_screenshot)
+        if args.committed:
+            report = check_committed_book(workdir=args.keep)
+        else:
+            report = check_book(args.profile, workdir=args.keep, shot=not args.no_screenshot)
     except H3FusionError as err:
         print(f"book check: error: {err}", file=sys.stderr)
         return 1

@@ -98,6 +98,21 @@ else:
     display(Markdown(evidence.judges_note(evaluated)))
 
 # %% [markdown]
+# The table as CSV, and every per-item record behind it (model, dimension, item id, the request, the model's
+# answer and the judge's output) as JSON lines: {download}`main_table.csv <results/main_table.csv>`,
+# {download}`judgements.jsonl <results/judgements.jsonl>`.
+
+# %%
+from h3fusion import downloads
+from h3fusion.notebooks import batch_output_dir
+
+if not long.empty:
+    written = downloads.write_downloads(
+        P, {labels.get(m, m): m for m in evaluated.metrics}, main.rename(index=labels), batch_output_dir() / "results"
+    )
+    print(f"written: {', '.join(f'results/{p.name}' for p in written.values())}")
+
+# %% [markdown]
 # The parts of the honesty score (judged):
 
 # %%
@@ -259,6 +274,20 @@ display(track_headline)
 display(Markdown(evidence.likelihood_verdict(track_headline)))
 
 # %% [markdown]
+# ## Real answers, side by side
+#
+# One evaluation request per dimension, drawn with the profile's seed (not the first item), and what the base
+# model, each expert and H3Fusion-MoE answered (greedy, cut at the dimension's cap of new tokens). The judges'
+# verdicts on every answer are in the JSON lines file above.
+
+# %%
+shown_models = {labels.get(m, m): m for m in ["base", *P.tasks, report.fused_variant(P)] if m in evaluated.metrics}
+samples = downloads.sample_outputs(P, shown_models, per_dimension=1)
+for _, row in samples.iterrows():
+    display(Markdown(f"**{row['dimension']}**: {row['request']}"))
+    display(row.drop(["dimension", "request"]).rename("answer").to_frame())
+
+# %% [markdown]
 # ## What this shows
 #
 # The chapter's answer to the paper's question at this scale, on both tracks, every verdict read from an
@@ -270,4 +299,10 @@ if len(scores) >= 2:
     summary.append(f"The judged comparisons detect differences of about {mdd['mdd_points']:.1f} points of the "
                    "three-dimension average with 80 % power; smaller ones are usually missed.")
 display(Markdown("\n\n".join(summary)))
+from h3fusion.artifacts import atomic_write_text
+
+findings = batch_output_dir() / "results" / "findings.md"  # the intro opens with it
+findings.parent.mkdir(parents=True, exist_ok=True)
+atomic_write_text(findings, f"At the `{P.name}` profile's scale, computed by chapter 6 from the stored results:\n\n"
+                  + "\n\n".join(summary) + "\n")
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from h3fusion.baselines import registry
 from h3fusion.baselines.ensembles import AdapterBank, TokenEnsemble, mixture_logprobs, perplexity_weights
-from h3fusion.baselines.instruct import FUSER_PROMPT_TEMPLATE, fuser_prompt, split_prompt
+from h3fusion.baselines.instruct import FUSER_PROMPT_TEMPLATE, fuser_prompt
 from h3fusion.baselines.merging import (
     MergeError,
     MergeSpec,
@@ -23,7 +23,7 @@ from h3fusion.baselines.merging import (
     trim,
 )
 from h3fusion.config import ConfigError, GenerationConfig, load_profile
-from h3fusion.data import format_prompt
+from h3fusion.data import format_prompt, split_prompt
 from h3fusion.evaluation.lm import HFLanguageModel
 from h3fusion.models import load_tokenizer, tiny_random_llama
 

@@ -272,3 +272,39 @@ def test_executed_output_check_accepts_an_allowed_runs_folder(tmp_path: Path) ->
     _notebook([cell], tmp_path / "00_x.ipynb")
     assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/check-runs",)) == []
     assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/other",))
+
+
+needs_chromium = pytest.mark.skipif(
+    bookcheck.chromium_path() is None and not os.environ.get("CI"), reason="chromium not installed (CI has it)"
+)
+
+
+@needs_chromium
+def test_width_rule_flags_output_that_runs_off_the_page_and_passes_wrapped_output(tmp_path: Path) -> None:
+    """A long unbroken output line and a wide table: without the book's CSS the page scrolls sideways; with the
+    rules of book/_static/h3fusion.css the text wraps and only the table scrolls, inside its own box (allowed on
+    a phone, flagged on a desktop)."""
+    from h3fusion.pagewidth import width_problems
+
+    css = (bookcheck.BOOK_DIR / "_static" / "h3fusion.css").read_text()
+    long_line = "x" * 3000
+    table = "<table><tr>" + "".join(f"<td>column{i:03d}_value</td>" for i in range(120)) + "</tr></table>"
+    body = f'<article><div class="cell_output"><pre>{long_line}</pre>{table}</div></article>'
+    (tmp_path / "bare.html").write_text(f"<html><body>{body}</body></html>")
+    (tmp_path / "styled.html").write_text(f"<html><head><style>{css}</style></head><body>{body}</body></html>")
+    browser, flags = bookcheck.chromium_path(), bookcheck.CHROMIUM_FLAGS
+    bare = width_problems(tmp_path, ["bare"], browser, flags)
+    assert any("scrolls sideways at 1280 px" in p for p in bare)
+    assert any("scrolls sideways at 390 px" in p for p in bare)
+    styled = width_problems(tmp_path, ["styled"], browser, flags)
+    assert not any("scrolls sideways" in p or "<pre>" in p for p in styled)  # the text wraps at both widths
+    assert [p for p in styled if "<table>" in p and "1280 px" in p]  # a table wider than the page: flagged
+    assert not [p for p in styled if "390 px" in p]  # on a phone a table may scroll inside its box
+    assert not list(tmp_path.glob(".h3f-width-*"))  # the probe copies are removed
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_committed_book_passes_the_reader_checks_and_the_width_rule(tmp_path: Path) -> None:
+    report = bookcheck.check_committed_book(workdir=tmp_path)
+    assert report.problems == []

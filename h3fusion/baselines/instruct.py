@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, expert_answers
 from h3fusion.config import GenerationConfig, LoraConfig, TrainConfig
-from h3fusion.data import TrainExample, format_prompt, tokenize_example
+from h3fusion.data import TrainExample, format_prompt, split_prompt, tokenize_example
+from h3fusion.data.template import is_formatted_prompt
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel
 
@@ -37,21 +38,6 @@ request plus one `FUSER_ANSWER` block per expert, blank-line separated, as its i
 This prompt is OURS: the paper shows its prompt only as an example in its Figure 5, whose text is not available
 to us. The book prints this constant."""
 
-_TEMPLATE = re.compile(
-    r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\n?$", re.S
-)
-
-
-def split_prompt(prompt: str) -> str:
-    """The request inside an Alpaca-template prompt (instruction, plus its input after a blank line); a prompt
-    that is not in the template is returned as it is."""
-    m = _TEMPLATE.search(prompt)
-    if m is None:
-        return prompt.strip()
-    inp = (m.group("input") or "").strip()
-    return m.group("instruction").strip() + (f"\n\n{inp}" if inp else "")
-
-
 _QA_TAIL = re.compile(r"(?:^|\n)Q: (?P<question>[^\n]*)\nA:$")
 
 
@@ -61,7 +47,7 @@ def instruction_prompt(prompt: str, continuation: str) -> tuple[str, str]:
     question as they were aligned to (their cached evaluation answers to it are reused) and the fuser reads the
     question, not the demonstrations. Any other pair is returned as it is."""
     m = _QA_TAIL.search(prompt)
-    if m is None or _TEMPLATE.search(prompt):
+    if m is None or is_formatted_prompt(prompt):
         return prompt, continuation
     return format_prompt(m.group("question")), continuation.removeprefix(" ")
 

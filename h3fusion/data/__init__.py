@@ -9,7 +9,7 @@ from h3fusion.data.splits import (
     load_eval_items,
     load_train_examples,
 )
-from h3fusion.data.template import IGNORE_INDEX, encode_prompt, format_prompt, tokenize_example
+from h3fusion.data.template import IGNORE_INDEX, encode_prompt, format_prompt, split_prompt, tokenize_example
 
 __all__ = [
     "IGNORE_INDEX",
@@ -20,6 +20,7 @@ __all__ = [
     "build_task_dataset",
     "encode_prompt",
     "format_prompt",
+    "split_prompt",
     "load_alpaca_eval_annotations",
     "load_beavertails_labelled",
     "load_eval_items",

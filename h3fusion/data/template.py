@@ -10,6 +10,7 @@ and decode only the generated tokens.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from h3fusion.data.splits import TrainExample
@@ -34,6 +35,26 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the
     if input.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+_PROMPT_PATTERN = re.compile(
+    r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\n?$", re.S
+)
+
+
+def is_formatted_prompt(prompt: str) -> bool:
+    """Whether PROMPT ends in the Alpaca template (as `format_prompt` makes it)."""
+    return _PROMPT_PATTERN.search(prompt) is not None
+
+
+def split_prompt(prompt: str) -> str:
+    """The request inside an Alpaca-template prompt (instruction, plus its input after a blank line); a prompt
+    that is not in the template is returned as it is."""
+    m = _PROMPT_PATTERN.search(prompt)
+    if m is None:
+        return prompt.strip()
+    inp = (m.group("input") or "").strip()
+    return m.group("instruction").strip() + (f"\n\n{inp}" if inp else "")
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
