@@ -501,28 +501,30 @@ def _manifests(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def book_times(profile: Profile, book_dir: Path) -> dict[str, Any]:
-    """Stage wall times (s) from the cpu profile's manifests and the notebooks' wall-time file."""
-    from h3fusion.notebooks import wall_times_path
+    """Stage wall times (s) from the profile's manifests, the notebooks' latest wall times, and the total of the
+    last batch that ran every notebook from an empty runs folder (the budget; a resumed batch costs less)."""
+    from h3fusion.notebooks import FROM_SCRATCH, wall_times_path
 
     stages = {name: m.get("wall_time_s") for name, m in _manifests(profile.run_dir)}
-    notebooks: dict[str, Any] = {}
-    total = None
+    data: dict[str, Any] = {}
     path = wall_times_path(book_dir, profile.name)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            notebooks = {k: v.get("wall_s") for k, v in data.get("notebooks", {}).items()}
-            total = data.get("total_wall_s")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            notebooks = {}
+        except (OSError, json.JSONDecodeError):
+            data = {}
+    notebooks = {k: v.get("wall_s") for k, v in data.get("notebooks", {}).items() if isinstance(v, dict)}
+    scratch = data.get(FROM_SCRATCH) or {}
     expected = sorted(path.stem for path in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    complete = bool(notebooks) and all(name in notebooks for name in expected)
+    ran = scratch.get("notebooks", {})
     return {
         "profile": profile.name,
         "stages_s": stages,
         "notebooks_s": notebooks,
-        "total_s": total,
-        "complete": complete,  # every notebook of the book has a recorded wall time
+        "from_scratch_s": ran,
+        "total_s": scratch.get("total_wall_s"),
+        "commit": scratch.get("commit"),
+        "complete": bool(ran) and all(name in ran for name in expected),  # every notebook, from scratch
     }
 
 

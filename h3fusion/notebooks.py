@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
 from h3fusion.errors import H3FusionError
 
@@ -73,8 +74,14 @@ def wall_times_path(output_dir: Path, profile: str) -> Path:
     return Path(output_dir) / f"_wall_times_{Path(profile).stem}.json"
 
 
-def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: float) -> None:
-    """Merge one notebook's wall time into the JSON the reproducibility page reads (dropping the file's
+FROM_SCRATCH = "from_scratch"
+"""Key of the wall-times file that keeps the last batch that started from an empty runs folder (the book's
+budget): later, resumed batches replace the per-notebook times but never this record."""
+
+
+def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: float, batch: dict[str, Any]) -> None:
+    """Merge one notebook's wall time into the JSON the reproducibility page reads, with the batch it ran in
+    (`batch`: its start, commit and whether the runs folder was empty at its start; dropping the file's
     hand-written "note", which described the times it replaces)."""
     path = wall_times_path(output_dir, profile)
     data: dict[str, Any] = {}
@@ -92,15 +99,19 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
             "cpu_count": os.cpu_count(),
         },
     )
-    data.setdefault("notebooks", {})[notebook] = {
-        "wall_s": round(seconds, 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    entry = {"wall_s": round(seconds, 1), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "batch": batch["started"], "commit": batch["commit"]}
+    data.setdefault("notebooks", {})[notebook] = entry
     data["notebooks"] = dict(sorted(data["notebooks"].items()))
     data["total_wall_s"] = round(sum(v["wall_s"] for v in data["notebooks"].values()), 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    if batch["from_scratch"]:
+        record = data.get(FROM_SCRATCH, {})
+        if record.get("started") != batch["started"]:
+            record = {"started": batch["started"], "commit": batch["commit"], "notebooks": {}}
+        record["notebooks"][notebook] = round(seconds, 1)
+        record["total_wall_s"] = round(sum(record["notebooks"].values()), 1)
+        data[FROM_SCRATCH] = record
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 FAILED_DIR = "_failed"
@@ -257,7 +268,12 @@ def run_notebooks(
     Returns the wall time in seconds per notebook stem; they are also merged into
     ``<output_dir>/_wall_times_<profile>.json``.
     """
-    load_profile(profile, overrides)  # fail fast on a bad profile or key, before starting any kernel
+    run_dir = load_profile(profile, overrides).run_dir  # fail fast on a bad profile or key, before any kernel
+    batch = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "from_scratch": not any(run_dir.rglob(MANIFEST)),  # nothing built yet: this batch measures the budget
+    }
     out_dir = Path(output_dir) if output_dir else BOOK_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = select_notebooks(source_notebooks(Path(source_dir) if source_dir else NOTEBOOKS_DIR), only)
@@ -266,7 +282,7 @@ def run_notebooks(
         print(f"[{i}/{len(notebooks)}] {nb.stem} (profile {profile}) -> {out_dir / nb.name}", flush=True)
         seconds = execute_notebook(nb, out_dir / nb.name, profile, overrides)
         times[nb.stem] = seconds
-        _record_wall_time(out_dir, profile, nb.stem, seconds)
+        _record_wall_time(out_dir, profile, nb.stem, seconds, batch)
         print(f"[{i}/{len(notebooks)}] {nb.stem} done in {seconds:.1f} s", flush=True)
     print(f"{len(notebooks)} notebook(s) executed in {sum(times.values()):.1f} s into {out_dir}")
     return times

@@ -311,13 +311,24 @@ def notebook_wall_times(profile: Profile, book_dir: Path | None = None) -> pd.Da
 
     path = wall_times_path(book_dir or batch_output_dir(), profile.name)
     data = json.loads(path.read_text()) if path.is_file() else {}
+    columns = ["notebook", "wall s", "finished", "commit"]
     rows = [
-        {"notebook": name, "wall s": v.get("wall_s"), "finished": v.get("finished")}
+        {"notebook": name, "wall s": v.get("wall_s"), "finished": v.get("finished"),
+         "commit": (v.get("commit") or "")[:10]}
         for name, v in data.get("notebooks", {}).items()
     ]
-    table = pd.DataFrame(rows, columns=["notebook", "wall s", "finished"]).set_index("notebook")
+    table = pd.DataFrame(rows, columns=columns).set_index("notebook")
     table.attrs["note"] = data.get("note", "")  # how the times were taken, when the file says
     return table
+
+
+def from_scratch_run(profile: Profile, book_dir: Path | None = None) -> dict[str, Any]:
+    """The last batch of notebooks that started from an empty runs folder (its start, commit, wall time per
+    notebook and total): the measured cost of the whole book; {} when none was recorded."""
+    from h3fusion.notebooks import FROM_SCRATCH, batch_output_dir, wall_times_path
+
+    path = wall_times_path(book_dir or batch_output_dir(), profile.name)
+    return (json.loads(path.read_text()) if path.is_file() else {}).get(FROM_SCRATCH, {})
 
 
 def artifact_table(profile: Profile) -> pd.DataFrame:

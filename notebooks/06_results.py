@@ -76,37 +76,48 @@ if evaluated.missing:
 # ## The main table
 #
 # Rows: the base model, the three experts, the fused models (raw MoE and H3Fusion-MoE variants) and
-# every baseline. Columns: the three dimensions (an arrow marks the better direction) and the
-# three-dimension average the headline compares. Every cell is a rate in % with its **95 % interval** in
-# brackets, and each header gives the number of items n behind the column: Wilson's interval for a rate,
-# a bootstrap over items (2,000 resamples) for the average. The evaluation items are a seeded sample
-# stratified by each dataset's categories (chapter 0), the same items for every model.
+# every baseline. Columns, side by side, the two tracks: **judged**, the paper's metrics (generate, then judge:
+# the three dimensions, an arrow marking the better direction, and the three-dimension average the paper's
+# headline compares), and **likelihood**, ours and judge-free (each model's log-likelihoods on fixed texts over
+# far more items; explained below the table). Every cell is the value with its **95 % interval** in brackets,
+# and each header gives the number of items n behind the column: Wilson's interval for a rate, a bootstrap over
+# items (2,000 resamples) for an average. The evaluation items are a seeded sample stratified by each dataset's
+# categories (chapter 0), the same items for every model.
 
 # %%
+import pandas as pd
 from IPython.display import Markdown
 
 from h3fusion import evidence
 
 scores = evidence.item_scores(P, evaluated)
 long = evidence.estimates(scores)
-if long.empty:
+track = evidence.likelihood_scores(P, evaluated)
+track_long = evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS)
+tracks = {}
+if not long.empty:
+    tracks["judged (the paper's metrics)"] = evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
+if not track_long.empty:
+    tracks["likelihood (ours, judge-free)"] = evidence.interval_table(
+        track_long, list(evidence.LIKELIHOOD_COLUMNS.values()))
+if not tracks:
     print("no per-item results yet: run the chapters before this one (or the commands above)")
 else:
-    main = evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
-    main.insert(0, "group", report.group_column(evaluated).reindex(main.index))
-    display(main.rename(index=labels))
+    main = pd.concat(tracks, axis=1)
+    main.insert(0, ("", "group"), report.group_column(evaluated).reindex(main.index))
+    display(main.rename(index=labels).fillna("-"))
     display(Markdown(evidence.judges_note(evaluated)))
 
 # %% [markdown]
-# The table as CSV, and every per-item record behind it (model, dimension, item id, the request, the model's
-# answer and the judge's output) as JSON lines: {download}`main_table.csv <results/main_table.csv>`,
-# {download}`judgements.jsonl <results/judgements.jsonl>`.
+# The table as CSV, and every per-item record behind the judged columns (model, dimension, item id, the
+# request, the model's answer and the judge's output) as JSON lines:
+# {download}`main_table.csv <results/main_table.csv>`, {download}`judgements.jsonl <results/judgements.jsonl>`.
 
 # %%
 from h3fusion import downloads
 from h3fusion.notebooks import batch_output_dir
 
-if not long.empty:
+if tracks:
     written = downloads.write_downloads(
         P, {labels.get(m, m): m for m in evaluated.metrics}, main.rename(index=labels), batch_output_dir() / "results"
     )
@@ -123,8 +134,8 @@ if not long.empty:
 # %% [markdown]
 # ## The likelihood track (ours, judge-free)
 #
-# The table above is the paper's kind of metric: generate, then judge. This one needs no judge: each model's
-# own log-likelihoods on fixed texts, over far more items (`h3fusion.evaluation.likelihood`). **Helpful**: the
+# The judged columns of the main table are the paper's kind of metric: generate, then judge. The likelihood
+# columns need no judge: each model's own log-likelihoods on fixed texts, over far more items (`h3fusion.evaluation.likelihood`). **Helpful**: the
 # mean log-probability per token (nats) of AlpacaEval's reference answer after the instruction, a proxy
 # (closeness to one good answer, not a preference). **Harmless**: on the BeaverTails evaluation prompts that
 # have both a safe and an unsafe labelled response, the share where the model gives the safe responses the
@@ -136,14 +147,6 @@ if not long.empty:
 # answers and scores texts with the uniform mixture it selects by, so its row equals `ensemble-uniform`'s.
 
 # %%
-track = evidence.likelihood_scores(P, evaluated)
-track_long = evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS)
-if track_long.empty:
-    print("no likelihood-track results yet: run the chapters before this one")
-else:
-    track_table = evidence.interval_table(track_long, list(evidence.LIKELIHOOD_COLUMNS.values()))
-    track_table.insert(0, "group", report.group_column(evaluated).reindex(track_table.index))
-    display(track_table.rename(index=labels))
 skipped = [m for m in evaluated.metrics if m not in track]
 if skipped:
     print(fill(f"not scored on this track (evaluation.likelihood.skip_models): {', '.join(skipped)}; scoring a "
@@ -303,6 +306,6 @@ from h3fusion.artifacts import atomic_write_text
 
 findings = batch_output_dir() / "results" / "findings.md"  # the intro opens with it
 findings.parent.mkdir(parents=True, exist_ok=True)
-atomic_write_text(findings, f"At the `{P.name}` profile's scale, computed by chapter 6 from the stored results:\n\n"
+atomic_write_text(findings, "Computed by chapter 6 from the stored results:\n\n"
                   + "\n\n".join(summary) + "\n")
 

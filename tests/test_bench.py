@@ -75,17 +75,18 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     (profile.run_dir / "fusion" / "raw.tmp-1" / "manifest.json").write_text("{}")
     book = tmp_path / "book"
     book.mkdir()
-    (book / "_wall_times_cpu.json").write_text(
-        json.dumps({"notebooks": {"01_experts": {"wall_s": 600.0}}, "total_wall_s": 3000.0})
-    )
     expected = sorted(p.stem for p in (bench.PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    resumed = {n: {"wall_s": 600.0} for n in expected}  # a resumed batch alone measures no budget
+    (book / "_wall_times_cpu.json").write_text(json.dumps({"notebooks": resumed, "total_wall_s": 9.0}))
+    assert not bench.book_times(profile, book)["complete"]
+    scratch = {"commit": "abc", "notebooks": {"01_experts": 600.0}, "total_wall_s": 600.0}
+    (book / "_wall_times_cpu.json").write_text(json.dumps({"notebooks": resumed, "from_scratch": scratch}))
     partial = bench.book_times(profile, book)
     assert partial["complete"] is (expected == ["01_experts"])
-    (book / "_wall_times_cpu.json").write_text(
-        json.dumps({"notebooks": {n: {"wall_s": 600.0} for n in expected}, "total_wall_s": 6000.0})
-    )
+    scratch = {"commit": "abc", "notebooks": dict.fromkeys(expected, 600.0), "total_wall_s": 6000.0}
+    (book / "_wall_times_cpu.json").write_text(json.dumps({"notebooks": resumed, "from_scratch": scratch}))
     times = bench.book_times(profile, book)
-    assert times["complete"]
+    assert times["complete"] and times["commit"] == "abc"
     assert times["stages_s"] == {"experts/helpful": 120.0, "fusion/raw": 30.0}
     assert times["notebooks_s"] == dict.fromkeys(expected, 600.0)
     ratios = bench.ratios(

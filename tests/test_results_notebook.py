@@ -183,12 +183,22 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
 
     monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
     assert report.notebook_wall_times(profile).empty
-    _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 3.5)
+    fresh = {"started": "2026-01-01T00:00:00+00:00", "commit": "c1", "from_scratch": True}
+    _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 3.5, fresh)
     times = report.notebook_wall_times(profile)
     assert times.loc["00_data_and_judges", "wall s"] == 3.5
+    assert times.loc["00_data_and_judges", "commit"] == "c1"
     path = tmp_path / "_wall_times_smoke.json"  # a hand-written note describes the times it came with
     path.write_text(json.dumps({**json.loads(path.read_text()), "note": "re-run from cache"}))
     assert report.notebook_wall_times(profile).attrs["note"] == "re-run from cache"
-    _record_wall_time(tmp_path, "smoke", "01_expert_alignment", 4.0)
-    assert "note" not in json.loads(path.read_text())
+    resumed = {"started": "2026-01-02T00:00:00+00:00", "commit": "c2", "from_scratch": False}
+    _record_wall_time(tmp_path, "smoke", "01_expert_alignment", 4.0, resumed)
+    _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 0.5, resumed)
+    data = json.loads(path.read_text())
+    assert "note" not in data
+    # the resumed batch replaced the latest times, not the from-scratch record (the budget)
+    assert data["notebooks"]["00_data_and_judges"]["wall_s"] == 0.5
+    assert data["from_scratch"] == {"started": fresh["started"], "commit": "c1",
+                                    "notebooks": {"00_data_and_judges": 3.5}, "total_wall_s": 3.5}
+    assert report.from_scratch_run(profile)["total_wall_s"] == 3.5
     assert not report.environment_table().empty
