@@ -16,6 +16,11 @@ from pathlib import Path
 
 WIDTHS = (1280, 390)
 """Desktop and phone widths (CSS px) at which the book is checked."""
+ATTEMPTS = 3
+
+
+class MeasureError(RuntimeError):
+    """Chromium did not report a page's layout."""
 
 _PROBE = """
 <script>
@@ -54,17 +59,22 @@ def measure(page: Path, width: int, browser: str, flags: tuple[str, ...]) -> dic
     probe = page.with_name(f".h3f-width-{page.name}")
     html = page.read_text(errors="ignore")
     probe.write_text(html.replace("</body>", _PROBE + "</body>", 1) if "</body>" in html else html + _PROBE)
+    window = [f for f in flags if not f.startswith(("--window-size", "--virtual-time-budget"))]
+    found, res = None, None
     try:
-        with tempfile.TemporaryDirectory(prefix="h3f-chromium-") as tmp:
-            window = [f for f in flags if not f.startswith("--window-size")]
-            cmd = [browser, *window, f"--window-size={width},900", f"--user-data-dir={tmp}/profile", "--dump-dom",
-                   probe.resolve().as_uri()]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        for _ in range(ATTEMPTS):  # a page that has not finished loading within the virtual time is tried again
+            with tempfile.TemporaryDirectory(prefix="h3f-chromium-") as tmp:
+                cmd = [browser, *window, f"--window-size={width},900", "--virtual-time-budget=30000",
+                       f"--user-data-dir={tmp}/profile", "--dump-dom", probe.resolve().as_uri()]
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            found = re.search(r'<pre id="h3f-width">(.*?)</pre>', res.stdout, re.S)
+            if found is not None:
+                break
     finally:
         probe.unlink(missing_ok=True)
-    found = re.search(r'<pre id="h3f-width">(.*?)</pre>', res.stdout, re.S)
     if found is None:
-        raise RuntimeError(f"no width measurement from chromium for {page.name} (exit {res.returncode})")
+        raise MeasureError(f"chromium gave no width measurement of {page.name} at {width} px "
+                           f"({ATTEMPTS} attempts, last exit {res.returncode if res else '-'})")
     text = found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
     return json.loads(text)
 
@@ -77,7 +87,11 @@ def width_problems(html_dir: Path, pages: list[str], browser: str, flags: tuple[
         if not page.exists():
             continue
         for width in WIDTHS:
-            m = measure(page, width, browser, flags)
+            try:
+                m = measure(page, width, browser, flags)
+            except MeasureError as err:
+                problems.append(str(err))
+                continue
             if m["page"] > m["viewport"] + 1:
                 problems.append(f"{name}.html scrolls sideways at {width} px (content {m['page']} px wide)")
             for cut in m["cut"]:
