@@ -289,7 +289,7 @@ def test_width_rule_flags_output_that_runs_off_the_page_and_passes_wrapped_outpu
     css = (bookcheck.BOOK_DIR / "_static" / "h3fusion.css").read_text()
     long_line = "x" * 3000
     table = "<table><tr>" + "".join(f"<td>column{i:03d}_value</td>" for i in range(120)) + "</tr></table>"
-    body = f'<article><div class="cell_output"><pre>{long_line}</pre>{table}</div></article>'
+    body = f'<article class="bd-article"><div class="cell_output"><pre>{long_line}</pre>{table}</div></article>'
     (tmp_path / "bare.html").write_text(f"<html><body>{body}</body></html>")
     (tmp_path / "styled.html").write_text(f"<html><head><style>{css}</style></head><body>{body}</body></html>")
     browser, flags = bookcheck.chromium_path(), bookcheck.CHROMIUM_FLAGS
