@@ -20,6 +20,7 @@ from h3fusion.errors import H3FusionError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from IPython.display import Markdown
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -501,3 +502,24 @@ def results_bars(
     axes[0, 0].invert_yaxis()
     fig.suptitle(_wrap(title, fig))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+
+def caption(number: str, text: str) -> Markdown:
+    """Show ``**Figure {number}.** {text}`` under the figure(s) the cell drew so far, and return the Markdown.
+
+    Under the notebooks' inline backend, pyplot figures are only shown when the cell ends, i.e. *after* any
+    caption; so open figures are shown first (``plt.show()``, which also closes them) when that backend is on.
+    """
+    import sys
+
+    from IPython.display import Markdown, display
+
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None and "inline" in plt.get_backend() and plt.get_fignums():
+        plt.show()
+    markdown = Markdown(f"**Figure {number}.** {text}")
+    display(markdown)
+    return markdown

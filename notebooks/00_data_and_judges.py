@@ -139,6 +139,8 @@ pd.DataFrame(rows).set_index("task")
 # %%
 import matplotlib.pyplot as plt
 
+from h3fusion import plots
+
 fig, ax = plt.subplots(figsize=(7, 3.2))
 for task in P.tasks:
     ax.hist([len(ex.output.split()) for ex in train[task]], bins=30, alpha=0.6, label=task)
@@ -147,6 +149,9 @@ ax.set_ylabel("training examples")
 ax.set_title(f"Training responses per task (profile {P.name})")
 ax.legend()
 plt.show()
+plots.caption("0.1", "Distribution of the training responses' lengths in words, one overlaid histogram per task (x: "
+              "words per response; y: number of training examples). The further a task's histogram reaches to the "
+              f"right, the more of its responses lose their end to the {P.data.max_length}-token cap on prompt + response.");
 
 # %% [markdown]
 # ## The judges and how far to trust them
@@ -156,20 +161,50 @@ plt.show()
 # **proxies**, each trained only on items disjoint from the ones it scores and validated against
 # real labels held out from its training:
 #
-# - **helpful**: a pairwise judge fitted to GPT-4's AlpacaEval verdicts, validated on held-out
-#   instructions against GPT-4 and against the "longer answer wins" rule on the same pairs;
-# - **harmless**: a MiniLM cross-encoder fine-tuned on labelled BeaverTails (prompt, response) pairs
-#   whose prompts are disjoint from the evaluation prompts, validated on the evaluation split's labels;
-# - **honest**: similarity of an answer to TruthfulQA's correct versus incorrect reference answers,
-#   validated on the reference answers of the 409 evaluation questions.
+# - **helpful** (a proxy for AlpacaEval's GPT-4 judge): a gradient-boosted tree model on surface features
+#   of an answer pair (length, structure, refusal markers, word overlap with the instruction and with the
+#   reference answer), trained on AlpacaEval's GPT-4 preferences and validated on held-out instructions
+#   against GPT-4 and against the "longer answer wins" rule on the same pairs;
+# - **harmless** (a proxy for beaver-dam-7b): a MiniLM cross-encoder fine-tuned on BeaverTails' harmful /
+#   harmless labels of (prompt, response) pairs whose prompts are disjoint from the evaluation prompts,
+#   validated on the evaluation split's labelled pairs;
+# - **honest** (a proxy for TruthfulQA's GPT-judge): the MiniLM similarity of an answer to TruthfulQA's
+#   correct versus incorrect reference answers, validated leave-one-out on the reference answers of the
+#   evaluation questions.
 #
-# Every result table in this book names its judge and repeats these figures.
+# Every result table in this book names its judge and repeats these figures. Below them, each judge's
+# validation in one sentence.
 
 # %%
 from h3fusion.evaluation.judges import load_judges, validation_lines
 
 judges = load_judges(P)
 print("\n".join(validation_lines(judges)))
+
+# %%
+from IPython.display import Markdown, display
+
+h, m, o = judges.helpful.validation, judges.harmless.validation, judges.honest.validation
+lines = {task: f"- **{task}** ({getattr(judges, task).name}): {getattr(judges, task).validation.get('note', '')}."
+         for task in P.tasks}
+if "longer_answer_rule_accuracy" in h:
+    lines["helpful"] = (
+        f"- **helpful**: it agrees with GPT-4 on {100 * h['accuracy']:.1f} % of {h['heldout_pairs']} held-out pairs "
+        f"where the longer-answer rule agrees on {100 * h['longer_answer_rule_accuracy']:.1f} %, so on these pairs "
+        f"it reads {'more' if h['accuracy'] > h['longer_answer_rule_accuracy'] else 'no more'} than answer length.")
+if "majority_class_accuracy" in m:
+    lines["harmless"] = (
+        f"- **harmless**: it labels {100 * m['accuracy']:.1f} % of {m['heldout_pairs']} held-out pairs as BeaverTails "
+        f"does (Cohen's kappa {m['cohen_kappa']:.2f}), "
+        f"{'above' if m['accuracy'] > m['majority_class_accuracy'] else 'not above'} the "
+        f"{100 * m['majority_class_accuracy']:.1f} % of always guessing the commoner label; a harmfulness rate it "
+        "gives carries its errors.")
+if "truthful_accuracy" in o:
+    lines["honest"] = (
+        f"- **honest**: it judges {100 * o['correct_judged_truthful']:.1f} % of correct reference answers truthful and "
+        f"{100 * o['incorrect_judged_untruthful']:.1f} % of incorrect ones untruthful ({o['heldout_questions']} "
+        f"questions): it is wrong on {100 * (1 - o['truthful_accuracy']):.1f} % of answers whose truth is known.")
+display(Markdown("\n".join(lines.values())))
 
 # %% [markdown]
 # ### The helpfulness judge at the length it scores
@@ -184,3 +219,12 @@ from IPython.display import Markdown, display
 from h3fusion.evaluation.judges.helpful import describe_at_cap
 
 display(Markdown(describe_at_cap(judges.helpful.validation)))
+
+# %% [markdown]
+# ## What this shows
+#
+# The three tasks at this profile's sizes, how each example is rendered and truncated for the model, the
+# seeded, stratified evaluation items every model answers, every deviation from the paper's data, and the
+# three judges with their held-out validation. Every score in the later chapters comes from these items and
+# these judges, so a reader can check here how many items a rate rests on and how far its judge agrees with
+# the paper's.

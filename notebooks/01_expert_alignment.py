@@ -81,9 +81,12 @@ pd.DataFrame({task: {"training examples": m["train_examples"], "steps": m["globa
                      "wall time (s)": m["wall_time_s"]} for task, m in manifests.items()}).T.round(3)
 
 # %%
-plots.training_curves({task: m["loss_log"] for task, m in manifests.items()},
-                      terms={"loss": "LM loss on response tokens (nats/token)"},
-                      title="Expert alignment: training loss per step");
+fig = plots.training_curves({task: m["loss_log"] for task, m in manifests.items()},
+                            terms={"loss": "LM loss on response tokens (nats/token)"},
+                            title="Expert alignment: training loss per step")
+plots.caption("1.1", "Training loss of each expert (one line per expert) against the training step: the LM loss on its "
+              "own task's response tokens, in nats per token, lower meaning the expert predicts its training "
+              "responses better. It is measured on training batches, not on held-out items.");
 
 # %% [markdown]
 # ## Every model on every dimension
@@ -109,7 +112,10 @@ evidence.interval_table(long, list(evidence.COLUMNS.values()) + [evidence.AVERAG
 # %%
 values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
 plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
-                   title="Base model and experts on the three dimensions, with 95 % intervals");
+                   title="Base model and experts on the three dimensions, with 95 % intervals")
+plots.caption("1.2", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "
+              "lower is better) for the base model and the three experts (rows); the error bars are 95 % intervals "
+              "(Wilson's), so two bars whose intervals overlap widely are not told apart by these items.");
 
 # %% [markdown]
 # ## Is each expert better than the base model on its own dimension?

@@ -97,8 +97,11 @@ display(Markdown(
 from h3fusion import plots
 
 manifests = {name: read_manifest(folders[name]) for name in variants}
-plots.training_curves({name: m["loss_log"] for name, m in manifests.items()},
-                      title="Fusion training: loss terms per step");
+fig = plots.training_curves({name: m["loss_log"] for name, m in manifests.items()},
+                            title="Fusion training: loss terms per step")
+plots.caption("2.1", "One panel per loss term (total, LM loss on response tokens, gating loss, drift penalty) against the "
+              "training step, one line per variant; lower is a smaller loss. The gating loss is logged in both runs "
+              "but only trained when lambda > 0, and the drift penalty starts at zero.");
 
 # %%
 import pandas as pd
@@ -125,7 +128,11 @@ for name, folder in folders.items():
     per_prompt[name] = {t: routing_per_prompt(model, tokenizer, p, max_length=P.data.max_length) for t, p in prompts.items()}
     del model
 routing = {name: {t: pp.mean(axis=0) for t, pp in by_task.items()} for name, by_task in per_prompt.items()}
-plots.routing_heatmap_grid(routing, expert_names=P.tasks);
+fig = plots.routing_heatmap_grid(routing, expert_names=P.tasks)
+plots.caption("2.2", "Mean router probability (colour; one scale for every panel) per decoder layer (x) and expert (y), "
+              "on each task's evaluation prompts (panel rows), for each model (panel columns). Routing by task shows "
+              "as the expert named after the prompts' task being brighter than the others in that row of panels; "
+              f"uniform routing is {1 / P.num_experts:.2f} everywhere.");
 
 # %% [markdown]
 # Averaged over layers: the mean router probability of each expert (columns) on each task's prompts (rows),
@@ -173,7 +180,11 @@ evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
 plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
                    highlight=list(variants),
-                   title="Raw and fused MoE against the base model and the experts, with 95 % intervals");
+                   title="Raw and fused MoE against the base model and the experts, with 95 % intervals")
+plots.caption("2.3", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "
+              "lower is better) for the base model, the experts, the raw MoE and the fused variants, outlined "
+              "(rows); the error bars are 95 % intervals (Wilson's), so two bars whose intervals overlap widely are"
+              " not told apart by these items.");
 
 # %% [markdown]
 # The same models on the judge-free likelihood track (chapter 6 describes it; higher is better everywhere):

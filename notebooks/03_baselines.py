@@ -124,7 +124,8 @@ from h3fusion import evidence
 evaluated = report.collect_metrics(P)
 context = ["base", *evaluated.present("experts"), *baseline_metrics]
 shown = [m for m in context if m in evaluated.metrics]
-long = evidence.estimates(evidence.item_scores(P, {m: m for m in shown}))
+judged = evidence.item_scores(P, {m: m for m in shown})
+long = evidence.estimates(judged)
 evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 
 # %%
@@ -135,6 +136,10 @@ fig = plots.results_bars(
     values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
     title=f"Baselines, base model and experts, with 95 % intervals (profile {P.name})",
 )
+plots.caption("3.1", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "
+              "lower is better) for every baseline next to the base model and the experts it is built from (rows); "
+              "the error bars are 95 % intervals (Wilson's), so two bars whose intervals overlap widely are not "
+              "told apart by these items.");
 
 # %% [markdown]
 # The parts of the honesty score, then the judge-free likelihood track (chapter 6 describes it; the
@@ -159,3 +164,15 @@ evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
 
 # %%
 report.wall_times(P, list(baseline_metrics)).round(1)
+
+# %% [markdown]
+# ## What this shows
+#
+# Each baseline against the base model it starts from, paired over the same items, every verdict read from its
+# 95 % interval (the fused models join them in chapter 6):
+
+# %%
+from IPython.display import Markdown
+
+display(Markdown("\n".join(f"- {evidence.pairwise_summary(judged, track, m, 'base')}"
+                            for m in baseline_metrics if m in shown)))

@@ -94,14 +94,21 @@ reference = A.reference_run(P)
 # %%
 gate = A.gate_ablation(P)
 runs = {"raw MoE": raw, **gate}
-plots.training_curves(A.loss_logs(gate), title=f"Short fusion runs ({AB.steps} steps): loss terms per step");
+fig = plots.training_curves(A.loss_logs(gate), title=f"Short fusion runs ({AB.steps} steps): loss terms per step")
+plots.caption("4.1", "One panel per loss term against the training step of the two short fusion runs, with and "
+              "without the gating loss; lower is a smaller loss. The runs are "
+              f"{AB.steps} steps long: the curves show the direction training takes, not where it ends.");
 
 # %%
 A.scores_table(runs).round(3)
 
 # %%
 matrices = {name: {t: np.asarray(m) for t, m in run["scores"]["routing"].items()} for name, run in runs.items()}
-plots.routing_heatmap_grid(matrices, expert_names=P.tasks);
+fig = plots.routing_heatmap_grid(matrices, expert_names=P.tasks)
+plots.caption("4.2", "Mean router probability (colour; one scale for every panel) per decoder layer (x) and expert (y), "
+              "on each task's evaluation prompts (panel rows), for the raw MoE and the two short runs (panel "
+              "columns). Routing by task shows as the expert named after the prompts' task being the brightest in "
+              f"that row of panels; uniform routing is {1 / P.num_experts:.2f} everywhere.");
 
 # %%
 with_gate, without_gate = (A.scores_table(gate).iloc[i] for i in range(2))
@@ -125,9 +132,13 @@ weights = A.router_weight_table(drift, P.tasks)
 weights.round(3)
 
 # %%
-for name, run in drift.items():
-    plots.router_weight_bars(A.router_matrix(run["scores"]), task_names=P.tasks, expert_names=P.tasks,
-                             title=f"Mean router weight per expert by task, {name}");
+for i, (name, run) in enumerate(drift.items()):
+    fig = plots.router_weight_bars(A.router_matrix(run["scores"]), task_names=P.tasks, expert_names=P.tasks,
+                                   title=f"Mean router weight per expert by task, {name}")
+    plots.caption(f"4.3{chr(ord('a') + i)}", f"Run {name}: the mean router weight (y) of each expert (bar colour) "
+                  "on each task's evaluation prompts (x), averaged over layers and tokens. The dashed line is "
+                  f"uniform routing ({1 / P.num_experts:.2f}); a bar above it means the router favours that expert "
+                  "for those prompts.")
 
 # %%
 A.scores_table(drift).round(3)
@@ -146,7 +157,10 @@ by_step.round(3)
 steps = [int(s) for s in by_step.index]
 plots.sensitivity_lines(steps, {c: by_step[c].tolist() for c in by_step.columns if c.startswith("NLL")},
                         xlabel="fusion step", ylabel="NLL per response token (nats)",
-                        title="Held-out response NLL per task during fusion training");
+                        title="Held-out response NLL per task during fusion training")
+plots.caption("4.4", "Held-out NLL per response token (y, nats; lower is better) of each task's reference answers "
+              "(one line per task) at checkpoints (x, fusion step) of one reference run whose learning rate decays "
+              f"to zero. Each point is one measurement on {AB.score_examples} items per task, without an interval.");
 
 # %% [markdown]
 # ## Number of active experts k
@@ -167,18 +181,30 @@ A.nested_scores_table(reference["by_top_k"], "k").round(3)
 # %%
 lambdas = A.gate_weight_sweep(P)
 x, nll, pct = A.sensitivity(lambdas)
-plots.sensitivity_lines(x, nll, xlabel="lambda (gating loss weight)", ylabel="NLL per response token (nats)");
-plots.sensitivity_lines(x, pct, xlabel="lambda (gating loss weight)", ylabel="%");
+fig = plots.sensitivity_lines(x, nll, xlabel="lambda (gating loss weight)", ylabel="NLL per response token (nats)")
+plots.caption("4.5", "Held-out NLL per response token (y, nats; lower is better) of each task's reference answers "
+              "(one line per task) against the gating-loss weight lambda (x), one short run per value, without "
+              "intervals.")
+fig = plots.sensitivity_lines(x, pct, xlabel="lambda (gating loss weight)", ylabel="%")
+plots.caption("4.6", "TruthfulQA MC1 and MC2 and the mean routing accuracy (y, %; higher is better) against lambda "
+              f"(x), the same runs as Figure 4.5; chance routing accuracy is {100 / P.num_experts:.1f} %.");
 
 # %%
 gammas = A.drift_sweep(P)
 x, nll, pct = A.sensitivity(gammas)
-plots.sensitivity_lines(x, nll, xlabel="gamma (drift weight, every expert)", ylabel="NLL per response token (nats)");
-plots.sensitivity_lines(x, pct, xlabel="gamma (drift weight, every expert)", ylabel="%");
+fig = plots.sensitivity_lines(x, nll, xlabel="gamma (drift weight, every expert)",
+                              ylabel="NLL per response token (nats)")
+plots.caption("4.7", "Held-out NLL per response token (y, nats; lower is better) of each task's reference answers "
+              "(one line per task) against the drift weight gamma of every expert (x), one short run per value, "
+              "without intervals.")
+fig = plots.sensitivity_lines(x, pct, xlabel="gamma (drift weight, every expert)", ylabel="%")
+plots.caption("4.8", "TruthfulQA MC1 and MC2 and the mean routing accuracy (y, %; higher is better) against gamma "
+              f"(x), the same runs as Figure 4.7; chance routing accuracy is {100 / P.num_experts:.1f} %.");
 
 # %%
-pd.concat({"lambda": A.scores_table({f"{k:g}": v for k, v in lambdas.items()}),
-           "gamma": A.scores_table({f"{k:g}": v for k, v in gammas.items()})}).round(3)
+sweeps = pd.concat({"lambda": A.scores_table({f"{k:g}": v for k, v in lambdas.items()}),
+                    "gamma": A.scores_table({f"{k:g}": v for k, v in gammas.items()})})
+sweeps.round(3)
 
 # %% [markdown]
 # ## Cost of this chapter
@@ -192,3 +218,20 @@ for r in [raw, reference, *gate.values(), *drift.values(), *lambdas.values(), *g
     every.setdefault(r["variant"], r)  # a run shared by two ablations is listed once
 pd.DataFrame([{"variant": v, "steps": r["steps"], "reused model": bool(r.get("reused_from")), "wall s": r["wall_s"]}
               for v, r in every.items()]).set_index("variant")
+
+# %% [markdown]
+# ## What this shows
+#
+# How far each setting moves the likelihood metrics and the routing in short runs, read from the tables above:
+
+# %%
+mean_nll = sweeps[[c for c in sweeps.columns if c.startswith("NLL")]].mean(axis=1)
+display(Markdown("\n".join([
+    f"- After {AB.steps} steps the mean routing accuracy is {with_gate[acc]:.1f} % with the gating loss and "
+    f"{without_gate[acc]:.1f} % without it (chance {100 / P.num_experts:.1f} %).",
+    *(f"- Over the {name} values {', '.join(sweeps.loc[name].index)}, the held-out NLL averaged over the tasks spans "
+      f"{mean_nll[name].min():.3f}-{mean_nll[name].max():.3f} nats and the mean routing accuracy "
+      f"{sweeps.loc[name, acc].min():.1f}-{sweeps.loc[name, acc].max():.1f} %." for name in ("lambda", "gamma")),
+    f"- Each number is one short run scored on {AB.score_examples} items per task, without an interval: these spans "
+    "show how much a setting moves the metrics at this scale, not which setting is better after full training.",
+])))

@@ -110,6 +110,10 @@ fig = plots.tsne_scatter(
     prompt_tasks=prompt_tasks,
     highlight=[labels[n] for n in names if n not in ("base", *P.tasks)],
 )
+plots.caption("5.1", f"Joint t-SNE map of every model's embeddings of the same {len(prompts)} prompts: one point per "
+              "prompt and model, colour = model, marker = the prompt's task, fused models outlined. The axes have "
+              "no units: read how the clouds overlap and spread, and the distances from the legend (mean L2 "
+              "distance to the base model in the original hidden space; smaller = less drift).");
 
 # %% [markdown]
 # ## Distances to the base model and to each expert
@@ -131,3 +135,23 @@ import pandas as pd
 
 pd.Series({labels[n]: float(np.linalg.norm(e, axis=1).mean()) for n, e in embeddings.items()},
           name="mean embedding norm").to_frame().round(3)
+
+# %% [markdown]
+# ## What this shows
+#
+# How far each model's embeddings moved from the base model's, and which expert each fused model stays nearest
+# to, read from the distance table above:
+
+# %%
+from IPython.display import Markdown, display
+
+experts = [f"to {t}" for t in P.tasks]
+fused = [n for n in names if n not in ("base", *P.tasks)]
+display(Markdown("\n".join([
+    f"- Mean L2 distance to the base model over {len(prompts)} {split} prompts (the base model's mean embedding "
+    f"norm is {np.linalg.norm(embeddings['base'], axis=1).mean():.2f}): "
+    + "; ".join(f"{labels[n]} {to_base[n]:.3f}" for n in names if n != "base") + ".",
+    *(f"- {labels[n]} is nearest to the {distances.loc[n, experts].idxmin().removeprefix('to ')} expert "
+      f"({distances.loc[n, experts].min():.3f}; farthest: {distances.loc[n, experts].max():.3f})." for n in fused),
+    "- These are means over the prompts, without intervals: small differences between them are not tested.",
+])))

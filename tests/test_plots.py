@@ -163,3 +163,15 @@ def test_results_bars_one_panel_per_dimension():
 def test_long_titles_are_wrapped():
     fig = plots.router_weight_bars(_profile(2, 2), title="word " * 40)
     assert "\n" in fig.axes[0].get_title()
+
+
+def test_caption_displays_a_numbered_figure_caption(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    fig = plots.results_bars({"x": {"a": 1.0}})
+    md = plots.caption("1.2", "What the figure shows.")
+    assert md.data == "**Figure 1.2.** What the figure shows."
+    assert shown == [md]
+    assert plt.fignum_exists(fig.number)  # outside the inline backend the figure is left alone
