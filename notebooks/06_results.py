@@ -165,6 +165,9 @@ if not long.empty:
         low=low,
         high=high,
     )
+    plots.caption("6.1", "The judged columns of the main table as bars: one panel per dimension, one bar per model "
+                  "(H3Fusion-MoE highlighted), the error bars its 95 % interval; the panel title says whether higher "
+                  "or lower is better. Bars whose intervals overlap are not told apart at this sample size.");
 
 # %% [markdown]
 # ## Do the answers end before the cap?
