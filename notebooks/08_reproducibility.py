@@ -133,3 +133,17 @@ times
 artifacts = report.artifact_table(P)
 print(f"{len(artifacts)} artifacts, {artifacts['wall s'].sum():,.0f} s of wall time in all")
 artifacts
+
+# %% [markdown]
+# ## What this shows
+
+# %%
+budget = {"cpu": 90, "smoke": 3}.get(P.name)
+cost = (f"The last from-scratch run of the whole book took {scratch['total_wall_s'] / 60:.1f} min"
+        + (f" against the {P.name} profile's budget of {budget} min" if budget else "") + "."
+        if scratch else "No from-scratch run of the whole book is recorded here, so its cost is not measured.")
+display(Markdown(
+    f"{cost} Every number in the chapters comes from one of the {len(artifacts)} artifacts above, each with its "
+    "configuration, hash, seed, versions and commit, so a reader can rebuild any of them with the command its "
+    "chapter names and compare."
+))
