@@ -110,6 +110,13 @@ from h3fusion.baselines import run_baselines
 
 baseline_metrics = run_baselines(P)
 
+# %%
+from h3fusion.baselines.registry import baseline_names
+
+left_out = [n for n in baseline_names() if n not in baseline_metrics]
+if left_out:
+    print(f"not built on the {P.name} profile (baselines.names in its YAML, which says why): {', '.join(left_out)}")
+
 # %% [markdown]
 # ## Results
 #
