@@ -149,10 +149,6 @@ class HFLanguageModel:
 
         from h3fusion.progress import progress
 
-        if len(prompts) != len(continuations):
-            raise ValueError(
-                f"{len(prompts)} prompts but {len(continuations)} continuations; pass one per pair"
-            )
         if any(not p for p in prompts):
             raise ValueError("an empty prompt has no next-token distribution to score a continuation with")
         out: list[list[float]] = [[] for _ in prompts]
