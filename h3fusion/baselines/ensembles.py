@@ -3,12 +3,14 @@
 - `AdapterBank`: the base weights loaded ONCE with every expert's LoRA adapter attached (peft multi-adapter);
   `use(name)` switches the active adapter, so n experts cost about one model's memory. `merged(name)` merges
   one adapter into the weights for a block, exactly as the expert's evaluation does (`merge_and_unload`).
-- `TokenEnsemble`: at every decoding step each expert (with its own KV cache) gives a next-token distribution
-  p_i; the ensemble decodes from p = sum_i w_i p_i (probability averaging). Weights are uniform, or PackLLM-sim
+- `TokenEnsemble`: at every decoding step each expert gives a next-token distribution p_i (all experts in one
+  forward: the batch repeated once per expert, peft's mixed-adapter batches applying each row's LoRA); the
+  ensemble decodes from p = sum_i w_i p_i (probability averaging). Weights are uniform, or PackLLM-sim
   (Mavromatis et al., "Pack of LLMs: Model Fusion at Test-Time via Perplexity Optimization", arXiv 2404.11531,
   eq. for PackLLM-sim): w_i = softmax_i(-log PPL_i(prompt) / tau), where log PPL_i is expert i's mean negative
-  log-likelihood of the prompt's tokens; computed once per prompt, from the same forward pass that fills the
-  cache. With temperature T > 0 each expert's logits are divided by T before mixing, then the mixture is sampled.
+  log-likelihood of the prompt's tokens, computed once per prompt before decoding. With temperature T > 0 each
+  expert's logits are divided by T before mixing, then the mixture is sampled. Its likelihood of a text mixes the
+  experts' per-token log-probabilities, read from what the experts' own evaluations stored when it can.
 - `SelectEnsemble`: each expert answers; a selector picks one answer per prompt (see `likelihood_selector`).
 
 The experts' answers that `SelectEnsemble` and H3Fusion-Instruct start from are the experts' own evaluation
