@@ -244,6 +244,36 @@ def likelihood_verdict(headline: pd.DataFrame) -> str:
     return "On the likelihood track, H3Fusion-MoE against the best member of each group: " + "; ".join(said) + "."
 
 
+def findings(comparisons: pd.DataFrame, headline: pd.DataFrame, mdd_points: float | None, scale: str) -> str:
+    """The intro's findings summary as Markdown bullets: the judged headline (the paper's metric) and the
+    likelihood track's, one group per bullet, every verdict read from its interval (`verdict`,
+    `likelihood_verdict` say the same in sentences)."""
+    lines = [f"At {scale}, H3Fusion-MoE against the best member of each group (95 % intervals):", ""]
+    for label, row in comparisons.iterrows():
+        if row["verdict"] == "not compared":
+            continue
+        p, r = row["_points"], row["_relative"]
+        lines.append(
+            f"- **Judged ({label}, the paper's metric)**: {row['verdict']}, {p.value:+.1f} points [{p.low:+.1f}, "
+            f"{p.high:+.1f}] of the three-dimension average ({r.value:+.1f} % relative; the paper: "
+            f"{row[PAPER_COL]:+.2f} %)."
+        )
+    for group, rows in headline.groupby(level=0, sort=False):
+        said = [
+            f"{task} {row['verdict']} ({row['improvement over the best member']}, n = {row['n']})"
+            for (_, task), row in rows.iterrows()
+            if row["verdict"] != "not compared"
+        ]
+        if said:
+            lines.append(f"- **Likelihood ({group}, ours)**: " + "; ".join(said) + ".")
+    if mdd_points is not None:
+        lines.append(
+            f"- **Power**: the judged comparisons detect about {mdd_points:.1f} points of the three-dimension "
+            "average with 80 % power; smaller differences are usually missed."
+        )
+    return "\n".join(lines) + "\n"
+
+
 def likelihood_power(scores: Mapping[str, stats.ItemScores], power_level: float = 0.8) -> pd.DataFrame:
     """Per dimension of the likelihood track, the smallest paired difference detected at 80 % power."""
     rows = {}

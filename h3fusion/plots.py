@@ -202,10 +202,12 @@ def routing_heatmap_grid(
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> Figure:
-    """Panels of routing heat-maps: one row per task, one column per model variant.
+    """Panels of routing heat-maps, one per model variant and task, stacked in one column (each a full-width
+    strip of layers, so its labels stay legible at the width the book shows a figure).
 
     `matrices` is ``{variant: {task: [layers, experts]}}``, e.g. ``{"without gating loss": ..., "with gating
-    loss": ...}``: variants side by side make the effect of the gating loss visible task by task.
+    loss": ...}``: the variants one after the other, their tasks in the same order, make the effect of the
+    gating loss visible task by task.
     """
     if not matrices or not all(matrices.values()):
         raise H3FusionError(
@@ -223,27 +225,24 @@ def routing_heatmap_grid(
     vmin, vmax = _colour_range(
         [_matrix(matrices[v][t], "routing_heatmap_grid") for v in variants for t in tasks], vmin, vmax
     )
-    width = len(variants) * max(3.5, 0.18 * first.shape[0] + 1.5) + 1.2
-    height = len(tasks) * (0.35 * first.shape[1] + 1.1) + 0.8
-    fig, axes = _subplots(
-        len(tasks), len(variants), figsize=(width, height), sharex=True, sharey=True, layout="constrained"
-    )
+    panels = [(v, t) for v in variants for t in tasks]
+    height = len(panels) * (0.28 * first.shape[1] + 0.75) + 1.0
+    fig, axes = _subplots(len(panels), 1, figsize=(8.5, height), sharex=True, layout="constrained")
+    axes = np.asarray(axes).reshape(-1)
     image = None
-    for col, variant in enumerate(variants):
-        for row, task in enumerate(tasks):
-            ax = axes[row, col]
-            m = _matrix(matrices[variant][task], "routing_heatmap_grid")
-            if m.shape != first.shape:
-                raise H3FusionError(
-                    f"routing_heatmap_grid: {variant}/{task} has shape {m.shape}, expected {first.shape}"
-                )
-            image = _draw_heatmap(ax, m, names, vmin, vmax, annotate=m.shape[0] <= 8)
-            if row == 0:
-                ax.set_title(variant)
-            if row < len(tasks) - 1:
-                ax.set_xlabel("")
-            if col == 0:
-                ax.set_ylabel(f"{task} prompts\nexpert")
+    for i, (variant, task) in enumerate(panels):
+        ax = axes[i]
+        m = _matrix(matrices[variant][task], "routing_heatmap_grid")
+        if m.shape != first.shape:
+            raise H3FusionError(
+                f"routing_heatmap_grid: {variant}/{task} has shape {m.shape}, expected {first.shape}"
+            )
+        image = _draw_heatmap(ax, m, names, vmin, vmax, annotate=m.shape[0] <= 8)
+        if task == tasks[0]:
+            ax.set_title(variant, loc="left", fontweight="bold")
+        if i < len(panels) - 1:
+            ax.set_xlabel("")
+        ax.set_ylabel(f"{task}\nprompts")
     fig.colorbar(image, ax=axes, label="mean router probability", fraction=0.04, pad=0.02)
     fig.suptitle(_wrap(title, fig))
     return fig

@@ -130,8 +130,8 @@ for name, folder in folders.items():
 routing = {name: {t: pp.mean(axis=0) for t, pp in by_task.items()} for name, by_task in per_prompt.items()}
 fig = plots.routing_heatmap_grid(routing, expert_names=P.tasks)
 plots.caption("2.2", "Mean router probability (colour; one scale for every panel) per decoder layer (x) and expert (y), "
-              "on each task's evaluation prompts (panel rows), for each model (panel columns). Routing by task shows "
-              "as the expert named after the prompts' task being brighter than the others in that row of panels; "
+              "one panel per model (named in bold above its panels) and task of the evaluation prompts. Routing by task shows "
+              "as the expert named after the prompts' task being brighter than the others in that panel; "
               f"uniform routing is {1 / P.num_experts:.2f} everywhere.");
 
 # %% [markdown]

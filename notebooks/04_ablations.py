@@ -106,9 +106,9 @@ A.scores_table(runs).round(3)
 matrices = {name: {t: np.asarray(m) for t, m in run["scores"]["routing"].items()} for name, run in runs.items()}
 fig = plots.routing_heatmap_grid(matrices, expert_names=P.tasks)
 plots.caption("4.2", "Mean router probability (colour; one scale for every panel) per decoder layer (x) and expert (y), "
-              "on each task's evaluation prompts (panel rows), for the raw MoE and the two short runs (panel "
-              "columns). Routing by task shows as the expert named after the prompts' task being the brightest in "
-              f"that row of panels; uniform routing is {1 / P.num_experts:.2f} everywhere.");
+              "one panel per model (the raw MoE and the two short runs, named in bold above their panels) and task of the "
+              "evaluation prompts. Routing by task shows as the expert named after the prompts' task being the brightest in "
+              f"that panel; uniform routing is {1 / P.num_experts:.2f} everywhere.");
 
 # %%
 with_gate, without_gate = (A.scores_table(gate).iloc[i] for i in range(2))

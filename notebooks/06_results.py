@@ -309,6 +309,7 @@ from h3fusion.artifacts import atomic_write_text
 
 findings = batch_output_dir() / "results" / "findings.md"  # the intro opens with it
 findings.parent.mkdir(parents=True, exist_ok=True)
-atomic_write_text(findings, "Computed by chapter 6 from the stored results:\n\n"
-                  + "\n\n".join(summary) + "\n")
-
+atomic_write_text(findings, evidence.findings(
+    comparisons, track_headline, mdd["mdd_points"] if len(scores) >= 2 else None,
+    f"the {P.name} profile's scale (base model {P.model.base}, the offline judges of chapter 0), computed by "
+    "chapter 6 from the stored results"))

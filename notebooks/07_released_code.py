@@ -138,9 +138,9 @@ released_scores.round(3)
 matrices = {name: {t: np.asarray(m) for t, m in run["scores"]["routing"].items()} for name, run in released.items()}
 fig = plots.routing_heatmap_grid(matrices, expert_names=P.tasks)
 plots.caption("7.1", "Mean router probability (colour; one scale for every panel) per decoder layer (x) and expert (y), "
-              "on each task's evaluation prompts (panel rows), for the corrected run and each released-code switch "
-              "(panel columns). Routing by task shows as the expert named after the prompts' task being the "
-              f"brightest in that row of panels; uniform routing is {1 / P.num_experts:.2f} everywhere.");
+              "one panel per run (the corrected run and each released-code switch, named in bold above their panels) and "
+              "task of the evaluation prompts. Routing by task shows as the expert named after the prompts' task being the "
+              f"brightest in that panel; uniform routing is {1 / P.num_experts:.2f} everywhere.");
 
 # %%
 fig = plots.training_curves(A.loss_logs(released), title="Short fusion runs: corrected vs released-code switches")
