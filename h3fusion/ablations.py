@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-SCORE_FORMAT = 1
+SCORE_FORMAT = 2
 """Bump when the scores change meaning: every cached ablation result is then recomputed."""
 NLL_BATCH = 8
 
@@ -178,9 +178,10 @@ def score_model(
     """Likelihood scores and routing of one MoE model (an `MoECausalLM` or an exported Mixtral)."""
     import torch
 
-    from h3fusion.analysis import routing_accuracy, routing_per_prompt
+    from h3fusion.analysis import routing_per_prompt
     from h3fusion.evaluation.lm import HFLanguageModel
     from h3fusion.evaluation.mc import aggregate_mc, mc_prompt, score_mc
+    from h3fusion.routing import heldout_routing, routing_table
 
     items = items or scoring_items(profile)
     was_training = model.training
@@ -195,6 +196,7 @@ def score_model(
                 t: routing_per_prompt(model, tokenizer, p, max_length=profile.data.max_length)
                 for t, p in items.prompts.items()
             }
+            heldout = heldout_routing(model, tokenizer, profile, profile.ablations.routing_examples)
         fmt = mc_prompt(profile.evaluation.mc_prompt)
         mc = (
             aggregate_mc(
@@ -207,14 +209,19 @@ def score_model(
         )
     finally:
         model.train(was_training)
-    routing = {t: pp.mean(axis=0).tolist() for t, pp in per_prompt.items()}
-    accuracy = routing_accuracy(per_prompt, list(profile.tasks))
+    table = routing_table({"model": heldout}, profile.tasks, references=False)["accuracy %"]
     return {
         "nll": nll,
         "mc1": 100.0 * mc["mc1"] if mc else float("nan"),
         "mc2": 100.0 * mc["mc2"] if mc else float("nan"),
-        "routing": routing,
-        "routing_accuracy": {t: 100.0 * a for t, a in accuracy.items()},
+        # a description of the evaluation prompts' routing (their source need not read like the training task)
+        "routing": {t: pp.mean(axis=0).tolist() for t, pp in per_prompt.items()},
+        # routing accuracy % on held-out items of the training sources: {tokens: {task or "all": %}}
+        "routing_accuracy": {
+            mask: {task: float(table[("model", mask, task)]) for task in (*profile.tasks, "all")}
+            for mask in ("sequence", "prompt", "after_template")
+        },
+        "routing_items": {t: int(v["sequence"].shape[0]) for t, v in heldout.items()},
     }
 
 
@@ -239,6 +246,7 @@ def _run_key(run_profile: Profile, trained: bool) -> str:
         {
             "model": model_hash,
             "score_examples": run_profile.ablations.score_examples,
+            "routing_examples": run_profile.ablations.routing_examples,
             "data": run_profile.data.model_dump(mode="json"),
             "format": SCORE_FORMAT,
         }
@@ -338,7 +346,7 @@ def run_ablation(
     run_profile = ablation_profile(profile, overrides)
     path = _cache_path(
         run_profile,
-        run_profile.fusion.variant + f"_s{run_profile.ablations.steps}",
+        run_profile.fusion.variant + f"_s{run_profile.fusion.train.max_steps}",
         _run_key(run_profile, trained=True),
     )
     cached = _cached(path, checkpoints, ks)
@@ -366,16 +374,19 @@ def run_ablation(
         "label": label or run_profile.fusion.variant,
         "overrides": dict(overrides or {}),
         "variant": run_profile.fusion.variant,
-        "steps": run_profile.ablations.steps,
+        "steps": run_profile.fusion.train.max_steps,
         "top_k": run_profile.fusion.top_k,
         "gate_weight": run_profile.fusion.gate_weight,
+        "router_lr": run_profile.fusion.router_lr,
+        "gate_averages": list(run_profile.fusion.gate_averages),
+        "router_init": run_profile.fusion.router_init,
         "drift_gammas": {t: run_profile.fusion.gamma(t) for t in run_profile.tasks},
         "released_code": run_profile.fusion.released_code.model_dump(),
         "tasks": list(run_profile.tasks),
         "reused_from": str(exported) if exported else None,
         "loss_log": losses,
         # the last checkpoint is the trained model: its scores are not computed twice
-        "scores": at_steps.get(str(run_profile.ablations.steps)) or score_model(run_profile, moe, tok, items),
+        "scores": at_steps.get(str(run_profile.fusion.train.max_steps)) or score_model(run_profile, moe, tok, items),
         "checkpoints": at_steps,
     }
     result["by_top_k"] = _scores_by_k(run_profile, moe, tok, items, ks, result["scores"]) if ks else {}
@@ -465,6 +476,38 @@ def drift_sweep(profile: Profile) -> dict[float, dict[str, Any]]:
     }
 
 
+def router_checkpoints(profile: Profile) -> list[int]:
+    """Steps at which the full-length router run is scored: a quarter, a half, three quarters and the end."""
+    steps = profile.fusion.train.max_steps
+    if steps is None:
+        raise AblationError("the router ablation needs `fusion.train.max_steps` (not `epochs`)")
+    return sorted({max(1, round(steps * q)) for q in (0.25, 0.5, 0.75, 1.0)})
+
+
+def router_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
+    """What the router needs to learn task routing, at the profile's *full* fusion length (routing is slow to
+    learn, so short runs would show nothing): the profile's fusion (scored at `router_checkpoints`, the number
+    of steps), the router in the shared optimiser group at the LoRA's learning rate, the gating loss on whole
+    sequences only (no prompt term), and the `hidden` router init."""
+    f = profile.fusion
+    full = {"fusion.train.max_steps": f.train.max_steps, "fusion.train.epochs": None}
+    runs = {
+        f"profile (router lr {f.router_lr or f.train.lr:g}, {'+'.join(f.gate_averages)}, init {f.router_init})": (
+            run_ablation(profile, full, label="router: profile", checkpoints=router_checkpoints(profile))
+        )
+    }
+    variants: list[tuple[str, dict[str, Any]]] = []
+    if f.router_lr is not None:
+        variants.append((f"router lr {f.train.lr:g} (one group, as the paper)", {"fusion.router_lr": None}))
+    if "prompt" in f.gate_averages:
+        variants.append(("gating loss on sequences only (no prompt term)", {"fusion.gate_averages": ["sequence"]}))
+    other_init = "hidden" if f.router_init == "random" else "random"
+    variants.append((f"router init {other_init}", {"fusion.router_init": other_init}))
+    for name, override in variants:
+        runs[name] = run_ablation(profile, {**full, **override}, label=f"router: {name}")
+    return runs
+
+
 def released_code_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
     """The reference run and one short run per switch in `ablations.released_code_runs` (switch on)."""
     runs = {"corrected (all switches off)": reference_run(profile)}
@@ -483,12 +526,19 @@ def _mean(values: Iterable[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+ROUTING_ALL = "routing (prompt) all % ↑"
+"""The headline routing column: held-out items of the training sources, prompt tokens, every task."""
+
+
 def score_row(scores: Mapping[str, Any]) -> dict[str, float]:
-    """One table row of a run's scores (NLL per task, MC1/MC2, routing accuracy per task and mean)."""
+    """One table row of a run's scores: NLL per task, MC1/MC2, and the held-out routing accuracy per task on
+    prompt tokens, over all items on prompt tokens and over all items on whole sequences."""
     row = {f"NLL {t} ↓": v for t, v in scores["nll"].items()}
     row.update({"MC1 % ↑": scores["mc1"], "MC2 % ↑": scores["mc2"]})
-    row.update({f"routing acc {t} % ↑": v for t, v in scores["routing_accuracy"].items()})
-    row["routing acc mean % ↑"] = _mean(scores["routing_accuracy"].values())
+    prompt = scores["routing_accuracy"]["prompt"]
+    row.update({f"routing (prompt) {t} % ↑": v for t, v in prompt.items() if t != "all"})
+    row[ROUTING_ALL] = prompt["all"]
+    row["routing (sequence) all % ↑"] = scores["routing_accuracy"]["sequence"]["all"]
     return row
 
 
@@ -530,6 +580,26 @@ def router_weight_table(runs: Mapping[str, Mapping[str, Any]], expert_names: Seq
     return pd.concat(frames)
 
 
+def router_accuracy_table(runs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows (run, tokens), one column per task and all: held-out routing accuracy "% [low, high]" (Wilson)."""
+    import pandas as pd
+
+    from h3fusion.routing import wilson
+
+    records = {}
+    for name, run in runs.items():
+        scores = run["scores"]
+        n = scores["routing_items"]
+        for mask in ("prompt", "sequence"):
+            row = {}
+            for task, value in scores["routing_accuracy"][mask].items():
+                items = sum(n.values()) if task == "all" else n[task]
+                low, high = wilson(round(value * items / 100), items)
+                row[f"{task} (n={items})"] = f"{value:.1f} [{low:.1f}, {high:.1f}]"
+            records[(name, mask)] = row
+    return pd.DataFrame.from_dict(records, orient="index").rename_axis(["run", "tokens"])
+
+
 def sensitivity(
     runs_by_value: Mapping[float, Mapping[str, Any]],
 ) -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
@@ -537,7 +607,7 @@ def sensitivity(
     x = [float(v) for v in runs_by_value]
     rows = [score_row(r["scores"]) for r in runs_by_value.values()]
     nll = {k: [row[k] for row in rows] for k in rows[0] if k.startswith("NLL")}
-    pct = {k: [row[k] for row in rows] for k in ("MC1 % ↑", "MC2 % ↑", "routing acc mean % ↑")}
+    pct = {k: [row[k] for row in rows] for k in ("MC1 % ↑", "MC2 % ↑", ROUTING_ALL)}
     return x, nll, pct
 
 

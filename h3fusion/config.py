@@ -153,6 +153,12 @@ class FusionConfig(Section):
     """Training prompts per task averaged for the `hidden` router init."""
     gate_weight: float = Field(ge=0)
     """lambda, the weight of the gating loss."""
+    gate_averages: tuple[Literal["sequence", "prompt"], ...] = ("sequence", "prompt")
+    """Token averages the gating loss routes (the mean of their -log P[y] terms): the whole sequence, and the prompt
+    alone so that routing holds from the prompt on (generation starts there). The routing statistics use the
+    same two masks. The paper's form is ("sequence",)."""
+    router_lr: float | None = Field(None, gt=0)
+    """Learning rate of the routers' own optimiser group (None: `train.lr`, one group as in the paper)."""
     drift_gammas: dict[str, float]
     """gamma_i per task (expert), the weight of expert i's drift penalty."""
     load_balance_weight: float = Field(0.0, ge=0)
@@ -162,6 +168,13 @@ class FusionConfig(Section):
     """Also LoRA-tune attention (the released code does; the paper's text says frozen)."""
     train: TrainConfig
     released_code: ReleasedCodeSwitches = ReleasedCodeSwitches()
+
+    @field_validator("gate_averages")
+    @classmethod
+    def _averages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"`fusion.gate_averages` must list distinct averages from sequence, prompt; got {list(v)}")
+        return v
 
     @field_validator("drift_gammas")
     @classmethod
@@ -211,6 +224,9 @@ class EvaluationConfig(Section):
     likelihood: LikelihoodConfig = Field(default_factory=LikelihoodConfig)
     workers: int = Field(default=1, ge=1)
     """Models evaluated side by side in one-thread processes (`evaluation.parallel`); 1: in this process."""
+    routing_items: int = Field(default=64, gt=0)
+    """Held-out items per task of the training sources on which a fused model's routing accuracy is measured
+    (`h3fusion.routing`)."""
     max_new_tokens_by_dimension: dict[str, int] = Field(default_factory=dict)
     """Per-dimension caps that replace `generation.max_new_tokens` (e.g. {helpful: 256}: the helpfulness judge
     was validated on whole answers, so its answers must be long enough to end)."""
@@ -309,7 +325,10 @@ class AblationsConfig(Section):
     step_checkpoints: tuple[int, ...] = ()
     """Steps (<= `steps`) at which the reference run is scored too: the number-of-steps ablation."""
     score_examples: int = Field(4, gt=0)
-    """Items per task for the scores: response NLL, TruthfulQA MC1/MC2 and routing on held-out prompts."""
+    """Items per task for the likelihood scores: response NLL, TruthfulQA MC1/MC2, and the evaluation prompts
+    whose routing is described."""
+    routing_examples: int = Field(8, gt=0)
+    """Held-out items per task of the training sources on which routing accuracy is measured."""
     gate_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
     """The lambda sweep (0 = no gating loss)."""
     drift_gammas: tuple[float, ...] = (1.0e-3, 1.0e-2, 1.0e-1)

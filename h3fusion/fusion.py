@@ -188,14 +188,19 @@ def fusion_losses(
     moe: MoECausalLM, out: Any, batch: dict[str, torch.Tensor], profile: Profile
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels."""
-    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss
+    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss, prompt_token_mask
 
     f = profile.fusion
     rc = f.released_code
+    mask = batch["attention_mask"]
+    prompt = prompt_token_mask(mask, batch["labels"]) if "prompt" in f.gate_averages else None
+    sequence = mask if "sequence" in f.gate_averages else None
+    if sequence is None:  # the prompt average alone
+        sequence, prompt = prompt, None
     terms = {
         "lm_loss": out.loss,
         "gate_loss": gating_loss(
-            out.router_logits, batch["attention_mask"], batch["task_labels"], released_code=rc.gating_loss
+            out.router_logits, sequence, batch["task_labels"], released_code=rc.gating_loss, prompt_mask=prompt
         ),
         "drift_loss": drift_loss(
             moe.drift_factors(),
@@ -248,6 +253,19 @@ def _trainer_class() -> type[Trainer]:
                 self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
             self._count += 1
             return (loss, out) if return_outputs else loss
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            """The Trainer's optimiser, with the routers in a group of their own at `fusion.router_lr`."""
+            router_lr = self.profile.fusion.router_lr
+            if self.optimizer is not None or router_lr is None:
+                return super().create_optimizer(model)
+            routers = self.accelerator.unwrap_model(model or self.model).router_parameters()
+            router_ids = {id(p) for p in routers}
+            optimizer = super().create_optimizer(model)
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+            optimizer.add_param_group({"params": routers, "lr": router_lr, "weight_decay": 0.0})
+            return optimizer
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._count:

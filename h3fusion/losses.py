@@ -60,9 +60,12 @@ def gating_loss(
     attention_mask: torch.Tensor | None,
     task_labels: torch.Tensor,
     released_code: bool = False,
+    prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_gate = mean_b -log P_b[y_b]: the router should send sequence b to the expert of its task y_b.
 
+    prompt_mask ([B, T], 1 = a prompt token): the loss is then the mean of the sequence term and the same term
+    on each sequence's prompt tokens alone, so the prompt, from which generation starts, is routed too.
     released_code=True: the released form, cross-entropy of a *second* softmax of the probabilities
     averaged over all tokens, padding included (its minimum is far above 0 and its gradient small).
     """
@@ -71,8 +74,20 @@ def gating_loss(
     if released_code:
         avg = _per_layer_probs(router_logits, batch).mean(dim=(0, 2))
         return F.cross_entropy(avg, labels.to(avg.device))
-    p = sequence_routing(router_logits, attention_mask, batch)
-    return F.nll_loss(torch.log(p.clamp_min(1e-12)), labels.to(p.device))
+    masks = [attention_mask] if prompt_mask is None else [attention_mask, prompt_mask]
+    terms = []
+    for mask in masks:
+        p = sequence_routing(router_logits, mask, batch)
+        terms.append(F.nll_loss(torch.log(p.clamp_min(1e-12)), labels.to(p.device)))
+    return torch.stack(terms).mean()
+
+
+def prompt_token_mask(attention_mask: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """1 at a sequence's prompt tokens: attended tokens that carry no LM loss (the collator's labels are
+    `ignore_index` on the prompt and on padding)."""
+    if attention_mask.shape != labels.shape:
+        raise LossInputError(f"attention_mask {tuple(attention_mask.shape)} and labels {tuple(labels.shape)} differ")
+    return attention_mask.bool() & (labels == ignore_index)
 
 
 def drift_loss(

@@ -155,7 +155,7 @@ plots.caption("7.2", "One panel per loss term against the training step, one lin
 # is one short run per switch):
 
 # %%
-acc = released_scores["routing acc mean % ↑"]
+acc = released_scores[A.ROUTING_ALL]
 display(Markdown("\n".join([
     f"- **Labels**: the released code gives {wrong['all']:.1f} % of the mixed examples another task's label.",
     f"- **Gating loss**: from uniform to perfect routing the released form falls by {gap['released loss']:.3f} nats "
@@ -164,7 +164,7 @@ display(Markdown("\n".join([
     f"- **Drift**: at the start of fusion training the released penalty is {drift.iloc[1, 0]:.4g} (gradient norm "
     f"{drift.iloc[1, 1]:.3g}) where the corrected one is {drift.iloc[0, 0]:.4g} (gradient norm "
     f"{drift.iloc[0, 1]:.3g}).",
-    f"- **After {P.ablations.steps} steps**, mean routing accuracy: "
+    f"- **After {P.ablations.steps} steps**, held-out routing accuracy on prompts: "
     + "; ".join(f"{run} {v:.1f} %" for run, v in acc.items())
     + f" (chance {100 / P.num_experts:.1f} %); single runs without intervals.",
 ])))

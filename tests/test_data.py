@@ -392,3 +392,16 @@ def test_helpful_judge_never_trains_or_validates_on_the_scored_sample():
     assert set(split["scored"]) == scored and len(scored) == 50
     assert not scored & set(split["validation"]) and not scored & set(split["train"])
     assert len(scored) + len(split["validation"]) + len(split["train"]) == 805
+
+
+@pytest.mark.parametrize("task", ["helpful", "harmless", "honest"])
+def test_heldout_examples_share_no_prompt_with_training(smoke_profile, task):
+    held = splits.load_heldout_examples(smoke_profile, task, 12)
+    seen = {(e.instruction, e.input) for e in load_train_examples(smoke_profile, task)}
+    prompts = [(e.instruction, e.input) for e in held]
+    assert len(held) == 12 and len(set(prompts)) == 12  # one example per prompt
+    assert not set(prompts) & seen
+    pool = set(splits._TRAIN[task](smoke_profile)[0])
+    assert set(held) <= pool  # from the training source itself
+    assert held == splits.load_heldout_examples(smoke_profile, task, 12)  # seeded
+    assert held != splits.load_heldout_examples(smoke_profile.model_copy(update={"seed": 7}), task, 12)

@@ -108,6 +108,23 @@ def test_router_gets_gradient_from_the_gating_loss_alone(tmp_path, experts_root)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router_parameters())
 
 
+def test_routers_train_in_their_own_group_at_the_router_learning_rate(tmp_path, experts_root):
+    from h3fusion.fusion import fusion_trainer
+    from h3fusion.training import training_arguments
+
+    profile = _profile(tmp_path, experts_root, **{"fusion.router_lr": 0.05})
+    args = training_arguments(profile.fusion.train, profile.seed, tmp_path / "work", save_strategy="no")
+    trainer, moe, _ = fusion_trainer(profile, args)
+    optimizer = trainer.create_optimizer()
+    routers = {id(p) for p in moe.router_parameters()}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in optimizer.param_groups if g["params"]}
+    assert by_lr[0.05] == routers
+    others = set().union(*(ids for lr, ids in by_lr.items() if lr != 0.05))
+    assert others and not others & routers
+    assert others | routers == {id(p) for p in moe.parameters() if p.requires_grad}
+    assert {profile.fusion.train.lr, 0.05} == set(by_lr)
+
+
 def test_fuse_writes_variant_and_skips_when_complete(tmp_path, experts_root, capsys):
     profile = _profile(tmp_path, experts_root)
     folder = fuse(profile)

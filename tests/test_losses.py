@@ -13,6 +13,7 @@ from h3fusion.losses import (
     drift_loss,
     gating_loss,
     load_balancing_loss,
+    prompt_token_mask,
     sequence_routing,
     weight_norm_penalty,
 )
@@ -79,6 +80,32 @@ def test_gating_loss_gradient_reaches_logits():
     logits = torch.zeros(6, E, requires_grad=True)
     gating_loss([logits], torch.ones(2, 3), torch.tensor([0, 1])).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_prompt_term_is_the_mean_of_the_sequence_and_prompt_losses():
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn(2, 5, E, generator=gen) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, -100, -100, 4, 5]])
+    prompt = prompt_token_mask(mask, labels)
+    assert prompt.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]
+    y = torch.tensor([2, 0])
+    both = gating_loss(logits, mask, y, prompt_mask=prompt)
+    by_hand = (gating_loss(logits, mask, y) + gating_loss(logits, prompt, y)) / 2
+    torch.testing.assert_close(both, by_hand)
+    # routing the prompt perfectly and the answer wrongly halves the loss's floor, not zero
+    sharp = torch.full((2, 5, E), 0.0)
+    for b, label in enumerate(y.tolist()):
+        sharp[b, :, label] = 30.0
+        sharp[b, ~prompt[b], :] = 0.0
+        sharp[b, ~prompt[b], (label + 1) % E] = 30.0
+    assert gating_loss([sharp], prompt, y).item() < 1e-6
+    assert gating_loss([sharp], mask, y, prompt_mask=prompt).item() > 0.2
+
+
+def test_prompt_mask_shape_error():
+    with pytest.raises(H3FusionError, match="labels"):
+        prompt_token_mask(torch.ones(2, 3), torch.ones(2, 4))
 
 
 def test_gating_loss_shape_errors():

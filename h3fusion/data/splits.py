@@ -243,6 +243,27 @@ def load_train_examples(profile: Profile, task: str) -> list[TrainExample]:
     return cap(examples, profile.data.train_examples[task], profile.seed, task)
 
 
+def load_heldout_examples(profile: Profile, task: str, n: int) -> list[TrainExample]:
+    """n examples of a task's *training source* whose prompt the profile's training sample does not hold: a seeded
+    sample, one example per prompt (what routing is measured on: the distribution the router trained on, items it
+    never saw). Fewer than n when the source has fewer unseen prompts."""
+    _check_task(task)
+    pool, _ = _TRAIN[task](profile)
+    seen = {(e.instruction, e.input) for e in load_train_examples(profile, task)}
+    unseen: dict[tuple[str, str], TrainExample] = {}
+    for e in pool:
+        if (e.instruction, e.input) not in seen:
+            unseen.setdefault((e.instruction, e.input), e)
+    if not unseen:
+        raise DataError(
+            f"{task}: the training sample uses every prompt of its source, so none is held out; lower "
+            f"data.train_examples.{task}"
+        )
+    candidates = list(unseen.values())
+    rng = random.Random(f"{profile.seed}:{task}:heldout")
+    return rng.sample(candidates, min(n, len(candidates)))
+
+
 def stratified_order(items: list[dict[str, Any]], seed: int, task: str) -> list[dict[str, Any]]:
     """`items` in a seeded order whose every prefix is a proportionally stratified sample (by `stratum`).
 
