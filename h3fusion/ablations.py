@@ -181,7 +181,7 @@ def score_model(
     from h3fusion.analysis import routing_per_prompt
     from h3fusion.evaluation.lm import HFLanguageModel
     from h3fusion.evaluation.mc import aggregate_mc, mc_prompt, score_mc
-    from h3fusion.routing import heldout_routing, routing_table
+    from h3fusion.routing import MASKS, heldout_routing, routing_table
 
     items = items or scoring_items(profile)
     was_training = model.training
@@ -219,7 +219,7 @@ def score_model(
         # routing accuracy % on held-out items of the training sources: {tokens: {task or "all": %}}
         "routing_accuracy": {
             mask: {task: float(table[("model", mask, task)]) for task in (*profile.tasks, "all")}
-            for mask in ("sequence", "prompt", "after_template")
+            for mask in MASKS
         },
         "routing_items": {t: int(v["sequence"].shape[0]) for t, v in heldout.items()},
     }
@@ -488,11 +488,13 @@ def router_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
     """What the router needs to learn task routing, at the profile's *full* fusion length (routing is slow to
     learn, so short runs would show nothing): the profile's fusion (scored at `router_checkpoints`, the number
     of steps), the router in the shared optimiser group at the LoRA's learning rate, the gating loss on whole
-    sequences only (no prompt term), and the `hidden` router init."""
+    sequences only (no prompt term), with the template's header kept in its averages, and the other router
+    init. Each run differs from the profile in one setting."""
     f = profile.fusion
     full = {"fusion.train.max_steps": f.train.max_steps, "fusion.train.epochs": None}
+    header = ", header skipped" if f.gate_skip_template else ""
     runs = {
-        f"profile (router lr {f.router_lr or f.train.lr:g}, {'+'.join(f.gate_averages)}, init {f.router_init})": (
+        f"profile (router lr {f.router_lr or f.train.lr:g}, {'+'.join(f.gate_averages)}{header}, init {f.router_init})": (
             run_ablation(profile, full, label="router: profile", checkpoints=router_checkpoints(profile))
         )
     }
@@ -501,6 +503,8 @@ def router_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
         variants.append((f"router lr {f.train.lr:g} (one group, as the paper)", {"fusion.router_lr": None}))
     if "prompt" in f.gate_averages:
         variants.append(("gating loss on sequences only (no prompt term)", {"fusion.gate_averages": ["sequence"]}))
+    if f.gate_skip_template:
+        variants.append(("template header kept in the gating loss", {"fusion.gate_skip_template": False}))
     other_init = "hidden" if f.router_init == "random" else "random"
     variants.append((f"router init {other_init}", {"fusion.router_init": other_init}))
     for name, override in variants:
@@ -526,19 +530,22 @@ def _mean(values: Iterable[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+ROUTING_MASKS = ("prompt after template", "sequence after template")
+"""The routing accuracies the tables show: held-out items of the training sources, on the prompt and on the whole
+sequence, both without the template's shared header (`h3fusion.routing` says why)."""
 ROUTING_ALL = "routing (prompt) all % ↑"
-"""The headline routing column: held-out items of the training sources, prompt tokens, every task."""
+ROUTING_SEQUENCE = "routing (sequence) all % ↑"
 
 
 def score_row(scores: Mapping[str, Any]) -> dict[str, float]:
     """One table row of a run's scores: NLL per task, MC1/MC2, and the held-out routing accuracy per task on
-    prompt tokens, over all items on prompt tokens and over all items on whole sequences."""
+    prompts, over all items on prompts and over all items on whole sequences (`ROUTING_MASKS`)."""
     row = {f"NLL {t} ↓": v for t, v in scores["nll"].items()}
     row.update({"MC1 % ↑": scores["mc1"], "MC2 % ↑": scores["mc2"]})
-    prompt = scores["routing_accuracy"]["prompt"]
+    prompt = scores["routing_accuracy"][ROUTING_MASKS[0]]
     row.update({f"routing (prompt) {t} % ↑": v for t, v in prompt.items() if t != "all"})
     row[ROUTING_ALL] = prompt["all"]
-    row["routing (sequence) all % ↑"] = scores["routing_accuracy"]["sequence"]["all"]
+    row[ROUTING_SEQUENCE] = scores["routing_accuracy"][ROUTING_MASKS[1]]["all"]
     return row
 
 
@@ -590,7 +597,7 @@ def router_accuracy_table(runs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame
     for name, run in runs.items():
         scores = run["scores"]
         n = scores["routing_items"]
-        for mask in ("prompt", "sequence"):
+        for mask in ROUTING_MASKS:
             row = {}
             for task, value in scores["routing_accuracy"][mask].items():
                 items = sum(n.values()) if task == "all" else n[task]

@@ -413,6 +413,7 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     moe.train()
     batch = _batch(profile, base.config.vocab_size, moe.num_experts)
     lm_batch = {k: v for k, v in batch.items() if k != "task_labels"}
+    no_template = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)  # random tokens: no template
     opt_dense = torch.optim.AdamW(
         [p for p in dense.parameters() if p.requires_grad], lr=profile.fusion.train.lr
     )
@@ -426,7 +427,7 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     def fusion_step() -> None:
         opt_moe.zero_grad(set_to_none=True)
         out = moe(**lm_batch)
-        total_loss(fusion_losses(moe, out, batch, profile), profile).backward()
+        total_loss(fusion_losses(moe, out, batch, profile, no_template), profile).backward()
         opt_moe.step()
 
     med = interleaved_medians(

@@ -184,23 +184,49 @@ def prepare_for_training(moe: MoECausalLM, profile: Profile) -> None:
                 p.requires_grad_(True)
 
 
+def gate_mask_names(profile: Profile) -> list[str]:
+    """The `h3fusion.routing` masks the gating loss averages over (and the book's headline routing accuracy)."""
+    f = profile.fusion
+    return [m + (" after template" if f.gate_skip_template else "") for m in f.gate_averages]
+
+
+def gate_masks(
+    batch: dict[str, torch.Tensor], profile: Profile, template: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """The token masks of `gate_mask_names` for a batch; `template`: each row's template length (needed only
+    with `fusion.gate_skip_template`)."""
+    from h3fusion.routing import routing_masks
+
+    if template is None:
+        if profile.fusion.gate_skip_template:
+            raise ValueError("gate_skip_template needs the template lengths of the batch")
+        template = torch.zeros(batch["attention_mask"].shape[0], dtype=torch.long)
+    masks = routing_masks(batch["attention_mask"], batch["labels"], template)
+    return [masks[name] for name in gate_mask_names(profile)]
+
+
 def fusion_losses(
-    moe: MoECausalLM, out: Any, batch: dict[str, torch.Tensor], profile: Profile
+    moe: MoECausalLM,
+    out: Any,
+    batch: dict[str, torch.Tensor],
+    profile: Profile,
+    template: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels."""
-    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss, prompt_token_mask
+    """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels;
+    `template`: each row's template length (`h3fusion.routing.template_lengths`)."""
+    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss
 
     f = profile.fusion
     rc = f.released_code
-    mask = batch["attention_mask"]
-    prompt = prompt_token_mask(mask, batch["labels"]) if "prompt" in f.gate_averages else None
-    sequence = mask if "sequence" in f.gate_averages else None
-    if sequence is None:  # the prompt average alone
-        sequence, prompt = prompt, None
+    masks = gate_masks(batch, profile, template)
     terms = {
         "lm_loss": out.loss,
         "gate_loss": gating_loss(
-            out.router_logits, sequence, batch["task_labels"], released_code=rc.gating_loss, prompt_mask=prompt
+            out.router_logits,
+            masks[0],
+            batch["task_labels"],
+            released_code=rc.gating_loss,
+            prompt_mask=masks[1] if len(masks) > 1 else None,
         ),
         "drift_loss": drift_loss(
             moe.drift_factors(),
@@ -233,10 +259,13 @@ def _trainer_class() -> type[Trainer]:
     class FusionTrainer(Trainer):
         """Adds the gating and drift terms to the LM loss and logs each term; checkpoints the trainable tensors."""
 
-        def __init__(self, *args: Any, profile: Profile, **kwargs: Any) -> None:
+        def __init__(
+            self, *args: Any, profile: Profile, template_headers: list[list[int]], **kwargs: Any
+        ) -> None:
             super().__init__(*args, **kwargs)
             hide_progress(self)
             self.profile = profile
+            self.template_headers = template_headers
             self.model_accepts_loss_kwargs = (
                 False  # the LM loss is a per-batch mean; the Trainer scales for accumulation
             )
@@ -245,9 +274,12 @@ def _trainer_class() -> type[Trainer]:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             moe = self.accelerator.unwrap_model(model)
+            from h3fusion.routing import template_lengths
+
             task_labels = inputs.pop("task_labels")
             out = model(**inputs)
-            terms = fusion_losses(moe, out, {**inputs, "task_labels": task_labels}, self.profile)
+            template = template_lengths(inputs["input_ids"], self.template_headers)
+            terms = fusion_losses(moe, out, {**inputs, "task_labels": task_labels}, self.profile, template)
             loss = total_loss(terms, self.profile)
             for k, v in terms.items():
                 self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
@@ -311,6 +343,7 @@ def fusion_trainer(
     from transformers import set_seed
 
     from h3fusion.data import PadCollator, build_mixed_dataset
+    from h3fusion.routing import template_header_ids
 
     set_seed(profile.seed)
     moe, tok = upcycle_profile(profile, show_progress=False)
@@ -323,6 +356,7 @@ def fusion_trainer(
         data_collator=PadCollator(tok.pad_token_id),
         callbacks=callbacks,
         profile=profile,
+        template_headers=template_header_ids(tok),
     )
     return trainer, moe, tok
 

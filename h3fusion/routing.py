@@ -7,12 +7,17 @@ accuracy (`h3fusion.analysis.routing_per_prompt` describes it).
 
 An item is a (prompt, reference answer) pair of a task's training source that the training sample left out
 (`data.splits.load_heldout_examples`), tokenised exactly as training tokenises it. Its routing is the router's
-softmax averaged over layers and over the tokens of one of three masks:
+softmax averaged over layers and over the tokens of one of four masks:
 
-- ``sequence``: every token (prompt and answer), the gating loss's first average;
-- ``prompt``: the prompt's tokens alone, the gating loss's second average (generation starts from these);
-- ``after_template``: every token after the Alpaca template's shared header, which is the same text for every
-  task and so cannot be routed by task.
+- ``sequence``: every token (prompt and answer);
+- ``prompt``: the prompt's tokens alone (generation starts from these);
+- ``sequence after template`` and ``prompt after template``: the same without the Alpaca template's shared
+  header ("Below is an instruction ... ### Instruction:"), which is the same text for every task and comes
+  first, so under causal attention its hidden states, and any router's output on them, are the same whatever
+  the task: no router can route it by task, and in an average it only adds the same constant to every item.
+
+The gating loss averages over the masks `fusion.gate_averages` names, with or without the header
+(`fusion.gate_skip_template`), and the book's headline accuracy uses the same masks.
 
 An item is routed correctly when its layer-averaged top expert is its task's expert. Accuracies carry Wilson
 95 % intervals. Two reference routers give the floor: a constant router (every item to one expert) and a
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
 
     from h3fusion.config import Profile
 
-MASKS: tuple[str, ...] = ("sequence", "prompt", "after_template")
+MASKS: tuple[str, ...] = ("sequence", "prompt", "sequence after template", "prompt after template")
 BATCH_SIZE = 8
 
 
@@ -47,33 +52,40 @@ def template_header_ids(tokenizer: Any) -> list[list[int]]:
     ]
 
 
-def template_length(ids: Sequence[int], headers: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix `ids` shares with one of the headers (token merges at the boundary make the
-    last header token differ sometimes; the shared part is what every task's prompt starts with)."""
-    best = 0
+def template_lengths(input_ids: torch.Tensor, headers: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per row of `input_ids` [B, T], the length of the longest prefix it shares with one of the headers (token
+    merges at the boundary can make the last header token differ; the shared part is what every task's prompt
+    starts with, and under causal attention its hidden states are the same for every task)."""
+    import torch
+
+    best = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     for header in headers:
-        n = 0
-        for a, b in zip(ids, header, strict=False):
-            if a != b:
-                break
-            n += 1
-        best = max(best, n)
+        n = min(len(header), input_ids.shape[1])
+        if n == 0:
+            continue
+        ref = torch.as_tensor(list(header[:n]), device=input_ids.device)
+        same = (input_ids[:, :n] == ref).long().cumprod(dim=1).sum(dim=1)
+        best = torch.maximum(best, same)
     return best
 
 
 def routing_masks(
-    attention_mask: torch.Tensor, labels: torch.Tensor, template_lengths: Sequence[int]
+    attention_mask: torch.Tensor, labels: torch.Tensor, template: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The three token masks of a right-padded batch (see the module docstring), each [B, T] of 0/1."""
+    """The four token masks of a right-padded batch (see the module docstring), each [B, T] of 0/1; `template`
+    holds each row's template length (`template_lengths`)."""
+    import torch
+
     from h3fusion.losses import prompt_token_mask
 
-    after = attention_mask.clone()
-    for row, n in enumerate(template_lengths):
-        after[row, :n] = 0
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    after = (positions[None, :] >= template[:, None].to(attention_mask.device)).to(attention_mask.dtype)
+    prompt = prompt_token_mask(attention_mask, labels).to(attention_mask.dtype)
     return {
         "sequence": attention_mask,
-        "prompt": prompt_token_mask(attention_mask, labels).to(attention_mask.dtype),
-        "after_template": after,
+        "prompt": prompt,
+        "sequence after template": attention_mask * after,
+        "prompt after template": prompt * after,
     }
 
 
@@ -102,8 +114,9 @@ def heldout_routing(
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 batch = collate(chunk)
-                lengths = [template_length(e["input_ids"], headers) for e in chunk]
-                masks = routing_masks(batch["attention_mask"], batch["labels"], lengths)
+                masks = routing_masks(
+                    batch["attention_mask"], batch["labels"], template_lengths(batch["input_ids"], headers)
+                )
                 with torch.no_grad():
                     logits = router_logits(
                         model,

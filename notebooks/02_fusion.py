@@ -120,11 +120,15 @@ pd.DataFrame({name: {**{k: v for k, v in m["final"].items() if k != "step"}, "st
 #
 # The gating loss trains the router to send each task's sequences to that task's expert. Whether it learned
 # that is measured on **held-out items of the training sources** (Alpaca, BeaverTails, TruthfulQA items the
-# training sample left out: the distribution the router trained on, text it never saw), with three token
-# masks: the whole sequence (prompt and reference answer) and the prompt alone, the two averages the gating
-# loss trains, and everything after the template's shared header, which is the same text for every task. An
-# item counts as routed correctly when its top expert, averaged over layers and tokens, is its task's expert;
-# Wilson 95 % intervals; a constant and a random router are the floor.
+# training sample left out: the distribution the router trained on, text it never saw). Four token masks: the
+# whole sequence (prompt and reference answer) and the prompt alone, each with and without the template's shared
+# header ("Below is an instruction ... ### Instruction:"). The header is the same text for every task and comes
+# first, so under causal attention its hidden states, and any router's output on them, are the same whatever
+# the task: no router can route it by task, and in an average it only adds the same constant to every item. The
+# gating loss averages over the sequence and the prompt without the header (`fusion.gate_averages`,
+# `fusion.gate_skip_template`), and those two are the headline. An item counts as routed correctly when its top
+# expert, averaged over layers and tokens, is its task's expert; Wilson 95 % intervals; a constant and a random
+# router are the floor.
 
 # %%
 from h3fusion.analysis import routing_per_prompt, task_expert_matrix, task_prompts
@@ -144,11 +148,13 @@ accuracy = routing_table(heldout, P.tasks, seed=P.seed)
 interval_frame(accuracy)
 
 # %%
-fig = plots.routing_heatmap_grid({name: layer_profiles(by_task, "prompt") for name, by_task in heldout.items()},
+fig = plots.routing_heatmap_grid({name: layer_profiles(by_task, "prompt after template")
+                                  for name, by_task in heldout.items()},
                                  expert_names=P.tasks,
                                  title="Mean router probability per layer and expert on held-out prompts, by task")
 plots.caption("2.2", "Mean router probability (colour; the scale spans the data of every panel) per decoder layer (x) "
-              "and expert (y) on the prompt tokens of held-out items of each task's training source, one panel per "
+              "and expert (y) on the prompt tokens after the template's header of held-out items of each task's training "
+              "source, one panel per "
               "model (named in bold above its panels) and task. Routing by task shows as the expert named after the "
               f"task being brighter than the others in that panel; uniform routing is {1 / P.num_experts:.2f}.");
 
@@ -234,12 +240,14 @@ specialisation_table(track, experts, track="likelihood", others=list(variants))
 
 # %%
 with_gate, without_gate = list(variants)[:2]
-weakest = min(P.tasks, key=lambda t: accuracy.loc[(with_gate, "prompt", t), "accuracy %"])
+headline = ("prompt after template", "sequence after template")
+weakest = {m: min(P.tasks, key=lambda t, m=m: accuracy.loc[(with_gate, m, t), "accuracy %"]) for m in headline}
 display(Markdown("\n".join([
-    "- Routing accuracy on held-out prompts of the training sources (all tasks, prompt tokens): "
-    + "; ".join(f"{name} {accuracy_cell(accuracy, name, 'prompt')}" for name in heldout)
-    + f"; a constant router scores {accuracy_cell(accuracy, 'constant router (expert 0)', 'any')}. The weakest "
-    f"task with the gating loss: {weakest}, {accuracy_cell(accuracy, with_gate, 'prompt', weakest)}.",
+    *(f"- Routing accuracy on held-out items of the training sources, {m} (all tasks): "
+      + "; ".join(f"{name} {accuracy_cell(accuracy, name, m)}" for name in heldout)
+      + f". The weakest task with the gating loss: {weakest[m]}, "
+      f"{accuracy_cell(accuracy, with_gate, m, weakest[m])}." for m in headline),
+    f"- A constant router scores {accuracy_cell(accuracy, 'constant router (expert 0)', 'any')}.",
     "- Against the oracle (likelihood track, fused minus each dimension's own expert, positive = better): "
     + "; ".join(f"{t} {evidence.cell(e, evidence.LIKELIHOOD_COLUMNS[(t, evidence.LIKELIHOOD_HEADLINE[t])])} "
                 f"({stats.verdict_word(e)})" for t, e in

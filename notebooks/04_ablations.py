@@ -96,9 +96,10 @@ reference = A.reference_run(P)
 # setting (one learning rate, a few dozen steps) it barely leaves its initialisation. These runs are as long as
 # the profile's fusion (`fusion.train.max_steps`) and differ from it in one setting each: the router in the
 # shared optimiser group at the LoRA's learning rate (the paper's setting), the gating loss on whole sequences
-# only (without the prompt term), and the other router initialisation. The profile's own run is scored at four
-# checkpoints (the number of steps). Routing accuracy on held-out items of the training sources, in % with Wilson
-# 95 % intervals, n items per task in the headers.
+# only (without the prompt term), the template's shared header kept in the gating loss's averages, and the
+# other router initialisation. The profile's own run is scored at four checkpoints (the number of steps).
+# Routing accuracy on held-out items of the training sources (prompt and whole sequence, both without the
+# template's header, as chapter 2 explains), in % with Wilson 95 % intervals, n items per task in the headers.
 
 # %%
 from h3fusion.routing import accuracy_cell
@@ -264,7 +265,7 @@ mean_nll = sweeps[[c for c in sweeps.columns if c.startswith("NLL")]].mean(axis=
 router_rows = A.scores_table(router_runs)
 display(Markdown("\n".join([
     *(f"- {name}: held-out routing accuracy on prompts {router_rows.loc[name, acc]:.1f} %, on whole sequences "
-      f"{router_rows.loc[name, 'routing (sequence) all % ↑']:.1f} % after {run['steps']} steps "
+      f"{router_rows.loc[name, A.ROUTING_SEQUENCE]:.1f} % after {run['steps']} steps "
       f"({sum(run['scores']['routing_items'].values())} items; intervals in the router table)."
       for name, run in router_runs.items()),
     f"- After {AB.steps} steps the mean routing accuracy is {with_gate[acc]:.1f} % with the gating loss and "

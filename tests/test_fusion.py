@@ -28,6 +28,7 @@ from h3fusion.fusion import (
     total_loss,
     upcycle_profile,
 )
+from h3fusion.routing import template_header_ids, template_lengths
 
 ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
 EXPERT = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
@@ -82,9 +83,12 @@ def test_fusion_steps_lower_the_total_loss(tmp_path, experts_root):
     params = [p for p in moe.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-2)
 
+    template = template_lengths(batch["input_ids"], template_header_ids(tok))
+    assert (template > 10).any()  # sequences start with the header unless truncation cut the prompt
+
     def loss() -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "task_labels"}
-        return total_loss(fusion_losses(moe, moe(**inputs), batch, profile), profile)
+        return total_loss(fusion_losses(moe, moe(**inputs), batch, profile, template), profile)
 
     before = loss().item()
     for _ in range(6):
@@ -104,7 +108,8 @@ def test_router_gets_gradient_from_the_gating_loss_alone(tmp_path, experts_root)
     data = build_mixed_dataset(profile, tok)
     batch = PadCollator(tok.pad_token_id)([data[0], data[len(data) - 1]])
     inputs = {k: v for k, v in batch.items() if k != "task_labels"}
-    fusion_losses(moe, moe(**inputs), batch, profile)["gate_loss"].backward()
+    template = template_lengths(batch["input_ids"], template_header_ids(tok))
+    fusion_losses(moe, moe(**inputs), batch, profile, template)["gate_loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router_parameters())
 
 

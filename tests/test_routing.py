@@ -30,11 +30,18 @@ def test_template_length_covers_the_shared_header_and_stops_at_the_instruction(t
     headers = routing.template_header_ids(tokenizer)
     for instruction, inp in [("Name a colour.", ""), ("Translate this.", "Bonjour"), ("Why?", "")]:
         ids = tokenizer(format_prompt(instruction, inp))["input_ids"]
-        n = routing.template_length(ids, headers)
+        n = int(routing.template_lengths(torch.tensor([ids]), headers)[0])
         head = tokenizer.decode(ids[:n])
         assert head.startswith("Below is an instruction") and "Instruction:" in head
         assert instruction.split()[0] not in head
         assert instruction.split()[0] in tokenizer.decode(ids[n:])
+    # rows of a batch get their own lengths; a row without the template gets 0
+    other = tokenizer("Hello there, no template here at all.")["input_ids"]
+    ids = tokenizer(format_prompt("Why?"))["input_ids"]
+    width = max(len(other), len(ids))
+    batch = torch.tensor([ids + [0] * (width - len(ids)), other + [0] * (width - len(other))])
+    lengths = routing.template_lengths(batch, headers)
+    assert lengths[0] > 10 and lengths[1] == 0
 
 
 def test_masks_of_a_tokenised_pair(tokenizer, profile):
@@ -44,12 +51,16 @@ def test_masks_of_a_tokenised_pair(tokenizer, profile):
     ids = torch.tensor([enc["input_ids"]])
     labels = torch.tensor([enc["labels"]])
     mask = torch.ones_like(ids)
-    n = routing.template_length(enc["input_ids"], headers)
-    masks = routing.routing_masks(mask, labels, [n])
+    template = routing.template_lengths(ids, headers)
+    n = int(template[0])
+    masks = routing.routing_masks(mask, labels, template)
     assert masks["sequence"].sum() == ids.shape[1]
     n_prompt = int((labels == -100).sum())
     assert masks["prompt"].sum() == n_prompt and masks["prompt"][0, :n_prompt].all()
-    assert masks["after_template"].sum() == ids.shape[1] - n and not masks["after_template"][0, :n].any()
+    after = masks["sequence after template"]
+    assert after.sum() == ids.shape[1] - n and not after[0, :n].any()
+    prompt_after = masks["prompt after template"]
+    assert prompt_after.sum() == n_prompt - n and prompt_after[0, n:n_prompt].all()
 
 
 def test_accuracy_rows_count_the_own_expert_with_wilson_intervals():
