@@ -44,12 +44,19 @@ _RAW_FUSION_KEYS = ("top_k", "storage", "router_init", "router_init_examples")
 
 
 def fusion_dir(profile: Profile, variant: str | None = None) -> Path:
-    """``fusion/raw`` (variant "raw") or the trained variant's folder (default: the profile's variant)."""
+    """``fusion/<variant>``: a trained variant's folder (default: the profile's variant), or a raw MoE's."""
     return profile.run_dir / "fusion" / (variant or profile.fusion.variant)
 
 
+RAW_FOLDERS = {"random": "raw", "hidden": "raw-hidden"}
+"""The raw MoE's folder per router init: the `hidden` one is also the training-free MoE baseline (mergekit-moe's
+recipe: upcycle, route by hidden states, no training), so both can exist side by side."""
+TRAINING_FREE_MOE = "training-free-moe"
+"""The evaluation name of ``fusion/raw-hidden``."""
+
+
 def raw_dir(profile: Profile) -> Path:
-    return fusion_dir(profile, "raw")
+    return fusion_dir(profile, RAW_FOLDERS[profile.fusion.router_init])
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -431,5 +438,5 @@ def trained_variants(profile: Profile) -> Iterator[tuple[str, dict[str, Any]]]:
     root = profile.run_dir / "fusion"
     for folder in sorted(root.glob("*")) if root.exists() else []:
         manifest = read_manifest(folder)
-        if folder.name != "raw" and manifest is not None and manifest.get("stage") == "fusion":
+        if folder.name not in RAW_FOLDERS.values() and manifest is not None and manifest.get("stage") == "fusion":
             yield folder.name, manifest

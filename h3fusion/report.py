@@ -53,13 +53,15 @@ def fused_variant(profile: Profile, gate_weight: float | None = None) -> str:
 def model_groups(profile: Profile) -> dict[str, list[str]]:
     """The models the book reports, grouped and in table order (whether or not they exist yet).
 
-    fused: the raw (upcycled, untrained) MoE, the profile's H3Fusion-MoE, the variant without gating loss,
+    fused: the raw (upcycled, untrained) MoE, the training-free MoE (hidden-state router), the profile's H3Fusion-MoE, the variant without gating loss,
     then any other trained variant found under fusion/ (ablations), so every evaluated one gets a row.
     """
-    from h3fusion.fusion import trained_variants
+    from h3fusion.fusion import TRAINING_FREE_MOE, trained_variants
 
     main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
-    fused = list(dict.fromkeys([RAW_MOE, main, no_gate, *(v for v, _ in trained_variants(profile))]))
+    fused = list(
+        dict.fromkeys([RAW_MOE, TRAINING_FREE_MOE, main, no_gate, *(v for v, _ in trained_variants(profile))])
+    )
     by_kind: dict[str, list[str]] = {"merge": [], "ensemble": [], "instruct": []}
     for name, b in BASELINES.items():
         by_kind[b.kind].append(name)
@@ -78,6 +80,7 @@ def display_names(profile: Profile) -> dict[str, str]:
     main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
     return {
         RAW_MOE: "raw MoE (upcycled, untrained router)",
+        "training-free-moe": "training-free MoE (upcycled, hidden-state router, no training)",
         main: f"H3Fusion-MoE [{main}]",
         no_gate: f"H3Fusion-MoE without gating loss [{no_gate}]",
     }

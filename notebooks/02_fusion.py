@@ -69,7 +69,10 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 #
 # `h3fusion fuse --profile <name>` does the same. The raw MoE is written to `runs/<profile>/fusion/raw/`, each
 # trained variant to `runs/<profile>/fusion/<variant>/` (named after lambda, gamma and k), both as standard
-# Mixtral folders; a finished artifact with the same config is reused.
+# Mixtral folders; a finished artifact with the same config is reused. A second raw MoE, whose routers are
+# set from the mean hidden state of each task's training prompts (`router_init: hidden`) and never trained,
+# is the **training-free MoE** baseline (mergekit-moe's recipe: upcycle, hidden-state router, no training),
+# written to `runs/<profile>/fusion/raw-hidden/`.
 
 # %%
 from IPython.display import Markdown, display
@@ -79,7 +82,8 @@ from h3fusion.fusion import build_raw, fuse
 
 no_gate = load_profile(profile, {**overrides, "fusion.gate_weight": 0.0})
 variants = {f"with gating loss (lambda={P.fusion.gate_weight:g})": P, "without gating loss (lambda=0)": no_gate}
-folders = {"raw MoE": build_raw(P)}
+training_free = load_profile(profile, {**overrides, "fusion.router_init": "hidden"})
+folders = {"raw MoE": build_raw(P), "training-free MoE": build_raw(training_free)}
 for name, prof in variants.items():
     folders[name] = fuse(prof)
 f = P.fusion
@@ -175,7 +179,7 @@ described = pd.concat(
 described.round(3)
 
 # %% [markdown]
-# ## The raw and fused models on the three dimensions
+# ## The raw, training-free and fused models on the three dimensions
 #
 # Evaluated like the experts in chapter 1 (same items, same judges); base and experts repeated for comparison
 # (their evaluations are cached). Rates in % with 95 % intervals (Wilson's; a bootstrap over items for the
@@ -186,7 +190,7 @@ from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
 from h3fusion.evaluation.parallel import evaluate_models
 
-names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe",
+names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe", "training-free MoE": "training-free-moe",
          **{name: prof.fusion.variant for name, prof in variants.items()}}
 judges = load_judges(P)
 metrics = dict(zip(names, evaluate_models(P, list(names.values()), judges=judges).values(), strict=True))

@@ -102,21 +102,19 @@ reference = A.reference_run(P)
 # template's header, as chapter 2 explains), in % with Wilson 95 % intervals, n items per task in the headers.
 
 # %%
-from h3fusion.routing import accuracy_cell
-
 router_runs = A.router_ablation(P)
 router_table = A.router_accuracy_table(router_runs)
 router_table
 
 # %%
 profile_run = next(iter(router_runs.values()))
-by_step = A.nested_scores_table(profile_run["checkpoints"], "step")
+by_step = A.nested_scores_table({"0": raw["scores"], **profile_run["checkpoints"]}, "step")
 steps = [int(s) for s in by_step.index]
 fig = plots.sensitivity_lines(steps, {c: by_step[c].tolist() for c in by_step.columns if c.startswith("routing")},
                               xlabel="fusion step", ylabel="routing accuracy (%)",
                               title="Held-out routing accuracy during fusion training")
 plots.caption("4.1", "Routing accuracy (y, %; higher is better) on held-out items of the training sources at "
-              "checkpoints (x, fusion step) of the profile's fusion run, one line per task on prompt tokens and "
+              "checkpoints (x, fusion step; 0 is the raw MoE) of the profile's fusion run, one line per task on prompt tokens and "
               "one for all items on prompt tokens and on whole sequences; chance is "
               f"{100 / P.num_experts:.1f} %. Points of one run whose learning rate decays to zero.");
 

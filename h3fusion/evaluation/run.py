@@ -212,19 +212,26 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
             lambda t=task: _expert_identity(profile, t),
             f"base + the {task} LoRA expert (merged into the weights)",
         )
-    fusion_dirs = {
-        "raw-moe": run / "fusion" / "raw",
-        profile.fusion.variant: run / "fusion" / profile.fusion.variant,
+    from h3fusion.fusion import RAW_FOLDERS, TRAINING_FREE_MOE
+
+    raw = {
+        "raw-moe": run / "fusion" / RAW_FOLDERS["random"],
+        TRAINING_FREE_MOE: run / "fusion" / RAW_FOLDERS["hidden"],
     }
+    fusion_dirs = {**raw, profile.fusion.variant: run / "fusion" / profile.fusion.variant}
     if (run / "fusion").is_dir():
         for folder in sorted((run / "fusion").iterdir()):
-            if folder.is_dir() and folder.name != "raw" and (folder / MANIFEST).is_file():
+            if folder.is_dir() and folder.name not in RAW_FOLDERS.values() and (folder / MANIFEST).is_file():
                 fusion_dirs.setdefault(folder.name, folder)
     for name, folder in fusion_dirs.items():
-        kind = "raw-moe" if name == "raw-moe" else "fused"
-        what = "the raw (upcycled) MoE" if kind == "raw-moe" else f"the fused model {name}"
+        kind = "raw-moe" if name in raw else "fused"
+        what = {
+            "raw-moe": "the raw (upcycled) MoE",
+            TRAINING_FREE_MOE: "the training-free MoE (upcycled, hidden-state router, no training)",
+        }.get(name, f"the fused model {name}")
+        init = "hidden" if name == TRAINING_FREE_MOE else "random"
         fix = (
-            f"build it with `h3fusion fuse --profile {profile.name} --raw-only`"
+            f"build it with `h3fusion fuse --profile {profile.name} --raw-only --set fusion.router_init={init}`"
             if kind == "raw-moe"
             else f"train it with `h3fusion fuse --profile {profile.name}`"
         )
