@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit
+from h3fusion.artifacts import MANIFEST, atomic_write_text, locked, git_commit
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
 from h3fusion.errors import H3FusionError
 
@@ -84,6 +84,11 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
     (`batch`: its start, commit and whether the runs folder was empty at its start; dropping the file's
     hand-written "note", which described the times it replaces)."""
     path = wall_times_path(output_dir, profile)
+    with locked(path):  # two batches side by side (`--only 03` and `--only 04`) each merge their own entry
+        _merge_wall_time(path, profile, notebook, seconds, batch)
+
+
+def _merge_wall_time(path: Path, profile: str, notebook: str, seconds: float, batch: dict[str, Any]) -> None:
     data: dict[str, Any] = {}
     if path.exists():
         try:
