@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from h3fusion.artifacts import MANIFEST, atomic_write_text, locked, git_commit
+from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit, locked
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
 from h3fusion.errors import H3FusionError
 
