@@ -181,7 +181,7 @@ def _remove_stale(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(final: Path) -> Iterator[None]:
+def _locked(final: Path) -> Iterator[None]:
     """An exclusive lock on ``.<name>.swap.lock`` next to `final` (not ``.<name>.lock``: callers such as
     `models.cached_folder` hold that one around the whole write), released when the holder exits or is killed."""
     with (final.parent / f".{final.name}.swap.lock").open("a") as fh:
@@ -204,7 +204,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{_writer_tag()}")
-    with locked(final):
+    with _locked(final):
         _remove_stale(final)
         tmp.mkdir()
     try:
@@ -217,7 +217,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
-    with locked(final):
+    with _locked(final):
         if final.exists():
             old = final.with_name(f"{final.name}.old-{_writer_tag()}")
             os.replace(final, old)

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit, locked
+from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
 from h3fusion.errors import H3FusionError
 
@@ -84,8 +84,22 @@ def _record_wall_time(output_dir: Path, profile: str, notebook: str, seconds: fl
     (`batch`: its start, commit and whether the runs folder was empty at its start; dropping the file's
     hand-written "note", which described the times it replaces)."""
     path = wall_times_path(output_dir, profile)
-    with locked(path):  # two batches side by side (`--only 03` and `--only 04`) each merge their own entry
+    with _folder_lock(path.parent):  # two batches side by side (`--only 03` and `--only 04`) keep both entries
         _merge_wall_time(path, profile, notebook, seconds, batch)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (no lock file left in the book), released when the holder exits
+    or is killed."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _merge_wall_time(path: Path, profile: str, notebook: str, seconds: float, batch: dict[str, Any]) -> None:
