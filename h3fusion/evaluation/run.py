@@ -230,8 +230,9 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
             TRAINING_FREE_MOE: "the training-free MoE (upcycled, hidden-state router, no training)",
         }.get(name, f"the fused model {name}")
         init = "hidden" if name == TRAINING_FREE_MOE else "random"
+        other_init = "" if init == profile.fusion.router_init else f" --set fusion.router_init={init}"
         fix = (
-            f"build it with `h3fusion fuse --profile {profile.name} --raw-only --set fusion.router_init={init}`"
+            f"build it with `h3fusion fuse --profile {profile.name} --raw-only{other_init}`"
             if kind == "raw-moe"
             else f"train it with `h3fusion fuse --profile {profile.name}`"
         )
