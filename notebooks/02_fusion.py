@@ -24,8 +24,8 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # Stage 2: the three experts are upcycled into one mixture-of-experts model (in every decoder layer, expert i
 # is the base FFN plus expert i's LoRA delta; a router picks the top-k experts per token), then the router and
 # a LoRA on each expert are fine-tuned on the mix of the three tasks with
-# $L = L_{LM} + \lambda L_{gate} + L_{drift}$. This chapter trains the profile's variant and the same without
-# the gating loss ($\lambda = 0$), shows each loss term, whether the router learned to route by task (on held-out
+# $L = L_{LM} + \lambda L_{gate} + L_{drift}$. This chapter trains the profile's variant (chapter 4 trains
+# the same without the gating loss, $\lambda = 0$, and measures its routing), shows each loss term, whether the router learned to route by task (on held-out
 # items of the training sources), evaluates the raw and fused models on the three dimensions, and shows how
 # specialised the experts are (every expert on every dimension, with the oracle that routing could reach).
 #
@@ -80,8 +80,7 @@ from IPython.display import Markdown, display
 from h3fusion.artifacts import read_manifest
 from h3fusion.fusion import build_raw, fuse
 
-no_gate = load_profile(profile, {**overrides, "fusion.gate_weight": 0.0})
-variants = {f"with gating loss (lambda={P.fusion.gate_weight:g})": P, "without gating loss (lambda=0)": no_gate}
+variants = {f"H3Fusion-MoE (lambda={P.fusion.gate_weight:g})": P}
 training_free = load_profile(profile, {**overrides, "fusion.router_init": "hidden"})
 folders = {"raw MoE": build_raw(P), "training-free MoE": build_raw(training_free)}
 for name, prof in variants.items():
@@ -100,8 +99,7 @@ display(Markdown(
 # %% [markdown]
 # ## Loss terms per step
 #
-# The LM loss on response tokens, the gating loss (logged in both runs; it is only *trained* when lambda > 0)
-# and the drift penalty.
+# The LM loss on response tokens, the gating loss and the drift penalty.
 
 # %%
 from h3fusion import plots
@@ -110,8 +108,7 @@ manifests = {name: read_manifest(folders[name]) for name in variants}
 fig = plots.training_curves({name: m["loss_log"] for name, m in manifests.items()},
                             title="Fusion training: loss terms per step")
 plots.caption("2.1", "One panel per loss term (total, LM loss on response tokens, gating loss, drift penalty) against the "
-              "training step, one line per variant; lower is a smaller loss. The gating loss is logged in both runs "
-              "but only trained when lambda > 0, and the drift penalty starts at zero.");
+              "training step; lower is a smaller loss. The drift penalty starts at zero.");
 
 # %%
 import pandas as pd
@@ -183,16 +180,14 @@ described.round(3)
 #
 # Evaluated like the experts in chapter 1 (same items, same judges); base and experts repeated for comparison
 # (their evaluations are cached). Rates in % with 95 % intervals (Wilson's; a bootstrap over items for the
-# average), n items in the headers. The variant without the gating loss is not evaluated on the three
-# dimensions in this book run (to fit the run's time; its routing above is what the gating loss changes):
-# `h3fusion evaluate --profile cpu --model <its variant>` adds it, and chapter 6 lists it as not evaluated.
+# average), n items in the headers.
 
 # %%
 from h3fusion import evidence
 from h3fusion.evaluation.judges import load_judges
 from h3fusion.evaluation.parallel import evaluate_models
 
-with_gate, without_gate = list(variants)[:2]
+with_gate = list(variants)[0]
 names = {"base": "base", **{t: t for t in P.tasks}, "raw MoE": "raw-moe", "training-free MoE": "training-free-moe",
          with_gate: P.fusion.variant}
 judges = load_judges(P)
@@ -251,7 +246,7 @@ weakest = {m: min(P.tasks, key=lambda t, m=m: accuracy.loc[(with_gate, m, t), "a
 display(Markdown("\n".join([
     *(f"- Routing accuracy on held-out items of the training sources, {m} (all tasks): "
       + "; ".join(f"{name} {accuracy_cell(accuracy, name, m)}" for name in heldout)
-      + f". The weakest task with the gating loss: {weakest[m]}, "
+      + f". The weakest task of H3Fusion-MoE: {weakest[m]}, "
       f"{accuracy_cell(accuracy, with_gate, m, weakest[m])}." for m in headline),
     f"- A constant router scores {accuracy_cell(accuracy, 'constant router (expert 0)', 'any')}.",
     "- Against the oracle (likelihood track, fused minus each dimension's own expert, positive = better): "
