@@ -23,7 +23,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -523,11 +523,6 @@ def released_code_ablation(profile: Profile) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else float("nan")
 
 
 ROUTING_MASKS = ("prompt after template", "sequence after template")
