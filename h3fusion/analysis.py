@@ -249,20 +249,6 @@ def task_expert_matrix(profiles_by_task: Mapping[str, np.ndarray]) -> np.ndarray
     return np.stack([np.asarray(m, dtype=float).mean(axis=0) for m in profiles_by_task.values()])
 
 
-def routing_accuracy(per_prompt_by_task: Mapping[str, np.ndarray], tasks: Sequence[str]) -> dict[str, float]:
-    """Share of each task's prompts whose highest layer-averaged expert is that task's expert.
-
-    `tasks` gives the expert order (expert i was aligned on tasks[i]); this is what the gating loss trains.
-    """
-    out = {}
-    for task, per_prompt in per_prompt_by_task.items():
-        if task not in tasks:
-            raise H3FusionError(f"routing_accuracy: task {task!r} has no expert; experts are {list(tasks)}")
-        top = np.asarray(per_prompt).mean(axis=1).argmax(axis=-1)
-        out[task] = float(np.mean(top == list(tasks).index(task)))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- embeddings
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from h3fusion.artifacts import MANIFEST, atomic_write_text, git_commit
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile, shown_path
+from h3fusion.environment import temporary_env
 from h3fusion.errors import H3FusionError
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -151,39 +152,14 @@ OUTPUT_ENV = "H3FUSION_BOOK_OUTPUT"
 """Tells an executing notebook where its executed siblings and their wall times are written."""
 
 
-@contextlib.contextmanager
-def _kernel_env(key: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
-
-
 def batch_output_dir() -> Path:
     """The folder the running batch writes executed notebooks to (the book when run by hand)."""
     return Path(os.environ.get(OUTPUT_ENV) or BOOK_DIR)
 
 
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
-
-@contextlib.contextmanager
-def _quiet_kernel_progress_bars() -> Iterator[None]:
-    """Turn tqdm bars off in the kernel (it inherits this environment): in an executed notebook they are
-    hundreds of carriage-return lines, not progress. Papermill's own per-cell bar still shows progress here."""
-    saved = {k: os.environ.get(k) for k in QUIET_ENV}
-    os.environ.update({k: v for k, v in QUIET_ENV.items() if saved[k] is None})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+"""tqdm bars off in the kernel (it inherits this environment; unless the user set them): in an executed notebook
+they are hundreds of carriage-return lines, not progress. Papermill's own per-cell bar still shows progress."""
 
 
 def execute_notebook(
@@ -201,7 +177,7 @@ def execute_notebook(
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.ipynb")  # papermill wants the suffix
     start = time.perf_counter()
     try:
-        with _quiet_kernel_progress_bars(), _kernel_env(OUTPUT_ENV, str(out.parent.resolve())):
+        with temporary_env(QUIET_ENV, keep_set=True), temporary_env({OUTPUT_ENV: str(out.parent.resolve())}):
             papermill.execute_notebook(
                 str(nb),
                 str(tmp),

@@ -105,15 +105,6 @@ def test_routing_by_task_and_task_matrix(mixtral, tokenizer):
     np.testing.assert_allclose(matrix[1], by_task["b"].mean(axis=0))
 
 
-def test_routing_accuracy_counts_top_expert_of_own_task():
-    # 2 prompts, 1 layer, 2 experts: the first goes to expert 0, the second to expert 1.
-    per_prompt = np.array([[[0.9, 0.1]], [[0.2, 0.8]]])
-    acc = analysis.routing_accuracy({"x": per_prompt, "y": per_prompt}, tasks=["x", "y"])
-    assert acc == {"x": 0.5, "y": 0.5}
-    with pytest.raises(H3FusionError, match="no expert"):
-        analysis.routing_accuracy({"z": per_prompt}, tasks=["x", "y"])
-
-
 def test_dense_model_has_no_routing(llama, tokenizer):
     with pytest.raises(ModelError, match="router logits"):
         analysis.routing_profile(llama, tokenizer, PROMPTS[:2])

@@ -9,13 +9,12 @@ the same as in one process; every artifact is written atomically, so workers can
 from __future__ import annotations
 
 import multiprocessing
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 from h3fusion.config import Profile
+from h3fusion.environment import temporary_env
 
 
 def _start_worker() -> None:
@@ -30,22 +29,6 @@ def _evaluate(profile: Profile, name: str) -> dict[str, Any]:
     return evaluate_model(profile, name)
 
 
-@contextmanager
-def _one_thread_children() -> Iterator[None]:
-    """OMP/MKL at one thread in the environment the workers start with (torch reads it at import)."""
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict.fromkeys(keys, "1"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def evaluate_models(
     profile: Profile, names: Sequence[str], *, judges: Any = None, workers: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -58,7 +41,7 @@ def evaluate_models(
         return {n: evaluate_model(profile, n, judges=judges) for n in names}
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with (
-        _one_thread_children(),
+        temporary_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),  # torch reads them at import
         ProcessPoolExecutor(min(workers, len(names)), mp_context=context, initializer=_start_worker) as pool,
     ):
         futures = {n: pool.submit(_evaluate, profile, n) for n in names}
