@@ -746,7 +746,7 @@ def drift_forms(profile: Profile) -> pd.DataFrame:
             gammas,
             moe.fusion_lora_scale(),
             released_code=released,
-            expert_weights=moe.expert_weights() if released else None,
+            expert_sq_norms=moe.expert_sq_norms() if released else None,
         )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norm = (

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
-from h3fusion.config import TRAINING_DATA_KEYS, Profile, shown_path
+from h3fusion.config import TRAINING_DATA_KEYS, Profile, ReleasedCodeSwitches, shown_path
 from h3fusion.errors import ArtifactError
 from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from h3fusion.moe import MoECausalLM
+    from h3fusion.moe.upcycle import ExpertAdapter
 
 LOSS_TERMS = ("lm_loss", "gate_loss", "drift_loss", "balance_loss")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -56,7 +57,9 @@ TRAINING_FREE_MOE = "training-free-moe"
 
 
 def raw_dir(profile: Profile) -> Path:
-    return fusion_dir(profile, RAW_FOLDERS[profile.fusion.router_init])
+    """``fusion/raw`` (or ``raw-hidden``), with the suffix of the released code's upcycling switches that are on."""
+    f = profile.fusion
+    return fusion_dir(profile, RAW_FOLDERS[f.router_init] + f.released_code_suffix(f.released_code.UPCYCLING))
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -68,13 +71,15 @@ def raw_hash(profile: Profile) -> str:
     from h3fusion.experts import expert_hash
 
     fusion = profile.fusion.model_dump(mode="json")
-    return _digest({"experts": expert_hash(profile), **{k: fusion[k] for k in _RAW_FUSION_KEYS}})
+    upcycling = profile.fusion.released_code.on(profile.fusion.released_code.UPCYCLING)
+    extra = {"released_code": upcycling} if upcycling else {}
+    return _digest({"experts": expert_hash(profile), **{k: fusion[k] for k in _RAW_FUSION_KEYS}, **extra})
 
 
 def variant_hash(profile: Profile) -> str:
     """A trained variant depends on its raw MoE, the fusion section and the training data."""
     data = {k: profile.section_hash(k) for k in TRAINING_DATA_KEYS}
-    return _digest({"raw": raw_hash(profile), "fusion": profile.fusion.model_dump(mode="json"), "data": data})
+    return _digest({"raw": raw_hash(profile), "fusion": profile.fusion.hash_payload(), "data": data})
 
 
 # ---------------------------------------------------------------------------------------------- upcycling
@@ -120,7 +125,7 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
     hidden = [_prompt_batches(profile, tok, t) for t in profile.tasks] if f.router_init == "hidden" else None
     moe = upcycle(
         base,
-        folders,
+        released_code_adapters(folders, f.released_code),
         top_k=f.top_k,
         storage=f.storage,
         router_init=f.router_init,
@@ -130,6 +135,19 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
         show_progress=show_progress,
     )
     return moe, tok
+
+
+def released_code_adapters(folders: list[Path], switches: ReleasedCodeSwitches) -> list[Path | ExpertAdapter]:
+    """The experts as the released code upcycles them when its switches are on: unscaled (W + B A) and/or
+    aliased (every expert W + the sum of all deltas); the folders themselves otherwise."""
+    from h3fusion.moe.upcycle import aliased, load_adapter, unscaled
+
+    if not switches.on(switches.UPCYCLING):
+        return list(folders)
+    adapters = [load_adapter(folder, folder.name) for folder in folders]
+    if switches.unscaled_lora:
+        adapters = [unscaled(a) for a in adapters]
+    return list(aliased(adapters)) if switches.aliased_experts else list(adapters)
 
 
 def build_raw(profile: Profile, *, quiet: bool = False) -> Path:
@@ -183,12 +201,16 @@ def prepare_for_training(moe: MoECausalLM, profile: Profile) -> None:
     """Add the fusion LoRA (and optional attention LoRA); freeze everything else."""
     lora = profile.fusion.lora
     moe.add_fusion_lora(lora.r, lora.alpha, lora.target_modules, lora.dropout, seed=profile.seed)
+    if profile.fusion.attention_lora:  # before freezing: peft's injection marks only its own LoRA trainable
+        add_attention_lora(moe, lora.r, lora.alpha, lora.dropout)
     moe.freeze_for_fusion()
     if profile.fusion.attention_lora:
-        add_attention_lora(moe, lora.r, lora.alpha, lora.dropout)
         for name, p in moe.named_parameters():
             if "lora_" in name and ".self_attn." in name:
                 p.requires_grad_(True)
+    if profile.fusion.released_code.frozen_router:
+        for p in moe.router_parameters():
+            p.requires_grad_(False)
 
 
 def gate_mask_names(profile: Profile) -> list[str]:
@@ -240,7 +262,7 @@ def fusion_losses(
             [f.gamma(t) for t in profile.tasks],
             moe.fusion_lora_scale(),
             released_code=rc.drift,
-            expert_weights=moe.expert_weights() if rc.drift else None,
+            expert_sq_norms=moe.expert_sq_norms() if rc.drift else None,
         ),
     }
     if f.load_balance_weight > 0:
@@ -296,7 +318,8 @@ def _trainer_class() -> type[Trainer]:
         def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
             """The Trainer's optimiser, with the routers in a group of their own at `fusion.router_lr`."""
             router_lr = self.profile.fusion.router_lr
-            if self.optimizer is not None or router_lr is None:
+            frozen = self.profile.fusion.released_code.frozen_router
+            if self.optimizer is not None or router_lr is None or frozen:
                 return super().create_optimizer(model)
             routers = self.accelerator.unwrap_model(model or self.model).router_parameters()
             router_ids = {id(p) for p in routers}

@@ -95,7 +95,7 @@ def drift_loss(
     gammas: torch.Tensor | Sequence[float],
     scale: float,
     released_code: bool = False,
-    expert_weights: Sequence[Sequence[torch.Tensor]] | None = None,
+    expert_sq_norms: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """sum_i gamma_i * ||theta_i - theta_i^0||^2, averaged over layers.
 
@@ -104,12 +104,12 @@ def drift_loss(
     ``scale = alpha / r``. ``||B A||_F^2 = trace((B^T B)(A A^T))`` is computed from r x r Gram
     matrices, without forming the out x in delta.
 
-    released_code=True: `weight_norm_penalty` of `expert_weights` instead (the released code's form).
+    released_code=True: `weight_norm_penalty` of `expert_sq_norms` instead (the released code's form).
     """
     if released_code:
-        if expert_weights is None:
-            raise LossInputError("released_code drift needs expert_weights (MoECausalLM.expert_weights())")
-        return weight_norm_penalty(expert_weights, gammas)
+        if expert_sq_norms is None:
+            raise LossInputError("released_code drift needs expert_sq_norms (MoECausalLM.expert_sq_norms())")
+        return weight_norm_penalty(expert_sq_norms, gammas)
     if not factors:
         raise LossInputError("drift_loss needs the fusion LoRA factors of at least one layer")
     per_layer = []
@@ -132,24 +132,25 @@ def drift_loss(
     return (g * per_expert).sum()
 
 
-def weight_norm_penalty(
-    expert_weights: Sequence[Sequence[torch.Tensor]], gammas: torch.Tensor | Sequence[float]
-) -> torch.Tensor:
+def weight_norm_penalty(expert_sq_norms: Sequence[torch.Tensor], gammas: torch.Tensor | Sequence[float]) -> torch.Tensor:
     """The released code's "drift": sum_i gamma_i * ||W_i||^2 of the experts' full (effective) weights.
 
-    expert_weights: per layer, one [E, out, in] tensor per projection (`MoECausalLM.expert_weights()`),
-    averaged over layers like `drift_loss`. Penalises the frozen weights' norm, not the drift.
+    expert_sq_norms: per layer, the [E] squared norms of each expert's weights, all projections summed
+    (`MoECausalLM.expert_sq_norms()`, or `sq_norms` of dense weights), averaged over layers like `drift_loss`.
+    Penalises the frozen weights' norm, not the drift.
     """
-    if not expert_weights:
-        raise LossInputError("weight_norm_penalty needs the expert weights of at least one layer")
-    per_layer = torch.stack(
-        [sum(w.float().pow(2).sum(dim=(1, 2)) for w in layer) for layer in expert_weights]  # type: ignore[misc]
-    )
-    per_expert = per_layer.mean(dim=0)
+    if not expert_sq_norms:
+        raise LossInputError("weight_norm_penalty needs the expert weight norms of at least one layer")
+    per_expert = torch.stack([n.float() for n in expert_sq_norms]).mean(dim=0)
     g = torch.as_tensor(gammas, dtype=per_expert.dtype, device=per_expert.device)
     if g.shape != per_expert.shape:
         raise LossInputError(f"{g.numel()} gamma values given for {per_expert.numel()} experts")
     return (g * per_expert).sum()
+
+
+def sq_norms(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per layer, the [E] squared norms of dense expert weights (one [E, out, in] tensor per projection)."""
+    return [sum(w.float().pow(2).sum(dim=(1, 2)) for w in layer) for layer in expert_weights]  # type: ignore[misc]
 
 
 def load_balancing_loss(

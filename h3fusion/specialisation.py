@@ -69,3 +69,26 @@ def specialisation_table(
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = f"improvement over {base} (positive = better)"
     return frame
+
+
+def versus(
+    scores: Mapping[str, stats.ItemScores], model: str, reference: str, tasks: Sequence[str], track: str = "judged"
+) -> pd.DataFrame:
+    """`model` against `reference` on each dimension's headline metric of a track: both rates, the paired
+    difference (signed so that positive = `model` better) with its 95 % interval, n and the verdict."""
+    rows = {}
+    for task in tasks:
+        if task not in scores[model].tasks or task not in scores[reference].tasks:
+            continue
+        metric, column, _ = _metric(task, track)
+        d = improvement(scores[model], scores[reference], task, track)
+        rows[column] = {
+            model: cell(stats.rate(scores[model].values(task, metric)), column),
+            reference: cell(stats.rate(scores[reference].values(task, metric)), column),
+            "difference (positive = better)": cell(d, column),
+            "n": d.n,
+            "verdict": stats.verdict_word(d),
+        }
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = f"{model} vs {reference} ({track})"
+    return frame

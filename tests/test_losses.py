@@ -15,6 +15,7 @@ from h3fusion.losses import (
     load_balancing_loss,
     prompt_token_mask,
     sequence_routing,
+    sq_norms,
     weight_norm_penalty,
 )
 
@@ -163,10 +164,10 @@ def test_released_drift_penalises_weight_norms():
     gammas = [1.0, 0.0, 0.5]
     f = factors(1, 0.0)  # no drift at all
     assert drift_loss(f, gammas, 1.0).item() == 0.0
-    released = drift_loss(f, gammas, 1.0, released_code=True, expert_weights=weights)
+    released = drift_loss(f, gammas, 1.0, released_code=True, expert_sq_norms=sq_norms(weights))
     assert released.item() == pytest.approx(1.0 * 18 * 1 + 0.5 * 18 * 9)
-    torch.testing.assert_close(released, weight_norm_penalty(weights, gammas))
-    with pytest.raises(H3FusionError, match="expert_weights"):
+    torch.testing.assert_close(released, weight_norm_penalty(sq_norms(weights), gammas))
+    with pytest.raises(H3FusionError, match="expert_sq_norms"):
         drift_loss(f, gammas, 1.0, released_code=True)
 
 

@@ -200,7 +200,7 @@ def test_hidden_router_init_is_the_mean_ffn_input(base, adapters, batch):
 
 # ------------------------------------------------------------------------ layer maths
 def reference_moe(layer: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
-    """DESIGN 8.1 written out densely: every expert on every token, then top-k mixing."""
+    """The MoE layer written out densely: every expert on every token, then top-k mixing."""
     x = h.reshape(-1, h.shape[-1])
     p = F.softmax(layer.router(x).float(), dim=-1)
     top, idx = torch.topk(p, layer.top_k, dim=-1)
@@ -331,6 +331,36 @@ def test_fusion_lora_starts_at_zero_and_merges_exactly(base, adapters, batch, st
     moe.merge_fusion_lora()
     assert all(layer.fusion_lora is None for layer in moe.moe_layers())
     torch.testing.assert_close(logits_of(moe, batch), trained, atol=ATOL, rtol=0)
+
+
+def test_low_rank_weight_norms_equal_the_dense_ones_with_their_gradients(base, adapters):
+    """The released code's weight-norm penalty computed from the factors (`expert_sq_norms`) equals the norms of
+    the materialised weights, and so do its gradients on the fusion LoRA (only some projections adapted)."""
+    results = []
+    for storage in ("delta", "materialised"):
+        moe = fused(base, adapters, storage, top_k=2, seed=11)
+        moe.add_fusion_lora(rank=2, alpha=4.0, targets=("gate_proj", "down_proj"), seed=1)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for layer in moe.moe_layers():
+                for p in layer.fusion_lora.targets:
+                    layer.fusion_lora.B[p].copy_(torch.randn(layer.fusion_lora.B[p].shape, generator=gen) * 0.1)
+        params = moe.freeze_for_fusion()
+        fast = moe.expert_sq_norms()
+        dense = [sum(w.pow(2).sum(dim=(1, 2)) for w in layer) for layer in moe.expert_weights()]
+        for f, d in zip(fast, dense, strict=True):
+            torch.testing.assert_close(f, d, rtol=1e-5, atol=1e-4)
+        weights = torch.tensor([1.0, 2.0, 3.0])
+        grads = torch.autograd.grad(sum((n * weights).sum() for n in fast), params, allow_unused=True)
+        dense_grads = torch.autograd.grad(sum((n * weights).sum() for n in dense), params, allow_unused=True)
+        for g, h in zip(grads, dense_grads, strict=True):
+            if h is None:  # the routers: the norms do not depend on them
+                assert g is None
+                continue
+            assert h.abs().sum() > 0
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
+        results.append(torch.stack(fast))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-4)
 
 
 def test_set_top_k(base, adapters):

@@ -69,3 +69,14 @@ def test_table_rows_columns_oracle_and_signs(models):
 def test_unknown_track_is_refused(models):
     with pytest.raises(ValueError, match="track"):
         improvement(models["helpful"], models["base"], "helpful", "other")
+
+
+def test_versus_signs_each_dimension_so_positive_is_better(models):
+    from h3fusion.specialisation import versus
+
+    table = versus(models, "harmless", "helpful", ["helpful", "harmless", "honest"])
+    diff = table["difference (positive = better)"].str.split(" ").str[0].astype(float)
+    # harmless minus helpful: helpful -10 points (worse), harmful rate -20 (better, so +20), honest +5
+    assert diff.tolist() == pytest.approx([-10.0, 20.0, 5.0])
+    assert [v.split(" ")[0] for v in table["verdict"]] == ["worse", "better", "better"]
+    assert (table["n"] == N).all()

@@ -432,6 +432,31 @@ class MoEFeedForward(nn.Module):
     def expert_weights(self) -> dict[str, torch.Tensor]:
         return {p: self.expert_weight(p) for p in PROJECTIONS}
 
+    def expert_sq_norms(self) -> torch.Tensor:
+        """[E] squared Frobenius norms of each expert's effective weights, all projections summed (differentiable).
+
+        Delta storage: ``||W + B A||^2 = ||W||^2 + 2 <B, W A^T> + <B^T B, A A^T>`` with the low-rank factors of the
+        upcycled delta and of the fusion LoRA stacked (scales folded into B), so no [E, out, in] tensor is formed:
+        the released code's weight-norm penalty at the cost of a few rank-r products instead of three full copies
+        of every FFN per step."""
+        if self.storage == "materialised":
+            return sum(w.float().pow(2).sum(dim=(1, 2)) for w in self.expert_weights().values())  # type: ignore[return-value]
+        total = torch.zeros(self.num_experts, dtype=torch.float32, device=self.router.weight.device)
+        for p in PROJECTIONS:
+            base = getattr(self, f"base_{p}").float()
+            factors = []
+            for low_rank in (self.expert_deltas, self.fusion_lora):
+                if low_rank is not None and p in low_rank.A:
+                    factors.append((low_rank.A[p].float(), low_rank.B[p].float() * low_rank.scale))
+            total = total + base.pow(2).sum()
+            if factors:
+                a = torch.cat([f[0] for f in factors], dim=1)  # [E, R, in]
+                b = torch.cat([f[1] for f in factors], dim=2)  # [E, out, R]
+                cross = (b * torch.einsum("oi,eri->eor", base, a)).sum(dim=(1, 2))
+                gram = (b.transpose(1, 2) @ b * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+                total = total + 2 * cross + gram
+        return total
+
     def add_fusion_lora(
         self,
         rank: int,

@@ -201,8 +201,12 @@ class MoECausalLM(nn.Module):
         return [layer.fusion_factors() for layer in self.moe_layers()]
 
     def expert_weights(self) -> list[list[torch.Tensor]]:
-        """Per layer, the effective expert weights [E, out, in] per projection (released-code penalty, analysis)."""
+        """Per layer, the effective expert weights [E, out, in] per projection (analysis)."""
         return [list(layer.expert_weights().values()) for layer in self.moe_layers()]
+
+    def expert_sq_norms(self) -> list[torch.Tensor]:
+        """Per layer, the [E] squared norms of the experts' effective weights (the released-code penalty)."""
+        return [layer.expert_sq_norms() for layer in self.moe_layers()]
 
     def merge_fusion_lora(self) -> None:
         for layer in self.moe_layers():

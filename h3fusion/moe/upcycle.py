@@ -102,6 +102,28 @@ def adapter_from_state_dict(
     return ExpertAdapter(name=name, scale=scale, factors=factors, source=source)
 
 
+def unscaled(adapter: ExpertAdapter) -> ExpertAdapter:
+    """The adapter without LoRA's alpha / r scale: delta = B A (the released code's upcycling)."""
+    return ExpertAdapter(adapter.name, 1.0, dict(adapter.factors), adapter.source)
+
+
+def aliased(adapters: Sequence[ExpertAdapter]) -> list[ExpertAdapter]:
+    """The released code's aliased experts: every expert is the base plus the sum of all adapters' deltas.
+
+    The sum is one rank-(sum of ranks) adapter: A stacked, B concatenated with each adapter's scale folded in,
+    so that sum_j s_j B_j A_j = [s_1 B_1 ... s_n B_n] [A_1; ...; A_n] exactly. Each expert gets that adapter
+    under its own name."""
+    keys = sorted({k for a in adapters for k in a.factors})
+    summed = {}
+    for key in keys:
+        parts = [(a.factors[key], a.scale) for a in adapters if key in a.factors]
+        summed[key] = (
+            torch.cat([ab[0].float() for ab, _ in parts], dim=0),
+            torch.cat([ab[1].float() * scale for ab, scale in parts], dim=1),
+        )
+    return [ExpertAdapter(a.name, 1.0, summed, f"{a.source} (aliased: sum of all experts)") for a in adapters]
+
+
 def check_adapters(cfg: PretrainedConfig, adapters: Sequence[ExpertAdapter]) -> None:
     """Every adapter must fit the base of config `cfg`: layer indices and (out, in) shapes of each projection."""
     shapes = projection_shapes(cfg.hidden_size, cfg.intermediate_size)
