@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", required=True, help="base, an expert, a fused variant or a baseline")
     add("judges", cmd_judges, "train (or load cached) offline judges and print their validation figures")
     p = add(
-        "baselines", cmd_baselines, "build and evaluate the baselines (merges, ensembles, H3Fusion-Instruct)"
+        "baselines",
+        cmd_baselines,
+        "build and evaluate the baselines (merges, ensembles, the data-mix LoRA, H3Fusion-Instruct)",
     )
     p.add_argument("--only", help="build only this baseline")
     p = add(

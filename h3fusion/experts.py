@@ -96,7 +96,8 @@ def check_target_modules(profile: Profile, model: nn.Module) -> None:
         )
 
 
-def _lora_model(profile: Profile, model: PreTrainedModel) -> Any:
+def lora_model(profile: Profile, model: PreTrainedModel) -> Any:
+    """`model` with the experts' LoRA (`experts.lora`) added: the experts' and the data-mix baseline's adapter."""
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(profile, model)
@@ -171,7 +172,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         set_seed(profile.seed)
         base, tok = load_base(profile)
         base.train()
-        model = _lora_model(profile, base)
+        model = lora_model(profile, base)
         dataset = build_task_dataset(profile, tok, task)
         if len(dataset) == 0:
             raise ConfigError(f"no training examples for task {task!r}; raise `data.train_examples.{task}`")

@@ -27,6 +27,12 @@ overrides = {}  # profile keys to change, e.g. {"fusion.top_k": 1}
 # experts' answers and writes one. This chapter builds every baseline from the three experts of
 # chapter 1, evaluates each exactly like any other model (same prompts, same judges, same
 # generation settings) and shows what each one costs.
+#
+# One baseline is not in the paper: the **data-mix LoRA** (`lora-data-mix`) answers the question readers ask
+# first, "mix the data or merge the models?" (Yang et al. 2025, arXiv 2502.06876), with one LoRA of the experts'
+# configuration trained on the mix of the three datasets that fusion trains on, for as many steps as the three
+# experts and fusion together (on the cpu profile 3 x 30 + 100 = 190 steps) at the experts' batch size and
+# learning rate, then merged into a dense model.
 
 # %% tags=["hide-input"]
 # Setup. On Colab: fetch the companion, install it (a few minutes) and read
@@ -64,15 +70,22 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 # Merges act on the experts' **full** weight deltas $\Delta_i = \frac{\alpha}{r} B_i A_i$ (not on the
 # LoRA factors one by one, which would not be the same function) and are saved as ordinary dense
 # Hugging Face folders. Ensembles keep one copy of the base weights and switch between the experts'
-# adapters, so their memory stays near one model while their compute is about three. Every entry
-# of the registry, with the method it follows:
+# adapters, so their memory stays near one model while their compute is about three. The data-mix LoRA asks
+# the question readers ask first, "mix the data or merge the models?": one LoRA with the experts' configuration
+# trained on the fusion stage's mixed data for as many optimiser steps as the three experts and the fusion
+# together (its budget on this profile is printed below). Every entry of the registry, with the method it
+# follows:
 
 # %%
+from textwrap import fill
+
 import pandas as pd
 
 from h3fusion import report
+from h3fusion.baselines.data_mix import data_mix_params
 
 pd.set_option("display.max_colwidth", None)
+print(fill(f"the data-mix LoRA's budget on this profile: {data_mix_params(P)['budget']}", 90))
 report.registry_table()
 
 # %% [markdown]
@@ -110,6 +123,22 @@ from h3fusion.baselines import run_baselines
 
 baseline_metrics = run_baselines(P)
 
+# %% [markdown]
+# ## The released-code-faithful model
+#
+# H3Fusion-MoE with every difference of the authors' released code that this companion can reproduce switched
+# on together (aliased, unscaled experts; a router frozen at its random initialisation; the released gating
+# loss and labels; attention LoRA; the weight-norm "drift"), trained exactly like H3Fusion-MoE (the profile's
+# data, steps, learning rates, lambda, gammas and k) and evaluated like every model. Chapter 7 takes it apart.
+
+# %% tags=["hide-output"]
+from h3fusion import released_model
+from h3fusion.evaluation.parallel import evaluate_models
+from h3fusion.fusion import fuse
+
+released_name = fuse(released_model.released_code_profile(P)).name
+baseline_metrics.update(evaluate_models(P, [released_name]))
+
 # %%
 from h3fusion.baselines.registry import baseline_names
 
@@ -133,7 +162,7 @@ context = ["base", *evaluated.present("experts"), *baseline_metrics]
 shown = [m for m in context if m in evaluated.metrics]
 judged = evidence.item_scores(P, {m: m for m in shown})
 long = evidence.estimates(judged)
-evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
+evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE], report.display_names(P))
 
 # %%
 from h3fusion import plots
@@ -155,16 +184,17 @@ plots.caption("3.1", "Each panel is one dimension's headline metric in % (x axis
 # %%
 from IPython.display import display
 
-display(evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")]))
+display(evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")],
+                               report.display_names(P)))
 track = evidence.likelihood_scores(P, {m: m for m in shown})
 evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
-                        list(evidence.LIKELIHOOD_COLUMNS.values()))
+                        list(evidence.LIKELIHOOD_COLUMNS.values()), report.display_names(P))
 
 # %% [markdown]
 # ## What each baseline costs
 #
-# Wall times from the manifests: building (merging the deltas; training the LoRA fuser; nothing for
-# ensembles, which are combined at inference), loading, generating, the likelihood track and judging. An
+# Wall times from the manifests: building (merging the deltas; training the LoRA fuser or the data-mix LoRA;
+# nothing for ensembles, which are combined at inference), loading, generating, the likelihood track and judging. An
 # ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and then the fuser on a
 # prompt three answers long: their generation time shows it. A time is the one the run that produced that
 # part spent; NaN means the part was reused from an earlier run that did not record its time.

@@ -26,6 +26,7 @@ from h3fusion.config import ConfigError, GenerationConfig, load_profile
 from h3fusion.data import format_prompt, split_prompt
 from h3fusion.evaluation.lm import HFLanguageModel
 from h3fusion.models import load_tokenizer, tiny_random_llama
+from tests.helpers import FakeRefusal
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -348,9 +349,9 @@ def test_split_prompt_keeps_the_input():
 
 def test_every_baseline_has_description_and_reference():
     for b in registry.BASELINES.values():
-        assert b.description and b.reference and b.kind in ("merge", "ensemble", "instruct")
+        assert b.description and b.reference and b.kind in ("merge", "ensemble", "data-mix", "instruct")
     refs = " ".join(b.reference for b in registry.BASELINES.values())
-    for arxiv in ("2306.01708", "2311.03099", "2212.04089", "2203.05482", "2404.11531"):
+    for arxiv in ("2306.01708", "2311.03099", "2212.04089", "2203.05482", "2404.11531", "2502.06876"):
         assert arxiv in refs
 
 
@@ -466,7 +467,7 @@ class _Honest:
 def fake_judges():
     from types import SimpleNamespace
 
-    return SimpleNamespace(helpful=_Helpful(), harmless=_Harmless(), honest=_Honest())
+    return SimpleNamespace(helpful=_Helpful(), harmless=_Harmless(), honest=_Honest(), refusal=FakeRefusal())
 
 
 def install_experts(profile, adapters):
@@ -571,7 +572,11 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     for task in profile.tasks:
         evaluate_model(profile, task, judges=judges)
     known = runner.expert_eval_answers(profile)
-    assert len(known) == profile.num_experts * len(profile.tasks)  # every expert, every dimension
+    from h3fusion.evaluation import overrefusal
+
+    assert overrefusal.enabled(profile)
+    # every expert, every dimension and the XSTest prompts
+    assert len(known) == profile.num_experts * (len(profile.tasks) + 1)
     inputs = runner._eval_inputs(profile)
     seed = profile.seed
     bank, tok = runner.expert_bank(profile)

@@ -1,6 +1,6 @@
 """Baselines of the book's chapter 3: model merges (averaging, task arithmetic, TIES, DARE on full deltas), token- and
-output-level ensembles of the experts, and H3Fusion-Instruct. `run_baselines(profile, only)` builds and
-evaluates them (`h3fusion baselines`); importing this package registers them with the evaluation runner."""
+output-level ensembles of the experts, one LoRA trained on the mixed data with the pipeline's step budget
+(`data_mix`), and H3Fusion-Instruct. `run_baselines(profile, only)` builds and evaluates them (`h3fusion baselines`); importing this package registers them with the evaluation runner."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ from typing import Literal
 
 from h3fusion.errors import H3FusionError
 
-Kind = Literal["merge", "ensemble", "instruct"]
+Kind = Literal["merge", "ensemble", "data-mix", "instruct"]
+"""How a baseline combines the three tasks: merging the experts, ensembling them, one model trained on the mixed
+data, or a model fusing their answers."""
 
 
 class UnknownBaselineError(H3FusionError, KeyError):
@@ -79,6 +81,15 @@ _ENTRIES = (
         "per-token log-likelihood under their uniform mixture) is kept. No judge selects, so none scores its own pick",
         "H3Fusion: Helpful, Harmless, Honest Fusion of Aligned LLMs (Tekin et al.), arXiv 2411.17792 "
         "(ensemble baseline; the selection rule is this companion's)",
+    ),
+    Baseline(
+        "lora-data-mix",
+        "data-mix",
+        "one LoRA (the experts' config) trained like an expert on the mix of the three datasets that fusion trains "
+        "on, for the experts' and fusion's steps together (tasks x experts.train + fusion.train steps; chapter 3 prints "
+        "the profile's) at the experts' batch size and learning rate, merged into a dense model",
+        "Mix Data or Merge Models? Balancing the Helpfulness, Honesty, and Harmlessness of Large Language Model via "
+        "Model Merging (Yang et al.), arXiv 2502.06876",
     ),
     Baseline(
         "instruct-zeroshot",

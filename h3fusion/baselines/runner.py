@@ -1,6 +1,7 @@
 """Build, load and evaluate the baselines: `runs/<profile>/baselines/<name>/`, one folder per baseline.
 
-Merges are dense Hugging Face folders (base + merged delta, with the tokenizer). Ensembles and the zero-shot
+Merges are dense Hugging Face folders (base + merged delta, with the tokenizer), and so is the data-mix LoRA
+(`data_mix`: trained on the fusion's mixed data, its adapter merged). Ensembles and the zero-shot
 H3Fusion-Instruct hold only `baseline.json` (what they combine and how; the experts are loaded from their
 adapter folders at evaluation time). The LoRA fuser's folder holds its adapter (`fuser/`) and its training
 examples. Every folder is written atomically with a manifest (config hash, wall time) and is skipped when it
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
+from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.config import Profile, shown_path
 from h3fusion.errors import ArtifactError
@@ -42,6 +44,8 @@ CONFIG_FILE = "baseline.json"
 FUSER_ADAPTER = "fuser"
 EXPERT_ANSWER_BASELINES = ("ensemble-select", "instruct-zeroshot", "instruct-lora")
 """The baselines that start from the experts' answers to the evaluation prompts."""
+DENSE_KINDS = ("merge", "data-mix")
+"""The kinds stored as a dense Hugging Face folder (loaded like any model folder)."""
 
 
 def baseline_dir(profile: Profile, name: str) -> Path:
@@ -78,7 +82,8 @@ never choose the answers they score."""
 def baseline_params(profile: Profile, name: str) -> dict[str, Any]:
     """The parameters that define baseline NAME (part of its hash and of its baseline.json)."""
     b = profile.baselines
-    get_baseline(name)
+    if get_baseline(name).kind == "data-mix":
+        return data_mix_params(profile)
     if name == "merge-average":
         return {"method": "average"}
     if name == "merge-task-arithmetic":
@@ -231,6 +236,7 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
     dimension whose generation hash matches this profile and the current expert (same items, generation config,
     seed, stop strings, expert weights: what `evaluate_model` would regenerate)."""
     from h3fusion.baselines.ensembles import KnownAnswers
+    from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
     from h3fusion.evaluation.run import eval_dir, read_jsonl
 
@@ -243,6 +249,9 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
             if [r.get("prompt") for r in rows] == inputs[dim].prompts:
                 key = (profile.evaluation.generation_for(dim).model_dump_json(), tuple(inputs[dim].prompts))
                 runs.setdefault(task, {})[key] = tuple(r["answer"] for r in rows)
+        found = overrefusal.stored_answers(profile, task, identities[task])  # the XSTest track's answers
+        if found is not None:
+            runs.setdefault(task, {})[found[0]] = found[1]
     return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
 
 
@@ -355,6 +364,7 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared
 _BUILDERS: dict[str, Callable[[Profile, str, Path, _Shared], dict[str, Any]]] = {
     "merge": _build_merge,
     "ensemble": _build_config_only,
+    "data-mix": build_data_mix,
     "instruct": _build_config_only,
 }
 
@@ -399,7 +409,7 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     folder = baseline_dir(profile, name)
     _baseline_identity(profile, name)
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
-    if entry.kind == "merge":
+    if entry.kind in DENSE_KINDS:
         return _load_merged(profile, folder)
     shared = _open_session(profile) or _Shared(profile)
     bank, tok = shared.bank()
