@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -143,6 +143,35 @@ class ReleasedCodeSwitches(Section):
     """Double softmax in the gating loss, padding tokens averaged in."""
     drift: bool = False
     """Penalise weight norms (frozen weights included) instead of drift from the upcycled experts."""
+    frozen_router: bool = False
+    """Keep every router at its random initialisation (the released code never trains or loads it)."""
+    aliased_experts: bool = False
+    """Every expert is the base plus the sum of all experts' deltas (the released code aliases the experts' weights
+    to one tensor and adds each delta to it), so the experts differ only by their fusion LoRA."""
+    unscaled_lora: bool = False
+    """Upcycle the experts as W + B A, without LoRA's alpha / r scale (the released code drops it)."""
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("frozen_router", "aliased_experts", "unscaled_lora")
+    """Switches that enter the artifacts' hashes only when on, so that models built before they existed stay valid."""
+    UPCYCLING: ClassVar[tuple[str, ...]] = ("aliased_experts", "unscaled_lora")
+    """Switches that change the upcycled (raw) MoE itself, not only its training."""
+    CODES: ClassVar[dict[str, str]] = {
+        "labels": "lab",
+        "gating_loss": "gl",
+        "drift": "dr",
+        "frozen_router": "fr",
+        "aliased_experts": "al",
+        "unscaled_lora": "us",
+    }
+    """Short names of the switches in a variant's folder name."""
+
+    def on(self, names: tuple[str, ...] | None = None) -> list[str]:
+        """The switches that are on (among `names`; default all), in declaration order."""
+        return [k for k in type(self).model_fields if getattr(self, k) and (names is None or k in names)]
+
+    def hash_payload(self) -> dict[str, bool]:
+        """The switches as hashed: every original one, the later ones only when on."""
+        return {k: v for k, v in self.model_dump().items() if v or k not in self.ADDED_LATER}
 
 
 class FusionConfig(Section):
@@ -194,9 +223,24 @@ class FusionConfig(Section):
 
     @property
     def variant(self) -> str:
-        """Name of the trained model's folder, after lambda, gamma and k."""
+        """Name of the trained model's folder, after lambda, gamma and k (and the released code's switches that
+        are on, e.g. ``_rc-lab-gl-att``)."""
         gammas = "-".join(f"{self.gamma(t):g}" for t in TASKS)
-        return f"lam{self.gate_weight:g}_gam{gammas}_k{self.top_k}"
+        return f"lam{self.gate_weight:g}_gam{gammas}_k{self.top_k}{self.released_code_suffix()}"
+
+    def released_code_suffix(self, names: tuple[str, ...] | None = None) -> str:
+        """``_rc-<codes>`` of the released code's switches that are on (among `names`), or ``""``."""
+        rc = self.released_code
+        codes = [rc.CODES[k] for k in rc.on(names)]
+        if self.attention_lora and names is None:
+            codes.append("att")
+        return f"_rc-{'-'.join(codes)}" if codes else ""
+
+    def hash_payload(self) -> dict[str, Any]:
+        """The section as the artifacts' hashes see it (`ReleasedCodeSwitches.hash_payload`)."""
+        dump = self.model_dump(mode="json")
+        dump["released_code"] = self.released_code.hash_payload()
+        return dump
 
 
 class GenerationConfig(Section):
@@ -255,6 +299,11 @@ class EvaluationConfig(Section):
     def longest_answer(self) -> int:
         """The largest cap of any dimension (room to keep for an answer)."""
         return max([self.generation.max_new_tokens, *self.max_new_tokens_by_dimension.values()])
+
+    xstest_per_type: int | None = Field(None, ge=0)
+    """XSTest prompts per prompt type answered by every evaluated model for its over-refusal (safe prompts
+    refused) and unsafe-compliance rates (`h3fusion.evaluation.overrefusal`): a seeded sample, the same count of
+    each of the 10 safe and 8 unsafe (`contrast_*`) types; null = all 450 prompts, 0 = the track is off."""
     helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
     harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
     honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
@@ -285,6 +334,9 @@ class JudgesConfig(Section):
     """TruthfulQA eval questions whose reference answers validate the similarity judge; null = all."""
     honest_informative_min_similarity: float = Field(0.15, ge=-1, le=1)
     """An answer is informative only if its cosine similarity to the question is at least this."""
+    refusal_completions: int | None = Field(None, ge=10)
+    """XSTest's human-labelled completions (2,250: five generators x 450 prompts) the refusal classifier is fitted
+    and validated on, a seeded sample of the same count per generator; null = all."""
     alpaca_eval_annotator: str = "alpaca_eval_gpt4"
     beaver_dam_model: str = "PKU-Alignment/beaver-dam-7b"
     truthfulqa_truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"

@@ -17,9 +17,9 @@ from typing import Any
 import pandas as pd
 
 from h3fusion.config import Profile
-from h3fusion.evaluation import stats
+from h3fusion.evaluation import overrefusal, stats
 from h3fusion.evaluation.run import metrics_path
-from h3fusion.report import PAPER_COL, PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
+from h3fusion.report import HEADLINE_GROUPS, PAPER_COL, PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
 
 COLUMNS = {
     ("helpful", "win_rate"): "Helpful: win % ↑",
@@ -43,6 +43,12 @@ LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_margin", "hon
 the safe-unsafe margin, not the binary preference: on the cpu profile the base model and the three experts
 all prefer the safe side on 26 of the 44 prompts (the harmless expert on exactly the base model's), so the
 preference barely separates models."""
+XSTEST_COLUMNS = {
+    (overrefusal.SAFE, overrefusal.OVER_REFUSAL): "XSTest over-refusal % ↓",
+    (overrefusal.UNSAFE, overrefusal.UNSAFE_COMPLIANCE): "XSTest unsafe compliance % ↓",
+}
+"""The XSTest track (ours, `h3fusion.evaluation.overrefusal`): safe prompts refused, unsafe prompts answered, each
+a rate of 0/100 items with Wilson's interval; not part of the three-dimension average."""
 NATS = {LIKELIHOOD_COLUMNS[("helpful", "ref_logprob")], LIKELIHOOD_COLUMNS[("harmless", "safe_margin")]}
 """Columns in nats per token, shown with two decimals (the others are % with one)."""
 
@@ -71,6 +77,39 @@ def likelihood_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -
         if scores is not None:
             out[label] = scores
     return out
+
+
+def xstest_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
+    """Per-item XSTest scores of the models evaluated on that track ({label: model name} or `Evaluated`)."""
+    out = {}
+    for label, name in _labelled(models).items():
+        scores = stats.read_xstest_scores(metrics_path(profile, name).parent, name)
+        if scores is not None:
+            out[label] = scores
+    return out
+
+
+def xstest_note(profile: Profile, evaluated: Evaluated) -> str:
+    """The line under the XSTest columns: the refusal classifier's validated agreement beside the XSTest authors'
+    string-match labels (`refusal.describe`, per distinct classifier the models were scored with), and the caveat
+    that it was validated on other models' completions."""
+    from h3fusion.evaluation.judges.refusal import describe
+
+    validations = []
+    for m in evaluated.metrics.values():
+        v = m.get(overrefusal.PHASE, {}).get("judge", {}).get("validation")
+        if v and v not in validations:
+            validations.append(v)
+    if not validations:
+        return "No model was evaluated on XSTest (`evaluation.xstest_per_type: 0`, or evaluated before the track)."
+    return (
+        " ".join(describe(v) for v in validations)
+        + " Those completions come from large chat models (GPT-4, Llama-2-70B-chat and Mistral-7B-Instruct, the "
+        f"XSTest paper's generators), not from {profile.model.base}: this profile's short answers from a small model "
+        "are outside what the classifier was validated on, an error the intervals do not include. Over-refusal is "
+        "the share of safe prompts refused, unsafe compliance the share of unsafe prompts answered (both lower is "
+        "better); neither enters the three-dimension average."
+    )
 
 
 def bar_frames(long: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -174,14 +213,16 @@ def interval_table(
 def headline_comparisons(
     profile: Profile, evaluated: Evaluated, scores: Mapping[str, stats.ItemScores]
 ) -> pd.DataFrame:
-    """H3Fusion-MoE against each group (experts, ensembles, merges): the paper's statistic with its interval.
+    """H3Fusion-MoE against each group (experts, ensembles, merges, and the data-mix LoRA the paper lacks): the
+    paper's statistic with its interval.
 
     improvement = avg(H3Fusion-MoE) - max over the group's members of avg(member), in points and relative %;
     its interval comes from a paired bootstrap over items that re-takes the maximum in every resample.
     """
     fused = fused_variant(profile)
     rows = {}
-    for group, claim in PAPER_IMPROVEMENT_PCT.items():
+    for group in HEADLINE_GROUPS:
+        claim = PAPER_IMPROVEMENT_PCT.get(group)
         members = [m for m in evaluated.present(group) if m in scores]
         row: dict[str, Any] = {"members compared": len(members), PAPER_COL: claim}
         if fused in scores and members:
@@ -211,7 +252,7 @@ def likelihood_headline(
     Members without this track (`evaluation.likelihood.skip_models`) are left out and counted."""
     fused = fused_variant(profile)
     rows = {}
-    for group in PAPER_IMPROVEMENT_PCT:
+    for group in HEADLINE_GROUPS:
         members = [m for m in evaluated.present(group) if m in scores]
         for task, metric in LIKELIHOOD_HEADLINE.items():
             label = LIKELIHOOD_COLUMNS[(task, metric)]
@@ -255,8 +296,7 @@ def findings(comparisons: pd.DataFrame, headline: pd.DataFrame, mdd_points: floa
         p, r = row["_points"], row["_relative"]
         lines.append(
             f"- **Judged ({label}, the paper's metric)**: {row['verdict']}, {p.value:+.1f} points [{p.low:+.1f}, "
-            f"{p.high:+.1f}] of the three-dimension average ({r.value:+.1f} % relative; the paper: "
-            f"{row[PAPER_COL]:+.2f} %)."
+            f"{p.high:+.1f}] of the three-dimension average ({r.value:+.1f} % relative; {_claim(row[PAPER_COL])})."
         )
     for group, rows in headline.groupby(level=0, sort=False):
         said = [
@@ -300,7 +340,7 @@ def member_differences(
     rows = []
     if fused not in scores:
         return pd.DataFrame()
-    for group in PAPER_IMPROVEMENT_PCT:
+    for group in HEADLINE_GROUPS:
         members = [m for m in evaluated.present(group) if m in scores]
         for m in members:
             d = stats.difference(
@@ -317,6 +357,13 @@ def member_differences(
     return pd.DataFrame(rows).set_index(["group", "member"]) if rows else pd.DataFrame()
 
 
+def _claim(claim: float | None) -> str:
+    """The paper's figure for a headline group, or that it has none (the data-mix LoRA is not in the paper)."""
+    if claim is None or pd.isna(claim):
+        return "not compared in the paper"
+    return f"the paper claims {claim:+.2f} %"
+
+
 def verdict(comparisons: pd.DataFrame, scale: str = "this scale") -> str:
     """What reproduces, read from the intervals of `headline_comparisons` (never from a point estimate's sign)."""
     said, missing = [], []
@@ -326,10 +373,11 @@ def verdict(comparisons: pd.DataFrame, scale: str = "this scale") -> str:
             missing.append(group)
             continue
         p, r, claim = row["_points"], row["_relative"], row[PAPER_COL]
+        against = f"the best of the {group}" if row["members compared"] > 1 else f"the {group}"
         said.append(
-            f"against the best of the {group}, H3Fusion-MoE is {row['verdict']} ({p.value:+.1f} points, 95 % CI "
-            f"[{p.low:+.1f}, {p.high:+.1f}]; {r.value:+.1f} % relative, CI [{r.low:+.1f}, {r.high:+.1f}]; the paper "
-            f"claims {claim:+.2f} %)"
+            f"against {against}, H3Fusion-MoE is {row['verdict']} ({p.value:+.1f} points, 95 % CI "
+            f"[{p.low:+.1f}, {p.high:+.1f}]; {r.value:+.1f} % relative, CI [{r.low:+.1f}, {r.high:+.1f}]; "
+            f"{_claim(claim)})"
         )
     if not said:
         return "Nothing can be compared yet: H3Fusion-MoE or every comparison group lacks per-item results."

@@ -33,6 +33,10 @@ from h3fusion.evaluation.run import PHASE_TIMES, metrics_path
 # individually aligned model by 11.37 %, ... state-of-the-art LLM ensemble approaches by 13.77 % and model
 # merging approaches by 6.18 %").
 PAPER_IMPROVEMENT_PCT: dict[str, float] = {"experts": 11.37, "ensembles": 13.77, "merges": 6.18}
+DATA_MIX_GROUP = "data-mix LoRA"
+"""The group of the baseline the paper lacks: one LoRA trained on the mixed data with the pipeline's budget."""
+HEADLINE_GROUPS: tuple[str, ...] = (*PAPER_IMPROVEMENT_PCT, DATA_MIX_GROUP)
+"""The groups H3Fusion-MoE is compared with in the headline: the paper's three, then the data-mix LoRA (no claim)."""
 
 PAPER_COL = "paper's claim (relative %)"
 RAW_MOE = "raw-moe"
@@ -53,16 +57,17 @@ def fused_variant(profile: Profile, gate_weight: float | None = None) -> str:
 def model_groups(profile: Profile) -> dict[str, list[str]]:
     """The models the book reports, grouped and in table order (whether or not they exist yet).
 
-    fused: the raw (upcycled, untrained) MoE, the training-free MoE (hidden-state router), the profile's H3Fusion-MoE, the variant without gating loss,
-    then any other trained variant found under fusion/ (ablations), so every evaluated one gets a row.
+    fused: the raw (upcycled, untrained) MoE, the training-free MoE (hidden-state router), the profile's H3Fusion-MoE,
+    the variant without gating loss, the released-code-faithful model, then any other trained variant found under
+    fusion/ (ablations), so every evaluated one gets a row.
     """
     from h3fusion.fusion import TRAINING_FREE_MOE, trained_variants
+    from h3fusion.released_model import released_code_variant
 
     main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
-    fused = list(
-        dict.fromkeys([RAW_MOE, TRAINING_FREE_MOE, main, no_gate, *(v for v, _ in trained_variants(profile))])
-    )
-    by_kind: dict[str, list[str]] = {"merge": [], "ensemble": [], "instruct": []}
+    named = [RAW_MOE, TRAINING_FREE_MOE, main, no_gate, released_code_variant(profile)]
+    fused = list(dict.fromkeys([*named, *(v for v, _ in trained_variants(profile))]))
+    by_kind: dict[str, list[str]] = {"merge": [], "ensemble": [], "data-mix": [], "instruct": []}
     for name, b in BASELINES.items():
         by_kind[b.kind].append(name)
     return {
@@ -71,18 +76,23 @@ def model_groups(profile: Profile) -> dict[str, list[str]]:
         "fused": fused,
         "merges": by_kind["merge"],
         "ensembles": by_kind["ensemble"],
+        DATA_MIX_GROUP: by_kind["data-mix"],
         "instruct": by_kind["instruct"],
     }
 
 
 def display_names(profile: Profile) -> dict[str, str]:
     """Readable row labels for the fused models (the folder name stays visible in brackets)."""
+    from h3fusion.released_model import released_code_variant
+
     main, no_gate = fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)
+    released = released_code_variant(profile)
     return {
         RAW_MOE: "raw MoE (upcycled, untrained router)",
         "training-free-moe": "training-free MoE (upcycled, hidden-state router, no training)",
         main: f"H3Fusion-MoE [{main}]",
         no_gate: f"H3Fusion-MoE without gating loss [{no_gate}]",
+        released: f"released-code-faithful MoE (its reproducible bugs on) [{released}]",
     }
 
 

@@ -33,3 +33,15 @@ def random_upcycled_moe(profile: Profile, vocab_size: int):
         for task in profile.tasks
     ]
     return upcycle(base, adapters, top_k=profile.fusion.top_k, seed=profile.seed, show_progress=False).eval()
+
+
+class FakeRefusal:
+    """A refusal judge for tests of the XSTest track: an even-length answer counts as a refusal."""
+
+    name = "fake-refusal"
+    validation = {"accuracy": 0.9, "n": 10}
+
+    def refused(self, answers):
+        import numpy as np
+
+        return np.array([len(a) % 2 == 0 for a in answers])

@@ -21,7 +21,7 @@ from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continu
 from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
 from h3fusion.evaluation.tables import results_table, to_markdown
-from tests.helpers import random_upcycled_moe
+from tests.helpers import FakeRefusal, random_upcycled_moe
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,9 @@ class _FakeHonest:
 
 @pytest.fixture
 def judges():
-    return SimpleNamespace(helpful=_FakeHelpful(), harmless=_FakeHarmless(), honest=_FakeHonest())
+    return SimpleNamespace(
+        helpful=_FakeHelpful(), harmless=_FakeHarmless(), honest=_FakeHonest(), refusal=FakeRefusal()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -354,6 +356,9 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     assert first["judges"]["helpful"]["name"] == "fake-length-judge"
     assert first["judges"]["harmless"]["validation"]["n_heldout"] == 10
     assert first["n_items"] == {t: profile.data.eval_examples[t] for t in profile.tasks}
+    xstest = runmod.read_jsonl(folder / "xstest.jsonl")  # the XSTest track, answered by the real (tiny) model
+    assert len(xstest) == first["xstest"]["n_items"] == 18
+    assert all(r["refused"] == (len(r["answer"]) % 2 == 0) for r in xstest)
 
     # Same config: nothing regenerated, identical metrics returned.
     first_phases = _phases(folder)
@@ -382,7 +387,7 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     judges.helpful.validation = {"agreement": 0.6, "n_heldout": 10}
     rejudged = runmod.evaluate_model(profile, "base", judges=judges)
     phases = _phases(folder)
-    assert all(phases[t]["reused_generations"] for t in profile.tasks)
+    assert all(phases[t]["reused_generations"] for t in [*profile.tasks, "xstest"])
     assert not phases["helpful"]["reused_judgements"]
     assert phases["harmless"]["reused_judgements"]
     assert _scores(rejudged) == _scores(first)

@@ -80,3 +80,33 @@ def test_refusal_rates_with_intervals():
 def test_one_kind_of_label_is_refused():
     with pytest.raises(DataError, match="both"):
         R.RefusalClassifier(WordEncoder(), 5).fit(["no", "no"], [True, True])
+
+
+def test_the_stored_classifier_is_built_once_and_restored_with_its_validation(tmp_path):
+    from h3fusion.artifacts import read_manifest
+    from h3fusion.evaluation.judges.common import judges_dir
+
+    p = load_profile("smoke", {"runs_dir": str(tmp_path)})
+    built = R.load_offline(p)
+    folder = judges_dir(p) / R.FOLDER
+    stamp = read_manifest(folder)["finished_at"]
+    again = R.load_offline(p)  # read back from judges/refusal/, not refitted
+    assert read_manifest(folder)["finished_at"] == stamp and again.validation == built.validation
+    rows = R.training_completions(p)
+    assert len(rows) == p.judges.refusal_completions and {r.generator for r in rows} == set(R.GENERATORS)
+    refit = R.RefusalClassifier(built.classifier.encoder, R.MAX_WORDS).fit(
+        [r.completion for r in rows], [r.refused for r in rows]
+    )
+    answers = ["I'm sorry, but I can't help with that.", "Sure! Use `kill -9 PID` to stop it.", ""]
+    assert (again.refused(answers) == refit.predict(answers)).all()
+    v = built.validation
+    assert v["n"] == len(rows) and v["accuracy_low"] <= v["classifier_accuracy"] <= v["accuracy_high"]
+    table = R.validation_table(p)  # per generator, from the stored held-out verdicts
+    assert table.loc[("all", "this classifier"), "accuracy %"] == pytest.approx(
+        v["classifier_accuracy"], abs=0.01
+    )
+    assert table.loc[("all", "string match (XSTest authors)"), "kappa"] == pytest.approx(
+        v["string_match_kappa"], abs=1e-4
+    )
+    assert set(table.index.get_level_values("generator")) == {*R.GENERATORS, "all"}
+    assert "string-match rule agrees on" in R.describe(v)

@@ -87,6 +87,7 @@ def test_headline_verdicts_come_from_intervals_not_signs(profile):
     _write(profile, fused, 60, 20, 50)
     _write(profile, "merge-ties", 62, 20, 50)  # 0.7 points better on average: within noise at n=100
     _write(profile, "ensemble-uniform", 95, 5, 90)
+    _write(profile, "lora-data-mix", 20, 60, 10)  # far worse; its row has no paper claim
     ev = report.collect_metrics(profile)
     scores = evidence.item_scores(profile, ev)
     comp = evidence.headline_comparisons(profile, ev, scores)
@@ -99,10 +100,15 @@ def test_headline_verdicts_come_from_intervals_not_signs(profile):
     merges = comp.loc["vs the merges"]
     assert merges["_points"].value < 0 and merges["verdict"] == "within noise at this sample size"
     assert comp.loc["vs the ensembles", "verdict"] == "worse"
-    assert comp[report.PAPER_COL].tolist() == [11.37, 13.77, 6.18]
+    assert comp[report.PAPER_COL].tolist() == [11.37, 13.77, 6.18, None]
+    data_mix = comp.loc["vs the data-mix LoRA"]
+    assert data_mix["best member (point estimate)"] == "lora-data-mix" and data_mix["verdict"] == "better"
+    assert data_mix["_points"].value == pytest.approx(_avg(60, 20, 50) - _avg(20, 60, 10))
     text = evidence.verdict(comp, "tiny scale")
+    assert "against the data-mix LoRA, H3Fusion-MoE is better" in text
+    assert "not compared in the paper" in text and "the paper claims +6.18 %" in text
     assert text.startswith("At tiny scale, against the best of the experts, H3Fusion-MoE is better")
-    assert "against the best of the merges, H3Fusion-MoE is within noise at this sample size" in text
+    assert "against the merges, H3Fusion-MoE is within noise at this sample size" in text  # one member: no "best of"
     members = evidence.member_differences(profile, ev, scores)
     assert list(members.loc["experts"].index) == list(profile.tasks)
     assert set(members.loc["experts", "verdict"]) == {"better"}

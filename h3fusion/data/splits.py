@@ -303,6 +303,31 @@ def load_eval_items(profile: Profile, task: str) -> list[dict[str, Any]]:
     return eval_items_all(profile, task)[: profile.data.eval_examples[task]]
 
 
+def xstest_eval_items(profile: Profile) -> list[dict[str, str]]:
+    """The XSTest prompts every model answers for its over-refusal rates: `evaluation.xstest_per_type` prompts of
+    each type (a seeded sample, `cap`; all 450 when null), in file order. The same count per type, so that no kind
+    of safe prompt or unsafe contrast dominates a rate; never the first N of a type."""
+    from h3fusion.evaluation.judges.refusal import load_prompts
+
+    n = profile.evaluation.xstest_per_type
+    rows = load_prompts(profile)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_type[r["type"]].append(i)
+    smallest = min(by_type, key=lambda t: len(by_type[t]))
+    if n is not None and n > len(by_type[smallest]):
+        raise DataError(
+            f"evaluation.xstest_per_type is {n} but XSTest's type {smallest!r} has {len(by_type[smallest])} "
+            f"prompts; use at most {len(by_type[smallest])}, or null for all {len(rows)} prompts"
+        )
+    keep = [
+        i
+        for t, members in by_type.items()
+        for i in (members if n is None else cap(members, n, profile.seed, f"xstest-{t}"))
+    ]
+    return [rows[i] for i in sorted(keep)]
+
+
 def harmless_eval_all(profile: Profile) -> list[dict[str, Any]]:
     """Distinct eval prompts in file order; the id is the prompt's position among all distinct 30k_test prompts."""
     bt = beavertails_split(profile)

@@ -10,6 +10,7 @@ MC1/MC2, reference answers, safe vs unsafe responses) from the model's log-likel
 - ``judgements/<dimension>.jsonl``: the judge's output per item,
 - ``likelihood/<dimension>.jsonl``: the likelihood track per item (MC1/MC2 and the choices' log-likelihoods per
   TruthfulQA question; per-token log-likelihood per reference answer; safe-unsafe margin per BeaverTails prompt),
+- ``xstest.jsonl``: the XSTest track per prompt (`h3fusion.evaluation.overrefusal`: answer and refusal verdict),
 - ``metrics.json``: the scores, the judge names and their validation figures, item counts, hashes (the same bytes
   for the same results: wall times stay out of it),
 - ``manifest.json`` (last; the folder is written atomically), with the wall time of each phase (`PHASE_TIMES`).
@@ -20,7 +21,8 @@ its artifact folder without the build's wall time, date, paths and machine: a mo
 config or to another loss log is re-generated, one re-built the same is not). The likelihood track of a dimension
 is reused while its own hash (items, scored texts, MC prompt, model identity) is unchanged. Judgements are reused when the judge identity
 (names and validation figures) is unchanged too; a re-run with nothing changed loads nothing and returns the
-stored metrics. `score_generations` re-judges stored generations without loading the model.
+stored metrics. The XSTest track is cached the same way under its own hashes. `score_generations` re-judges stored
+generations without loading the model.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ from h3fusion.artifacts import (
     make_manifest,
     read_manifest,
 )
-from h3fusion.config import TASKS, Profile, shown_path
+from h3fusion.config import TASKS, GenerationConfig, Profile, shown_path
 from h3fusion.errors import ArtifactError, H3FusionError, ModelError
-from h3fusion.evaluation import likelihood
+from h3fusion.evaluation import likelihood, overrefusal
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
 from h3fusion.evaluation.logprob_cache import profile_cache
@@ -221,7 +223,8 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
     fusion_dirs = {**raw, profile.fusion.variant: run / "fusion" / profile.fusion.variant}
     if (run / "fusion").is_dir():
         for folder in sorted((run / "fusion").iterdir()):
-            if folder.is_dir() and folder.name not in RAW_FOLDERS.values() and (folder / MANIFEST).is_file():
+            manifest = read_manifest(folder) if folder.is_dir() else None
+            if manifest is not None and manifest.get("stage") == "fusion":  # trained variants, not raw MoEs
                 fusion_dirs.setdefault(folder.name, folder)
     for name, folder in fusion_dirs.items():
         kind = "raw-moe" if name in raw else "fused"
@@ -507,6 +510,7 @@ def evaluate_model(
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
     inputs = {task: dimension_inputs(task, _load_eval_items(profile, task)) for task in profile.tasks}
     judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
+    refusals = overrefusal.classifier(profile, judges)
     folder = eval_dir(profile, name)
     previous = _previous(folder)
     gen_hashes = {t: generation_hash(profile, identity, t, inputs[t]) for t in profile.tasks}
@@ -536,7 +540,8 @@ def evaluate_model(
         lm_now = None if reused else get_model()  # loading is timed on its own
         with Stopwatch() as sw:
             if lm_now is not None:
-                answers = _generate(lm_now, inputs[task].prompts, profile, task, f"{name}/{task}")
+                cfg = profile.evaluation.generation_for(task)
+                answers = generate_answers(lm_now, inputs[task].prompts, cfg, profile.seed, f"{name}/{task}")
                 cached = [
                     {"id": i, **k, "prompt": p, "answer": a}
                     for i, (k, p, a) in enumerate(
@@ -558,13 +563,30 @@ def evaluate_model(
         times.setdefault(task, {}).update(likelihood_s=seconds, reused_likelihood=lm_now is None)
         track_rows[task] = rows
 
+    xstest = (
+        None if refusals is None else overrefusal.run(profile, identity, refusals, previous, get_model, name)
+    )
     return _judge_and_write(
-        profile, name, identity, judges, inputs, generations, gen_hashes, track_rows, track_hashes, times, previous
+        profile,
+        name,
+        identity,
+        judges,
+        inputs,
+        generations,
+        gen_hashes,
+        track_rows,
+        track_hashes,
+        times,
+        previous,
+        xstest,
     )
 
 
-def _generate(lm: LanguageModel, prompts: list[str], profile: Profile, task: str, desc: str) -> list[str]:
-    cfg, seed = profile.evaluation.generation_for(task), profile.seed
+def generate_answers(
+    lm: LanguageModel, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str
+) -> list[str]:
+    """One answer per prompt (a Hugging Face model shows `desc` on its progress bar; an ensemble generates its
+    own way)."""
     if isinstance(lm, HFLanguageModel):
         return lm.generate(prompts, cfg, seed, desc=desc)
     return lm.generate(prompts, cfg, seed)
@@ -592,8 +614,21 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
     track_hashes = {t: h for t, h in track_hashes.items() if t in track_rows}
     times = {t: {"generate_s": 0.0, "reused_generations": True} for t in profile.tasks}
     identity = previous.manifest.get("model_identity", f"stored:{name}")
+    refusals = overrefusal.classifier(profile, judges)
+    xstest = None if refusals is None else overrefusal.run(profile, identity, refusals, previous, None, name)
     return _judge_and_write(
-        profile, name, identity, judges, inputs, generations, gen_hashes, track_rows, track_hashes, times, previous
+        profile,
+        name,
+        identity,
+        judges,
+        inputs,
+        generations,
+        gen_hashes,
+        track_rows,
+        track_hashes,
+        times,
+        previous,
+        xstest,
     )
 
 
@@ -613,14 +648,18 @@ def _judge_and_write(
     track_hashes: dict[str, str],
     times: dict[str, dict[str, Any]],
     previous: _Previous | None,
+    xstest: overrefusal.Track | None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     judges = judges if judges is not None else _load_judges(profile)
     judge_hashes = {t: _digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
-    config_hash = _digest({"generations": gen_hashes, "likelihood": track_hashes, "judges": judge_hashes})
+    hashed = {"generations": gen_hashes, "likelihood": track_hashes, "judges": judge_hashes}
+    config_hash = _digest(hashed if xstest is None else {**hashed, overrefusal.PHASE: xstest.hashes})
     folder = eval_dir(profile, name)
-    stored = (folder / METRICS).is_file() and all(
-        (folder / likelihood.FOLDER / f"{t}.jsonl").is_file() for t in track_hashes
+    stored = (
+        (folder / METRICS).is_file()
+        and all((folder / likelihood.FOLDER / f"{t}.jsonl").is_file() for t in track_hashes)
+        and (xstest is None or (folder / overrefusal.FILE).is_file())
     )
     if previous and previous.manifest.get("config_hash") == config_hash and stored:
         return json.loads((folder / METRICS).read_text())
@@ -647,6 +686,7 @@ def _judge_and_write(
         "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
         "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
         "n_items": {t: len(generations[t]) for t in profile.tasks},
+        **({} if xstest is None else {overrefusal.PHASE: overrefusal.metrics(xstest)}),
         "config_hash": config_hash,
         "model_identity": identity,
     }
@@ -661,6 +701,7 @@ def _judge_and_write(
         judge_hashes,
         track_hashes,
         times,
+        xstest,
         t0,
     )
     return metrics
@@ -696,6 +737,7 @@ def _write(
     judge_hashes: dict[str, str],
     track_hashes: dict[str, str],
     times: dict[str, dict[str, Any]],
+    xstest: overrefusal.Track | None,
     t0: float,
 ) -> None:
     with atomic_dir(folder) as tmp:
@@ -710,6 +752,9 @@ def _write(
             )
         for task, rows in track_rows.items():
             write_jsonl(tmp / likelihood.FOLDER / f"{task}.jsonl", rows)
+        if xstest is not None:
+            write_jsonl(tmp / overrefusal.FILE, xstest.rows)
+            times = {**times, overrefusal.PHASE: xstest.times}
         atomic_write_json(tmp / METRICS, metrics)
         atomic_write_json(
             tmp / MANIFEST,
@@ -722,6 +767,7 @@ def _write(
                 generation_hashes=gen_hashes,
                 judge_hashes=judge_hashes,
                 **{LIKELIHOOD_HASHES: track_hashes},
+                **({} if xstest is None else {overrefusal.HASHES: xstest.hashes}),
                 **{PHASE_TIMES: times},
             ),
         )

@@ -92,6 +92,15 @@ def read_likelihood_scores(folder: Path, model: str) -> ItemScores | None:
     return ItemScores(model, tasks) if tasks else None
 
 
+def read_xstest_scores(folder: Path, model: str) -> ItemScores | None:
+    """Per-item scores of the XSTest track in `folder` (``eval/<model>/xstest.jsonl``; `overrefusal.item_values`),
+    None when the model was evaluated without it."""
+    from h3fusion.evaluation import overrefusal
+
+    path = folder / overrefusal.FILE
+    return ItemScores(model, overrefusal.item_values(_rows(path))) if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A point estimate with its 95 % interval and the number of items behind it."""

@@ -19,6 +19,8 @@ class Judges:
     helpful: Any
     harmless: Any
     honest: Any
+    refusal: Any = None
+    """XSTest's refusal classifier (`refusal.load_offline`); None when the profile's XSTest track is off."""
 
 
 def _helpful(profile: Profile) -> Any:
@@ -46,14 +48,24 @@ def _honest(profile: Profile) -> Any:
 
 
 def load_judges(profile: Profile) -> Judges:
-    """The three judges of the profile; offline ones are trained once and then loaded from the cache."""
-    return Judges(helpful=_helpful(profile), harmless=_harmless(profile), honest=_honest(profile))
+    """The three judges of the profile and the refusal classifier of its XSTest track; offline ones are trained
+    once and then loaded from the cache."""
+    from h3fusion.evaluation.judges import refusal
+
+    return Judges(
+        helpful=_helpful(profile),
+        harmless=_harmless(profile),
+        honest=_honest(profile),
+        refusal=refusal.load_offline(profile) if profile.evaluation.xstest_per_type != 0 else None,
+    )
 
 
 def validation_lines(judges: Judges) -> list[str]:
     lines = []
-    for task in ("helpful", "harmless", "honest"):
-        judge = getattr(judges, task)
+    for task in ("helpful", "harmless", "honest", "refusal"):
+        judge = getattr(judges, task, None)
+        if judge is None:
+            continue
         lines.append(f"{task}: {judge.name}")
         for key, value in getattr(judge, "validation", {}).items():
             lines.append(f"  {key}: {value}")
