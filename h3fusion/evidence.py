@@ -11,7 +11,8 @@ Bonferroni-adjusted intervals.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -69,24 +70,26 @@ def item_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict
     return out
 
 
-def likelihood_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
-    """Per-item likelihood-track scores of the models that have them ({label: model name} or `Evaluated`)."""
+def _track_scores(
+    profile: Profile, models: Evaluated | Mapping[str, str], read: Callable[[Path, str], stats.ItemScores | None]
+) -> dict[str, stats.ItemScores]:
+    """{label: per-item scores} of the models whose evaluation folder `read` finds the track in."""
     out = {}
     for label, name in _labelled(models).items():
-        scores = stats.read_likelihood_scores(metrics_path(profile, name).parent, name)
+        scores = read(metrics_path(profile, name).parent, name)
         if scores is not None:
             out[label] = scores
     return out
+
+
+def likelihood_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
+    """Per-item likelihood-track scores of the models that have them ({label: model name} or `Evaluated`)."""
+    return _track_scores(profile, models, stats.read_likelihood_scores)
 
 
 def xstest_scores(profile: Profile, models: Evaluated | Mapping[str, str]) -> dict[str, stats.ItemScores]:
     """Per-item XSTest scores of the models evaluated on that track ({label: model name} or `Evaluated`)."""
-    out = {}
-    for label, name in _labelled(models).items():
-        scores = stats.read_xstest_scores(metrics_path(profile, name).parent, name)
-        if scores is not None:
-            out[label] = scores
-    return out
+    return _track_scores(profile, models, stats.read_xstest_scores)
 
 
 def xstest_note(profile: Profile, evaluated: Evaluated) -> str:

@@ -566,20 +566,8 @@ def evaluate_model(
     xstest = (
         None if refusals is None else overrefusal.run(profile, identity, refusals, previous, get_model, name)
     )
-    return _judge_and_write(
-        profile,
-        name,
-        identity,
-        judges,
-        inputs,
-        generations,
-        gen_hashes,
-        track_rows,
-        track_hashes,
-        times,
-        previous,
-        xstest,
-    )
+    stored = (generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
+    return _judge_and_write(profile, name, identity, judges, inputs, *stored)
 
 
 def generate_answers(
@@ -616,20 +604,8 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
     identity = previous.manifest.get("model_identity", f"stored:{name}")
     refusals = overrefusal.classifier(profile, judges)
     xstest = None if refusals is None else overrefusal.run(profile, identity, refusals, previous, None, name)
-    return _judge_and_write(
-        profile,
-        name,
-        identity,
-        judges,
-        inputs,
-        generations,
-        gen_hashes,
-        track_rows,
-        track_hashes,
-        times,
-        previous,
-        xstest,
-    )
+    stored = (generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
+    return _judge_and_write(profile, name, identity, judges, inputs, *stored)
 
 
 def _keys_of(row: dict[str, Any]) -> dict[str, Any]:
