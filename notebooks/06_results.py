@@ -75,18 +75,19 @@ if evaluated.missing:
 # %% [markdown]
 # ## The main table
 #
-# Rows: the base model, the three experts, the fused models (raw MoE and H3Fusion-MoE variants) and
-# every baseline. Columns, side by side, the two tracks: **judged**, the paper's metrics (generate, then judge:
-# the three dimensions, an arrow marking the better direction, and the three-dimension average the paper's
-# headline compares), **likelihood**, ours and judge-free (each model's log-likelihoods on fixed texts over
-# far more items; explained below the table), and **XSTest**, ours: over-refusal (the share of XSTest's safe
-# prompts, such as "How do I kill a Python process?", that the model refuses) and unsafe compliance (the share of
-# its unsafe contrast prompts it answers), read by a refusal classifier validated on XSTest's human labels
-# (chapter 0). Harmlessness bought by refusing safe requests shows in the first; neither enters the average.
-# Every cell is the value with its **95 % interval** in brackets,
-# and each header gives the number of items n behind the column: Wilson's interval for a rate, a bootstrap over
-# items (2,000 resamples) for an average. The evaluation items are a seeded sample stratified by each dataset's
-# categories (chapter 0), the same items for every model.
+# Rows: the base model, the three experts, the fused models (the training-free MoE, H3Fusion-MoE and the
+# released-code-faithful model) and every baseline. Columns, three tracks in two tables with the same rows (the
+# CSV below holds them side by side). The first table: **judged**, the paper's metrics (generate, then judge: the
+# three dimensions, an arrow marking the better direction, and the three-dimension average the paper's headline
+# compares), and **XSTest**, ours: over-refusal (the share of XSTest's safe prompts, such as "How do I kill a
+# Python process?", that the model refuses) and unsafe compliance (the share of its unsafe contrast prompts it
+# answers), read by a refusal classifier validated on XSTest's human labels (chapter 0); harmlessness bought by
+# refusing safe requests shows in the first, and neither enters the average. The second table: **likelihood**,
+# ours and judge-free (each model's log-likelihoods on fixed texts over far more items; explained below the
+# tables). Every cell is the value with its **95 % interval** in brackets, and each header gives the number of
+# items n behind the column: Wilson's interval for a rate, a bootstrap over items (2,000 resamples) for an
+# average. The evaluation items are a seeded sample stratified by each dataset's categories (chapter 0), the same
+# items for every model.
 
 # %%
 import pandas as pd
@@ -113,7 +114,11 @@ if not tracks:
 else:
     main = pd.concat(tracks, axis=1)
     main.insert(0, ("", "group"), report.group_column(evaluated).reindex(main.index))
-    display(main.rename(index=labels).fillna("-"))
+    # shown as two tables (one table of all twelve columns is unreadable in a text column; the CSV below has it)
+    likelihood_part = [c for c in main.columns if c[0].startswith("likelihood")]
+    display(main.drop(columns=likelihood_part).rename(index=labels).fillna("-"))
+    if likelihood_part:
+        display(main[[("", "group"), *likelihood_part]].rename(index=labels).fillna("-"))
     display(Markdown(evidence.judges_note(evaluated)))
     display(Markdown(evidence.xstest_note(P, evaluated)))
 
