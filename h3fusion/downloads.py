@@ -32,7 +32,10 @@ def _rows(profile: Profile, name: str, task: str, kind: str) -> list[dict[str, A
 
 
 def judgement_rows(profile: Profile, models: Mapping[str, str]) -> Iterator[dict[str, Any]]:
-    """One record per model, dimension and item: the request, the model's answer and the judge's output."""
+    """One record per model, dimension and item: the request, the model's answer and the judge's output; then
+    the model's XSTest answers with the refusal classifier's verdict (dimension ``xstest``), when it has them."""
+    from h3fusion.evaluation import overrefusal
+
     for label, name in models.items():
         for task in profile.tasks:
             judged = {str(r["id"]): r for r in _rows(profile, name, task, "judgements")}
@@ -46,6 +49,18 @@ def judgement_rows(profile: Profile, models: Mapping[str, str]) -> Iterator[dict
                     "answer": gen.get("answer", ""),
                     **verdict,
                 }
+        xstest = eval_dir(profile, name) / overrefusal.FILE
+        for row in read_jsonl(xstest) if xstest.is_file() else []:
+            yield {
+                "model": label,
+                "dimension": overrefusal.PHASE,
+                "item_id": row["id"],
+                "request": row["prompt"],
+                "answer": row["answer"],
+                "prompt_type": row["type"],
+                "prompt_label": row["label"],
+                "refused": row["refused"],
+            }
 
 
 def sample_outputs(

@@ -123,8 +123,9 @@ else:
     display(Markdown(evidence.xstest_note(P, evaluated)))
 
 # %% [markdown]
-# The table as CSV, and every per-item record behind the judged columns (model, dimension, item id, the
-# request, the model's answer and the judge's output) as JSON lines:
+# The table as CSV, and every per-item record behind the judged and XSTest columns (model, dimension, item id,
+# the request, the model's answer and the judge's output; for XSTest the prompt's type and safe/unsafe label and
+# the refusal verdict) as JSON lines:
 # {download}`main_table.csv <results/main_table.csv>`, {download}`judgements.jsonl <results/judgements.jsonl>`.
 
 # %%
