@@ -19,7 +19,6 @@ and scored instead of being retrained.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h3fusion.artifacts import atomic_write_json, is_complete, read_manifest
+from h3fusion.artifacts import atomic_write_json, digest, is_complete, read_manifest
 from h3fusion.config import Profile, profile_from_dict
 from h3fusion.errors import H3FusionError
 
@@ -232,17 +231,13 @@ def ablations_dir(profile: Profile) -> Path:
     return profile.run_dir / "ablations"
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _run_key(run_profile: Profile, trained: bool) -> str:
     """Hash of the run's model config and of what it is scored on (not of the extra checkpoints or k values:
     a cached run that has them is reused by a request for fewer)."""
     from h3fusion.fusion import raw_hash, variant_hash
 
     model_hash = variant_hash(run_profile) if trained else raw_hash(run_profile)
-    return _digest(
+    return digest(
         {
             "model": model_hash,
             "score_examples": run_profile.ablations.score_examples,

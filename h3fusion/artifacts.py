@@ -98,11 +98,16 @@ def is_complete(folder: Path, config_hash: str) -> bool:
     return manifest is not None and manifest.get("config_hash") == config_hash
 
 
+def digest(obj: Any) -> str:
+    """A short, stable hash of JSON-like content (keys sorted; other values by their `str`): the cache keys of
+    artifacts, evaluations and ablations."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def artifact_identity(manifest: dict[str, Any]) -> str:
     """sha256 of a manifest without its `PROCESS_KEYS`: equal for two from-scratch builds of the same artifact,
     different when its config or content (loss log, steps...) differ."""
-    content = {k: v for k, v in manifest.items() if k not in PROCESS_KEYS}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest({k: v for k, v in manifest.items() if k not in PROCESS_KEYS})
 
 
 def check_weight_files(folder: Path, rebuild: str) -> None:

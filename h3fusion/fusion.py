@@ -15,8 +15,6 @@ run killed mid-way resumes from its last complete checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from h3fusion.artifacts import Stopwatch, is_complete, make_manifest, read_manifest
+from h3fusion.artifacts import Stopwatch, digest, is_complete, make_manifest, read_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, Profile, ReleasedCodeSwitches, shown_path
 from h3fusion.errors import ArtifactError
 from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
@@ -62,10 +60,6 @@ def raw_dir(profile: Profile) -> Path:
     return fusion_dir(profile, RAW_FOLDERS[f.router_init] + f.released_code_suffix(f.released_code.UPCYCLING))
 
 
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def raw_hash(profile: Profile) -> str:
     """The raw MoE depends on the experts and on how they are upcycled (not on fusion training)."""
     from h3fusion.experts import expert_hash
@@ -73,13 +67,13 @@ def raw_hash(profile: Profile) -> str:
     fusion = profile.fusion.model_dump(mode="json")
     upcycling = profile.fusion.released_code.on(profile.fusion.released_code.UPCYCLING)
     extra = {"released_code": upcycling} if upcycling else {}
-    return _digest({"experts": expert_hash(profile), **{k: fusion[k] for k in _RAW_FUSION_KEYS}, **extra})
+    return digest({"experts": expert_hash(profile), **{k: fusion[k] for k in _RAW_FUSION_KEYS}, **extra})
 
 
 def variant_hash(profile: Profile) -> str:
     """A trained variant depends on its raw MoE, the fusion section and the training data."""
     data = {k: profile.section_hash(k) for k in TRAINING_DATA_KEYS}
-    return _digest({"raw": raw_hash(profile), "fusion": profile.fusion.hash_payload(), "data": data})
+    return digest({"raw": raw_hash(profile), "fusion": profile.fusion.hash_payload(), "data": data})
 
 
 # ---------------------------------------------------------------------------------------------- upcycling

@@ -17,15 +17,13 @@ both hashes go into the manifest under `HASHES`. `evaluation.xstest_per_type: 0`
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from h3fusion.artifacts import Stopwatch
+from h3fusion.artifacts import Stopwatch, digest
 from h3fusion.config import Profile
 from h3fusion.errors import ArtifactError
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
@@ -68,16 +66,8 @@ def classifier(profile: Profile, judges: Any) -> Any | None:
     return load_offline(profile)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def judge_identity(judge: Any) -> dict[str, Any]:
-    return {"name": judge.name, "validation": getattr(judge, "validation", {})}
-
-
 def _answers_hash(profile: Profile, model_identity: str, prompts: Sequence[str]) -> str:
-    return _digest(
+    return digest(
         {
             "format": FORMAT,
             "model": model_identity,
@@ -91,8 +81,10 @@ def _answers_hash(profile: Profile, model_identity: str, prompts: Sequence[str])
 
 def hashes(profile: Profile, model_identity: str, prompts: Sequence[str], judge: Any) -> dict[str, str]:
     """{"answers": changes with anything that could change an answer, "verdicts": and with the classifier}."""
+    from h3fusion.evaluation.run import judge_identity
+
     answers = _answers_hash(profile, model_identity, prompts)
-    return {"answers": answers, "verdicts": _digest({"answers": answers, "judge": judge_identity(judge)})}
+    return {"answers": answers, "verdicts": digest({"answers": answers, "judge": judge_identity(judge)})}
 
 
 def run(
@@ -108,7 +100,7 @@ def run(
     (`score_generations`): stored answers are then required."""
     from h3fusion.data import format_prompt
     from h3fusion.data.splits import xstest_eval_items
-    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers, read_jsonl
+    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers, judge_identity, read_jsonl
 
     items = xstest_eval_items(profile)
     prompts = [format_prompt(it["prompt"]) for it in items]

@@ -27,7 +27,6 @@ generations without loading the model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
@@ -43,6 +42,7 @@ from h3fusion.artifacts import (
     atomic_dir,
     atomic_write_json,
     check_weight_files,
+    digest,
     make_manifest,
     read_manifest,
 )
@@ -354,13 +354,9 @@ def _mc_question(item: Any, key: dict[str, Any]) -> MCQuestion:
 # ---------------------------------------------------------------------------------------------- hashing and files
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def generation_hash(profile: Profile, model_identity: str, task: str, inputs: DimensionInputs) -> str:
     """Changes when anything that could change this dimension's answers changes."""
-    return _digest(
+    return digest(
         {
             "format": EVAL_FORMAT,
             "task": task,
@@ -628,9 +624,9 @@ def _judge_and_write(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     judges = judges if judges is not None else _load_judges(profile)
-    judge_hashes = {t: _digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
+    judge_hashes = {t: digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
     hashed = {"generations": gen_hashes, "likelihood": track_hashes, "judges": judge_hashes}
-    config_hash = _digest(hashed if xstest is None else {**hashed, overrefusal.PHASE: xstest.hashes})
+    config_hash = digest(hashed if xstest is None else {**hashed, overrefusal.PHASE: xstest.hashes})
     folder = eval_dir(profile, name)
     stored = (
         (folder / METRICS).is_file()

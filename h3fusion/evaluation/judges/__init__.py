@@ -50,13 +50,14 @@ def _honest(profile: Profile) -> Any:
 def load_judges(profile: Profile) -> Judges:
     """The three judges of the profile and the refusal classifier of its XSTest track; offline ones are trained
     once and then loaded from the cache."""
+    from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.judges import refusal
 
     return Judges(
         helpful=_helpful(profile),
         harmless=_harmless(profile),
         honest=_honest(profile),
-        refusal=refusal.load_offline(profile) if profile.evaluation.xstest_per_type != 0 else None,
+        refusal=refusal.load_offline(profile) if overrefusal.enabled(profile) else None,
     )
 
 
