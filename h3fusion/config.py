@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -206,7 +207,9 @@ class FusionConfig(Section):
     @classmethod
     def _averages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v or len(set(v)) != len(v):
-            raise ValueError(f"`fusion.gate_averages` must list distinct averages from sequence, prompt; got {list(v)}")
+            raise ValueError(
+                f"`fusion.gate_averages` must list distinct averages from sequence, prompt; got {list(v)}"
+            )
         return v
 
     @field_validator("drift_gammas")
@@ -580,3 +583,10 @@ def profile_from_dict(
         return Profile.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
+
+
+def derived_profile(profile: Profile, overrides: Mapping[str, Any] | None = None) -> Profile:
+    """The profile with dotted-key overrides applied (validated like a profile file)."""
+    return profile_from_dict(
+        profile.model_dump(mode="json"), dict(overrides or {}), origin=f"{profile.name} + overrides"
+    )

@@ -15,3 +15,7 @@ class ModelError(H3FusionError):
 
 class ArtifactError(H3FusionError):
     """A required artifact of an earlier stage is missing or incomplete."""
+
+
+class AblationError(H3FusionError):
+    """An ablation that cannot run as configured."""

@@ -37,7 +37,7 @@ def released_code_overrides() -> dict[str, Any]:
 
 def released_code_profile(profile: Profile) -> Profile:
     """The profile of the released-code-faithful model (its variant folder name ends in ``_rc-...-att``)."""
-    from h3fusion.ablations import derived_profile
+    from h3fusion.config import derived_profile
 
     return derived_profile(profile, released_code_overrides())
 
