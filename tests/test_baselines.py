@@ -745,3 +745,25 @@ def test_ensemble_mixes_the_experts_stored_logprobs_and_stores_missing_ones(prof
         )
         assert row == pytest.approx(float(torch.logsumexp(per_expert + weights[:, None], 0).sum()), abs=1e-6)
     assert cache.get("other-identity", PROMPTS, conts) is None  # a re-trained expert misses
+
+
+def test_lora_fuser_trains_only_its_adapter_through_the_trainer(profile, tok, adapters):
+    """The LoRA fuser trains like the experts (the Trainer: linear decay, clipping): only its own adapter moves,
+    the experts' adapters and the base stay as they were, the loss is logged every step, and nothing is left
+    trainable afterwards."""
+    from h3fusion.baselines.instruct import train_fuser
+    from h3fusion.config import LoraConfig as ProfileLora
+    from h3fusion.config import TrainConfig
+    from h3fusion.data import TrainExample
+
+    bank = AdapterBank(make_base(profile, tok), {"a": adapters[0], "b": adapters[1]})
+    before = state(bank.model)
+    examples = [TrainExample("helpful", f"Say {w}.", "", f"{w} {w} {w}.") for w in ("yes", "no", "maybe", "so")]
+    train = TrainConfig(max_steps=3, batch_size=2, lr=1e-2, logging_steps=1)
+    log = train_fuser(bank, tok, examples, ProfileLora(r=2, alpha=4, target_modules=TARGETS), train, 64, 7, "fuser")
+    assert [e["step"] for e in log] == [1, 2, 3] and all(e["loss"] > 0 for e in log)
+    after = state(bank.model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # base and experts untouched
+    fuser_b = [k for k in after if ".fuser." in k and "lora_B" in k]
+    assert fuser_b and all(after[k].abs().sum() > 0 for k in fuser_b)  # peft starts B at zero: it trained
+    assert not any(p.requires_grad for p in bank.model.parameters())

@@ -8,7 +8,6 @@ the fuser learns to turn (request, answers) into the reference answer (loss on t
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -162,17 +161,6 @@ def fuser_examples(
     ]
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """`steps` batches of indices, reshuffled (seeded) each epoch."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=gen).tolist()
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
 def train_fuser(
     bank: AdapterBank,
     tokenizer: PreTrainedTokenizerBase,
@@ -183,12 +171,17 @@ def train_fuser(
     seed: int,
     name: str = "fuser",
 ) -> list[dict[str, float]]:
-    """Add a LoRA adapter `name` to the bank and train it on `examples` (loss on the answer); returns the loss log."""
+    """Add a LoRA adapter `name` to the bank and train it on `examples` (loss on the answer) with the Trainer,
+    exactly as the experts train (schedule, warm-up, clipping, accumulation); returns the loss log."""
+    import tempfile
+
     import torch
     from peft import LoraConfig as PeftLoraConfig
+    from transformers import Trainer
 
     from h3fusion.data import PadCollator
-    from h3fusion.progress import progress
+    from h3fusion.experts import LMCollator
+    from h3fusion.training import hide_progress, loss_log, training_arguments
 
     items = [t for t in (tokenize_example(tokenizer, ex, max_length) for ex in examples) if t is not None]
     if not items:
@@ -207,35 +200,21 @@ def train_fuser(
             ),
         )
     bank.use(name)
-    params = [p for n, p in model.named_parameters() if f".{name}." in n]
     for n, p in model.named_parameters():
         p.requires_grad_(f".{name}." in n)
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    per_epoch = math.ceil(len(items) / train.batch_size)
-    steps = train.max_steps or max(1, math.ceil(train.epochs * per_epoch / train.grad_accum))
-    warmup = int(train.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    collate = PadCollator(tokenizer.pad_token_id)
-    device = bank.device
-    log: list[dict[str, float]] = []
-    model.train()
-    batches = _batches(len(items), train.batch_size, steps * train.grad_accum, seed)
-    for step in progress(range(steps), desc="train LoRA fuser", unit="step"):
-        total = 0.0
-        for micro in batches[step * train.grad_accum : (step + 1) * train.grad_accum]:
-            batch = {k: v.to(device) for k, v in collate([items[i] for i in micro]).items()}
-            loss = model(**batch).loss / train.grad_accum
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % train.logging_steps == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "loss": round(total, 5)})
+    with tempfile.TemporaryDirectory(prefix="h3fusion-fuser-") as work:
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(train, seed, Path(work), save_strategy="no"),
+            train_dataset=items,
+            data_collator=LMCollator(PadCollator(tokenizer.pad_token_id)),
+        )
+        hide_progress(trainer)
+        trainer.train()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return log
+    return loss_log(trainer)
 
 
 def write_fuser_examples(path: Path, examples: Sequence[TrainExample]) -> None:
