@@ -97,8 +97,11 @@ def test_the_stored_classifier_is_built_once_and_restored_with_its_validation(tm
     refit = R.RefusalClassifier(built.classifier.encoder, R.MAX_WORDS).fit(
         [r.completion for r in rows], [r.refused for r in rows]
     )
-    answers = ["I'm sorry, but I can't help with that.", "Sure! Use `kill -9 PID` to stop it.", ""]
+    answers = ["I'm sorry, but I can't help with that.", "Sure! Use `kill -9 PID` to stop it."]
     assert (again.refused(answers) == refit.predict(answers)).all()
+    # an empty answer complies with nothing: a refusal, whatever the classifier would read into it
+    assert again.refused(["", *answers, "  \n"]).tolist() == [True, *refit.predict(answers).tolist(), True]
+    assert again.refused(["", " "]).tolist() == [True, True] and again.refused([]).shape == (0,)
     v = built.validation
     assert v["n"] == len(rows) and v["accuracy_low"] <= v["classifier_accuracy"] <= v["accuracy_high"]
     table = R.validation_table(p)  # per generator, from the stored held-out verdicts
