@@ -18,7 +18,7 @@ import pandas as pd
 from h3fusion.artifacts import atomic_write_text
 from h3fusion.config import Profile
 from h3fusion.data import split_prompt
-from h3fusion.evaluation.run import eval_dir, read_jsonl
+from h3fusion.evaluation.store import eval_dir, read_jsonl
 
 
 def _request(row: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from h3fusion.config import Profile
 from h3fusion.evaluation import overrefusal, stats
-from h3fusion.evaluation.run import metrics_path
+from h3fusion.evaluation.store import metrics_path
 from h3fusion.report import HEADLINE_GROUPS, PAPER_COL, PAPER_IMPROVEMENT_PCT, Evaluated, fused_variant
 
 COLUMNS = {
@@ -431,7 +431,7 @@ def finished_share(profile: Profile, models: Mapping[str, str]) -> pd.DataFrame:
     """
     import numpy as np
 
-    from h3fusion.evaluation.run import read_jsonl
+    from h3fusion.evaluation.store import read_jsonl
     from h3fusion.models import load_tokenizer
 
     tok = load_tokenizer(profile)

@@ -25,7 +25,8 @@ from h3fusion.artifacts import read_manifest
 from h3fusion.baselines.registry import BASELINES
 from h3fusion.config import Profile
 from h3fusion.errors import H3FusionError
-from h3fusion.evaluation.run import PHASE_TIMES, metrics_path
+from h3fusion.evaluation.run import PHASE_TIMES
+from h3fusion.evaluation.store import metrics_path
 
 # The paper's headline claims: H3Fusion-MoE's improvement of the three-dimension average over the best
 # individually aligned expert, the best ensemble and the best merge. Source: Tekin et al., "H3Fusion:
@@ -269,7 +270,7 @@ def embedding_prompts(profile: Profile, samples: int, split: str = "eval") -> tu
 
 def embedding_models(profile: Profile) -> tuple[list[str], list[str]]:
     """(models to embed, expected ones that do not exist yet): base, experts, raw MoE, H3Fusion-MoE, no gate."""
-    from h3fusion.evaluation.run import known_models
+    from h3fusion.evaluation.registry import known_models
 
     wanted = ["base", *profile.tasks, RAW_MOE, fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)]
     wanted = list(dict.fromkeys(wanted))
@@ -290,7 +291,7 @@ def embed_models(
     import gc
 
     from h3fusion.analysis import hidden_embeddings
-    from h3fusion.evaluation.run import known_models
+    from h3fusion.evaluation.registry import known_models
 
     entries, out = known_models(profile), {}
     for name in names:

@@ -148,3 +148,31 @@ def test_drift_forms(P) -> None:
     assert released["value at init"] > 0 and released["|grad| on fusion LoRA"] > 0
 
 
+
+
+@pytest.mark.parametrize("skip_header", [True, False])
+def test_router_ablation_changes_one_setting_per_run_and_flips_the_header_either_way(
+    P, monkeypatch: pytest.MonkeyPatch, skip_header: bool
+) -> None:
+    """Every run of the router ablation is the profile at its full fusion length with one setting changed; the
+    header variant is the opposite of the profile's choice, whichever it is (no training: run_ablation stubbed)."""
+    from h3fusion.ablations import studies
+    from h3fusion.config import derived_profile
+
+    profile = derived_profile(
+        P, {"fusion.gate_skip_template": skip_header, "fusion.router_lr": 0.05, "fusion.train.max_steps": 8}
+    )
+    calls = []
+    monkeypatch.setattr(
+        studies, "run_ablation", lambda prof, over, label, checkpoints=(): calls.append((over, checkpoints)) or {}
+    )
+    runs = A.router_ablation(profile)
+    full = {"fusion.train.max_steps": 8, "fusion.train.epochs": None}
+    assert calls[0] == (full, [2, 4, 6, 8])  # the profile's own run, scored at a quarter, half, ... of its steps
+    changed = [{k: v for k, v in over.items() if k not in full} for over, _ in calls[1:]]
+    assert all(over.items() >= full.items() for over, _ in calls) and all(len(c) == 1 for c in changed)
+    assert {"fusion.gate_skip_template": not skip_header} in changed
+    assert {"fusion.router_lr": None} in changed and {"fusion.router_init": "hidden"} in changed
+    header_run = next(name for name in runs if "template header" in name)
+    assert ("kept in" if skip_header else "left out of") in header_run
+    assert ("header skipped" if skip_header else "header kept") in next(iter(runs))

@@ -656,7 +656,7 @@ def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adap
 def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(own_experts, monkeypatch):
     from h3fusion.baselines import run_baselines
     from h3fusion.evaluation import judges as judges_mod
-    from h3fusion.evaluation.run import eval_dir, read_jsonl
+    from h3fusion.evaluation.store import eval_dir, read_jsonl
 
     loads = []
     monkeypatch.setattr(judges_mod, "load_judges", lambda p: loads.append(1) or fake_judges())

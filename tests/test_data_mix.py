@@ -67,7 +67,7 @@ def test_trains_on_exactly_the_fusions_mixed_data(built, tmp_path):
 
 
 def test_folder_loads_as_a_dense_baseline_with_the_experts_lora_merged(built):
-    from h3fusion.evaluation.run import _builtin_models, known_models
+    from h3fusion.evaluation.registry import _builtin_models, known_models
     from h3fusion.models import load_base
 
     assert _builtin_models(built)[NAME].kind == "baseline"  # a dense folder, loadable without the registry

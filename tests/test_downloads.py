@@ -9,7 +9,7 @@ import pandas as pd
 from h3fusion import downloads
 from h3fusion.config import load_profile
 from h3fusion.data import format_prompt
-from h3fusion.evaluation.run import eval_dir, write_jsonl
+from h3fusion.evaluation.store import eval_dir, write_jsonl
 
 
 def _store(profile, name, answers):

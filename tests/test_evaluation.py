@@ -15,6 +15,7 @@ import torch
 from h3fusion.artifacts import read_manifest
 from h3fusion.config import GenerationConfig, load_profile
 from h3fusion.errors import ArtifactError, H3FusionError
+from h3fusion.evaluation import registry, store
 from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
@@ -315,16 +316,16 @@ def test_scoring_without_generations_is_a_clear_error(profile, judges):
 
 
 def test_registered_models_are_known(profile):
-    entry = runmod.ModelEntry("my-ensemble", "ensemble", lambda: None, lambda: "x")
+    entry = registry.ModelEntry("my-ensemble", "ensemble", lambda: None, lambda: "x")
 
     def provider(p):
         return {"my-ensemble": entry}
 
-    runmod.register_models(provider)
+    registry.register_models(provider)
     try:
-        assert runmod.known_models(profile)["my-ensemble"] is entry
+        assert registry.known_models(profile)["my-ensemble"] is entry
     finally:
-        runmod._PROVIDERS.remove(provider)
+        registry._PROVIDERS.remove(provider)
 
 
 def _scores(metrics):
@@ -337,11 +338,11 @@ def _phases(folder):
 
 def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     first = runmod.evaluate_model(profile, "base", judges=judges)
-    folder = runmod.eval_dir(profile, "base")
+    folder = store.eval_dir(profile, "base")
     for task in profile.tasks:
         assert (folder / "generations" / f"{task}.jsonl").is_file()
         assert (
-            len(runmod.read_jsonl(folder / "judgements" / f"{task}.jsonl"))
+            len(store.read_jsonl(folder / "judgements" / f"{task}.jsonl"))
             == profile.data.eval_examples[task]
         )
     assert (folder / "manifest.json").is_file()
@@ -356,7 +357,7 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     assert first["judges"]["helpful"]["name"] == "fake-length-judge"
     assert first["judges"]["harmless"]["validation"]["n_heldout"] == 10
     assert first["n_items"] == {t: profile.data.eval_examples[t] for t in profile.tasks}
-    xstest = runmod.read_jsonl(folder / "xstest.jsonl")  # the XSTest track, answered by the real (tiny) model
+    xstest = store.read_jsonl(folder / "xstest.jsonl")  # the XSTest track, answered by the real (tiny) model
     assert len(xstest) == first["xstest"]["n_items"] == 18
     assert all(r["refused"] == (len(r["answer"]) % 2 == 0) for r in xstest)
 
@@ -395,7 +396,7 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     # A fresh run directory with the same seed gives the same metrics (regenerated from scratch).
     fresh = profile.model_copy(update={"runs_dir": str(tmp_path)})
     regenerated = runmod.evaluate_model(fresh, "base", judges=judges)
-    assert not _phases(runmod.eval_dir(fresh, "base"))["helpful"]["reused_generations"]
+    assert not _phases(store.eval_dir(fresh, "base"))["helpful"]["reused_generations"]
     assert _scores(regenerated) == _scores(first)
 
     # Stored generations can be re-judged without the model.
@@ -412,7 +413,7 @@ def test_two_from_scratch_runs_write_the_same_metrics_bytes(tmp_path, judges):
         fresh = load_profile("smoke", {"runs_dir": str(tmp_path / run)})
         align(fresh, "helpful")
         runmod.evaluate_model(fresh, "helpful", judges=judges)
-        written.append(runmod.metrics_path(fresh, "helpful").read_bytes())
+        written.append(store.metrics_path(fresh, "helpful").read_bytes())
         manifests.append(read_manifest(expert_dir(fresh, "helpful")))
     assert manifests[0]["config"]["runs_dir"] != manifests[1]["config"]["runs_dir"]
     assert written[0] == written[1]
@@ -513,8 +514,8 @@ def test_models_evaluated_in_worker_processes_equal_one_process(tmp_path):
 
     one = load_profile("smoke", {"runs_dir": str(tmp_path)})
     alone = evaluate_models(one, ["base"], judges=load_judges(one))["base"]
-    shutil.rmtree(runmod.eval_dir(one, "base"))
+    shutil.rmtree(store.eval_dir(one, "base"))
     two = load_profile("smoke", {"runs_dir": str(tmp_path), "evaluation.workers": 2})
     side_by_side = evaluate_models(two, ["base", "base"])
     assert side_by_side == {"base": alone}
-    assert json.loads(runmod.metrics_path(two, "base").read_text()) == alone
+    assert json.loads(store.metrics_path(two, "base").read_text()) == alone

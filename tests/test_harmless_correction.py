@@ -133,7 +133,7 @@ def test_judgements_of_another_judge_are_not_corrected_with_these_counts(smoke_p
     import json
 
     from h3fusion import evidence
-    from h3fusion.evaluation.run import metrics_path
+    from h3fusion.evaluation.store import metrics_path
 
     profile = smoke_profile.model_copy(update={"runs_dir": str(tmp_path)})
     scores = {"base": _scores("base", _flags(31))}

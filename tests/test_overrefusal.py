@@ -16,7 +16,7 @@ from h3fusion.config import load_profile
 from h3fusion.data import format_prompt
 from h3fusion.data.splits import xstest_eval_items
 from h3fusion.errors import DataError
-from h3fusion.evaluation import overrefusal
+from h3fusion.evaluation import overrefusal, store
 from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.judges.refusal import load_prompts
 
@@ -112,7 +112,7 @@ def test_rates_are_the_classifiers_verdicts_counted(profile):
     items = xstest_eval_items(profile)
     lm, judges = RefusingLM(items), _judges()
     metrics = runmod.evaluate_model(profile, "fake", judges=judges, lm=lm)
-    rows = runmod.read_jsonl(runmod.eval_dir(profile, "fake") / overrefusal.FILE)
+    rows = store.read_jsonl(store.eval_dir(profile, "fake") / overrefusal.FILE)
     assert [r["id"] for r in rows] == [it["id"] for it in items]
     assert all(
         r["refused"] == (int(r["id"]) % 2 == 0) and r["prompt"] == it["prompt"]
@@ -149,7 +149,7 @@ def test_a_model_evaluated_before_the_track_gets_only_xstest_added(profile):
         judges=judges,
         lm=lm,
     )
-    folder = runmod.eval_dir(profile, "fake")
+    folder = store.eval_dir(profile, "fake")
     assert "xstest" not in before and not (folder / overrefusal.FILE).exists()
     assert overrefusal.HASHES not in read_manifest(folder)
 
@@ -193,4 +193,4 @@ def test_the_main_table_gets_the_xstest_columns_with_intervals_outside_the_avera
     note = evidence.xstest_note(profile, evaluated)
     assert "90.0 % [88.0, 92.0] of 2,250" in note and "string-match rule agrees on 85.0 %" in note
     assert profile.model.base in note and "neither enters the three-dimension average" in note
-    assert json.loads(runmod.metrics_path(profile, "fake").read_text())["xstest"]["n_items"] == 18
+    assert json.loads(store.metrics_path(profile, "fake").read_text())["xstest"]["n_items"] == 18

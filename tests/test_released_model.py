@@ -100,7 +100,7 @@ def test_released_model_keeps_its_random_router_and_aliases_its_experts(released
 
 
 def test_released_model_is_evaluable_and_its_raw_moe_is_not_listed(released_run):
-    from h3fusion.evaluation.run import known_models
+    from h3fusion.evaluation.registry import known_models
     from h3fusion.report import display_names, model_groups
 
     profile, released, folder = released_run

@@ -64,7 +64,7 @@ def heldout_responses(profile: Profile, task: str, n: int) -> list[Any]:
 
 def scoring_items(profile: Profile) -> ScoringItems:
     from h3fusion.analysis import task_prompts
-    from h3fusion.evaluation.run import dimension_inputs
+    from h3fusion.evaluation.inputs import dimension_inputs
 
     n = profile.ablations.score_examples
     responses = {t: heldout_responses(profile, t, n) for t in profile.tasks}

@@ -18,7 +18,7 @@ from h3fusion.baselines.runner import (
     model_entries,
     run_baselines,
 )
-from h3fusion.evaluation.run import register_models
+from h3fusion.evaluation.registry import register_models
 
 register_models(model_entries)
 

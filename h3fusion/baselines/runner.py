@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, TokenEnsemble, Weighting
     from h3fusion.evaluation.lm import LanguageModel
-    from h3fusion.evaluation.run import ModelEntry
+    from h3fusion.evaluation.registry import ModelEntry
 
 BASELINE_FORMAT = 1
 """Bump when a baseline's construction changes: every baseline is then rebuilt."""
@@ -57,14 +57,14 @@ def _rebuild(profile: Profile, name: str) -> str:
 
 
 def _baseline_identity(profile: Profile, name: str) -> str:
-    from h3fusion.evaluation.run import manifest_identity
+    from h3fusion.evaluation.registry import manifest_identity
 
     return manifest_identity(baseline_dir(profile, name), f"the baseline {name}", _rebuild(profile, name))
 
 
 def expert_identities(profile: Profile) -> dict[str, str]:
     """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
-    from h3fusion.evaluation.run import manifest_identity
+    from h3fusion.evaluation.registry import manifest_identity
     from h3fusion.experts import require_expert
 
     out = {}
@@ -238,7 +238,7 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
     from h3fusion.baselines.ensembles import KnownAnswers
     from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
-    from h3fusion.evaluation.run import eval_dir, read_jsonl
+    from h3fusion.evaluation.store import eval_dir, read_jsonl
 
     identities = expert_identities(profile)
     inputs = _eval_inputs(profile)
@@ -257,7 +257,7 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
 
 def _eval_inputs(profile: Profile) -> dict[str, Any]:
     from h3fusion.data import load_eval_items
-    from h3fusion.evaluation.run import dimension_inputs
+    from h3fusion.evaluation.inputs import dimension_inputs
 
     return {t: dimension_inputs(t, list(load_eval_items(profile, t))) for t in profile.tasks}
 
@@ -265,7 +265,8 @@ def _eval_inputs(profile: Profile) -> dict[str, Any]:
 def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[str, Any]) -> list[str]:
     """The dimensions whose generations eval/<name>/ holds for this model identity and profile (run.py's key)."""
     from h3fusion.artifacts import read_manifest
-    from h3fusion.evaluation.run import eval_dir, generation_hash
+    from h3fusion.evaluation.run import generation_hash
+    from h3fusion.evaluation.store import eval_dir
 
     folder = eval_dir(profile, name)
     stored = (read_manifest(folder) or {}).get("generation_hashes", {})
@@ -466,8 +467,8 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
 
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:
-    """Every baseline as an evaluation `ModelEntry` (registered with `h3fusion.evaluation.run.register_models`)."""
-    from h3fusion.evaluation.run import ModelEntry
+    """Every baseline as an evaluation `ModelEntry` (registered with `h3fusion.evaluation.registry.register_models`)."""
+    from h3fusion.evaluation.registry import ModelEntry
 
     out = {}
     for name, b in BASELINES.items():

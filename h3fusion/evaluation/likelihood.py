@@ -77,7 +77,7 @@ def _truncate(tok: PreTrainedTokenizerBase, text: str, limit: int) -> tuple[str,
 
 def _honest(profile: Profile) -> LikelihoodInputs:
     from h3fusion.data.splits import eval_items_all
-    from h3fusion.evaluation.run import dimension_inputs
+    from h3fusion.evaluation.inputs import dimension_inputs
 
     items = eval_items_all(profile, "honest")[: profile.evaluation.likelihood.honest_questions]
     return LikelihoodInputs(

@@ -100,7 +100,8 @@ def run(
     (`score_generations`): stored answers are then required."""
     from h3fusion.data import format_prompt
     from h3fusion.data.splits import xstest_eval_items
-    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers, judge_identity, read_jsonl
+    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers, judge_identity
+    from h3fusion.evaluation.store import read_jsonl
 
     items = xstest_eval_items(profile)
     prompts = [format_prompt(it["prompt"]) for it in items]
@@ -147,7 +148,7 @@ def stored_answers(
     from h3fusion.artifacts import read_manifest
     from h3fusion.data import format_prompt
     from h3fusion.data.splits import xstest_eval_items
-    from h3fusion.evaluation.run import eval_dir, read_jsonl
+    from h3fusion.evaluation.store import eval_dir, read_jsonl
 
     if not enabled(profile):
         return None

@@ -1,7 +1,7 @@
 """Evaluate one model on the helpful, harmless and honest dimensions: generate, judge, write `eval/<name>/`.
 
-`evaluate_model(profile, name)` resolves NAME through `known_models(profile)` (base, an expert, the raw MoE, a
-fused variant, a baseline, or anything another module registers with `register_models`), generates answers for
+`evaluate_model(profile, name)` resolves NAME through `registry.known_models(profile)` (base, an expert, the raw
+MoE, a fused variant, a baseline, or anything another module registers with `register_models`), generates answers for
 each dimension's evaluation items, judges them, scores the judge-free likelihood track (`h3fusion.evaluation.likelihood`: TruthfulQA
 MC1/MC2, reference answers, safe vs unsafe responses) from the model's log-likelihoods, and writes into
 ``runs/<profile>/eval/<name>/``:
@@ -27,328 +27,41 @@ generations without loading the model.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import (
     MANIFEST,
     Stopwatch,
-    artifact_identity,
     atomic_dir,
     atomic_write_json,
-    check_weight_files,
     digest,
     make_manifest,
     read_manifest,
 )
-from h3fusion.config import TASKS, GenerationConfig, Profile, shown_path
-from h3fusion.errors import ArtifactError, H3FusionError, ModelError
+from h3fusion.config import TASKS, GenerationConfig, Profile
+from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import likelihood, overrefusal
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+from h3fusion.evaluation.inputs import DimensionInputs, dimension_inputs, load_items
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
 from h3fusion.evaluation.logprob_cache import profile_cache
-from h3fusion.evaluation.mc import MCQuestion, mc_prompt
+from h3fusion.evaluation.mc import mc_prompt
+from h3fusion.evaluation.registry import resolve_model
+from h3fusion.evaluation.store import METRICS, eval_dir, json_default, read_jsonl, write_jsonl
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    pass
 
 EVAL_FORMAT = 1
 """Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
 
-METRICS = "metrics.json"
 PHASE_TIMES = "phase_times"
 """Manifest key: {phase or dimension: seconds and whether generations/judgements were reused}."""
 LIKELIHOOD_HASHES = "likelihood_hashes"
-
-
-class UnknownModelError(H3FusionError, KeyError):
-    """A model name that no loader knows."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-# ---------------------------------------------------------------------------------------------- model registry
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model evaluation can load: `entry()` loads it; `identity()` names its exact weights for the cache."""
-
-    name: str
-    kind: str
-    """base | expert | raw-moe | fused | baseline | (any kind a registered provider uses)."""
-    load: Callable[[], LanguageModel]
-    identity: Callable[[], str]
-    description: str = ""
-
-    def __call__(self) -> LanguageModel:
-        return self.load()
-
-
-ModelProvider = Callable[[Profile], Mapping[str, ModelEntry]]
-_PROVIDERS: list[ModelProvider] = []
-_PROVIDER_MODULES = ("h3fusion.baselines",)
-"""Imported before listing models, so that their `register_models` calls have run."""
-
-
-def register_models(provider: ModelProvider) -> ModelProvider:
-    """Add a source of evaluable models (e.g. ensembles), as `provider(profile) -> {name: ModelEntry}`.
-
-    Usable as a decorator; registering the same function twice has no effect.
-    """
-    if provider not in _PROVIDERS:
-        _PROVIDERS.append(provider)
-    return provider
-
-
-def _import_providers() -> None:
-    for module in _PROVIDER_MODULES:
-        try:
-            importlib.import_module(module)
-        except (
-            ModuleNotFoundError
-        ) as err:  # the module itself absent (not one of its imports): nothing to add
-            if err.name != module:
-                raise
-
-
-def manifest_identity(folder: Path, what: str, fix: str) -> str:
-    """The artifact's identity (`artifacts.artifact_identity`): changes when it is rebuilt with another config
-    or content, not with the wall time, date or machine of the build. An error (saying `fix`) when the artifact
-    is incomplete or one of its weight files is damaged, before anything is loaded or written."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise ArtifactError(f"{what} at {folder} is missing or incomplete (no {MANIFEST}); {fix}")
-    check_weight_files(folder, fix)
-    return artifact_identity(manifest)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HFLanguageModel:
-    return HFLanguageModel(model.to(_device()).eval(), tokenizer)
-
-
-def _load_base_lm(profile: Profile) -> HFLanguageModel:
-    from h3fusion.models import load_base
-
-    return _wrap(*load_base(profile))
-
-
-def _expert_identity(profile: Profile, task: str) -> str:
-    """The expert's manifest hash; an error when it is missing or was trained with another config."""
-    from h3fusion.experts import check_experts_fit, require_expert
-
-    folder = require_expert(profile, task, "evaluating it")
-    check_experts_fit(profile, [task])
-    return manifest_identity(
-        folder, f"the {task} expert", f"re-run `h3fusion align --profile {profile.name} --task {task}`"
-    )
-
-
-def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
-    """Base + the task's LoRA adapter, merged into the weights (same function, dense-speed generation)."""
-    from peft import PeftModel
-
-    from h3fusion.experts import expert_dir
-    from h3fusion.models import load_base
-
-    _expert_identity(profile, task)
-    folder = expert_dir(profile, task)
-    model, tok = load_base(profile)
-    try:
-        merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the {task} expert adapter from {folder}: {err}") from err
-    return _wrap(merged, tok)
-
-
-def _load_folder_lm(profile: Profile, folder: Path, what: str, fix: str) -> HFLanguageModel:
-    """A standard Hugging Face model folder (dense merge, Mixtral-format MoE), tokenizer from it or the profile."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from h3fusion.models import load_tokenizer, prepare_tokenizer
-
-    manifest_identity(folder, what, fix)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=getattr(torch, profile.model.dtype), use_safetensors=True
-    )
-    has_tok = any(
-        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    )
-    tok = (
-        prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder))) if has_tok else load_tokenizer(profile)
-    )
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return _wrap(model, tok)
-
-
-def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
-    run = profile.run_dir
-    entries: dict[str, ModelEntry] = {
-        "base": ModelEntry(
-            "base",
-            "base",
-            lambda: _load_base_lm(profile),
-            lambda: f"{profile.section_hash('model')}-seed{profile.seed}",
-            f"the base model ({profile.model.base})",
-        )
-    }
-    for task in profile.tasks:
-        entries[task] = ModelEntry(
-            task,
-            "expert",
-            lambda t=task: _load_expert_lm(profile, t),
-            lambda t=task: _expert_identity(profile, t),
-            f"base + the {task} LoRA expert (merged into the weights)",
-        )
-    from h3fusion.fusion import RAW_FOLDERS, TRAINING_FREE_MOE
-
-    raw = {
-        "raw-moe": run / "fusion" / RAW_FOLDERS["random"],
-        TRAINING_FREE_MOE: run / "fusion" / RAW_FOLDERS["hidden"],
-    }
-    fusion_dirs = {**raw, profile.fusion.variant: run / "fusion" / profile.fusion.variant}
-    if (run / "fusion").is_dir():
-        for folder in sorted((run / "fusion").iterdir()):
-            manifest = read_manifest(folder) if folder.is_dir() else None
-            if manifest is not None and manifest.get("stage") == "fusion":  # trained variants, not raw MoEs
-                fusion_dirs.setdefault(folder.name, folder)
-    for name, folder in fusion_dirs.items():
-        kind = "raw-moe" if name in raw else "fused"
-        what = {
-            "raw-moe": "the raw (upcycled) MoE",
-            TRAINING_FREE_MOE: "the training-free MoE (upcycled, hidden-state router, no training)",
-        }.get(name, f"the fused model {name}")
-        init = "hidden" if name == TRAINING_FREE_MOE else "random"
-        other_init = "" if init == profile.fusion.router_init else f" --set fusion.router_init={init}"
-        fix = (
-            f"build it with `h3fusion fuse --profile {profile.name} --raw-only{other_init}`"
-            if kind == "raw-moe"
-            else f"train it with `h3fusion fuse --profile {profile.name}`"
-        )
-        entries[name] = ModelEntry(
-            name,
-            kind,
-            lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
-            lambda f=folder, w=what, x=fix: manifest_identity(f, w, x),
-            f"{what} ({shown_path(folder)})",
-        )
-    if (run / "baselines").is_dir():
-        for folder in sorted((run / "baselines").iterdir()):
-            if (folder / "config.json").is_file() and folder.name not in entries:
-                what = f"the baseline {folder.name}"
-                fix = f"run `h3fusion baselines --profile {profile.name} --only {folder.name}`"
-                entries[folder.name] = ModelEntry(
-                    folder.name,
-                    "baseline",
-                    lambda f=folder, w=what, x=fix: _load_folder_lm(profile, f, w, x),
-                    lambda f=folder, w=what, x=fix: manifest_identity(f, w, x),
-                    f"dense merged model ({folder})",
-                )
-    return entries
-
-
-def known_models(profile: Profile) -> dict[str, ModelEntry]:
-    """Every model name `evaluate_model` accepts for this profile, with its loader (built-ins + registered)."""
-    _import_providers()
-    entries = _builtin_models(profile)
-    for provider in _PROVIDERS:
-        entries.update(provider(profile))
-    return entries
-
-
-def resolve_model(profile: Profile, name: str) -> ModelEntry:
-    models = known_models(profile)
-    if name not in models:
-        raise UnknownModelError(
-            f"unknown model {name!r} for profile {profile.name!r}; known models: {', '.join(models)}"
-        )
-    return models[name]
-
-
-# ---------------------------------------------------------------------------------------------- items and prompts
-
-
-def _get(item: Any, key: str, default: Any = None) -> Any:
-    if isinstance(item, Mapping):
-        return item.get(key, default)
-    return getattr(item, key, default)
-
-
-def _format_prompt(instruction: str, input_text: str = "") -> str:
-    from h3fusion.data import format_prompt
-
-    return format_prompt(instruction, input_text)
-
-
-def _load_eval_items(profile: Profile, task: str) -> list[Any]:
-    from h3fusion.data import load_eval_items
-
-    return list(load_eval_items(profile, task))
-
-
-@dataclass
-class DimensionInputs:
-    """What one dimension generates from and what its judge compares against."""
-
-    prompts: list[str]
-    keys: list[dict[str, Any]]
-    """Per item, the fields kept beside its generation (instruction, reference, question, ...)."""
-    mc: list[MCQuestion] = field(default_factory=list)
-
-
-def dimension_inputs(task: str, items: Sequence[Any]) -> DimensionInputs:
-    """Prompts (Alpaca template) and the judge's references for one dimension's evaluation items."""
-    if task == "helpful":
-        keys = [
-            {
-                "item_id": _get(it, "id"),
-                "instruction": _get(it, "instruction"),
-                "input": _get(it, "input", "") or "",
-                "reference": _get(it, "reference", None) or _get(it, "output"),
-            }
-            for it in items
-        ]
-        return DimensionInputs([_format_prompt(k["instruction"], k["input"]) for k in keys], keys)
-    if task == "harmless":
-        keys = [{"item_id": _get(it, "id"), "prompt": _get(it, "prompt")} for it in items]
-        return DimensionInputs([_format_prompt(k["prompt"]) for k in keys], keys)
-    if task == "honest":
-        keys = [
-            {
-                "item_id": _get(it, "id"),
-                "question": _get(it, "question"),
-                "best_answer": _get(it, "best_answer"),
-                "correct_answers": list(_get(it, "correct_answers")),
-                "incorrect_answers": list(_get(it, "incorrect_answers")),
-            }
-            for it in items
-        ]
-        mc = [_mc_question(it, k) for it, k in zip(items, keys, strict=True)]
-        return DimensionInputs([_format_prompt(k["question"]) for k in keys], keys, mc)
-    raise H3FusionError(f"unknown evaluation dimension {task!r}; allowed: {list(TASKS)}")
-
-
-def _mc_question(item: Any, key: dict[str, Any]) -> MCQuestion:
-    mc1, mc2 = _get(item, "mc1_targets"), _get(item, "mc2_targets")
-    if mc1 and mc2:
-        return MCQuestion.from_targets(key["question"], dict(mc1), dict(mc2))
-    return MCQuestion.from_generation_item(
-        key["question"], key["best_answer"], key["correct_answers"], key["incorrect_answers"]
-    )
 
 
 # ---------------------------------------------------------------------------------------------- hashing and files
@@ -371,35 +84,6 @@ def generation_hash(profile: Profile, model_identity: str, task: str, inputs: Di
 
 def judge_identity(judge: Any) -> dict[str, Any]:
     return {"name": judge.name, "validation": getattr(judge, "validation", {})}
-
-
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-def eval_dir(profile: Profile, name: str) -> Path:
-    return profile.run_dir / "eval" / name
-
-
-def metrics_path(profile: Profile, name: str) -> Path:
-    """Where `evaluate_model` stores model NAME's metrics."""
-    return eval_dir(profile, name) / METRICS
 
 
 # ---------------------------------------------------------------------------------------------- judging
@@ -427,7 +111,7 @@ def judge_dimension(
             [k["incorrect_answers"] for k in keys],
         )
         return [
-            {k: _json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts
+            {k: json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts
         ]
     raise H3FusionError(f"unknown evaluation dimension {task!r}; allowed: {list(TASKS)}")
 
@@ -494,6 +178,20 @@ def _previous(folder: Path) -> _Previous | None:
     return _Previous(manifest, folder) if manifest else None
 
 
+@dataclass
+class _Tracks:
+    """What an evaluation has before judging: every dimension's answers and likelihood rows with their hashes,
+    the wall times so far, the earlier evaluation (for reuse) and the XSTest track."""
+
+    generations: dict[str, list[dict]]
+    gen_hashes: dict[str, str]
+    track_rows: dict[str, list[dict]]
+    track_hashes: dict[str, str]
+    times: dict[str, dict[str, Any]]
+    previous: _Previous | None
+    xstest: overrefusal.Track | None
+
+
 def evaluate_model(
     profile: Profile, name: str, *, judges: Any = None, lm: LanguageModel | None = None
 ) -> dict[str, Any]:
@@ -504,7 +202,7 @@ def evaluate_model(
     """
     entry = resolve_model(profile, name) if lm is None else None
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
-    inputs = {task: dimension_inputs(task, _load_eval_items(profile, task)) for task in profile.tasks}
+    inputs = {task: dimension_inputs(task, load_items(profile, task)) for task in profile.tasks}
     judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
     refusals = overrefusal.classifier(profile, judges)
     folder = eval_dir(profile, name)
@@ -524,7 +222,9 @@ def evaluate_model(
             print(f"loading {name}: {entry.description}")
             with Stopwatch() as sw:
                 model = entry.load()
-            if isinstance(model, HFLanguageModel):  # token ensembles of this model reuse its log-probabilities
+            if isinstance(
+                model, HFLanguageModel
+            ):  # token ensembles of this model reuse its log-probabilities
                 model.store_logprobs(profile_cache(profile.run_dir), identity)
             times["load_model"] = {"load_s": round(sw.seconds, 2)}
         return model
@@ -562,8 +262,8 @@ def evaluate_model(
     xstest = (
         None if refusals is None else overrefusal.run(profile, identity, refusals, previous, get_model, name)
     )
-    stored = (generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
-    return _judge_and_write(profile, name, identity, judges, inputs, *stored)
+    tracks = _Tracks(generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
+    return _judge_and_write(profile, name, identity, judges, inputs, tracks)
 
 
 def generate_answers(
@@ -600,8 +300,8 @@ def score_generations(profile: Profile, name: str, *, judges: Any = None) -> dic
     identity = previous.manifest.get("model_identity", f"stored:{name}")
     refusals = overrefusal.classifier(profile, judges)
     xstest = None if refusals is None else overrefusal.run(profile, identity, refusals, previous, None, name)
-    stored = (generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
-    return _judge_and_write(profile, name, identity, judges, inputs, *stored)
+    tracks = _Tracks(generations, gen_hashes, track_rows, track_hashes, times, previous, xstest)
+    return _judge_and_write(profile, name, identity, judges, inputs, tracks)
 
 
 def _keys_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -614,23 +314,23 @@ def _judge_and_write(
     identity: str,
     judges: Any,
     inputs: dict[str, DimensionInputs],
-    generations: dict[str, list[dict]],
-    gen_hashes: dict[str, str],
-    track_rows: dict[str, list[dict]],
-    track_hashes: dict[str, str],
-    times: dict[str, dict[str, Any]],
-    previous: _Previous | None,
-    xstest: overrefusal.Track | None,
+    tracks: _Tracks,
 ) -> dict[str, Any]:
+    """Judge the answers (reusing stored judgements of the same answers and judge), then write the folder."""
     t0 = time.perf_counter()
+    previous, xstest = tracks.previous, tracks.xstest
     judges = judges if judges is not None else _load_judges(profile)
     judge_hashes = {t: digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
-    hashed = {"generations": gen_hashes, "likelihood": track_hashes, "judges": judge_hashes}
+    hashed = {
+        "generations": tracks.gen_hashes,
+        "likelihood": tracks.track_hashes,
+        "judges": judge_hashes,
+    }
     config_hash = digest(hashed if xstest is None else {**hashed, overrefusal.PHASE: xstest.hashes})
     folder = eval_dir(profile, name)
     stored = (
         (folder / METRICS).is_file()
-        and all((folder / likelihood.FOLDER / f"{t}.jsonl").is_file() for t in track_hashes)
+        and all((folder / likelihood.FOLDER / f"{t}.jsonl").is_file() for t in tracks.track_hashes)
         and (xstest is None or (folder / overrefusal.FILE).is_file())
     )
     if previous and previous.manifest.get("config_hash") == config_hash and stored:
@@ -639,8 +339,8 @@ def _judge_and_write(
     judgements: dict[str, list[dict]] = {}
     scores: dict[str, dict[str, Any]] = {}
     for task in profile.tasks:
-        rows = generations[task]
-        cached = previous.judgements(task, gen_hashes[task], judge_hashes[task]) if previous else None
+        rows = tracks.generations[task]
+        cached = previous.judgements(task, tracks.gen_hashes[task], judge_hashes[task]) if previous else None
         reused = cached is not None
         with Stopwatch() as sw:
             if cached is None:
@@ -648,34 +348,21 @@ def _judge_and_write(
         judgements[task] = cached
         scores[task] = _scores_from_judgements(task, cached)
         seconds = _earlier(previous, task, "judge_s") if reused else round(sw.seconds, 2)
-        times[task].update(judge_s=seconds, reused_judgements=reused)
+        tracks.times[task].update(judge_s=seconds, reused_judgements=reused)
 
     metrics = {
         "model": name,
         "profile": profile.name,
         "scores": scores,
-        "likelihood": likelihood.summary(track_rows),
+        "likelihood": likelihood.summary(tracks.track_rows),
         "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
         "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
-        "n_items": {t: len(generations[t]) for t in profile.tasks},
+        "n_items": {t: len(tracks.generations[t]) for t in profile.tasks},
         **({} if xstest is None else {overrefusal.PHASE: overrefusal.metrics(xstest)}),
         "config_hash": config_hash,
         "model_identity": identity,
     }
-    _write(
-        profile,
-        folder,
-        metrics,
-        generations,
-        judgements,
-        track_rows,
-        gen_hashes,
-        judge_hashes,
-        track_hashes,
-        times,
-        xstest,
-        t0,
-    )
+    _write(profile, folder, metrics, tracks, judgements, judge_hashes, t0)
     return metrics
 
 
@@ -702,18 +389,14 @@ def _write(
     profile: Profile,
     folder: Path,
     metrics: dict[str, Any],
-    generations: dict[str, list[dict]],
+    tracks: _Tracks,
     judgements: dict[str, list[dict]],
-    track_rows: dict[str, list[dict]],
-    gen_hashes: dict[str, str],
     judge_hashes: dict[str, str],
-    track_hashes: dict[str, str],
-    times: dict[str, dict[str, Any]],
-    xstest: overrefusal.Track | None,
     t0: float,
 ) -> None:
+    times, xstest = tracks.times, tracks.xstest
     with atomic_dir(folder) as tmp:
-        for task, rows in generations.items():
+        for task, rows in tracks.generations.items():
             write_jsonl(tmp / "generations" / f"{task}.jsonl", rows)
             write_jsonl(
                 tmp / "judgements" / f"{task}.jsonl",
@@ -722,7 +405,7 @@ def _write(
                     for i, (r, j) in enumerate(zip(rows, judgements[task], strict=True))
                 ],
             )
-        for task, rows in track_rows.items():
+        for task, rows in tracks.track_rows.items():
             write_jsonl(tmp / likelihood.FOLDER / f"{task}.jsonl", rows)
         if xstest is not None:
             write_jsonl(tmp / overrefusal.FILE, xstest.rows)
@@ -736,9 +419,9 @@ def _write(
                 time.perf_counter() - t0,
                 model=metrics["model"],
                 model_identity=metrics["model_identity"],
-                generation_hashes=gen_hashes,
+                generation_hashes=tracks.gen_hashes,
                 judge_hashes=judge_hashes,
-                **{LIKELIHOOD_HASHES: track_hashes},
+                **{LIKELIHOOD_HASHES: tracks.track_hashes},
                 **({} if xstest is None else {overrefusal.HASHES: xstest.hashes}),
                 **{PHASE_TIMES: times},
             ),
