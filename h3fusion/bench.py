@@ -22,6 +22,9 @@ hits both alike:
 6. likelihood scoring (`h3fusion.bench_likelihood`): the scorer's tokens/s vs a plain batched forward of the
    same tokens, dense and fused, and one two-thread process vs two one-thread processes.
 
+Sections 1-2 live in `h3fusion.bench_ffn`, 6 in `h3fusion.bench_likelihood`, the token ensemble in
+`h3fusion.bench_ensemble`, what they share in `h3fusion.bench_common`; this module runs them and reports.
+
 ``--quick`` runs the tiny random model (smoke profile) and few tokens/repeats: it checks that the
 command works end to end, its numbers are not meaningful. Targets come from issues 7 and 17;
 ``--json PATH`` writes every measurement and every ratio with its target and whether it holds.
@@ -32,51 +35,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from h3fusion import bench_ensemble, bench_likelihood
+from h3fusion import bench_ensemble, bench_ffn, bench_likelihood
+from h3fusion.bench_common import (
+    Plan,
+    fuse_random,
+    interleaved_medians,
+    make_plan,
+    random_adapters,
+)
 from h3fusion.config import PROJECT_ROOT, Profile, load_profile
 from h3fusion.errors import H3FusionError
-
-SMOLLM2_CONFIG: dict[str, Any] = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-)
-"""HuggingFaceTB/SmolLM2-135M-Instruct's config (the cpu profile's base)."""
-
-LLAMA2_7B_CONFIG: dict[str, Any] = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-)
-"""meta-llama/Llama-2-7b-hf's config (its parameter count is computed on the meta device)."""
-
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {"smollm2": SMOLLM2_CONFIG, "llama2_7b": LLAMA2_7B_CONFIG}
-
-LAYER_SHAPES: dict[str, tuple[int, int]] = {
-    name: (cfg["hidden_size"], cfg["intermediate_size"]) for name, cfg in MODEL_CONFIGS.items()
-}
-"""(hidden, FFN) widths of the benchmarked layers: SmolLM2-135M and LLaMA-2-7B, read from their configs."""
 
 TARGETS: dict[str, tuple[str, float]] = {
     "ffn.llama2_7b.delta.fwd": ("<=", 1.15),
@@ -91,288 +67,6 @@ TARGETS: dict[str, tuple[str, float]] = {
     **bench_ensemble.TARGETS,
 }
 """Issue 7's and 17's targets; every other ratio is reported without one."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How much to run: the full benchmark or the --quick end-to-end check."""
-
-    profile: str
-    tokens: dict[str, int]
-    warmup: int
-    repeats: int
-    step_repeats: int
-    gen_repeats: int
-    lik_questions: int = 24
-    lik_repeats: int = 3
-
-
-def make_plan(quick: bool) -> Plan:
-    if quick:
-        return Plan(
-            "smoke",
-            {"smollm2": 64, "llama2_7b": 8},
-            warmup=1,
-            repeats=2,
-            step_repeats=2,
-            gen_repeats=1,
-            lik_questions=4,
-            lik_repeats=1,
-        )
-    return Plan("cpu", {"smollm2": 0, "llama2_7b": 256}, warmup=2, repeats=7, step_repeats=5, gen_repeats=3)
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def interleaved_medians(
-    candidates: dict[str, Callable[[], Any]], warmup: int, repeats: int, desc: str = ""
-) -> dict[str, float]:
-    """Median seconds of each candidate; each round runs all of them, in a rotating order."""
-    from tqdm.auto import tqdm
-
-    names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            candidates[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in tqdm(range(repeats), desc=desc or "timing", leave=False):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
-# ---------------------------------------------------------------------------------------------- 1. FFN layer
-
-
-class _Mlp(nn.Module):
-    """transformers' LlamaMLP (the dense FFN) with given weights."""
-
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaMLP
-
-        super().__init__()
-        cfg = LlamaConfig(hidden_size=gate.shape[1], intermediate_size=gate.shape[0], hidden_act="silu")
-        with torch.device("meta"):
-            self.mlp = LlamaMLP(cfg)
-        for name, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-            getattr(self.mlp, name).weight = nn.Parameter(w, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
-def _ffn_pair(
-    hidden: int, ffn: int, profile: Profile, seed: int
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Random base FFN weights, per-expert rank-r deltas (A, B) for each projection, a router weight."""
-    from h3fusion.moe.layer import projection_shapes
-
-    gen = torch.Generator().manual_seed(seed)
-    num, r = len(profile.tasks), profile.experts.lora.r
-    shapes = projection_shapes(hidden, ffn)
-    base = {p: torch.randn(shape, generator=gen) / math.sqrt(shape[1]) for p, shape in shapes.items()}
-    deltas = [torch.randn(num, r, shapes[p][1], generator=gen) / math.sqrt(shapes[p][1]) for p in shapes] + [
-        torch.randn(num, shapes[p][0], r, generator=gen) * 0.01 for p in shapes
-    ]
-    router = torch.randn(num, hidden, generator=gen) * 0.02
-    return base, deltas, router
-
-
-def _moe_layer(
-    storage: str,
-    base: dict[str, torch.Tensor],
-    deltas: list[torch.Tensor],
-    router: torch.Tensor,
-    profile: Profile,
-) -> nn.Module:
-    """An upcycled MoE layer sharing the dense base tensors (delta) or holding base + delta (materialised)."""
-    from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward
-
-    f, d = base["gate_proj"].shape
-    num, r = router.shape[0], deltas[0].shape[1]
-    moe = MoEFeedForward(d, f, num, profile.fusion.top_k, storage, delta_rank=r)  # type: ignore[arg-type]
-    moe.router.weight = nn.Parameter(router.clone())
-    a_of, b_of = (
-        dict(zip(PROJECTIONS, deltas[:3], strict=True)),
-        dict(zip(PROJECTIONS, deltas[3:], strict=True)),
-    )
-    with torch.no_grad():
-        for p in PROJECTIONS:
-            if storage == "delta":
-                moe.register_parameter(f"base_{p}", nn.Parameter(base[p], requires_grad=False))
-                assert moe.expert_deltas is not None
-                moe.expert_deltas.A[p].copy_(a_of[p])
-                moe.expert_deltas.B[p].copy_(b_of[p])
-            else:
-                setattr(moe, p, nn.Parameter(base[p] + torch.bmm(b_of[p], a_of[p]), requires_grad=False))
-    return moe
-
-
-def _train_setting(module: nn.Module, profile: Profile, dense: bool) -> nn.Module:
-    """Fusion training (MoE: fusion LoRA + router trainable) or dense LoRA training (peft LoRA on the FFN)."""
-    lora = profile.fusion.lora
-    # a copy that shares the frozen weight tensors (peft wraps Linear modules in place)
-    module = copy.deepcopy(module, memo={id(p): p for p in module.parameters() if not p.requires_grad})
-    if dense:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        module.requires_grad_(False)
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules))
-        inject_adapter_in_model(cfg, module)
-        for name, p in module.named_parameters():
-            p.requires_grad_("lora_" in name)
-        return module
-    module.add_fusion_lora(lora.r, lora.alpha, lora.target_modules)
-    module.requires_grad_(False)
-    module.router.requires_grad_(True)
-    module.fusion_lora.requires_grad_(True)
-    return module
-
-
-def _fwd(module: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    def run() -> None:
-        with torch.no_grad():
-            module(x)
-
-    return run
-
-
-def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], Any]:
-    params = [p for p in module.parameters() if p.requires_grad]
-
-    def run() -> None:
-        for p in (*params, x):
-            p.grad = None
-        module(x).backward(grad)
-
-    return run
-
-
-def bench_ffn(profile: Profile, plan: Plan) -> list[dict[str, Any]]:
-    """MoE FFN (delta, materialised) vs dense FFN, fwd and fwd+bwd, at each layer shape."""
-    rows = []
-    for shape_name, (hidden, ffn) in LAYER_SHAPES.items():
-        tokens = plan.tokens[shape_name] or profile.fusion.train.batch_size * profile.data.max_length
-        base, deltas, router = _ffn_pair(hidden, ffn, profile, profile.seed)
-        dense = _Mlp(base["gate_proj"], base["up_proj"], base["down_proj"])
-        moes = {s: _moe_layer(s, base, deltas, router, profile) for s in ("delta", "materialised")}
-        gen = torch.Generator().manual_seed(profile.seed + 1)
-        x = torch.randn(tokens, hidden, generator=gen)
-        x_grad = x.clone().requires_grad_(True)
-        grad = torch.randn(tokens, hidden, generator=gen)
-        fwd = interleaved_medians(
-            {"dense": _fwd(dense, x), **{s: _fwd(m, x) for s, m in moes.items()}},
-            plan.warmup,
-            plan.repeats,
-            f"FFN {shape_name} fwd",
-        )
-        trained = {"dense": _train_setting(dense, profile, dense=True)}
-        trained.update({s: _train_setting(m, profile, dense=False) for s, m in moes.items()})
-        fwd_bwd = interleaved_medians(
-            {n: _fwd_bwd(m, x_grad, grad) for n, m in trained.items()},
-            plan.warmup,
-            plan.repeats,
-            f"FFN {shape_name} fwd+bwd",
-        )
-        for mode, med in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            for storage in moes:
-                rows.append(
-                    {
-                        "shape": shape_name,
-                        "hidden": hidden,
-                        "ffn": ffn,
-                        "tokens": tokens,
-                        "experts": router.shape[0],
-                        "top_k": profile.fusion.top_k,
-                        "storage": storage,
-                        "mode": mode,
-                        "dense_ms": 1e3 * med["dense"],
-                        "moe_ms": 1e3 * med[storage],
-                        "ratio": med[storage] / med["dense"],
-                    }
-                )
-        del dense, moes, trained, base, deltas
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------- 2. parameters
-
-
-def _param_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct parameters and buffers (shared tensors counted once; works on meta)."""
-    seen: dict[int, int] = {}
-    for t in (*model.parameters(), *model.buffers()):
-        seen.setdefault(id(t), t.numel() * t.element_size())
-    return sum(seen.values())
-
-
-def _random_adapters(config: Any, num: int, rank: int, device: str = "meta") -> list[Any]:
-    """One rank-r LoRA on every FFN projection of every layer per expert (values irrelevant on meta)."""
-    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
-    from h3fusion.moe.upcycle import ExpertAdapter
-
-    shapes = projection_shapes(config.hidden_size, config.intermediate_size)
-    gen = torch.Generator().manual_seed(num)
-    adapters = []
-    for e in range(num):
-        factors = {}
-        for layer in range(config.num_hidden_layers):
-            for p in PROJECTIONS:
-                out_f, in_f = shapes[p]
-                if device == "meta":
-                    a, b = torch.empty(rank, in_f, device="meta"), torch.empty(out_f, rank, device="meta")
-                else:
-                    a = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
-                    b = torch.randn(out_f, rank, generator=gen) * 0.01
-                factors[(layer, p)] = (a, b)
-        adapters.append(ExpertAdapter(name=f"expert{e}", scale=1.0, factors=factors))
-    return adapters
-
-
-def _fuse(model: Any, profile: Profile, storage: str, adapters: list[Any]) -> Any:
-    from h3fusion.moe import upcycle
-
-    return upcycle(
-        model, adapters, top_k=profile.fusion.top_k, storage=storage, seed=profile.seed, show_progress=False
-    )
-
-
-def bench_params(profile: Profile, configs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameter bytes of the fused model in both storages vs the dense base, on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    rows = []
-    for name, config in configs.items():
-        with torch.device("meta"):
-            dense = AutoModelForCausalLM.from_config(config)
-        dense_bytes = _param_bytes(dense)
-        adapters = _random_adapters(config, len(profile.tasks), profile.experts.lora.r)
-        for storage in ("delta", "materialised"):
-            with torch.device("meta"):
-                fused = _fuse(copy.deepcopy(dense), profile, storage, adapters)
-            fused_bytes = _param_bytes(fused)
-            rows.append(
-                {
-                    "model": name,
-                    "storage": storage,
-                    "dense_gb": dense_bytes / 1e9,
-                    "fused_gb": fused_bytes / 1e9,
-                    "ratio": fused_bytes / dense_bytes,
-                }
-            )
-    return rows
-
-
-def param_configs() -> dict[str, Any]:
-    """The whole-model configs whose parameter bytes are counted (on meta: instant at any size)."""
-    from transformers import LlamaConfig
-
-    return {name: LlamaConfig(**cfg) for name, cfg in MODEL_CONFIGS.items()}
 
 
 # ---------------------------------------------------------------------------------------------- 3. training step
@@ -406,8 +100,8 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
             target_modules=list(lora.target_modules),
         ),
     )
-    adapters = _random_adapters(base.config, len(profile.tasks), lora.r, device="cpu")
-    moe = _fuse(copy.deepcopy(base), profile, "delta", adapters)
+    adapters = random_adapters(base.config, len(profile.tasks), lora.r, device="cpu")
+    moe = fuse_random(copy.deepcopy(base), profile, "delta", adapters)
     prepare_for_training(moe, profile)
     dense.train()
     moe.train()
@@ -448,10 +142,10 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
 def bench_generation(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     """Batched greedy decoding (the evaluation's batch size and new tokens) of fused vs dense models."""
     gen_cfg = profile.evaluation.generation
-    adapters = _random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
+    adapters = random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
     models = {"dense": base}
     for storage in ("delta", "materialised"):
-        models[storage] = _fuse(copy.deepcopy(base), profile, storage, adapters).eval()
+        models[storage] = fuse_random(copy.deepcopy(base), profile, storage, adapters).eval()
     gen = torch.Generator().manual_seed(profile.seed)
     prompt_len = min(32, profile.data.max_length)
     ids = torch.randint(0, base.config.vocab_size, (gen_cfg.batch_size, prompt_len), generator=gen)
@@ -650,10 +344,10 @@ def run_bench(args: argparse.Namespace) -> None:
         }
     }
     print("[bench] 1/7 MoE FFN layer")
-    results["ffn"] = bench_ffn(profile, plan)
+    results["ffn"] = bench_ffn.bench_ffn(profile, plan)
     base, tokenizer = load_base(profile)
     print("[bench] 2/7 parameter bytes")
-    results["params"] = bench_params(profile, param_configs())
+    results["params"] = bench_ffn.bench_params(profile, bench_ffn.param_configs())
     print("[bench] 3/7 training step")
     results["train_step"] = bench_train_step(profile, plan, base)
     print("[bench] 4/7 generation")

@@ -111,12 +111,12 @@ def bench_likelihood(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict
     adapters (delta storage), then the thread comparison."""
     import copy
 
-    from h3fusion.bench import _fuse, _random_adapters, interleaved_medians
+    from h3fusion.bench_common import fuse_random, interleaved_medians, random_adapters
 
     prompts, conts = synthetic_mc_workload(plan.lik_questions, profile.seed)
     tokens = scored_tokens(tokenizer, prompts, conts)
-    adapters = _random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
-    models = {"dense": base, "moe": _fuse(copy.deepcopy(base), profile, "delta", adapters).eval()}
+    adapters = random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
+    models = {"dense": base, "moe": fuse_random(copy.deepcopy(base), profile, "delta", adapters).eval()}
     out: dict[str, Any] = {"questions": plan.lik_questions, "pairs": len(prompts), "tokens": tokens}
     for name, model in models.items():
         med = interleaved_medians(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from h3fusion import bench
+from h3fusion import bench, bench_common, bench_ffn
 from h3fusion.cli import main
 from h3fusion.config import load_profile
 from h3fusion.moe.layer import PROJECTIONS
@@ -25,7 +25,7 @@ def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monk
     ratios = results["ratios"]
     expected = {
         f"ffn.{shape}.{storage}.{mode}"
-        for shape in bench.LAYER_SHAPES
+        for shape in bench_common.LAYER_SHAPES
         for storage in ("delta", "materialised")
         for mode in ("fwd", "fwd_bwd")
     } | {f"params.{m}.{s}" for m in ("smollm2", "llama2_7b") for s in ("delta", "materialised")}
@@ -47,7 +47,7 @@ def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monk
     for model in ("dense", "moe"):
         assert lik[model]["ratio"] == pytest.approx(lik[model]["scorer_tok_s"] / lik[model]["plain_tok_s"])
     for row in results["ffn"]:
-        assert (row["hidden"], row["ffn"]) == bench.LAYER_SHAPES[row["shape"]]
+        assert (row["hidden"], row["ffn"]) == bench_common.LAYER_SHAPES[row["shape"]]
     assert results["book"]["stages_s"] == {}
 
 
@@ -57,7 +57,7 @@ def test_parameter_bytes_are_exact() -> None:
     cfg = LlamaConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, vocab_size=50
     )
-    rows = {r["storage"]: r for r in bench.bench_params(profile, {"m": cfg})}
+    rows = {r["storage"]: r for r in bench_ffn.bench_params(profile, {"m": cfg})}
     e, r, d, f, layers = len(profile.tasks), profile.experts.lora.r, 32, 48, 3
     extra_delta = layers * (e * len(PROJECTIONS) * r * (d + f) + e * d) * 4
     extra_mat = layers * ((e - 1) * len(PROJECTIONS) * d * f + e * d) * 4
@@ -106,7 +106,7 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
 
 def test_interleaved_medians_runs_each_candidate_warmup_plus_repeats() -> None:
     calls: list[str] = []
-    med = bench.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
+    med = bench_common.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
     assert set(med) == {"a", "b"} and calls.count("a") == calls.count("b") == 4
     assert calls[2:4] == ["a", "b"] and calls[4:6] == ["b", "a"]  # the order rotates
 

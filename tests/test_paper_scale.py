@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from h3fusion.bench import LLAMA2_7B_CONFIG, _fuse, _random_adapters
+from h3fusion.bench_common import LLAMA2_7B_CONFIG, fuse_random, random_adapters
 from h3fusion.config import load_profile
 from h3fusion.paper_scale import Shapes, kv_cache_bytes, memory_table
 
@@ -33,9 +33,9 @@ def test_parameter_counts_equal_the_models_the_code_builds(name, storage):
         dense = AutoModelForCausalLM.from_config(config)
     shapes, rank = Shapes.of(config), profile.experts.lora.r
     assert shapes.dense_params() == parameters(dense)
-    adapters = _random_adapters(config, profile.num_experts, rank)
+    adapters = random_adapters(config, profile.num_experts, rank)
     with torch.device("meta"):
-        fused = _fuse(copy.deepcopy(dense), profile, storage, adapters)
+        fused = fuse_random(copy.deepcopy(dense), profile, storage, adapters)
     assert shapes.moe_params(profile.num_experts, storage, rank) == parameters(fused)
 
 
