@@ -214,10 +214,15 @@ def _unrecorded(phases: Mapping[str, Any], keys: Sequence[str]) -> bool:
 
 
 def wall_times(profile: Profile, names: Sequence[str]) -> pd.DataFrame:
-    """Build and evaluation wall times (s) from the manifests of baselines/<name>/ and eval/<name>/."""
+    """Build and evaluation wall times (s) from the manifests of baselines/<name>/ (or fusion/<name>/ for a fused
+    model: its training) and eval/<name>/."""
     rows = {}
     for name in names:
-        build = read_manifest(profile.run_dir / "baselines" / name) or {}
+        build = (
+            read_manifest(profile.run_dir / "baselines" / name)
+            or read_manifest(profile.run_dir / "fusion" / name)
+            or {}
+        )
         ev = read_manifest(profile.run_dir / "eval" / name) or {}
         phases = _eval_phases(profile.run_dir / "eval" / name)
         rows[name] = {
