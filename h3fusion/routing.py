@@ -16,8 +16,10 @@ softmax averaged over layers and over the tokens of one of four masks:
   first, so under causal attention its hidden states, and any router's output on them, are the same whatever
   the task: no router can route it by task, and in an average it only adds the same constant to every item.
 
-The gating loss averages over the masks `fusion.gate_averages` names, with or without the header
-(`fusion.gate_skip_template`), and the book's headline accuracy uses the same masks.
+The gating loss averages over the masks `fusion.gate_averages` names (sequence and prompt), with or without
+the header (`fusion.gate_skip_template`). The book's headline accuracies are always the two masks after the
+header, whatever the loss did with it: an accuracy over the header would measure the header's routing, which
+no router can make depend on the task (and which decides the argmax of a short prompt's average).
 
 An item is routed correctly when its layer-averaged top expert is its task's expert. Accuracies carry Wilson
 95 % intervals. Two reference routers give the floor: a constant router (every item to one expert) and a

@@ -125,11 +125,14 @@ pd.DataFrame({name: {**{k: v for k, v in m["final"].items() if k != "step"}, "st
 # whole sequence (prompt and reference answer) and the prompt alone, each with and without the template's shared
 # header ("Below is an instruction ... ### Instruction:"). The header is the same text for every task and comes
 # first, so under causal attention its hidden states, and any router's output on them, are the same whatever
-# the task: no router can route it by task, and in an average it only adds the same constant to every item. The
-# gating loss averages over the sequence and the prompt without the header (`fusion.gate_averages`,
-# `fusion.gate_skip_template`), and those two are the headline. An item counts as routed correctly when its top
-# expert, averaged over layers and tokens, is its task's expert; Wilson 95 % intervals; a constant and a random
-# router are the floor.
+# the task: no router can route it by task, and in an average it only adds the same constant to every item. So
+# the headline is the sequence and the prompt **after the header**: an accuracy over the header would measure
+# the header's routing (which decides the argmax of a short prompt's average). The gating loss averages over the
+# same two token sets (`fusion.gate_averages`); whether it keeps the header in them (`fusion.gate_skip_template`,
+# printed below) is a training choice: kept, the header's task-independent share of every average makes the loss
+# ask the task's own tokens for a larger margin, and on the cpu profile that routed harmless prompts better than
+# leaving it out (chapter 4 runs both). An item counts as routed correctly when its top expert, averaged over
+# layers and tokens, is its task's expert; Wilson 95 % intervals; a constant and a random router are the floor.
 
 # %%
 from h3fusion.analysis import routing_per_prompt, task_expert_matrix, task_prompts
@@ -137,6 +140,9 @@ from h3fusion.models import load_tokenizer
 from h3fusion.moe import load_moe
 from h3fusion.routing import accuracy_cell, heldout_routing, interval_frame, layer_profiles, routing_table
 
+print(f"gating loss: averages {'+'.join(P.fusion.gate_averages)}, template header "
+      f"{'left out' if P.fusion.gate_skip_template else 'kept in'}; router lr {P.fusion.router_lr or P.fusion.train.lr:g}, "
+      + (f"{P.fusion.train.max_steps} steps" if P.fusion.train.max_steps else f"{P.fusion.train.epochs} epochs"))
 prompts = task_prompts(P, "eval")
 tokenizer = load_tokenizer(P)
 heldout, per_prompt = {}, {}

@@ -193,14 +193,15 @@ evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
 # %% [markdown]
 # ## What each baseline costs
 #
-# Wall times from the manifests: building (merging the deltas; training the LoRA fuser or the data-mix LoRA;
-# nothing for ensembles, which are combined at inference), loading, generating, the likelihood track and judging. An
+# Wall times from the manifests: building (merging the deltas; training the LoRA fuser, the data-mix LoRA or the
+# released-code-faithful model; nothing for ensembles, which are combined at inference), loading, generating, the
+# likelihood track and judging. An
 # ensemble runs three experts per token, H3Fusion-Instruct runs the three experts and then the fuser on a
 # prompt three answers long: their generation time shows it. A time is the one the run that produced that
 # part spent; NaN means the part was reused from an earlier run that did not record its time.
 
 # %%
-report.wall_times(P, list(baseline_metrics)).round(1)
+report.wall_times(P, list(baseline_metrics)).rename(index=report.display_names(P)).round(1)
 
 # %% [markdown]
 # ## What this shows

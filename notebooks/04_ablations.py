@@ -96,8 +96,8 @@ reference = A.reference_run(P)
 # setting (one learning rate, a few dozen steps) it barely leaves its initialisation. These runs are as long as
 # the profile's fusion (`fusion.train.max_steps`) and differ from it in one setting each: the router in the
 # shared optimiser group at the LoRA's learning rate (the paper's setting), the gating loss on whole sequences
-# only (without the prompt term), the template's shared header kept in the gating loss's averages, and the
-# other router initialisation. The profile's own run is scored at four checkpoints (the number of steps).
+# only (without the prompt term), the other treatment of the template's shared header in the gating loss's
+# averages (kept in or left out: chapter 2 explains why it matters), and the other router initialisation. The profile's own run is scored at four checkpoints (the number of steps).
 # Routing accuracy on held-out items of the training sources (prompt and whole sequence, both without the
 # template's header, as chapter 2 explains), in % with Wilson 95 % intervals, n items per task in the headers.
 
