@@ -105,7 +105,7 @@ from h3fusion.paper_scale import Shapes, memory_table
 
 from transformers import LlamaConfig
 
-from h3fusion.bench import LLAMA2_7B_CONFIG
+from h3fusion.bench_common import LLAMA2_7B_CONFIG
 from h3fusion.models import base_config
 
 if PAPER.model.base == "meta-llama/Llama-2-7b-hf":  # gated on the hub: its published config.json, no download

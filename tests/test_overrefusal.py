@@ -16,7 +16,7 @@ from h3fusion.config import load_profile
 from h3fusion.data import format_prompt
 from h3fusion.data.splits import xstest_eval_items
 from h3fusion.errors import DataError
-from h3fusion.evaluation import overrefusal, store
+from h3fusion.evaluation import overrefusal, stats, store
 from h3fusion.evaluation import run as runmod
 from h3fusion.evaluation.judges.refusal import load_prompts
 
@@ -188,7 +188,7 @@ def test_the_main_table_gets_the_xstest_columns_with_intervals_outside_the_avera
     table = evidence.interval_table(long, list(evidence.XSTEST_COLUMNS.values()))
     assert list(table.columns) == ["XSTest over-refusal % ↓ (n=10)", "XSTest unsafe compliance % ↓ (n=8)"]
     safe_refused = sum(int(it["id"]) % 2 == 0 for it in items if it["label"] == "safe")
-    wilson = evidence.stats.rate(np.r_[np.full(safe_refused, 100.0), np.zeros(10 - safe_refused)])
+    wilson = stats.rate(np.r_[np.full(safe_refused, 100.0), np.zeros(10 - safe_refused)])
     assert table.loc["fake"].iloc[0] == f"{10 * safe_refused:.1f} [{wilson.low:.1f}, {wilson.high:.1f}]"
     note = evidence.xstest_note(profile, evaluated)
     assert "90.0 % [88.0, 92.0] of 2,250" in note and "string-match rule agrees on 85.0 %" in note
