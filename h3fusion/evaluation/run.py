@@ -1,9 +1,10 @@
 """Evaluate one model on the helpful, harmless and honest dimensions: generate, judge, write `eval/<name>/`.
 
 `evaluate_model(profile, name)` resolves NAME through `registry.known_models(profile)` (base, an expert, the raw
-MoE, a fused variant, a baseline, or anything another module registers with `register_models`), generates answers for
-each dimension's evaluation items, judges them, scores the judge-free likelihood track (`h3fusion.evaluation.likelihood`: TruthfulQA
-MC1/MC2, reference answers, safe vs unsafe responses) from the model's log-likelihoods, and writes into
+MoE, a fused variant, a baseline, or anything another module registers with `register_models`), generates
+answers for each dimension's evaluation items (`inputs.dimension_inputs`), judges them, scores the judge-free
+likelihood track (`h3fusion.evaluation.likelihood`: TruthfulQA MC1/MC2, reference answers, safe vs unsafe
+responses) from the model's log-likelihoods, and writes (`store`) into
 ``runs/<profile>/eval/<name>/``:
 
 - ``generations/<dimension>.jsonl``: prompt and answer per item,
@@ -31,7 +32,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from h3fusion.artifacts import (
     MANIFEST,
@@ -52,9 +53,6 @@ from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import mc_prompt
 from h3fusion.evaluation.registry import resolve_model
 from h3fusion.evaluation.store import METRICS, eval_dir, json_default, read_jsonl, write_jsonl
-
-if TYPE_CHECKING:
-    pass
 
 EVAL_FORMAT = 1
 """Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
