@@ -7,8 +7,6 @@ ignored setting. Errors are raised as `ConfigError` with one line per problem.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -477,6 +475,8 @@ class Profile(Section):
     def section_hash(self, *keys: str) -> str:
         """Stable short hash of the named sections or dotted keys (`data.max_length`): an artifact is
         reused only when these match."""
+        from h3fusion.artifacts import digest  # artifacts imports config
+
         dump = self.model_dump(mode="json")
         payload = {}
         for key in keys:
@@ -484,7 +484,7 @@ class Profile(Section):
             for part in key.split("."):
                 node = node[part]
             payload[key] = node
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(payload)
 
 
 TRAINING_DATA_KEYS: tuple[str, ...] = (

@@ -17,7 +17,6 @@ again, and ensemble-select's TruthfulQA MC (the uniform mixture's) is ensemble-u
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, is_complete, make_manifest
+from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, digest, is_complete, make_manifest
 from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.config import Profile, shown_path
@@ -129,7 +128,7 @@ def baseline_hash(profile: Profile, name: str) -> str:
         "experts": expert_identities(profile),
         "model": profile.model_dump(mode="json")["model"],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 # ---------------------------------------------------------------------------------------------- shared state

@@ -18,14 +18,13 @@ profile's tokenizer. `evaluate_model` runs this track beside generation and stor
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from h3fusion.artifacts import digest
 from h3fusion.config import TASKS, Profile
 from h3fusion.evaluation.lm import LanguageModel
 from h3fusion.evaluation.mc import MCQuestion, mc_prompt, score_mc
@@ -64,7 +63,7 @@ class LikelihoodInputs:
             "mc": [(q.question, q.mc1_choices, q.mc1_labels, q.mc2_choices, q.mc2_labels) for q in self.mc],
             "mc_prompt": mc_format if self.mc else None,
         }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(content)
 
 
 def _truncate(tok: PreTrainedTokenizerBase, text: str, limit: int) -> tuple[str, int]:

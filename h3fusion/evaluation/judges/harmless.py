@@ -9,8 +9,6 @@ there; fine-tuning is what lifts it (see the validation figures).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from h3fusion.artifacts import (
     artifact_identity,
     atomic_dir,
     atomic_write_json,
+    digest,
     is_complete,
     make_manifest,
     read_manifest,
@@ -196,7 +195,7 @@ def config_hash(profile: Profile) -> str:
         "dir": str(profile.data_dir),
         "eval_fraction": d.beavertails_eval_fraction,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 class OfflineModerationJudge:

@@ -317,10 +317,9 @@ def config_hash(profile: Profile) -> str:
         "cap": profile.evaluation.generation_for("helpful").max_new_tokens,
         "tokenizer": profile.model.base,
     }
-    import hashlib
-    import json
+    from h3fusion.artifacts import digest
 
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def _token_cut(profile: Profile, cap: int) -> Any:

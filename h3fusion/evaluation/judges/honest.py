@@ -11,8 +11,6 @@ correct answers should be judged truthful, incorrect ones untruthful.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from h3fusion.artifacts import atomic_write_json
+from h3fusion.artifacts import atomic_write_json, digest
 from h3fusion.config import Profile
 from h3fusion.errors import H3FusionError
 from h3fusion.evaluation.judges.common import JUDGE_CODE_VERSION, TextEncoder, cached_judge, load_gpu_judge
@@ -147,7 +145,7 @@ def config_hash(profile: Profile) -> str:
         "dir": str(profile.data_dir),
         "source": profile.data.source,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def load_offline(profile: Profile) -> SimilarityHonestJudge:

@@ -259,9 +259,7 @@ def training_completions(profile: Profile) -> list[LabelledCompletion]:
 
 
 def config_hash(profile: Profile) -> str:
-    import hashlib
-    import json
-
+    from h3fusion.artifacts import digest
     from h3fusion.evaluation.judges.common import JUDGE_CODE_VERSION
 
     payload = {
@@ -273,7 +271,7 @@ def config_hash(profile: Profile) -> str:
         "seed": profile.seed,
         "dir": str(profile.data_dir),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def summarise(table: pd.DataFrame) -> dict[str, Any]:
