@@ -573,11 +573,12 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
         evaluate_model(profile, task, judges=judges)
     known = runner.expert_eval_answers(profile)
     from h3fusion.evaluation import overrefusal
+    from h3fusion.evaluation.inputs import profile_inputs
 
     assert overrefusal.enabled(profile)
     # every expert, every dimension and the XSTest prompts
     assert len(known) == profile.num_experts * (len(profile.tasks) + 1)
-    inputs = runner._eval_inputs(profile)
+    inputs = profile_inputs(profile)
     seed = profile.seed
     bank, tok = runner.expert_bank(profile)
 

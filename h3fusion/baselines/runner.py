@@ -237,10 +237,11 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
     from h3fusion.baselines.ensembles import KnownAnswers
     from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+    from h3fusion.evaluation.inputs import profile_inputs
     from h3fusion.evaluation.store import eval_dir, read_jsonl
 
     identities = expert_identities(profile)
-    inputs = _eval_inputs(profile)
+    inputs = profile_inputs(profile)
     runs: dict[str, dict[tuple[str, tuple[str, ...]], tuple[str, ...]]] = {}
     for task in profile.tasks:
         for dim in _cached_dimensions(profile, task, identities[task], inputs):
@@ -252,13 +253,6 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
         if found is not None:
             runs.setdefault(task, {})[found[0]] = found[1]
     return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
-
-
-def _eval_inputs(profile: Profile) -> dict[str, Any]:
-    from h3fusion.data import load_eval_items
-    from h3fusion.evaluation.inputs import dimension_inputs
-
-    return {t: dimension_inputs(t, list(load_eval_items(profile, t))) for t in profile.tasks}
 
 
 def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[str, Any]) -> list[str]:
@@ -280,9 +274,10 @@ def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[
 def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
     """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
     from them still has generations to make; the baselines then read them instead of generating them."""
+    from h3fusion.evaluation.inputs import profile_inputs
     from h3fusion.evaluation.run import evaluate_model
 
-    inputs = _eval_inputs(profile)
+    inputs = profile_inputs(profile)
     pending = [
         n
         for n in names

@@ -24,13 +24,6 @@ def _format_prompt(instruction: str, input_text: str = "") -> str:
     return format_prompt(instruction, input_text)
 
 
-def load_items(profile: Profile, task: str) -> list[Any]:
-    """The dimension's evaluation items (the profile's seeded, stratified sample)."""
-    from h3fusion.data import load_eval_items
-
-    return list(load_eval_items(profile, task))
-
-
 @dataclass
 class DimensionInputs:
     """What one dimension generates from and what its judge compares against."""
@@ -80,3 +73,11 @@ def _mc_question(item: Any, key: dict[str, Any]) -> MCQuestion:
     return MCQuestion.from_generation_item(
         key["question"], key["best_answer"], key["correct_answers"], key["incorrect_answers"]
     )
+
+
+def profile_inputs(profile: Profile) -> dict[str, DimensionInputs]:
+    """{dimension: its inputs} for the profile's evaluation sample: what `evaluate_model` generates from (and what
+    a baseline that reuses the experts' answers must find them generated from)."""
+    from h3fusion.data import load_eval_items
+
+    return {t: dimension_inputs(t, list(load_eval_items(profile, t))) for t in profile.tasks}

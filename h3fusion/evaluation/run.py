@@ -47,7 +47,7 @@ from h3fusion.config import TASKS, GenerationConfig, Profile
 from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import likelihood, overrefusal
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
-from h3fusion.evaluation.inputs import DimensionInputs, dimension_inputs, load_items
+from h3fusion.evaluation.inputs import DimensionInputs, profile_inputs
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
 from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import mc_prompt
@@ -200,7 +200,7 @@ def evaluate_model(
     """
     entry = resolve_model(profile, name) if lm is None else None
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
-    inputs = {task: dimension_inputs(task, load_items(profile, task)) for task in profile.tasks}
+    inputs = profile_inputs(profile)
     judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
     refusals = overrefusal.classifier(profile, judges)
     folder = eval_dir(profile, name)
