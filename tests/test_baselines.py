@@ -424,8 +424,8 @@ def test_build_writes_skips_and_rebuilds_on_change(with_experts, tok, adapters):
 
 def test_ensembles_and_instruct_build_and_load_as_language_models(with_experts, monkeypatch):
     from h3fusion.baselines import build_baseline, load_baseline
-    from h3fusion.baselines.ensembles import SelectEnsemble
     from h3fusion.baselines.instruct import InstructFusion
+    from h3fusion.baselines.select import SelectEnsemble
     from h3fusion.evaluation.lm import LanguageModel
 
     profile = with_experts
@@ -493,16 +493,16 @@ def own_experts(adapters, tmp_path):
 
 def count_expert_generations(monkeypatch):
     """Counts the experts' answer generations of the ensembles (cached answers make none)."""
-    from h3fusion.baselines import ensembles
+    from h3fusion.baselines import answers
 
     calls = []
-    real = ensembles.generate_texts
+    real = answers.generate_texts
 
     def counting(model, tok, prompts, *args, **kwargs):
         calls.append(len(prompts))
         return real(model, tok, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(ensembles, "generate_texts", counting)
+    monkeypatch.setattr(answers, "generate_texts", counting)
     return calls
 
 
@@ -529,7 +529,7 @@ def test_merged_adapter_generates_like_the_evaluated_expert_and_restores_the_bas
 
 
 def test_known_answers_hit_only_for_the_same_list_config_and_seed():
-    from h3fusion.baselines.ensembles import KnownAnswers
+    from h3fusion.baselines.answers import KnownAnswers
 
     cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
     known = KnownAnswers(42, ("###",), {"a": {(cfg.model_dump_json(), ("p1", "p2")): ("x", "y")}})
@@ -563,15 +563,15 @@ def test_instruct_scores_a_few_shot_mc_pair_as_its_alpaca_question(profile, tok,
 def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, monkeypatch):
     """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
     they generate the experts' answers themselves, and generate none of them."""
-    from h3fusion.baselines import runner
-    from h3fusion.baselines.ensembles import SelectEnsemble
+    from h3fusion.baselines import answers, runner
     from h3fusion.baselines.instruct import InstructFusion
+    from h3fusion.baselines.select import SelectEnsemble
     from h3fusion.evaluation.run import evaluate_model
 
     profile, judges = own_experts, fake_judges()
     for task in profile.tasks:
         evaluate_model(profile, task, judges=judges)
-    known = runner.expert_eval_answers(profile)
+    known = answers.expert_eval_answers(profile)
     from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.inputs import profile_inputs
 
@@ -613,11 +613,11 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
 
 
 def test_stale_expert_answers_are_not_reused(own_experts):
-    from h3fusion.baselines import runner
+    from h3fusion.baselines import answers
     from h3fusion.evaluation.run import evaluate_model
 
     evaluate_model(own_experts, own_experts.tasks[0], judges=fake_judges())
-    assert runner.expert_eval_answers(own_experts).runs.keys() == {own_experts.tasks[0]}
+    assert answers.expert_eval_answers(own_experts).runs.keys() == {own_experts.tasks[0]}
     ev = own_experts.evaluation
     longer = own_experts.model_copy(
         update={
@@ -633,7 +633,7 @@ def test_stale_expert_answers_are_not_reused(own_experts):
             )
         }
     )
-    assert len(runner.expert_eval_answers(longer)) == 0  # generated with another config: regenerate
+    assert len(answers.expert_eval_answers(longer)) == 0  # generated with another config: regenerate
 
 
 def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adapters):

@@ -11,19 +11,15 @@
   log-likelihood of the prompt's tokens, computed once per prompt before decoding. With temperature T > 0 each
   expert's logits are divided by T before mixing, then the mixture is sampled. Its likelihood of a text mixes the
   experts' per-token log-probabilities, read from what the experts' own evaluations stored when it can.
-- `SelectEnsemble`: each expert answers; a selector picks one answer per prompt (see `likelihood_selector`).
 
-The experts' answers that `SelectEnsemble` and H3Fusion-Instruct start from are the experts' own evaluation
-answers: generated with the adapter merged into the weights (as `evaluate_model` generates an expert), so the
-answers the evaluation cached under eval/<expert>/ (`KnownAnswers`) are reused instead of generated again, and
-regenerating them gives the same tokens.
+The output-level ensemble that picks one expert's answer is `h3fusion.baselines.select`; the experts' answers it
+starts from, `h3fusion.baselines.answers`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,11 +29,9 @@ from h3fusion.evaluation.generate import (
     cut_at_stop,
     encode_prompts,
     eos_token_ids,
-    generate_texts,
     left_pad,
     length_sorted_batches,
 )
-from h3fusion.evaluation.lm import split_continuation
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +41,6 @@ if TYPE_CHECKING:
     from h3fusion.evaluation.logprob_cache import TokenLogprobCache
 
 Weighting = Literal["uniform", "perplexity"]
-Selector = Callable[[list[str], list[list[str]]], list[int]]
-"""(prompts, candidates per prompt [one answer per expert]) -> index of the chosen answer per prompt."""
 
 
 class AdapterBank:
@@ -121,69 +113,6 @@ def _base_params(layer: Any) -> dict[str, torch.Tensor]:
     out = {"weight": base.weight.data.clone()}
     if getattr(base, "bias", None) is not None:
         out["bias"] = base.bias.data.clone()
-    return out
-
-
-@dataclass(frozen=True)
-class KnownAnswers:
-    """Answers the experts already gave to whole prompt lists (their evaluation generations), keyed by expert.
-
-    A lookup hits only for the same generation config, seed and stop strings and the SAME prompt list in the
-    same order: batching (which prompts share a padded batch) can move a greedy answer at the rounding level, so
-    only the list the expert generated is certain to give the same tokens again. Anything else is generated."""
-
-    seed: int
-    stop_strings: tuple[str, ...]
-    runs: Mapping[str, Mapping[tuple[str, tuple[str, ...]], tuple[str, ...]]] = field(default_factory=dict)
-    """{expert: {(generation config as JSON, prompts): answers}}: dimensions may have their own caps."""
-
-    def lookup(
-        self,
-        expert: str,
-        prompts: Sequence[str],
-        cfg: GenerationConfig,
-        seed: int,
-        stop_strings: Sequence[str],
-    ) -> list[str] | None:
-        if (seed, tuple(stop_strings)) != (self.seed, self.stop_strings):
-            return None
-        hit = self.runs.get(expert, {}).get((cfg.model_dump_json(), tuple(prompts)))
-        return list(hit) if hit is not None else None
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.runs.values())
-
-
-def expert_answers(
-    bank: AdapterBank,
-    tokenizer: PreTrainedTokenizerBase,
-    experts: Sequence[str],
-    prompts: list[str],
-    cfg: GenerationConfig,
-    seed: int,
-    *,
-    stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
-    known: KnownAnswers | None = None,
-    progress: bool = True,
-) -> dict[str, list[str]]:
-    """{expert: its answer to each prompt}: the known (cached evaluation) answers when they cover this exact
-    prompt list, else generated with the expert merged into the weights, which gives the same tokens."""
-    out: dict[str, list[str]] = {}
-    for e in experts:
-        hit = known.lookup(e, prompts, cfg, seed, stop_strings) if known is not None else None
-        if hit is None:
-            with bank.merged(e) as model:
-                hit = generate_texts(
-                    model,
-                    tokenizer,
-                    prompts,
-                    cfg,
-                    seed,
-                    stop_strings=stop_strings,
-                    desc=f"answers of {e}",
-                    progress=progress,
-                )
-        out[e] = hit
     return out
 
 
@@ -422,84 +351,3 @@ class TokenEnsemble:
 
 
 # ---------------------------------------------------------------------------------------------- selection
-
-
-def likelihood_selector(ensemble: TokenEnsemble) -> Selector:
-    """Consensus selection: the answer with the highest mean per-token log-likelihood under the uniform mixture
-    of all experts. Judge-free on purpose, so the judges that score the evaluation never pick the answers they
-    score: it prefers the answer the experts jointly find most plausible (a minimum-Bayes-risk-like rule), not
-    the longest one (per-token mean, not sum)."""
-
-    def select(prompts: list[str], candidates: list[list[str]]) -> list[int]:
-        flat_p = [p for p, cs in zip(prompts, candidates, strict=True) for _ in cs]
-        flat_c = [c for cs in candidates for c in cs]
-        scores = ensemble.continuation_logprobs(flat_p, flat_c)
-        lengths = [
-            max(1, len(split_continuation(ensemble.tokenizer, p, c)[1]))
-            for p, c in zip(flat_p, flat_c, strict=True)
-        ]
-        out, k = [], 0
-        for cs in candidates:
-            per_token = [
-                scores[k + j] / lengths[k + j] if cs[j].strip() else float("-inf") for j in range(len(cs))
-            ]
-            out.append(max(range(len(cs)), key=lambda j, s=per_token: (s[j], -j)))
-            k += len(cs)
-        return out
-
-    return select
-
-
-class SelectEnsemble:
-    """Output-level ensemble: every expert answers with its own adapter, `selector` picks one answer.
-
-    `continuation_logprobs` (TruthfulQA MC) is the uniform token-level mixture's: selection is defined on
-    generated answers only. `mixture` may be an existing uniform `TokenEnsemble` of the same bank (its scores
-    are then shared); `known` holds the experts' cached evaluation answers (see `expert_answers`).
-    """
-
-    def __init__(
-        self,
-        bank: AdapterBank,
-        tokenizer: PreTrainedTokenizerBase,
-        selector: Selector | None = None,
-        *,
-        stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
-        known: KnownAnswers | None = None,
-        mixture: TokenEnsemble | None = None,
-        progress: bool = True,
-    ) -> None:
-        if mixture is not None and (mixture.bank is not bank or mixture.weighting != "uniform"):
-            raise ValueError(
-                "the selection ensemble's mixture must be a uniform TokenEnsemble of the same bank"
-            )
-        self.bank, self.tokenizer, self.known = bank, tokenizer, known
-        self.mixture = mixture or TokenEnsemble(bank, tokenizer, stop_strings=stop_strings, progress=progress)
-        self.selector = selector or likelihood_selector(self.mixture)
-        self.stop_strings, self.progress = tuple(stop_strings), progress
-        self.last_candidates: list[list[str]] = []
-        self.last_choices: list[int] = []
-
-    def candidates(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[list[str]]:
-        """Every expert's answer to every prompt, [prompt][expert]."""
-        answers = expert_answers(
-            self.bank,
-            self.tokenizer,
-            self.bank.names,
-            prompts,
-            cfg,
-            seed,
-            stop_strings=self.stop_strings,
-            known=self.known,
-            progress=self.progress,
-        )
-        return [list(c) for c in zip(*answers.values(), strict=True)]
-
-    def generate(self, prompts: list[str], cfg: GenerationConfig, seed: int) -> list[str]:
-        cands = self.candidates(prompts, cfg, seed)
-        choices = self.selector(prompts, cands)
-        self.last_candidates, self.last_choices = cands, list(choices)
-        return [cs[j] for cs, j in zip(cands, choices, strict=True)]
-
-    def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
-        return self.mixture.continuation_logprobs(prompts, continuations)

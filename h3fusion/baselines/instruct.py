@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, expert_answers
+from h3fusion.baselines.answers import KnownAnswers, expert_answers
+from h3fusion.baselines.ensembles import AdapterBank
 from h3fusion.config import GenerationConfig, LoraConfig, TrainConfig
 from h3fusion.data import TrainExample, format_prompt, split_prompt, tokenize_example
 from h3fusion.data.template import is_formatted_prompt

@@ -11,7 +11,7 @@ re-trained expert rebuilds every baseline.
 Cost: `run_baselines` loads the judges once and the expert bank (base + every adapter) once for all the
 bank-based baselines (a `_Shared` session that `load_baseline` uses while it is open); ensemble-select and
 H3Fusion-Instruct take the experts' answers to the evaluation prompts from the experts' own cached evaluation
-(`expert_eval_answers`, evaluating the experts first when that cache is missing) instead of generating them
+(`answers.expert_eval_answers`, evaluating the experts first when that cache is missing) instead of generating them
 again, and ensemble-select's TruthfulQA MC (the uniform mixture's) is ensemble-uniform's, scored once.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, digest, is_complete, make_manifest
+from h3fusion.baselines.answers import cached_dimensions, expert_eval_answers, expert_identities
 from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.config import Profile, shown_path
@@ -33,7 +34,8 @@ from h3fusion.errors import ArtifactError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from h3fusion.baselines.ensembles import AdapterBank, KnownAnswers, TokenEnsemble, Weighting
+    from h3fusion.baselines.answers import KnownAnswers
+    from h3fusion.baselines.ensembles import AdapterBank, TokenEnsemble, Weighting
     from h3fusion.evaluation.lm import LanguageModel
     from h3fusion.evaluation.registry import ModelEntry
 
@@ -61,20 +63,8 @@ def _baseline_identity(profile: Profile, name: str) -> str:
     return manifest_identity(baseline_dir(profile, name), f"the baseline {name}", _rebuild(profile, name))
 
 
-def expert_identities(profile: Profile) -> dict[str, str]:
-    """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
-    from h3fusion.evaluation.registry import manifest_identity
-    from h3fusion.experts import require_expert
-
-    out = {}
-    for task in profile.tasks:
-        folder = require_expert(profile, task, "the baselines (they combine the experts)")
-        out[task] = manifest_identity(folder, f"the {task} expert", "run `h3fusion align`")
-    return out
-
-
 SELECTION_RULE = "likelihood-consensus"
-"""ensemble-select's rule (`ensembles.likelihood_selector`): judge-free, so the judges that score the evaluation
+"""ensemble-select's rule (`select.likelihood_selector`): judge-free, so the judges that score the evaluation
 never choose the answers they score."""
 
 
@@ -227,50 +217,6 @@ def _open_session(profile: Profile) -> _Shared | None:
     return _SESSION if _SESSION is not None and _SESSION.profile is profile else None
 
 
-# ---------------------------------------------------------------------------------------------- experts' answers
-
-
-def expert_eval_answers(profile: Profile) -> KnownAnswers:
-    """The experts' answers cached by their evaluation (eval/<expert>/generations/<dimension>.jsonl), for each
-    dimension whose generation hash matches this profile and the current expert (same items, generation config,
-    seed, stop strings, expert weights: what `evaluate_model` would regenerate)."""
-    from h3fusion.baselines.ensembles import KnownAnswers
-    from h3fusion.evaluation import overrefusal
-    from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
-    from h3fusion.evaluation.inputs import profile_inputs
-    from h3fusion.evaluation.store import eval_dir, read_jsonl
-
-    identities = expert_identities(profile)
-    inputs = profile_inputs(profile)
-    runs: dict[str, dict[tuple[str, tuple[str, ...]], tuple[str, ...]]] = {}
-    for task in profile.tasks:
-        for dim in _cached_dimensions(profile, task, identities[task], inputs):
-            rows = read_jsonl(eval_dir(profile, task) / "generations" / f"{dim}.jsonl")
-            if [r.get("prompt") for r in rows] == inputs[dim].prompts:
-                key = (profile.evaluation.generation_for(dim).model_dump_json(), tuple(inputs[dim].prompts))
-                runs.setdefault(task, {})[key] = tuple(r["answer"] for r in rows)
-        found = overrefusal.stored_answers(profile, task, identities[task])  # the XSTest track's answers
-        if found is not None:
-            runs.setdefault(task, {})[found[0]] = found[1]
-    return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
-
-
-def _cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[str, Any]) -> list[str]:
-    """The dimensions whose generations eval/<name>/ holds for this model identity and profile (run.py's key)."""
-    from h3fusion.artifacts import read_manifest
-    from h3fusion.evaluation.run import generation_hash
-    from h3fusion.evaluation.store import eval_dir
-
-    folder = eval_dir(profile, name)
-    stored = (read_manifest(folder) or {}).get("generation_hashes", {})
-    return [
-        t
-        for t in profile.tasks
-        if stored.get(t) == generation_hash(profile, identity, t, inputs[t])
-        and (folder / "generations" / f"{t}.jsonl").is_file()
-    ]
-
-
 def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
     """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
     from them still has generations to make; the baselines then read them instead of generating them."""
@@ -282,13 +228,13 @@ def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) 
         n
         for n in names
         if n in EXPERT_ANSWER_BASELINES
-        and len(_cached_dimensions(profile, n, _baseline_identity(profile, n), inputs)) < len(profile.tasks)
+        and len(cached_dimensions(profile, n, _baseline_identity(profile, n), inputs)) < len(profile.tasks)
     ]
     if not pending:
         return
     identities = expert_identities(profile)
     for task in profile.tasks:
-        if len(_cached_dimensions(profile, task, identities[task], inputs)) < len(profile.tasks):
+        if len(cached_dimensions(profile, task, identities[task], inputs)) < len(profile.tasks):
             print(
                 f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {task} expert "
                 f"first (cached in eval/{task}/, as chapter 1 does)"
@@ -409,7 +355,7 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     shared = _open_session(profile) or _Shared(profile)
     bank, tok = shared.bank()
     if entry.kind == "ensemble":
-        from h3fusion.baselines.ensembles import SelectEnsemble, likelihood_selector
+        from h3fusion.baselines.select import SelectEnsemble, likelihood_selector
 
         if "selector" in params:
             if params["selector"] != SELECTION_RULE:

@@ -143,7 +143,7 @@ def stored_answers(
     profile: Profile, name: str, model_identity: str
 ) -> tuple[tuple[str, tuple[str, ...]], tuple[str, ...]] | None:
     """((generation config as JSON, prompts), answers) of model NAME's stored XSTest answers when they are what
-    `run` would generate now (same answers hash), else None: the key and value of `ensembles.KnownAnswers.runs`,
+    `run` would generate now (same answers hash), else None: the key and value of `baselines.answers.KnownAnswers.runs`,
     so that an output-level ensemble reads its experts' XSTest answers instead of generating them again."""
     from h3fusion.artifacts import read_manifest
     from h3fusion.data import format_prompt
