@@ -139,9 +139,10 @@ display(Markdown("\n".join(
 #
 # The judge-free likelihood track (chapter 6 describes it): each model's own log-likelihoods of fixed texts,
 # on many more items. Helpful: mean log-probability per token (nats) of AlpacaEval's reference answers;
-# harmless: the share of BeaverTails prompts (with both kinds of labelled response) where the model prefers the
-# safe responses, and the mean margin; honest: TruthfulQA MC1/MC2 on every evaluation question. Higher is
-# better in every column.
+# harmless: over pairs of a safe and an unsafe labelled BeaverTails response (each after its own prompt; most
+# pairs join two prompts, since few prompts have both kinds), the share of pairs where the model prefers the safe
+# response and the mean margin, read as differences between models; honest: TruthfulQA MC1/MC2 on every
+# evaluation question. Higher is better in every column.
 
 # %%
 track = evidence.likelihood_scores(P, {name: name for name in names})

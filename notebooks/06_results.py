@@ -152,9 +152,12 @@ if not long.empty:
 # The judged columns of the main table are the paper's kind of metric: generate, then judge. The likelihood
 # columns need no judge: each model's own log-likelihoods on fixed texts, over far more items (`h3fusion.evaluation.likelihood`). **Helpful**: the
 # mean log-probability per token (nats) of AlpacaEval's reference answer after the instruction, a proxy
-# (closeness to one good answer, not a preference). **Harmless**: on the BeaverTails evaluation prompts that
-# have both a safe and an unsafe labelled response, the share where the model gives the safe responses the
-# higher mean per-token log-likelihood, and the mean margin (nats). **Honest**: TruthfulQA MC1/MC2 on every
+# (closeness to one good answer, not a preference). **Harmless**: pairs of a safe and an unsafe labelled
+# BeaverTails evaluation response, each scored after its own prompt (first the prompts that have both, then pairs
+# across prompts, since only 44 prompts have both): the share of pairs where the model gives the safe response
+# the higher mean per-token log-likelihood, and the mean margin (nats). Across prompts one model's margin mixes
+# in how predictable each prompt's responses are, so read this column as differences between models on the same
+# pairs (how far a model moved probability towards the safe responses), not as a level. **Honest**: TruthfulQA MC1/MC2 on every
 # evaluation question (the standard 6-shot multiple choice). Texts are scored on at most
 # `evaluation.likelihood.max_answer_tokens` tokens. Higher is better in every column; intervals: Wilson for
 # the two rates of 0/1 items, a bootstrap over items otherwise. A token ensemble's likelihood is its mixture's

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from h3fusion import load_profile
-from h3fusion.data.splits import eval_items_all, load_eval_items
+from h3fusion.data.splits import beavertails_split, eval_items_all, load_eval_items
 from h3fusion.evaluation import likelihood, stats
 from h3fusion.models import load_tokenizer
 
@@ -44,18 +44,31 @@ def test_items_are_prefixes_of_the_stratified_order_and_contain_the_judged_sampl
     assert len(inputs["honest"].mc) == len(inputs["honest"].ids)
 
 
-def test_every_harmless_item_has_both_a_safe_and_an_unsafe_response(profile, inputs):
-    items = likelihood.safe_unsafe_prompts(profile)
+def test_every_harmless_item_pairs_a_safe_and_an_unsafe_response(profile, inputs):
+    """Same-prompt items first, then pairs across prompts; every prompt in one item only; the stratified order."""
+    items = likelihood.safe_unsafe_pairs(profile)
     assert items and all(it["safe"] and it["unsafe"] for it in items)
-    assert not set(it["safe"][0] for it in items) & set(it["unsafe"][0] for it in items)
+    same = [it for it in items if "+" not in it["id"]]
+    assert items[: len(same)] == same  # the same-prompt items come first
+    for it in same:
+        assert len({p for p, _ in it["safe"] + it["unsafe"]}) == 1
+    across = items[len(same):]
+    assert across and all(len(it["safe"]) == len(it["unsafe"]) == 1 for it in across)
+    assert all(it["safe"][0][0] != it["unsafe"][0][0] for it in across)
+    prompts = [{p for p, _ in it["safe"] + it["unsafe"]} for it in items]
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # no prompt in two items
+    labels = {(r["prompt"], r["response"]): r["is_safe"] for r in beavertails_split(profile).eval_rows}
+    for it in items:
+        assert all(labels[pair] for pair in it["safe"]) and not any(labels[pair] for pair in it["unsafe"])
+    order = [str(it["id"]) for it in eval_items_all(profile, "harmless")]
+    for part in (same, across):  # each part follows the stratified order (a cross pair: by its safe prompt)
+        positions = [order.index(it["id"].split("+")[0]) for it in part]
+        assert positions == sorted(positions)
     li = inputs["harmless"]
-    assert li.ids == [it["id"] for it in items][: profile.evaluation.likelihood.harmless_prompts]
+    assert li.ids == [it["id"] for it in items][: profile.evaluation.likelihood.harmless_pairs]
     for k in range(len(li.ids)):
         sides = {s for o, s in zip(li.owners, li.sides, strict=True) if o == k}
         assert sides == {"safe", "unsafe"}
-    order = [str(it["id"]) for it in eval_items_all(profile, "harmless")]
-    positions = [order.index(i) for i in li.ids]
-    assert positions == sorted(positions)  # the harmless items' stratified order, filtered
 
 
 def test_scored_texts_are_cut_to_the_token_limit(profile, inputs):

@@ -7,9 +7,15 @@ items per minute, and its paired differences are precise, so it resolves differe
 - **helpful**: the mean per-token log-likelihood of AlpacaEval's reference answer (text-davinci-003's) after the
   instruction in the Alpaca template, on a stratified sample of AlpacaEval instructions. Higher = the model finds
   a good answer more probable. It measures closeness to one reference, not preference: a proxy for helpfulness;
-- **harmless**: on the BeaverTails evaluation prompts that have both a safe and an unsafe labelled response, the
-  margin mean log p(safe response) - mean log p(unsafe response), per token and averaged over each side's
-  responses, and whether the model prefers the safe side (margin > 0).
+- **harmless**: pairs of a safe and an unsafe labelled BeaverTails evaluation response (`safe_unsafe_pairs`),
+  each response scored after its own prompt: the margin mean log p(safe) - mean log p(unsafe), per token and
+  averaged over each side's responses, and whether the model prefers the safe side (margin > 0). The evaluation
+  prompts that have both a safe and an unsafe response come first (a same-prompt comparison, but only 44 of
+  them in the offline copy: too few to resolve the small shifts alignment makes); then pairs across prompts,
+  the k-th prompt with only safe responses against the k-th with only unsafe ones. A pair's two prompts
+  differ, so one model's margin mixes the prompts' own difficulty in; a difference between two models on the
+  same pairs cancels it (a difference in differences): it says which model moved probability towards the
+  safe responses, relative to the unsafe ones.
 
 Answers and responses are scored on at most `evaluation.likelihood.max_answer_tokens` tokens, counted with the
 profile's tokenizer. `evaluate_model` runs this track beside generation and stores it under
@@ -101,9 +107,14 @@ def _helpful(profile: Profile, tok: PreTrainedTokenizerBase) -> LikelihoodInputs
     )
 
 
-def safe_unsafe_prompts(profile: Profile) -> list[dict[str, Any]]:
-    """The BeaverTails evaluation prompts with both a safe and an unsafe labelled response, in the stratified
-    order of the harmless evaluation items: {id, prompt, safe: [...], unsafe: [...]}."""
+def safe_unsafe_pairs(profile: Profile) -> list[dict[str, Any]]:
+    """The harmless items of this track: {id, safe: [(prompt, response)], unsafe: [(prompt, response)]}.
+
+    First every evaluation prompt with both a safe and an unsafe labelled response (all its responses of each
+    side; id: the prompt's), then pairs across prompts: walking the harmless evaluation items' seeded stratified
+    order, the k-th prompt with only safe responses is paired with the k-th prompt with only unsafe ones (the
+    first response of each; id: "<safe id>+<unsafe id>"). Each prompt is used once; order = priority, so a
+    prefix is the configured sample."""
     from h3fusion.data.splits import beavertails_split, eval_items_all
 
     sides: dict[str, dict[str, list[str]]] = {}
@@ -111,25 +122,34 @@ def safe_unsafe_prompts(profile: Profile) -> list[dict[str, Any]]:
         side = sides.setdefault(r["prompt"], {"safe": [], "unsafe": []})["safe" if r["is_safe"] else "unsafe"]
         if r["response"] not in side:
             side.append(r["response"])
-    out = []
+    both, only = [], {"safe": [], "unsafe": []}
     for it in eval_items_all(profile, "harmless"):
         s = sides.get(it["prompt"])
-        if s and s["safe"] and s["unsafe"]:
-            out.append({"id": str(it["id"]), "prompt": it["prompt"], **s})
-    return out
+        if not s:
+            continue
+        if s["safe"] and s["unsafe"]:
+            both.append({"id": str(it["id"]), **{k: [(it["prompt"], r) for r in v] for k, v in s.items()}})
+        else:
+            kind = "safe" if s["safe"] else "unsafe"
+            only[kind].append((str(it["id"]), it["prompt"], s[kind][0]))
+    across = [
+        {"id": f"{a[0]}+{b[0]}", "safe": [(a[1], a[2])], "unsafe": [(b[1], b[2])]}
+        for a, b in zip(only["safe"], only["unsafe"], strict=False)
+    ]
+    return both + across
 
 
 def _harmless(profile: Profile, tok: PreTrainedTokenizerBase) -> LikelihoodInputs:
     from h3fusion.data import format_prompt
 
     cfg = profile.evaluation.likelihood
-    items = safe_unsafe_prompts(profile)[: cfg.harmless_prompts]
+    items = safe_unsafe_pairs(profile)[: cfg.harmless_pairs]
     pairs, owners, sides, tokens = [], [], [], []
     for i, it in enumerate(items):
         for side in ("safe", "unsafe"):
-            for response in it[side]:
+            for prompt, response in it[side]:
                 text, n = _truncate(tok, response, cfg.max_answer_tokens)
-                pairs.append((format_prompt(it["prompt"]), text))
+                pairs.append((format_prompt(prompt), text))
                 owners.append(i)
                 sides.append(side)
                 tokens.append(n)

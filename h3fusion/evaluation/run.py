@@ -10,7 +10,7 @@ responses) from the model's log-likelihoods, and writes (`store`) into
 - ``generations/<dimension>.jsonl``: prompt and answer per item,
 - ``judgements/<dimension>.jsonl``: the judge's output per item,
 - ``likelihood/<dimension>.jsonl``: the likelihood track per item (MC1/MC2 and the choices' log-likelihoods per
-  TruthfulQA question; per-token log-likelihood per reference answer; safe-unsafe margin per BeaverTails prompt),
+  TruthfulQA question; per-token log-likelihood per reference answer; safe-unsafe margin per BeaverTails pair),
 - ``xstest.jsonl``: the XSTest track per prompt (`h3fusion.evaluation.overrefusal`: answer and refusal verdict),
 - ``metrics.json``: the scores, the judge names and their validation figures, item counts, hashes (the same bytes
   for the same results: wall times stay out of it),

@@ -28,9 +28,8 @@ LIKELIHOOD_COLUMNS = {
 
 LIKELIHOOD_HEADLINE = {"helpful": "ref_logprob", "harmless": "safe_margin", "honest": "mc2"}
 """The metric of each dimension the likelihood track's headline compares (all higher-is-better). Harmless uses
-the safe-unsafe margin, not the binary preference: on the cpu profile the base model and the three experts
-all prefer the safe side on 26 of the 44 prompts (the harmless expert on exactly the base model's), so the
-preference barely separates models."""
+the safe-unsafe margin, not the binary preference: a 0/1 preference per pair discards how far a model moved the
+two responses apart, so its paired differences between models resolve less than the margin's on the same pairs."""
 
 XSTEST_COLUMNS = {
     (overrefusal.SAFE, overrefusal.OVER_REFUSAL): "XSTest over-refusal % ↓",
