@@ -247,6 +247,12 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if ens is not None:
         values["ensemble.one_pass_vs_one_model"] = ens["one_pass_vs_one_model"]
         values["ensemble.separate_passes_vs_one_model"] = ens["separate_passes_vs_one_model"]
+        values["ensemble.same_rows_vs_one_model"] = ens["same_rows_vs_one_model"]
+        values["ensemble.one_pass_vs_same_rows"] = ens["one_pass_vs_same_rows"]
+        values["ensemble.batch1.one_pass_vs_one_model"] = ens["batch1"]["one_pass_vs_one_model"]
+        values["ensemble.batch1.separate_passes_vs_one_model"] = ens["batch1"]["separate_passes_vs_one_model"]
+        values["ensemble.batch1.same_rows_vs_one_model"] = ens["batch1"]["same_rows_vs_one_model"]
+        values["ensemble.batch1.one_pass_vs_same_rows"] = ens["batch1"]["one_pass_vs_same_rows"]
     out = {}
     for key, value in values.items():
         op, target = TARGETS.get(key, (None, None))

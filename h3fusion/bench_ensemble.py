@@ -5,8 +5,9 @@ one forward per step (the batch repeated once per expert, peft's mixed-adapter b
 LoRA), so the base weights are read once per step. This section times it against one model generating the same
 prompts (the evaluation's dense path, Hugging Face `generate`; target: at most 1.5x per generated token, issue
 17) and against the experts run in separate passes, one forward and one KV cache per expert per step (the
-implementation it replaced), on the evaluation's batch size and cap. Adapters are random LoRA factors of the
-experts' rank on the real base, prompts are Alpaca-formatted sentences of random words.
+implementation it replaced), on the evaluation's batch size and cap, and again at batch 1. Both regimes also
+time one model on n times the rows, the floor no sharing of the base can beat (`bench_ensemble`). Adapters are
+random LoRA factors of the experts' rank on the real base, prompts are Alpaca-formatted sentences of random words.
 """
 
 from __future__ import annotations
@@ -98,44 +99,77 @@ def _counted(model: torch.nn.Module) -> list[int]:
     return calls
 
 
-def bench_ensemble(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict[str, Any]:
-    """Seconds per decoding step (batch `generation.batch_size`, up to `max_new_tokens` steps) of one model, the
-    one-pass ensemble and the separate-pass ensemble; medians over `plan.gen_repeats` rounds."""
-    cfg = profile.evaluation.generation.model_copy(update={"temperature": 0.0})
-    prompts = _prompts(cfg.batch_size, profile.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapters = _random_adapters(base, Path(tmp), len(profile.tasks), profile.experts.lora.r, profile.seed)
-        bank = AdapterBank(copy.deepcopy(base), adapters)
-    dense = HFLanguageModel(base, tokenizer, stop_strings=(), progress=False)
-    models = {
-        "one_model": (dense, _counted(dense.model)),
-        "one_pass": (TokenEnsemble(bank, tokenizer, stop_strings=(), progress=False), None),
-        "separate_passes": (SeparatePassEnsemble(bank, tokenizer, stop_strings=(), progress=False), None),
-    }
-    bank_calls = _counted(bank.model.get_base_model())
+def _seconds_per_step(
+    models: dict[str, tuple[Any, list[int]]], prompts: list[str], cfg: GenerationConfig, seed: int, repeats: int,
+    forwards_per_step: dict[str, int],
+) -> dict[str, float]:
+    """Median seconds per decoding step of each model on PROMPTS (forward calls counted by hooks)."""
     per_step: dict[str, list[float]] = {name: [] for name in models}
     for lm, _ in models.values():  # warm-up, a few tokens each
-        lm.generate(prompts[:4], cfg.model_copy(update={"max_new_tokens": 2}), profile.seed)
-    for _ in range(plan.gen_repeats):
-        for name, (lm, calls) in models.items():
-            counter = calls if calls is not None else bank_calls
+        lm.generate(prompts[:4], cfg.model_copy(update={"max_new_tokens": 2}), seed)
+    for _ in range(repeats):
+        for name, (lm, counter) in models.items():
             before = counter[0]
             start = time.perf_counter()
-            lm.generate(prompts, cfg, profile.seed)
+            lm.generate(prompts, cfg, seed)
             seconds = time.perf_counter() - start
-            steps = counter[0] - before
-            if name == "separate_passes":
-                steps //= len(profile.tasks)  # one forward per expert per step
+            steps = (counter[0] - before) // forwards_per_step.get(name, 1)
             per_step[name].append(seconds / max(steps, 1))
-    med = {name: sorted(v)[len(v) // 2] for name, v in per_step.items()}
+    return {name: sorted(v)[len(v) // 2] for name, v in per_step.items()}
+
+
+def _regime(
+    dense: Any, ensembles: dict[str, tuple[Any, list[int]]], dense_calls: list[int], prompts: list[str],
+    cfg: GenerationConfig, seed: int, repeats: int, n: int,
+) -> dict[str, float]:
+    """Seconds per step of one model, the ensembles, and one model on n x the rows (`same_rows`), and ratios."""
+    separate = {"separate_passes": n}  # one forward per expert per step
+    med = _seconds_per_step({"one_model": (dense, dense_calls), **ensembles}, prompts, cfg, seed, repeats, separate)
+    wide = cfg.model_copy(update={"batch_size": n * cfg.batch_size})
+    med["same_rows"] = _seconds_per_step(
+        {"same_rows": (dense, dense_calls)}, [q for q in prompts for _ in range(n)], wide, seed, repeats, {}
+    )["same_rows"]
     return {
-        "batch_size": cfg.batch_size,
-        "max_new_tokens": cfg.max_new_tokens,
-        "experts": len(profile.tasks),
         **{f"{name}_s_per_step": s for name, s in med.items()},
         "one_pass_vs_one_model": med["one_pass"] / med["one_model"],
         "separate_passes_vs_one_model": med["separate_passes"] / med["one_model"],
         "one_pass_vs_separate_passes": med["one_pass"] / med["separate_passes"],
+        "same_rows_vs_one_model": med["same_rows"] / med["one_model"],
+        "one_pass_vs_same_rows": med["one_pass"] / med["same_rows"],
+    }
+
+
+def bench_ensemble(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict[str, Any]:
+    """Seconds per decoding step (up to `max_new_tokens` steps) of one model, the one-pass ensemble and the
+    separate-pass ensemble, medians over `plan.gen_repeats` rounds, at the evaluation's batch size B (the target's
+    setting) and at batch 1.
+
+    Each regime also times one model decoding n x the rows (`same_rows`: the ensemble's arithmetic, the base
+    weights read once per step). Every expert's rows carry their own hidden states, so no sharing makes an
+    ensemble cheaper than that: on a CPU at B = 48 decoding is compute-bound and `same_rows` costs about n times
+    one model; at batch 1 it is bound by reading the weights, where sharing the base could pay (a GPU at the
+    paper's 7B scale decodes there even at B = 48), unless the matmul kernels for n rows cost more than for one.
+    """
+    n = len(profile.tasks)
+    cfg = profile.evaluation.generation.model_copy(update={"temperature": 0.0})
+    prompts = _prompts(cfg.batch_size, profile.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = _random_adapters(base, Path(tmp), n, profile.experts.lora.r, profile.seed)
+        bank = AdapterBank(copy.deepcopy(base), adapters)
+    dense = HFLanguageModel(base, tokenizer, stop_strings=(), progress=False)
+    dense_calls, bank_calls = _counted(dense.model), _counted(bank.model.get_base_model())
+    ensembles = {
+        "one_pass": (TokenEnsemble(bank, tokenizer, stop_strings=(), progress=False), bank_calls),
+        "separate_passes": (SeparatePassEnsemble(bank, tokenizer, stop_strings=(), progress=False), bank_calls),
+    }
+    args = (profile.seed, plan.gen_repeats, n)
+    single = cfg.model_copy(update={"batch_size": 1})
+    return {
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "experts": n,
+        **_regime(dense, ensembles, dense_calls, prompts, cfg, *args),
+        "batch1": _regime(dense, ensembles, dense_calls, prompts[: plan.gen_repeats + 1], single, *args),
     }
 
 
@@ -144,5 +178,15 @@ def print_section(ens: dict[str, Any]) -> None:
         f"\n7. Token ensemble of {ens['experts']} experts, greedy, batch {ens['batch_size']}, up to "
         f"{ens['max_new_tokens']} new tokens (s per decoding step): one model {ens['one_model_s_per_step']:.3f}, "
         f"one-pass ensemble {ens['one_pass_s_per_step']:.3f} ({ens['one_pass_vs_one_model']:.2f}x), separate "
-        f"passes {ens['separate_passes_s_per_step']:.3f} ({ens['separate_passes_vs_one_model']:.2f}x)"
+        f"passes {ens['separate_passes_s_per_step']:.3f} ({ens['separate_passes_vs_one_model']:.2f}x); one model "
+        f"on {ens['experts']}x the rows (the compute floor) {ens['same_rows_s_per_step']:.3f} "
+        f"({ens['same_rows_vs_one_model']:.2f}x; one-pass / floor {ens['one_pass_vs_same_rows']:.2f})"
+    )
+    b1 = ens["batch1"]
+    print(
+        f"   at batch 1: one model {b1['one_model_s_per_step']:.4f}, one-pass {b1['one_pass_s_per_step']:.4f} "
+        f"({b1['one_pass_vs_one_model']:.2f}x), separate passes {b1['separate_passes_s_per_step']:.4f} "
+        f"({b1['separate_passes_vs_one_model']:.2f}x); one model on {ens['experts']} rows "
+        f"{b1['same_rows_s_per_step']:.4f} ({b1['same_rows_vs_one_model']:.2f}x; one-pass / floor "
+        f"{b1['one_pass_vs_same_rows']:.2f})"
     )

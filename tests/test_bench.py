@@ -48,6 +48,16 @@ def test_quick_bench_writes_every_ratio(tmp_path: Path, monkeypatch: pytest.Monk
         assert lik[model]["ratio"] == pytest.approx(lik[model]["scorer_tok_s"] / lik[model]["plain_tok_s"])
     for row in results["ffn"]:
         assert (row["hidden"], row["ffn"]) == bench_common.LAYER_SHAPES[row["shape"]]
+    ens = results["ensemble"]  # both regimes, and the compute floor at the evaluation's batch
+    assert {"ensemble.one_pass_vs_same_rows", "ensemble.batch1.one_pass_vs_one_model"} <= set(ratios)
+    assert ens["one_pass_vs_same_rows"] == pytest.approx(ens["one_pass_s_per_step"] / ens["same_rows_s_per_step"])
+    for regime in (ens, ens["batch1"]):
+        assert regime["one_pass_vs_one_model"] == pytest.approx(
+            regime["one_pass_s_per_step"] / regime["one_model_s_per_step"]
+        )
+        assert regime["same_rows_vs_one_model"] == pytest.approx(
+            regime["same_rows_s_per_step"] / regime["one_model_s_per_step"]
+        )
     assert results["book"]["stages_s"] == {}
 
 
