@@ -146,9 +146,10 @@ def bench_ensemble(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict[s
 
     Each regime also times one model decoding n x the rows (`same_rows`: the ensemble's arithmetic, the base
     weights read once per step). Every expert's rows carry their own hidden states, so no sharing makes an
-    ensemble cheaper than that: on a CPU at B = 48 decoding is compute-bound and `same_rows` costs about n times
-    one model; at batch 1 it is bound by reading the weights, where sharing the base could pay (a GPU at the
-    paper's 7B scale decodes there even at B = 48), unless the matmul kernels for n rows cost more than for one.
+    ensemble cheaper than that floor, and the floor says what sharing the base can buy on the machine at hand:
+    where decoding is bound by reading the weights (small batches of a large model on a GPU), n rows cost about
+    what one row costs; where it is bound by arithmetic (the 2-core CPU this was measured on, even at batch 1),
+    up to n times.
     """
     n = len(profile.tasks)
     cfg = profile.evaluation.generation.model_copy(update={"temperature": 0.0})
@@ -179,7 +180,7 @@ def print_section(ens: dict[str, Any]) -> None:
         f"{ens['max_new_tokens']} new tokens (s per decoding step): one model {ens['one_model_s_per_step']:.3f}, "
         f"one-pass ensemble {ens['one_pass_s_per_step']:.3f} ({ens['one_pass_vs_one_model']:.2f}x), separate "
         f"passes {ens['separate_passes_s_per_step']:.3f} ({ens['separate_passes_vs_one_model']:.2f}x); one model "
-        f"on {ens['experts']}x the rows (the compute floor) {ens['same_rows_s_per_step']:.3f} "
+        f"on {ens['experts']}x the rows (the floor) {ens['same_rows_s_per_step']:.3f} "
         f"({ens['same_rows_vs_one_model']:.2f}x; one-pass / floor {ens['one_pass_vs_same_rows']:.2f})"
     )
     b1 = ens["batch1"]
