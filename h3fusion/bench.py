@@ -195,34 +195,14 @@ def _manifests(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             continue
 
 
-def stage_seconds(manifest: dict[str, Any]) -> float | None:
-    """What a stage cost when it was computed: an evaluation's recorded phase times summed (each phase keeps the
-    time it took when it ran, also after a later run reused it), else the manifest's wall time. An evaluation's
-    own `wall_time_s` is only its last call's judging and writing (seconds when everything was reused)."""
-    from h3fusion.evaluation.run import PHASE_TIMES
-
-    phases = manifest.get(PHASE_TIMES)
-    if isinstance(phases, dict) and phases:
-        return round(
-            sum(
-                float(v)
-                for phase in phases.values()
-                if isinstance(phase, dict)
-                for k, v in phase.items()
-                if k.endswith("_s") and isinstance(v, (int, float))
-            ),
-            2,
-        )
-    return manifest.get("wall_time_s")
-
-
 def book_times(profile: Profile, book_dir: Path) -> dict[str, Any]:
-    """Stage wall times (s) from the profile's manifests (`stage_seconds`), the notebooks' latest wall times, and
-    the total of the last batch that ran every notebook from an empty runs folder (the budget; a resumed batch
-    costs less)."""
+    """Stage wall times (s) from the profile's manifests (`report.artifact_seconds`: an evaluation's phases
+    included), the notebooks' latest wall times, and the total of the last batch that ran every notebook from an
+    empty runs folder (the budget; a resumed batch costs less)."""
     from h3fusion.notebooks import FROM_SCRATCH, wall_times_path
+    from h3fusion.report import artifact_seconds
 
-    stages = {name: stage_seconds(m) for name, m in _manifests(profile.run_dir)}
+    stages = {name: artifact_seconds(m) for name, m in _manifests(profile.run_dir)}
     data: dict[str, Any] = {}
     path = wall_times_path(book_dir, profile.name)
     if path.is_file():
@@ -267,14 +247,9 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         values["likelihood.threads.two_processes_vs_two_threads"] = lik["threads"]["ratio"]
     ens = results.get("ensemble")
     if ens is not None:
-        values["ensemble.one_pass_vs_one_model"] = ens["one_pass_vs_one_model"]
-        values["ensemble.separate_passes_vs_one_model"] = ens["separate_passes_vs_one_model"]
-        values["ensemble.same_rows_vs_one_model"] = ens["same_rows_vs_one_model"]
-        values["ensemble.one_pass_vs_same_rows"] = ens["one_pass_vs_same_rows"]
-        values["ensemble.batch1.one_pass_vs_one_model"] = ens["batch1"]["one_pass_vs_one_model"]
-        values["ensemble.batch1.separate_passes_vs_one_model"] = ens["batch1"]["separate_passes_vs_one_model"]
-        values["ensemble.batch1.same_rows_vs_one_model"] = ens["batch1"]["same_rows_vs_one_model"]
-        values["ensemble.batch1.one_pass_vs_same_rows"] = ens["batch1"]["one_pass_vs_same_rows"]
+        for prefix, regime in (("ensemble", ens), ("ensemble.batch1", ens["batch1"])):
+            for key in bench_ensemble.RATIOS:
+                values[f"{prefix}.{key}"] = regime[key]
     out = {}
     for key, value in values.items():
         op, target = TARGETS.get(key, (None, None))

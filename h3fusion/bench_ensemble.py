@@ -28,6 +28,8 @@ from h3fusion.evaluation.lm import HFLanguageModel
 
 TARGETS: dict[str, tuple[str, float]] = {"ensemble.one_pass_vs_one_model": ("<=", 1.5)}
 """Issue 17's target: a three-expert token ensemble at most 1.5x one model per generated token."""
+RATIOS = ("one_pass_vs_one_model", "separate_passes_vs_one_model", "same_rows_vs_one_model", "one_pass_vs_same_rows")
+"""The ratios of each regime that `h3fusion bench` reports."""
 
 
 class SeparatePassEnsemble(TokenEnsemble):

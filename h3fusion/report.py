@@ -203,6 +203,14 @@ def _phase_seconds(phases: Mapping[str, Any], keys: Sequence[str]) -> float:
     return sum(float(x) for x in values)
 
 
+def artifact_seconds(manifest: Mapping[str, Any]) -> float:
+    """What building an artifact cost: its manifest's wall time, plus, for an evaluation (whose own wall time is only
+    its last call's judging and writing), the loading, generation and likelihood phases it records, each as long as
+    it took when first computed (also after a later call reused it); NaN where a reused phase's time was lost."""
+    extra = _phase_seconds(manifest.get(PHASE_TIMES, {}), ("load_s", "generate_s", "mc_s", "likelihood_s"))
+    return round(manifest.get("wall_time_s", math.nan) + extra, 2)
+
+
 def _unrecorded(phases: Mapping[str, Any], keys: Sequence[str]) -> bool:
     """A reused generation or judgement recorded with 0 s: its real time was lost by an older resumed run."""
     flags = {"generate_s": "reused_generations", "judge_s": "reused_judgements"}
@@ -359,13 +367,11 @@ def artifact_table(profile: Profile) -> pd.DataFrame:
     for path in sorted(profile.run_dir.rglob(MANIFEST)):
         m = read_manifest(path.parent) or {}
         artifact = path.parent.relative_to(profile.run_dir)
-        # an evaluation's manifest times its judging, and its generation and loading per phase
-        extra = _phase_seconds(_eval_phases(path.parent), ("load_s", "generate_s", "mc_s", "likelihood_s"))
         rows.append(
             {
                 "artifact": str(artifact),
                 "stage": m.get("stage") or artifact.parts[0],
-                "wall s": round(m.get("wall_time_s", math.nan) + extra, 2),
+                "wall s": artifact_seconds(m),
                 "torch threads": (m.get("hardware") or {}).get("torch_threads"),
                 "config hash": m.get("config_hash", ""),
                 "commit": (m.get("git_commit") or "")[:10],

@@ -81,7 +81,7 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     for stage, seconds in (("experts/helpful", 120.0), ("fusion/raw", 30.0)):
         (profile.run_dir / stage).mkdir(parents=True)
         (profile.run_dir / stage / "manifest.json").write_text(json.dumps({"wall_time_s": seconds}))
-    phases = {  # reused phases keep the time they took when computed; wall_time_s is only the last call's
+    phases = {  # reused phases keep the time they took when computed; wall_time_s is the last call's judging
         "helpful": {"generate_s": 200.0, "reused_generations": True, "likelihood_s": 100.0, "judge_s": 1.5},
         "load_model": {"load_s": 0.5},
         "xstest": {"generate_s": 50.0, "judge_s": 2.0},
@@ -106,7 +106,7 @@ def test_book_times_from_manifests(tmp_path: Path) -> None:
     (book / "_wall_times_cpu.json").write_text(json.dumps({"notebooks": resumed, "from_scratch": scratch}))
     times = bench.book_times(profile, book)
     assert times["complete"] and times["commit"] == "abc"
-    assert times["stages_s"] == {"eval/base": 354.0, "experts/helpful": 120.0, "fusion/raw": 30.0}
+    assert times["stages_s"] == {"eval/base": 350.54, "experts/helpful": 120.0, "fusion/raw": 30.0}
     assert times["notebooks_s"] == dict.fromkeys(expected, 600.0)
     ratios = bench.ratios(
         {
