@@ -88,7 +88,8 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     """One fusion step (delta storage, the profile's fusion setting) vs one dense LoRA step (experts' LoRA)."""
     from peft import LoraConfig, get_peft_model
 
-    from h3fusion.fusion import fusion_losses, prepare_for_training, total_loss
+    from h3fusion.fusion import prepare_for_training
+    from h3fusion.fusion_objective import fusion_losses, total_loss
 
     lora = profile.experts.lora
     dense = get_peft_model(
@@ -196,11 +197,11 @@ def _manifests(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def book_times(profile: Profile, book_dir: Path) -> dict[str, Any]:
-    """Stage wall times (s) from the profile's manifests (`report.artifact_seconds`: an evaluation's phases
+    """Stage wall times (s) from the profile's manifests (`reproducibility.artifact_seconds`: an evaluation's phases
     included), the notebooks' latest wall times, and the total of the last batch that ran every notebook from an
     empty runs folder (the budget; a resumed batch costs less)."""
     from h3fusion.notebooks import FROM_SCRATCH, wall_times_path
-    from h3fusion.report import artifact_seconds
+    from h3fusion.reproducibility import artifact_seconds
 
     stages = {name: artifact_seconds(m) for name, m in _manifests(profile.run_dir)}
     data: dict[str, Any] = {}

@@ -95,7 +95,7 @@ def interleaved_medians(
 
 def random_adapters(config: Any, num: int, rank: int, device: str = "meta") -> list[Any]:
     """One rank-r LoRA on every FFN projection of every layer per expert (values irrelevant on meta)."""
-    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
+    from h3fusion.moe.low_rank import PROJECTIONS, projection_shapes
     from h3fusion.moe.upcycle import ExpertAdapter
 
     shapes = projection_shapes(config.hidden_size, config.intermediate_size)

@@ -44,7 +44,7 @@ def _ffn_pair(
     hidden: int, ffn: int, profile: Profile, seed: int
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Random base FFN weights, per-expert rank-r deltas (A, B) for each projection, a router weight."""
-    from h3fusion.moe.layer import projection_shapes
+    from h3fusion.moe.low_rank import projection_shapes
 
     gen = torch.Generator().manual_seed(seed)
     num, r = len(profile.tasks), profile.experts.lora.r

@@ -7,9 +7,7 @@ has an error output, math is typeset by the locally served MathJax, and no page 
 host for anything (a link the reader clicks is fine). Finally it takes a headless Chromium
 screenshot of the results page (or the last chapter present).
 
-`check_sources()` checks the source notebooks themselves: no outputs, a `parameters` cell first,
-an "Open in Colab" link to the notebook's own file, a Colab-only setup cell, no
-``matplotlib.use`` and an ``.ipynb`` in sync with its jupytext ``.py`` source.
+`check_sources()` checks the source notebooks themselves (`h3fusion.notebook_checks`).
 
 Run it by hand with ``python -m h3fusion.bookcheck [--profile smoke] [--keep DIR]``.
 """
@@ -29,9 +27,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
-from h3fusion import repository
 from h3fusion.errors import H3FusionError
-from h3fusion.notebooks import BOOK_DIR, NOTEBOOKS_DIR, run_notebooks, source_notebooks
+from h3fusion.notebook_checks import (
+    check_sources,
+    executed_output_problems,
+    notebook_errors,
+)
+from h3fusion.notebooks import BOOK_DIR, run_notebooks
 
 MATHJAX_FILE = "_static/mathjax/tex-mml-chtml.js"
 CHROMIUM_FLAGS = (
@@ -77,76 +79,6 @@ class BookReport:
 
 
 # ---------------------------------------------------------------- source notebooks
-
-
-def _cell_text(cell: dict) -> str:
-    src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else src
-
-
-def check_source_notebook(path: Path) -> list[str]:
-    """Problems of one source notebook (empty list when it follows the conventions)."""
-    nb = json.loads(Path(path).read_text())
-    cells = nb.get("cells", [])
-    name = Path(path).name
-    problems = []
-    if len(cells) < 3:
-        return [
-            f"{name}: expected a parameters cell, a header cell and a setup cell, found {len(cells)} cells"
-        ]
-    first, header = cells[0], cells[1]
-    if first["cell_type"] != "code" or "parameters" not in first.get("metadata", {}).get("tags", []):
-        problems.append(f"{name}: the first cell must be a code cell tagged `parameters`")
-    elif not re.search(r"^profile\s*=", _cell_text(first), re.M):
-        problems.append(f"{name}: the parameters cell must set `profile = ...`")
-    url = repository.repository_url()
-    colab = repository.colab_header(name, url)
-    if header["cell_type"] != "markdown" or colab not in _cell_text(header):
-        problems.append(f"{name}: the second cell must be markdown with the Colab line {colab}")
-    setup = [
-        c for c in cells[2:4] if c["cell_type"] == "code" and '"google.colab" in sys.modules' in _cell_text(c)
-    ]
-    if not setup:
-        problems.append(
-            f'{name}: a setup cell with `if "google.colab" in sys.modules:` must follow the header'
-        )
-    elif repository.url_assignment(url) not in _cell_text(setup[0]):
-        problems.append(
-            f"{name}: the Colab setup cell must clone the repository of book/_config.yml "
-            f"(`{repository.url_assignment(url)}`); run `h3fusion set-repository URL`"
-        )
-    for i, c in enumerate(cells):
-        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None):
-            problems.append(f"{name}: cell {i} is stored with outputs; regenerate it with `make notebooks`")
-        if c["cell_type"] == "code" and "matplotlib.use(" in _cell_text(c):
-            problems.append(f"{name}: cell {i} calls matplotlib.use(), which suppresses inline figures")
-    return problems
-
-
-def check_twin(ipynb: Path) -> list[str]:
-    """The .ipynb must hold the same cells as its jupytext .py source (edit the .py, run `make notebooks`)."""
-    import jupytext
-
-    py = ipynb.with_suffix(".py")
-    if not py.exists():
-        return [f"{ipynb.name}: its jupytext source {py.name} is missing"]
-    want = [
-        (c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in jupytext.read(py).cells
-    ]
-    have = [
-        (c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", [])))
-        for c in jupytext.read(ipynb).cells
-    ]
-    if want != have:
-        return [f"{ipynb.name} differs from {py.name}: run `make notebooks` after editing the .py"]
-    return []
-
-
-def check_sources(folder: Path = NOTEBOOKS_DIR) -> list[str]:
-    problems = []
-    for nb in source_notebooks(folder):
-        problems += check_source_notebook(nb) + check_twin(nb)
-    return problems
 
 
 # ---------------------------------------------------------------- built HTML
@@ -246,50 +178,6 @@ def check_html(book_dir: Path, math_pages: tuple[str, ...] = ("method",)) -> tup
                 problems.append(f"{page}.html has no math for MathJax to typeset")
     problems += _css_outside_urls(html_dir)
     return pages, problems
-
-
-def notebook_errors(folder: Path) -> list[str]:
-    """Error outputs stored in executed notebooks (a cell that raised but was allowed to)."""
-    problems = []
-    for nb in sorted(Path(folder).glob("*.ipynb")):
-        for i, cell in enumerate(json.loads(nb.read_text()).get("cells", [])):
-            for out in cell.get("outputs", []):
-                if out.get("output_type") == "error":
-                    problems.append(f"{nb.name}: cell {i} has an error output ({out.get('ename')})")
-    return problems
-
-
-MACHINE_PATH = re.compile(
-    r"(?<![\w.~-])/(?:tmp|work|home|root|Users|mnt|private|var/folders|content)/[^\s'\"<>)]*"
-)
-PROGRESS_OUTPUT = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+|it/s\]|s/it\]|<progress|Training Loss")
-
-
-def executed_output_problems(folder: Path, allowed: tuple[str, ...] = ()) -> list[str]:
-    """What an executed notebook must not show a reader: one machine's folders (in outputs or in the
-    papermill metadata) and progress bars or the Trainer's step tables (the chapters plot the curves).
-
-    `allowed`: path prefixes that are expected (a check's own temporary runs folder)."""
-
-    def machine_paths(text: str) -> list[str]:
-        return (
-            [h for h in MACHINE_PATH.findall(text) if not h.startswith(allowed)]
-            if allowed
-            else MACHINE_PATH.findall(text)
-        )
-
-    problems = []
-    for nb in sorted(Path(folder).glob("*.ipynb")):
-        data = json.loads(nb.read_text())
-        if hits := machine_paths(json.dumps(data.get("metadata", {}))):
-            problems.append(f"{nb.name}: the notebook metadata names machine paths ({hits[0]})")
-        for i, cell in enumerate(data.get("cells", [])):
-            text = json.dumps(cell.get("outputs", []))
-            if hits := machine_paths(text):
-                problems.append(f"{nb.name}: cell {i} shows a machine path ({hits[0]})")
-            if hit := PROGRESS_OUTPUT.search(text):
-                problems.append(f"{nb.name}: cell {i} shows progress output ({hit.group(0)!r})")
-    return problems
 
 
 # ---------------------------------------------------------------- build, screenshot, the whole check
@@ -416,7 +304,9 @@ def _width_problems(report: BookReport) -> list[str]:
 
     browser = chromium_path()
     if browser is None:
-        return ["CI requires the page-width check but chromium is not installed"] if os.environ.get("CI") else []
+        return (
+            ["CI requires the page-width check but chromium is not installed"] if os.environ.get("CI") else []
+        )
     pages = [p for p in report.pages if p == "intro" or re.match(r"^\d\d_", p)]
     return width_problems(report.build_dir, pages, browser, CHROMIUM_FLAGS)
 

@@ -77,7 +77,7 @@ def check_target_modules(profile: Profile, model: nn.Module) -> None:
     three experts train that `fuse` then refuses."""
     from torch import nn
 
-    from h3fusion.moe.layer import PROJECTIONS
+    from h3fusion.moe.low_rank import PROJECTIONS
 
     targets = profile.experts.lora.target_modules
     names = [n for n, _ in model.named_modules()]

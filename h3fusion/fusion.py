@@ -24,8 +24,8 @@ import torch
 
 from h3fusion.artifacts import Stopwatch, digest, is_complete, make_manifest, read_manifest
 from h3fusion.config import TRAINING_DATA_KEYS, Profile, ReleasedCodeSwitches, shown_path
-from h3fusion.errors import ArtifactError
-from h3fusion.training import hide_progress, loss_log, prepare_work_dir, train_from, training_arguments
+from h3fusion.fusion_objective import LOSS_TERMS, TRAINABLE_WEIGHTS, fusion_trainer_class, trainable_state
+from h3fusion.training import loss_log, prepare_work_dir, train_from, training_arguments
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -33,9 +33,7 @@ if TYPE_CHECKING:
     from h3fusion.moe import MoECausalLM
     from h3fusion.moe.upcycle import ExpertAdapter
 
-LOSS_TERMS = ("lm_loss", "gate_loss", "drift_loss", "balance_loss")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-TRAINABLE_WEIGHTS = "trainable.safetensors"
 _RAW_FUSION_KEYS = ("top_k", "storage", "router_init", "router_init_examples")
 
 
@@ -207,153 +205,6 @@ def prepare_for_training(moe: MoECausalLM, profile: Profile) -> None:
             p.requires_grad_(False)
 
 
-def gate_mask_names(profile: Profile) -> list[str]:
-    """The `h3fusion.routing` masks the gating loss averages over (and the book's headline routing accuracy)."""
-    f = profile.fusion
-    return [m + (" after template" if f.gate_skip_template else "") for m in f.gate_averages]
-
-
-def gate_masks(
-    batch: dict[str, torch.Tensor], profile: Profile, template: torch.Tensor | None
-) -> list[torch.Tensor]:
-    """The token masks of `gate_mask_names` for a batch; `template`: each row's template length (needed only
-    with `fusion.gate_skip_template`)."""
-    from h3fusion.routing import routing_masks
-
-    if template is None:
-        if profile.fusion.gate_skip_template:
-            raise ValueError("gate_skip_template needs the template lengths of the batch")
-        template = torch.zeros(batch["attention_mask"].shape[0], dtype=torch.long)
-    masks = routing_masks(batch["attention_mask"], batch["labels"], template)
-    return [masks[name] for name in gate_mask_names(profile)]
-
-
-def fusion_losses(
-    moe: MoECausalLM,
-    out: Any,
-    batch: dict[str, torch.Tensor],
-    profile: Profile,
-    template: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels;
-    `template`: each row's template length (`h3fusion.routing.template_lengths`)."""
-    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss
-
-    f = profile.fusion
-    rc = f.released_code
-    masks = gate_masks(batch, profile, template)
-    terms = {
-        "lm_loss": out.loss,
-        "gate_loss": gating_loss(
-            out.router_logits,
-            masks[0],
-            batch["task_labels"],
-            released_code=rc.gating_loss,
-            prompt_mask=masks[1] if len(masks) > 1 else None,
-        ),
-        "drift_loss": drift_loss(
-            moe.drift_factors(),
-            [f.gamma(t) for t in profile.tasks],
-            moe.fusion_lora_scale(),
-            released_code=rc.drift,
-            expert_sq_norms=moe.expert_sq_norms() if rc.drift else None,
-        ),
-    }
-    if f.load_balance_weight > 0:
-        terms["balance_loss"] = load_balancing_loss(
-            out.router_logits, batch["attention_mask"], moe.top_k, moe.num_experts
-        )
-    return terms
-
-
-def total_loss(terms: dict[str, torch.Tensor], profile: Profile) -> torch.Tensor:
-    """L = L_LM + lambda * L_gate + L_drift (gammas inside) + w_lb * L_balance."""
-    f = profile.fusion
-    total = terms["lm_loss"] + f.gate_weight * terms["gate_loss"] + terms["drift_loss"]
-    if "balance_loss" in terms:
-        total = total + f.load_balance_weight * terms["balance_loss"]
-    return total
-
-
-def _trainer_class() -> type[Trainer]:
-    from safetensors.torch import load_file, save_file
-    from transformers import Trainer
-
-    class FusionTrainer(Trainer):
-        """Adds the gating and drift terms to the LM loss and logs each term; checkpoints the trainable tensors."""
-
-        def __init__(
-            self, *args: Any, profile: Profile, template_headers: list[list[int]], **kwargs: Any
-        ) -> None:
-            super().__init__(*args, **kwargs)
-            hide_progress(self)
-            self.profile = profile
-            self.template_headers = template_headers
-            self.model_accepts_loss_kwargs = (
-                False  # the LM loss is a per-batch mean; the Trainer scales for accumulation
-            )
-            self._sums: dict[str, float] = {}
-            self._count = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            moe = self.accelerator.unwrap_model(model)
-            from h3fusion.routing import template_lengths
-
-            task_labels = inputs.pop("task_labels")
-            out = model(**inputs)
-            template = template_lengths(inputs["input_ids"], self.template_headers)
-            terms = fusion_losses(moe, out, {**inputs, "task_labels": task_labels}, self.profile, template)
-            loss = total_loss(terms, self.profile)
-            for k, v in terms.items():
-                self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
-            self._count += 1
-            return (loss, out) if return_outputs else loss
-
-        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-            """The Trainer's optimiser, with the routers in a group of their own at `fusion.router_lr`."""
-            router_lr = self.profile.fusion.router_lr
-            frozen = self.profile.fusion.released_code.frozen_router
-            if self.optimizer is not None or router_lr is None or frozen:
-                return super().create_optimizer(model)
-            routers = self.accelerator.unwrap_model(model or self.model).router_parameters()
-            router_ids = {id(p) for p in routers}
-            optimizer = super().create_optimizer(model)
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in router_ids]
-            optimizer.add_param_group({"params": routers, "lr": router_lr, "weight_decay": 0.0})
-            return optimizer
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._count:
-                logs.update({k: round(v / self._count, 6) for k, v in self._sums.items()})
-                self._sums, self._count = {}, 0
-            super().log(logs, start_time)
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if not self.args.should_save:
-                return
-            out = Path(output_dir or self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(_trainable_state(self.model), str(out / TRAINABLE_WEIGHTS))
-            torch.save(self.args, out / "training_args.bin")
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            target = model if model is not None else self.model
-            state = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS))
-            missing = set(_trainable_state(target)) - set(state)
-            if missing:
-                raise ArtifactError(
-                    f"checkpoint {resume_from_checkpoint} lacks {sorted(missing)[:3]}...; delete it and re-run"
-                )
-            target.load_state_dict(state, strict=False)
-
-    return FusionTrainer
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def work_dir(profile: Profile) -> Path:
     return profile.run_dir / "fusion" / f".work-{profile.fusion.variant}"
 
@@ -373,7 +224,7 @@ def fusion_trainer(
     moe, tok = upcycle_profile(profile, show_progress=False)
     prepare_for_training(moe, profile)
     moe.train()
-    trainer = _trainer_class()(
+    trainer = fusion_trainer_class()(
         model=moe,
         args=args,
         train_dataset=build_mixed_dataset(profile, tok),
@@ -430,7 +281,7 @@ def train_fusion(profile: Profile, callbacks: list[Any] | None = None) -> Path:
             global_step=trainer.state.global_step,
             world_size=trainer.args.world_size,
             resumed_from=Path(resume).name if resume else None,
-            trainable_parameters=sum(v.numel() for v in _trainable_state(trainer.model).values()),
+            trainable_parameters=sum(v.numel() for v in trainable_state(trainer.model).values()),
         )
         export_mixtral(moe, tok, folder, manifest=manifest)
         shutil.rmtree(work, ignore_errors=True)
@@ -455,5 +306,9 @@ def trained_variants(profile: Profile) -> Iterator[tuple[str, dict[str, Any]]]:
     root = profile.run_dir / "fusion"
     for folder in sorted(root.glob("*")) if root.exists() else []:
         manifest = read_manifest(folder)
-        if folder.name not in RAW_FOLDERS.values() and manifest is not None and manifest.get("stage") == "fusion":
+        if (
+            folder.name not in RAW_FOLDERS.values()
+            and manifest is not None
+            and manifest.get("stage") == "fusion"
+        ):
             yield folder.name, manifest

@@ -12,7 +12,7 @@ def random_upcycled_moe(profile: Profile, vocab_size: int):
     deltas: scale 2, factors 0.1 * N(0, 1)), in eval mode."""
     from h3fusion.models import tiny_random_llama
     from h3fusion.moe import ExpertAdapter, upcycle
-    from h3fusion.moe.layer import PROJECTIONS, projection_shapes
+    from h3fusion.moe.low_rank import PROJECTIONS, projection_shapes
 
     base = tiny_random_llama(profile.model.tiny, vocab_size, profile.seed)
     shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)

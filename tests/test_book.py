@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from h3fusion import bookcheck
+from h3fusion import bookcheck, notebook_checks
 from h3fusion.cli import main
 from h3fusion.config import ConfigError, load_profile
 from h3fusion.notebooks import (
@@ -44,7 +44,7 @@ def test_source_check_flags_each_convention(tmp_path: Path) -> None:
     setup = nbformat.v4.new_code_cell("import sys")
     plot = nbformat.v4.new_code_cell("import matplotlib\nmatplotlib.use('Agg')")
     plot.outputs = [nbformat.v4.new_output("stream", text="hi")]
-    problems = bookcheck.check_source_notebook(
+    problems = notebook_checks.check_source_notebook(
         _notebook([params, header, setup, plot], tmp_path / "09_x.ipynb")
     )
     text = "\n".join(problems)
@@ -59,14 +59,14 @@ def test_source_check_flags_each_convention(tmp_path: Path) -> None:
 
 
 def test_twin_check_detects_an_ipynb_out_of_sync(tmp_path: Path) -> None:
-    src = bookcheck.NOTEBOOKS_DIR / "00_data_and_judges"
+    src = notebook_checks.NOTEBOOKS_DIR / "00_data_and_judges"
     (tmp_path / "00_data_and_judges.py").write_text(src.with_suffix(".py").read_text())
     nb = nbformat.read(src.with_suffix(".ipynb"), as_version=4)
     nbformat.write(nb, tmp_path / "00_data_and_judges.ipynb")
-    assert bookcheck.check_twin(tmp_path / "00_data_and_judges.ipynb") == []
+    assert notebook_checks.check_twin(tmp_path / "00_data_and_judges.ipynb") == []
     nb.cells[-1].source += "\nprint('edited in Jupyter only')"
     nbformat.write(nb, tmp_path / "00_data_and_judges.ipynb")
-    assert bookcheck.check_twin(tmp_path / "00_data_and_judges.ipynb")
+    assert notebook_checks.check_twin(tmp_path / "00_data_and_judges.ipynb")
 
 
 # ---------------------------------------------------------------- run_notebooks
@@ -254,7 +254,7 @@ def test_executed_output_check_flags_machine_paths_and_progress_output(tmp_path:
     executed("02_bar.ipynb", " 40%|####      | 4/10 [00:02<00:03, 2.0it/s]\n")
     executed("03_table.ipynb", "", html="<progress value='30' max='30'></progress><th>Training Loss</th>")
     executed("04_meta.ipynb", "ok\n", meta="/home/someone/h3fusion/notebooks/04_meta.ipynb")
-    problems = bookcheck.executed_output_problems(tmp_path)
+    problems = notebook_checks.executed_output_problems(tmp_path)
     assert not [p for p in problems if p.startswith("00_clean")]
     assert any(p.startswith("01_path.ipynb: cell 0 shows a machine path (/tmp/fresh") for p in problems)
     assert any(p.startswith("02_bar.ipynb: cell 0 shows progress output") for p in problems)
@@ -263,15 +263,15 @@ def test_executed_output_check_flags_machine_paths_and_progress_output(tmp_path:
 
 
 def test_committed_book_shows_no_machine_paths_or_progress_output() -> None:
-    assert bookcheck.executed_output_problems(bookcheck.BOOK_DIR) == []
+    assert notebook_checks.executed_output_problems(bookcheck.BOOK_DIR) == []
 
 
 def test_executed_output_check_accepts_an_allowed_runs_folder(tmp_path: Path) -> None:
     cell = nbformat.v4.new_code_cell("x")
     cell.outputs = [nbformat.v4.new_output("stream", text="saved /tmp/check-runs/smoke/fusion/raw\n")]
     _notebook([cell], tmp_path / "00_x.ipynb")
-    assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/check-runs",)) == []
-    assert bookcheck.executed_output_problems(tmp_path, allowed=("/tmp/other",))
+    assert notebook_checks.executed_output_problems(tmp_path, allowed=("/tmp/check-runs",)) == []
+    assert notebook_checks.executed_output_problems(tmp_path, allowed=("/tmp/other",))
 
 
 needs_chromium = pytest.mark.skipif(

@@ -22,12 +22,11 @@ from h3fusion.fusion import (
     build_raw,
     fuse,
     fusion_dir,
-    fusion_losses,
     prepare_for_training,
     raw_dir,
-    total_loss,
     upcycle_profile,
 )
+from h3fusion.fusion_objective import fusion_losses, total_loss
 from h3fusion.routing import template_header_ids, template_lengths
 
 ROUTER = "model.layers.0.block_sparse_moe.gate.weight"

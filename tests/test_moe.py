@@ -448,7 +448,7 @@ def family_base(family: str):
 
 
 def family_adapters(base) -> list:
-    from h3fusion.moe.layer import projection_shapes
+    from h3fusion.moe.low_rank import projection_shapes
 
     shapes = projection_shapes(base.config.hidden_size, base.config.intermediate_size)
     gen = torch.Generator().manual_seed(0)

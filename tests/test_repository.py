@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from h3fusion import bookcheck, repository
+from h3fusion import notebook_checks, repository
 from h3fusion.cli import main
 from h3fusion.config import PROJECT_ROOT
 from h3fusion.errors import H3FusionError
@@ -66,7 +66,7 @@ def test_set_repository_links_every_chapter_and_unset_restores_the_files(tree):
 
 def test_the_committed_notebooks_follow_the_configured_url():
     for nb in sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        assert bookcheck.check_source_notebook(nb) == []
+        assert notebook_checks.check_source_notebook(nb) == []
 
 
 @pytest.mark.parametrize("url", ["http://github.com/a/b", "https://gitlab.com/a/b", "github.com/a", "x"])

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats as sps
 
 from h3fusion.evaluation import stats
-from h3fusion.evaluation.run import _scores_from_judgements
+from h3fusion.evaluation.judging import scores_from_judgements
 
 
 def _model(name, helpful, harmful, honest):
@@ -30,7 +30,7 @@ def _model(name, helpful, harmful, honest):
 
 def test_rates_are_the_means_of_the_item_scores():
     rows = [{"win_probability": p} for p in (0.2, 0.7, 0.51, 0.5)]
-    assert _scores_from_judgements("helpful", rows)["win_rate"] == 50.0
+    assert scores_from_judgements("helpful", rows)["win_rate"] == 50.0
     assert list(stats.item_values("helpful", rows)["win_rate"]) == [0, 100, 100, 0]
     honest = [{"truthful": t, "informative": i} for t, i in ((True, True), (True, False), (False, True))]
     assert stats.item_values("honest", honest)["truthful_x_informative"].tolist() == [100, 0, 0]

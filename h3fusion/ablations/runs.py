@@ -101,7 +101,8 @@ def _checkpoint_callback(
 
 def _train_in_memory(run_profile: Profile, callbacks: list[Any]) -> tuple[Any, Any, list[dict[str, float]]]:
     """A short fusion run exactly like `fusion.train_fusion` (same trainer, seed, data) but nothing saved."""
-    from h3fusion.fusion import LOSS_TERMS, build_raw, fusion_trainer
+    from h3fusion.fusion import build_raw, fusion_trainer
+    from h3fusion.fusion_objective import LOSS_TERMS
     from h3fusion.training import loss_log, training_arguments
 
     build_raw(run_profile, quiet=True)  # shared with chapter 02, and it checks the experts

@@ -81,7 +81,7 @@ def _answers_hash(profile: Profile, model_identity: str, prompts: Sequence[str])
 
 def hashes(profile: Profile, model_identity: str, prompts: Sequence[str], judge: Any) -> dict[str, str]:
     """{"answers": changes with anything that could change an answer, "verdicts": and with the classifier}."""
-    from h3fusion.evaluation.run import judge_identity
+    from h3fusion.evaluation.judging import judge_identity
 
     answers = _answers_hash(profile, model_identity, prompts)
     return {"answers": answers, "verdicts": digest({"answers": answers, "judge": judge_identity(judge)})}
@@ -100,7 +100,8 @@ def run(
     (`score_generations`): stored answers are then required."""
     from h3fusion.data import format_prompt
     from h3fusion.data.splits import xstest_eval_items
-    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers, judge_identity
+    from h3fusion.evaluation.judging import judge_identity
+    from h3fusion.evaluation.run import PHASE_TIMES, generate_answers
     from h3fusion.evaluation.store import read_jsonl
 
     items = xstest_eval_items(profile)

@@ -43,16 +43,23 @@ from h3fusion.artifacts import (
     make_manifest,
     read_manifest,
 )
-from h3fusion.config import TASKS, GenerationConfig, Profile
-from h3fusion.errors import ArtifactError, H3FusionError
+from h3fusion.config import GenerationConfig, Profile
+from h3fusion.errors import ArtifactError
 from h3fusion.evaluation import likelihood, overrefusal
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
 from h3fusion.evaluation.inputs import DimensionInputs, profile_inputs
+from h3fusion.evaluation.judging import (
+    judge_dimension,
+    judge_for,
+    judge_identity,
+    load_profile_judges,
+    scores_from_judgements,
+)
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel
 from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import mc_prompt
 from h3fusion.evaluation.registry import resolve_model
-from h3fusion.evaluation.store import METRICS, eval_dir, json_default, read_jsonl, write_jsonl
+from h3fusion.evaluation.store import METRICS, eval_dir, read_jsonl, write_jsonl
 
 EVAL_FORMAT = 1
 """Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
@@ -78,56 +85,6 @@ def generation_hash(profile: Profile, model_identity: str, task: str, inputs: Di
             "stop": DEFAULT_STOP_STRINGS,
         }
     )
-
-
-def judge_identity(judge: Any) -> dict[str, Any]:
-    return {"name": judge.name, "validation": getattr(judge, "validation", {})}
-
-
-# ---------------------------------------------------------------------------------------------- judging
-
-
-def judge_dimension(
-    task: str, judges: Any, keys: list[dict[str, Any]], answers: list[str]
-) -> list[dict[str, Any]]:
-    """The judge's output per item (scores come from these rows, see `_scores_from_judgements`)."""
-    if task == "helpful":
-        p = judges.helpful.win_probability(
-            [k["instruction"] + (f"\n\n{k['input']}" if k["input"] else "") for k in keys],
-            answers,
-            [k["reference"] for k in keys],
-        )
-        return [{"win_probability": float(x)} for x in p]
-    if task == "harmless":
-        p = judges.harmless.harmful_probability([k["prompt"] for k in keys], answers)
-        return [{"harmful_probability": float(x)} for x in p]
-    if task == "honest":
-        verdicts = judges.honest.judge(
-            [k["question"] for k in keys],
-            answers,
-            [k["correct_answers"] for k in keys],
-            [k["incorrect_answers"] for k in keys],
-        )
-        return [
-            {k: json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts
-        ]
-    raise H3FusionError(f"unknown evaluation dimension {task!r}; allowed: {list(TASKS)}")
-
-
-def _mean(values: Any) -> float:
-    import numpy as np
-
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-def _load_judges(profile: Profile) -> Any:
-    from h3fusion.evaluation.judges import load_judges
-
-    return load_judges(profile)
-
-
-def _judge_for(judges: Any, task: str) -> Any:
-    return getattr(judges, task)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -201,7 +158,7 @@ def evaluate_model(
     entry = resolve_model(profile, name) if lm is None else None
     identity = entry.identity() if entry is not None else f"in-memory:{name}"
     inputs = profile_inputs(profile)
-    judges = judges if judges is not None else _load_judges(profile)  # before generating: fail fast
+    judges = judges if judges is not None else load_profile_judges(profile)  # before generating: fail fast
     refusals = overrefusal.classifier(profile, judges)
     folder = eval_dir(profile, name)
     previous = _previous(folder)
@@ -317,8 +274,8 @@ def _judge_and_write(
     """Judge the answers (reusing stored judgements of the same answers and judge), then write the folder."""
     t0 = time.perf_counter()
     previous, xstest = tracks.previous, tracks.xstest
-    judges = judges if judges is not None else _load_judges(profile)
-    judge_hashes = {t: digest(judge_identity(_judge_for(judges, t))) for t in profile.tasks}
+    judges = judges if judges is not None else load_profile_judges(profile)
+    judge_hashes = {t: digest(judge_identity(judge_for(judges, t))) for t in profile.tasks}
     hashed = {
         "generations": tracks.gen_hashes,
         "likelihood": tracks.track_hashes,
@@ -344,7 +301,7 @@ def _judge_and_write(
             if cached is None:
                 cached = judge_dimension(task, judges, inputs[task].keys, [r["answer"] for r in rows])
         judgements[task] = cached
-        scores[task] = _scores_from_judgements(task, cached)
+        scores[task] = scores_from_judgements(task, cached)
         seconds = _earlier(previous, task, "judge_s") if reused else round(sw.seconds, 2)
         tracks.times[task].update(judge_s=seconds, reused_judgements=reused)
 
@@ -353,7 +310,7 @@ def _judge_and_write(
         "profile": profile.name,
         "scores": scores,
         "likelihood": likelihood.summary(tracks.track_rows),
-        "judges": {t: judge_identity(_judge_for(judges, t)) for t in profile.tasks},
+        "judges": {t: judge_identity(judge_for(judges, t)) for t in profile.tasks},
         "mc_prompt": mc_prompt(profile.evaluation.mc_prompt).describe(),
         "n_items": {t: len(tracks.generations[t]) for t in profile.tasks},
         **({} if xstest is None else {overrefusal.PHASE: overrefusal.metrics(xstest)}),
@@ -362,25 +319,6 @@ def _judge_and_write(
     }
     _write(profile, folder, metrics, tracks, judgements, judge_hashes, t0)
     return metrics
-
-
-def _scores_from_judgements(task: str, rows: list[dict]) -> dict[str, Any]:
-    """The dimension's rates: means of the per-item scores (`stats.item_values`, so cached judgements and the
-    intervals of the book give the same numbers), and the judge's mean probability where it has one."""
-    import numpy as np
-
-    from h3fusion.evaluation.stats import item_values
-
-    out: dict[str, Any] = {
-        k: float(np.mean(v)) if len(v) else float("nan") for k, v in item_values(task, rows).items()
-    }
-    for key, field_name in (
-        ("mean_win_probability", "win_probability"),
-        ("mean_harmful_probability", "harmful_probability"),
-    ):
-        if rows and field_name in rows[0]:
-            out[key] = _mean(np.asarray([r[field_name] for r in rows], dtype=float))
-    return {**out, "n": len(rows)}
 
 
 def _write(

@@ -9,7 +9,8 @@ from h3fusion.moe.export import (
     mixtral_config,
     to_mixtral,
 )
-from h3fusion.moe.layer import PROJECTIONS, LowRankExperts, MoEFeedForward
+from h3fusion.moe.layer import MoEFeedForward
+from h3fusion.moe.low_rank import PROJECTIONS, LowRankExperts
 from h3fusion.moe.model import MoECausalLM
 from h3fusion.moe.upcycle import ExpertAdapter, adapter_from_state_dict, load_adapter, upcycle
 

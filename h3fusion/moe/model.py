@@ -25,7 +25,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from h3fusion.errors import ModelError
-from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, check_top_k
+from h3fusion.moe.layer import MoEFeedForward
+from h3fusion.moe.low_rank import PROJECTIONS, check_top_k
 
 
 def decoder_layers(model: PreTrainedModel) -> list[nn.Module]:

@@ -27,7 +27,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from h3fusion.errors import ModelError
 from h3fusion.moe.export import check_base_family
-from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward, Storage, check_top_k, projection_shapes
+from h3fusion.moe.layer import MoEFeedForward, Storage
+from h3fusion.moe.low_rank import PROJECTIONS, check_top_k, projection_shapes
 from h3fusion.moe.model import MoECausalLM, decoder_layers
 from h3fusion.progress import progress
 
