@@ -1,4 +1,4 @@
-"""Analysis of fused models: routing statistics, hidden-state embeddings, t-SNE and expert drift.
+"""Analysis of fused models: routing statistics, hidden-state embeddings and expert drift.
 
 Everything here is a function of a model (or of arrays) that returns numpy arrays, so the notebooks only
 glue calls together and plot. Two kinds of MoE model are supported without hooks:
@@ -285,57 +285,6 @@ def hidden_embeddings(
             pooled = masked_mean(states[layer].float(), batch["attention_mask"])
             out.append(pooled.cpu().double().numpy())
     return np.concatenate(out, axis=0)
-
-
-def _paired(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.ndim != 2 or a.shape != b.shape:
-        raise H3FusionError(
-            f"{what}: expects two [n, d] arrays of the same prompts, got shapes {a.shape} and {b.shape}"
-        )
-    return a, b
-
-
-def mean_l2_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over prompts of the L2 distance between two models' embeddings of the same prompt (row i vs row i)."""
-    a, b = _paired(a, b, "mean_l2_distance")
-    return float(np.linalg.norm(a - b, axis=1).mean())
-
-
-def distances_to(reference: np.ndarray, embeddings_by_model: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """{model: mean L2 distance to `reference`} (e.g. to the base model, or to one expert)."""
-    return {name: mean_l2_distance(emb, reference) for name, emb in embeddings_by_model.items()}
-
-
-def tsne_2d(
-    embeddings_by_model: Mapping[str, np.ndarray], seed: int, perplexity: float | None = None
-) -> dict[str, np.ndarray]:
-    """One joint t-SNE of all models' embeddings -> {model: [n, 2]} on comparable coordinates.
-
-    Fitting each model separately would give unrelated axes; stacking them puts all points in one map.
-    Perplexity defaults to min(30, (N - 1) / 3) for N points in all, as t-SNE needs perplexity < N.
-    """
-    from sklearn.manifold import TSNE
-
-    if not embeddings_by_model:
-        raise H3FusionError("tsne_2d: no embeddings given")
-    arrays = {k: np.asarray(v, dtype=float) for k, v in embeddings_by_model.items()}
-    dims = {a.shape[1] for a in arrays.values() if a.ndim == 2}
-    if len(dims) != 1 or any(a.ndim != 2 for a in arrays.values()):
-        raise H3FusionError(
-            f"tsne_2d: every model needs [n, d] embeddings of the same width d, got "
-            f"{ {k: a.shape for k, a in arrays.items()} }"
-        )
-    stacked = np.concatenate(list(arrays.values()), axis=0)
-    if len(stacked) < 4:
-        raise H3FusionError(f"tsne_2d: needs at least 4 points in all, got {len(stacked)}")
-    perplexity = perplexity if perplexity is not None else min(30.0, (len(stacked) - 1) / 3)
-    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(stacked)
-    out, start = {}, 0
-    for name, a in arrays.items():
-        out[name] = coords[start : start + len(a)]
-        start += len(a)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- drift

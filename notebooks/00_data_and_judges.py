@@ -68,10 +68,10 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 # %%
 import pandas as pd
 
-from h3fusion import report as settings
+from h3fusion import reproducibility
 
 pd.set_option("display.max_colwidth", None)
-settings.settings_comparison(P, load_profile("paper"))
+reproducibility.settings_comparison(P, load_profile("paper"))
 
 # %% [markdown]
 # ## Counts, examples and deviations

@@ -201,7 +201,9 @@ evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),
 # part spent; NaN means the part was reused from an earlier run that did not record its time.
 
 # %%
-report.wall_times(P, list(baseline_metrics)).rename(index=report.display_names(P)).round(1)
+from h3fusion import reproducibility
+
+reproducibility.wall_times(P, list(baseline_metrics)).rename(index=report.display_names(P)).round(1)
 
 # %% [markdown]
 # ## What this shows

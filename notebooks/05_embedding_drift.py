@@ -75,17 +75,18 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 
 # %%
 from h3fusion import report
+from h3fusion.embeddings import distance_table, distances_to, embed_models, embedding_models, embedding_prompts, tsne_2d
 
-names, not_built = report.embedding_models(P)
+names, not_built = embedding_models(P)
 labels = {n: report.display_names(P).get(n, n) for n in names}
-prompts, prompt_tasks = report.embedding_prompts(P, samples, split)
+prompts, prompt_tasks = embedding_prompts(P, samples, split)
 print(f"{len(prompts)} {split} prompts ({', '.join(f'{t}: {prompt_tasks.count(t)}' for t in P.tasks)})")
 print("models:", ", ".join(labels.values()))
 if not_built:
     print("not built yet (left out):", ", ".join(not_built))
 
 # %% tags=["hide-output"]
-embeddings = report.embed_models(P, names, prompts, layer=layer)
+embeddings = embed_models(P, names, prompts, layer=layer)
 
 # %% [markdown]
 # ## The t-SNE map
@@ -97,10 +98,10 @@ embeddings = report.embed_models(P, names, prompts, layer=layer)
 # embedding of the same prompt).
 
 # %%
-from h3fusion import analysis, plots
+from h3fusion import plots
 
-coords = analysis.tsne_2d(embeddings, seed=P.seed)
-to_base = analysis.distances_to(embeddings["base"], embeddings)
+coords = tsne_2d(embeddings, seed=P.seed)
+to_base = distances_to(embeddings["base"], embeddings)
 fig = plots.tsne_scatter(
     {labels[n]: c for n, c in coords.items()},
     {labels[n]: d for n, d in to_base.items() if n != "base"},
@@ -123,7 +124,7 @@ plots.caption("5.1", f"Joint t-SNE map of every model's embeddings of the same {
 # expert has drifted away from all of them.
 
 # %%
-distances = report.distance_table(embeddings, ["base", *P.tasks])
+distances = distance_table(embeddings, ["base", *P.tasks])
 distances.rename(index=labels).round(4)
 
 # %% [markdown]

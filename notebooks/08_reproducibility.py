@@ -70,9 +70,9 @@ print(f"profile {P.name}: base model {P.model.base}, seed {P.seed}")
 # %%
 import pandas as pd
 
-from h3fusion import report
+from h3fusion import reproducibility
 
-report.environment_table()
+reproducibility.environment_table()
 
 # %% [markdown]
 # ## Seeds and determinism
@@ -97,7 +97,7 @@ print(f"profile {P.name}: seed {P.seed}; generation {P.evaluation.generation.mod
 # %%
 from IPython.display import Markdown
 
-scratch = report.from_scratch_run(P)
+scratch = reproducibility.from_scratch_run(P)
 if scratch:
     display(Markdown(
         f"**From scratch**: {scratch['total_wall_s'] / 60:.1f} min for {len(scratch['notebooks'])} notebooks, "
@@ -115,7 +115,7 @@ else:
 # model) carry a warning under their title.
 
 # %%
-times = report.notebook_wall_times(P)
+times = reproducibility.notebook_wall_times(P)
 print(f"total: {times['wall s'].sum():,.0f} s over {len(times)} notebooks")
 if times.attrs["note"]:
     print(f"note: {times.attrs['note']}")
@@ -130,7 +130,7 @@ times
 # when something was reused from an earlier run (its `finished` date says when).
 
 # %%
-artifacts = report.artifact_table(P)
+artifacts = reproducibility.artifact_table(P)
 print(f"{len(artifacts)} artifacts, {artifacts['wall s'].sum():,.0f} s of wall time in all")
 artifacts
 

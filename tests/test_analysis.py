@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from h3fusion import analysis
+from h3fusion import analysis, embeddings
 from h3fusion.config import load_profile
 from h3fusion.errors import H3FusionError, ModelError
 from h3fusion.models import load_tokenizer, tiny_random_llama
@@ -151,26 +151,26 @@ def test_hidden_embeddings_layer_out_of_range(llama, tokenizer):
 def test_mean_l2_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(6, 5))
-    assert analysis.mean_l2_distance(a, a) == 0.0
-    assert analysis.mean_l2_distance(np.zeros((2, 4)), np.full((2, 4), 3.0)) == pytest.approx(6.0)
+    assert embeddings.mean_l2_distance(a, a) == 0.0
+    assert embeddings.mean_l2_distance(np.zeros((2, 4)), np.full((2, 4), 3.0)) == pytest.approx(6.0)
     b = a + rng.normal(size=a.shape)
-    assert analysis.mean_l2_distance(a, b) == pytest.approx(analysis.mean_l2_distance(b, a))
-    assert analysis.distances_to(a, {"same": a, "other": b})["same"] == 0.0
+    assert embeddings.mean_l2_distance(a, b) == pytest.approx(embeddings.mean_l2_distance(b, a))
+    assert embeddings.distances_to(a, {"same": a, "other": b})["same"] == 0.0
     with pytest.raises(H3FusionError, match="same prompts"):
-        analysis.mean_l2_distance(a, a[:3])
+        embeddings.mean_l2_distance(a, a[:3])
 
 
 def test_tsne_is_deterministic_for_a_seed_and_keeps_model_order():
     rng = np.random.default_rng(1)
     emb = {"base": rng.normal(size=(10, 8)), "fused": rng.normal(size=(10, 8)) + 2}
-    first = analysis.tsne_2d(emb, seed=7)
-    again = analysis.tsne_2d(emb, seed=7)
+    first = embeddings.tsne_2d(emb, seed=7)
+    again = embeddings.tsne_2d(emb, seed=7)
     assert list(first) == ["base", "fused"]
     assert first["base"].shape == (10, 2)
     for name in emb:
         np.testing.assert_array_equal(first[name], again[name])
     with pytest.raises(H3FusionError, match="same width"):
-        analysis.tsne_2d({"a": np.zeros((5, 3)), "b": np.zeros((5, 4))}, seed=0)
+        embeddings.tsne_2d({"a": np.zeros((5, 3)), "b": np.zeros((5, 4))}, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- drift

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from h3fusion import evidence, report
+from h3fusion import embeddings, evidence, report, reproducibility
 from h3fusion.config import load_profile
 from h3fusion.errors import H3FusionError
 
@@ -137,26 +137,22 @@ def test_judge_validation_names_every_judge_with_flattened_figures(profile):
 
 
 def test_embedding_prompts_split_evenly_and_capped(profile):
-    prompts, tasks = report.embedding_prompts(profile, 7)
+    prompts, tasks = embeddings.embedding_prompts(profile, 7)
     assert len(prompts) == 7 and [tasks.count(t) for t in profile.tasks] == [3, 2, 2]
     available = sum(profile.data.eval_examples[t] for t in profile.tasks)
-    prompts, tasks = report.embedding_prompts(profile, 100)
+    prompts, tasks = embeddings.embedding_prompts(profile, 100)
     assert len(prompts) == available  # smoke has fewer eval items than 100: all of them
     with pytest.raises(H3FusionError, match="at least 1"):
-        report.embedding_prompts(profile, 0)
+        embeddings.embedding_prompts(profile, 0)
 
 
 def test_distance_table_is_zero_on_the_diagonal_and_symmetric():
     rng = np.random.default_rng(0)
     emb = {n: rng.normal(size=(5, 4)) for n in ("base", "a", "b")}
-    table = report.distance_table(emb, ["base", "a", "b"])
+    table = embeddings.distance_table(emb, ["base", "a", "b"])
     assert np.allclose(np.diag(table.to_numpy()), 0)
     assert np.allclose(table.to_numpy(), table.to_numpy().T)
     assert table.loc["a", "to base"] == pytest.approx(np.linalg.norm(emb["a"] - emb["base"], axis=1).mean())
-
-
-def test_short_labels_drop_the_judge():
-    assert report.short_labels(["Harmful % ↓ [judge X]"]) == {"Harmful % ↓ [judge X]": "Harmful % ↓"}
 
 
 def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path, monkeypatch):
@@ -164,11 +160,11 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     from h3fusion.evaluation.run import PHASE_TIMES
     from h3fusion.notebooks import OUTPUT_ENV, _record_wall_time
 
-    assert report.artifact_table(profile).empty
+    assert reproducibility.artifact_table(profile).empty
     folder = profile.run_dir / "experts" / "helpful"
     folder.mkdir(parents=True)
     atomic_write_json(folder / MANIFEST, make_manifest(profile, "abc123", 12.5, stage="experts"))
-    table = report.artifact_table(profile)
+    table = reproducibility.artifact_table(profile)
     assert list(table.index) == ["experts/helpful"]
     assert table.loc["experts/helpful", "wall s"] == 12.5
     assert table.loc["experts/helpful", "config hash"] == "abc123"
@@ -177,26 +173,26 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     evaluated.mkdir(parents=True)
     phases = {"load_model": {"load_s": 2.0}, "helpful": {"generate_s": 3.0, "mc_s": 1.0, "judge_s": 0.5}}
     atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: phases}))
-    assert report.artifact_table(profile).loc["eval/base", "wall s"] == 6.5
-    times = report.wall_times(profile, ["base"]).loc["base"]
+    assert reproducibility.artifact_table(profile).loc["eval/base", "wall s"] == 6.5
+    times = reproducibility.wall_times(profile, ["base"]).loc["base"]
     assert (times["model load s"], times["generation s"], times["likelihood track s"]) == (2.0, 3.0, 1.0)
     assert times["judging + writing s"] == 0.5
     # a reused generation recorded as 0 s by an older resumed run: its time is unknown, not zero
     lost = {"helpful": {"generate_s": 0.0, "reused_generations": True, "likelihood_s": 1.0}}
     atomic_write_json(evaluated / MANIFEST, make_manifest(profile, "def456", 0.5, **{PHASE_TIMES: lost}))
-    times = report.wall_times(profile, ["base"]).loc["base"]
+    times = reproducibility.wall_times(profile, ["base"]).loc["base"]
     assert math.isnan(times["generation s"]) and times["likelihood track s"] == 1.0
 
     monkeypatch.setenv(OUTPUT_ENV, str(tmp_path))
-    assert report.notebook_wall_times(profile).empty
+    assert reproducibility.notebook_wall_times(profile).empty
     fresh = {"started": "2026-01-01T00:00:00+00:00", "commit": "c1", "from_scratch": True}
     _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 3.5, fresh)
-    times = report.notebook_wall_times(profile)
+    times = reproducibility.notebook_wall_times(profile)
     assert times.loc["00_data_and_judges", "wall s"] == 3.5
     assert times.loc["00_data_and_judges", "commit"] == "c1"
     path = tmp_path / "_wall_times_smoke.json"  # a hand-written note describes the times it came with
     path.write_text(json.dumps({**json.loads(path.read_text()), "note": "re-run from cache"}))
-    assert report.notebook_wall_times(profile).attrs["note"] == "re-run from cache"
+    assert reproducibility.notebook_wall_times(profile).attrs["note"] == "re-run from cache"
     resumed = {"started": "2026-01-02T00:00:00+00:00", "commit": "c2", "from_scratch": False}
     _record_wall_time(tmp_path, "smoke", "01_expert_alignment", 4.0, resumed)
     _record_wall_time(tmp_path, "smoke", "00_data_and_judges", 0.5, resumed)
@@ -206,5 +202,5 @@ def test_reproducibility_tables_read_manifests_and_wall_times(profile, tmp_path,
     assert data["notebooks"]["00_data_and_judges"]["wall_s"] == 0.5
     assert data["from_scratch"] == {"started": fresh["started"], "commit": "c1",
                                     "notebooks": {"00_data_and_judges": 3.5}, "total_wall_s": 3.5}
-    assert report.from_scratch_run(profile)["total_wall_s"] == 3.5
-    assert not report.environment_table().empty
+    assert reproducibility.from_scratch_run(profile)["total_wall_s"] == 3.5
+    assert not reproducibility.environment_table().empty

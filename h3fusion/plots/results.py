@@ -103,7 +103,7 @@ def tsne_scatter(
     prompt_tasks: Sequence[str] | None = None,
     highlight: Sequence[str] = (),
 ) -> Figure:
-    """Joint t-SNE map of several models (`analysis.tsne_2d`); the paper's Figure 4 analogue.
+    """Joint t-SNE map of several models (`embeddings.tsne_2d`); the paper's Figure 4 analogue.
 
     Colour = model; with `prompt_tasks` (the task of each prompt, the same order for every model) the marker
     shape is the prompt's task. Models in `highlight` (the fused ones) are drawn last, opaque and outlined, so
