@@ -8,18 +8,18 @@ examples. Every folder is written atomically with a manifest (config hash, wall 
 is complete with the same hash; the hash covers the baseline's own parameters and the experts' manifests, so a
 re-trained expert rebuilds every baseline.
 
-Cost: `run_baselines` loads the judges once and the expert bank (base + every adapter) once for all the
-bank-based baselines (a `_Shared` session that `load_baseline` uses while it is open); ensemble-select and
-H3Fusion-Instruct take the experts' answers to the evaluation prompts from the experts' own cached evaluation
-(`answers.expert_eval_answers`, evaluating the experts first when that cache is missing) instead of generating them
-again, and ensemble-select's TruthfulQA MC (the uniform mixture's) is ensemble-uniform's, scored once.
+Cost: the builders of one `run_baselines` call share one expert bank (base + every adapter, `_Shared`) and the
+evaluations one set of judges; each loaded baseline has its own bank (one model's weights). What the ensembles
+would otherwise compute again comes from the experts' stored evaluations, keyed by content: the experts'
+per-token log-probabilities (`evaluation.logprob_cache`, which the token ensembles mix) and their answers to the
+evaluation prompts (`answers.expert_eval_answers`, which ensemble-select and H3Fusion-Instruct start from; the
+experts are evaluated first when those are missing). No module-level state is shared between calls.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,24 +199,6 @@ class _Shared:
         self._token_logprobs.clear()
 
 
-_SESSION: _Shared | None = None
-"""The open `run_baselines` session: `load_baseline` takes the shared bank, judges and answers from it."""
-
-
-@contextmanager
-def _session(shared: _Shared) -> Iterator[_Shared]:
-    global _SESSION
-    previous, _SESSION = _SESSION, shared
-    try:
-        yield shared
-    finally:
-        _SESSION = previous
-
-
-def _open_session(profile: Profile) -> _Shared | None:
-    return _SESSION if _SESSION is not None and _SESSION.profile is profile else None
-
-
 def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
     """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
     from them still has generations to make; the baselines then read them instead of generating them."""
@@ -344,15 +326,16 @@ def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -
 def load_baseline(profile: Profile, name: str) -> LanguageModel:
     """Baseline NAME as a `LanguageModel` (an error naming the command to run when it is not built).
 
-    Inside `run_baselines` the bank, judges and the experts' cached answers are the session's; otherwise they
-    are loaded here (the cached answers are read from eval/<expert>/ when present)."""
+    The expert bank is loaded here, once per baseline; what the ensembles would otherwise compute again (the
+    experts' per-token log-probabilities, their answers to the evaluation prompts) comes from the experts' stored
+    evaluations (`evaluation.logprob_cache`, `answers.expert_eval_answers`)."""
     entry = get_baseline(name)
     folder = baseline_dir(profile, name)
     _baseline_identity(profile, name)
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
     if entry.kind in DENSE_KINDS:
         return _load_merged(profile, folder)
-    shared = _open_session(profile) or _Shared(profile)
+    shared = _Shared(profile)
     bank, tok = shared.bank()
     if entry.kind == "ensemble":
         from h3fusion.baselines.select import SelectEnsemble, likelihood_selector
@@ -374,9 +357,6 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
 
     fuser = None
     if params["fuser"] == "lora":
-        if FUSER_ADAPTER in bank.model.peft_config:  # an earlier load in this session
-            bank.model.delete_adapter(FUSER_ADAPTER)
-            bank.use(profile.tasks[0])
         bank.add(FUSER_ADAPTER, folder / FUSER_ADAPTER)
         fuser = FUSER_ADAPTER
     return InstructFusion(
@@ -425,7 +405,7 @@ def model_entries(profile: Profile) -> dict[str, ModelEntry]:
 def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[str, Any]]:
     """Build every baseline (or ONLY one) and evaluate it like any model; returns {name: metrics}.
 
-    One session for all of them: judges loaded once, one expert bank, the experts' cached evaluation answers."""
+    The builders share one expert bank; the evaluations load the judges once (in each worker process)."""
     from h3fusion.evaluation.run import evaluate_model
     from h3fusion.experts import check_experts_fit
 
@@ -444,5 +424,5 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
 
         shared.release()
         return evaluate_models(profile, names)
-    with _session(shared):
-        return {n: evaluate_model(profile, n, judges=shared.get_judges()) for n in names}
+    judges = shared.get_judges()
+    return {n: evaluate_model(profile, n, judges=judges) for n in names}
