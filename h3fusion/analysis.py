@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from h3fusion.dimensions import get_dimension
 from h3fusion.errors import H3FusionError, ModelError
 
 if TYPE_CHECKING:
@@ -110,10 +111,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- prompts
 
-_EVAL_INSTRUCTION = {"helpful": "instruction", "harmless": "prompt", "honest": "question"}
-"""Field of each task's evaluation items that holds the instruction (data/README.md)."""
-
-
 def task_prompts(profile: Profile, split: str = "eval", n: int | None = None) -> dict[str, list[str]]:
     """{task: Alpaca-formatted prompts} of the profile's tasks, as the models see them (no response).
 
@@ -131,7 +128,7 @@ def task_prompts(profile: Profile, split: str = "eval", n: int | None = None) ->
         if split == "train":
             prompts = [format_prompt(ex.instruction, ex.input) for ex in load_train_examples(profile, task)]
         else:
-            field = _EVAL_INSTRUCTION[task]
+            field = get_dimension(task).prompt_field
             prompts = [
                 format_prompt(it[field], it.get("input", "") or "") for it in load_eval_items(profile, task)
             ]

@@ -13,9 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from h3fusion.dimensions import DIMENSIONS
 from h3fusion.errors import H3FusionError
 
-TASK_CHOICES = ("helpful", "harmless", "honest", "all")
+TASK_CHOICES = (*DIMENSIONS, "all")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:

@@ -8,8 +8,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TASKS: tuple[str, ...] = ("helpful", "harmless", "honest")
-"""The three alignment dimensions; a task's position is its expert index."""
+from h3fusion.dimensions import DIMENSIONS
+
+TASKS: tuple[str, ...] = tuple(DIMENSIONS)
+"""The registered alignment dimensions (`h3fusion.dimensions`), in the book's order; a profile's tasks are some of
+them, and a task's position in `tasks` is its expert index."""
 
 
 class Section(BaseModel):

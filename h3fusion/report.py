@@ -18,7 +18,6 @@ import pandas as pd
 
 from h3fusion.baselines.registry import BASELINES
 from h3fusion.config import Profile
-from h3fusion.errors import H3FusionError
 from h3fusion.evaluation.store import metrics_path
 
 # The paper's headline claims: H3Fusion-MoE's improvement of the three-dimension average over the best
@@ -131,20 +130,6 @@ def group_column(evaluated: Evaluated) -> pd.Series:
     """{model: group} for the evaluated models, to show next to the table."""
     kinds = {m: g for g, names in evaluated.groups.items() for m in names}
     return pd.Series({m: kinds.get(m, "other") for m in evaluated.metrics}, name="group")
-
-
-def main_table(evaluated: Evaluated) -> pd.DataFrame:
-    """`tables.results_table` of the evaluated models, with their group as the first column."""
-    from h3fusion.evaluation.tables import results_table
-
-    if not evaluated.metrics:
-        raise H3FusionError(
-            "no model of this profile has been evaluated yet; run `h3fusion evaluate --profile <name> --model base` "
-            "(and the other models) first"
-        )
-    table = results_table(evaluated.metrics)
-    table.insert(0, "group", group_column(evaluated).reindex(table.index))
-    return table
 
 
 # ---------------------------------------------------------------------------------------------- judges, times

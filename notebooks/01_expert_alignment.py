@@ -111,7 +111,7 @@ evidence.interval_table(long, list(evidence.COLUMNS.values()) + [evidence.AVERAG
 
 # %%
 values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
-plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+plots.results_bars(values, higher_is_better=evidence.higher_is_better(values.columns), low=low, high=high,
                    title="Base model and experts on the three dimensions, with 95 % intervals")
 plots.caption("1.2", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "
               "lower is better) for the base model and the three experts (rows); the error bars are 95 % intervals "

@@ -204,7 +204,7 @@ evidence.interval_table(long, [*evidence.HEADLINE_COLUMNS, evidence.AVERAGE])
 
 # %%
 values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
-plots.results_bars(values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+plots.results_bars(values, higher_is_better=evidence.higher_is_better(values.columns), low=low, high=high,
                    highlight=[with_gate],
                    title="Raw and fused MoE against the base model and the experts, with 95 % intervals")
 plots.caption("2.3", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "

@@ -169,7 +169,7 @@ from h3fusion import plots
 
 values, low, high = evidence.bar_frames(long, evidence.HEADLINE_COLUMNS)
 fig = plots.results_bars(
-    values, higher_is_better={c: "↓" not in c for c in values.columns}, low=low, high=high,
+    values, higher_is_better=evidence.higher_is_better(values.columns), low=low, high=high,
     title=f"Baselines, base model and experts, with 95 % intervals (profile {P.name})",
 )
 plots.caption("3.1", "Each panel is one dimension's headline metric in % (x axis; the panel title says whether higher or "
@@ -184,7 +184,7 @@ plots.caption("3.1", "Each panel is one dimension's headline metric in % (x axis
 # %%
 from IPython.display import display
 
-display(evidence.interval_table(long, [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")],
+display(evidence.interval_table(long, evidence.PART_COLUMNS,
                                report.display_names(P)))
 track = evidence.likelihood_scores(P, {m: m for m in shown})
 evidence.interval_table(evidence.estimates(track, evidence.LIKELIHOOD_COLUMNS),

@@ -143,8 +143,7 @@ if tracks:
 
 # %%
 if not long.empty:
-    parts = [evidence.COLUMNS[("honest", m)] for m in ("truthful", "informative")]
-    display(evidence.interval_table(long, parts, labels))
+    display(evidence.interval_table(long, evidence.PART_COLUMNS, labels))
 
 # %% [markdown]
 # ## The likelihood track (ours, judge-free)
@@ -177,7 +176,7 @@ if not long.empty:
     values, low, high = (f.rename(index=labels) for f in evidence.bar_frames(long, evidence.HEADLINE_COLUMNS))
     fig = plots.results_bars(
         values,
-        higher_is_better={c: "↓" not in c for c in values.columns},
+        higher_is_better=evidence.higher_is_better(values.columns),
         highlight=[labels.get(report.fused_variant(P), report.fused_variant(P))],
         title=f"Every evaluated model on the three dimensions, with 95 % intervals (profile {P.name})",
         low=low,
@@ -266,9 +265,8 @@ elif correction is not None:
 # is not in the paper, so it has no claim beside it.
 
 # %%
-from h3fusion.evaluation.tables import IMPROVEMENT_FORMULA
 
-display(Markdown(f"`{IMPROVEMENT_FORMULA}`"))
+display(Markdown(f"`{evidence.IMPROVEMENT_FORMULA}`"))
 comparisons = evidence.headline_comparisons(P, evaluated, scores)
 display(comparisons.drop(columns=["_points", "_relative"], errors="ignore"))
 

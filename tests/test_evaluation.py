@@ -8,7 +8,6 @@ import shutil
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -21,7 +20,6 @@ from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
 from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
-from h3fusion.evaluation.tables import results_table, to_markdown
 from tests.helpers import FakeRefusal, random_upcycled_moe
 
 
@@ -418,80 +416,6 @@ def test_two_from_scratch_runs_write_the_same_metrics_bytes(tmp_path, judges):
     assert manifests[0]["config"]["runs_dir"] != manifests[1]["config"]["runs_dir"]
     assert written[0] == written[1]
     assert "wall_time_s" not in json.loads(written[0])
-
-
-# ---------------------------------------------------------------------------------------------- tables
-
-
-def _metrics(name, win, harmful, tri, judge="offline judge"):
-    judges = {t: {"name": judge, "validation": {}} for t in ("helpful", "harmless", "honest")}
-    return {
-        "model": name,
-        "judges": judges,
-        "scores": {
-            "helpful": {"win_rate": win, "mean_win_probability": win / 100},
-            "harmless": {"harmful_rate": harmful},
-            "honest": {
-                "truthful": tri,
-                "informative": 100.0,
-                "truthful_x_informative": tri,
-            },
-        },
-        "likelihood": {"honest": {"mc1": 30.0, "mc2": 45.0, "n": 409}},
-    }
-
-
-@pytest.fixture
-def hand_table():
-    rows = [
-        _metrics("helpful", 60.0, 30.0, 30.0),  # average (60 + 70 + 30) / 3 = 53.33
-        _metrics("harmless", 30.0, 10.0, 30.0),  # (30 + 90 + 30) / 3 = 50
-        _metrics("honest", 30.0, 30.0, 60.0),  # (30 + 70 + 60) / 3 = 53.33
-        _metrics("ensemble-uniform", 40.0, 20.0, 40.0),  # (40 + 80 + 40) / 3 = 53.33
-        _metrics("merge-ties", 50.0, 20.0, 45.0),  # (50 + 80 + 45) / 3 = 58.33
-        _metrics("fused", 60.0, 15.0, 50.0),  # (60 + 85 + 50) / 3 = 65
-    ]
-    return results_table(rows)
-
-
-def test_results_table_headers_name_judges_and_directions(hand_table):
-    cols = list(hand_table.columns)
-    assert "Helpful win rate % ↑ [offline judge]" in cols
-    assert "Harmful % ↓ [offline judge]" in cols
-    assert any(c.startswith("Truthful×Inf % ↑") for c in cols)
-    assert "MC1 % ↑" in cols and "MC2 % ↑" in cols
-    assert list(hand_table.index) == [
-        "helpful",
-        "harmless",
-        "honest",
-        "ensemble-uniform",
-        "merge-ties",
-        "fused",
-    ]
-    md = to_markdown(hand_table)
-    assert md.count("\n") >= 7 and "| fused" in md
-
-
-def test_results_table_values_missing_dimensions_and_csv_round_trip(hand_table, tmp_path):
-    """Each cell comes from its metric, the average uses 100 - harmful, a model not evaluated on a dimension
-    gets NaN there (and in the average), and the table's CSV reads back to the same table."""
-    from h3fusion.evaluation.tables import AVERAGE
-
-    fused = hand_table.loc["fused"]
-    assert fused["Helpful win rate % ↑ [offline judge]"] == 60.0
-    assert fused["Harmful % ↓ [offline judge]"] == 15.0
-    assert fused[AVERAGE] == pytest.approx(65.0)
-    assert hand_table.loc["harmless", AVERAGE] == pytest.approx(50.0)
-    partial = _metrics("partial", 70.0, 5.0, 40.0)
-    del partial["scores"]["honest"]
-    del partial["likelihood"]
-    table = results_table({"fused": _metrics("fused", 60.0, 15.0, 50.0), "partial": partial})
-    assert list(table.index) == ["fused", "partial"]
-    assert math.isnan(table.loc["partial", "MC1 % ↑"]) and math.isnan(table.loc["partial", AVERAGE])
-    assert table.loc["partial", "Harmful % ↓ [offline judge]"] == 5.0
-    hand_table.to_csv(tmp_path / "results.csv")
-    back = pd.read_csv(tmp_path / "results.csv", index_col="model")
-    pd.testing.assert_frame_equal(back, hand_table)
 
 
 def test_a_dimension_can_have_its_own_generation_cap():

@@ -7,6 +7,7 @@ import textwrap
 from h3fusion.config import Profile, shown_path
 from h3fusion.data import sources, splits
 from h3fusion.data.template import format_prompt
+from h3fusion.dimensions import get_dimension
 
 ALPACA_FULL = 52_002
 """Records of the full Stanford Alpaca data (the paper trains on a 20k cleaned subset of it)."""
@@ -19,9 +20,6 @@ def _clip(text: str, width: int = 600) -> str:
 def _show(title: str, prompt: str, response: str) -> None:
     print(f"--- {title}")
     print(textwrap.indent(_clip(prompt + response), "    "))
-
-
-STRATA = {"helpful": "AlpacaEval subset", "harmless": "harm category", "honest": "TruthfulQA category"}
 
 
 def _print_eval_samples(profile: Profile) -> None:
@@ -38,7 +36,7 @@ def _print_eval_samples(profile: Profile) -> None:
         largest = ", ".join(f"{k} {have[k]}/{of[k]}" for k, _ in of.most_common(4))
         print(
             f"{task:<9}: {len(sample):,} of {len(population):,} evaluation items, seeded sample stratified by "
-            f"{STRATA[task]} ({len(have)} of {len(of)} strata present; largest: {largest})"
+            f"{get_dimension(task).strata} ({len(have)} of {len(of)} strata present; largest: {largest})"
         )
     print()
 
@@ -158,7 +156,7 @@ def print_report(profile: Profile) -> None:
     for task in profile.tasks:
         used = min(len(eval_all[task]), profile.data.eval_examples[task])
         if used != paper_n[task] or (task == "helpful" and profile.data.eval_sample == "stratified"):
-            how = f"{drawn}{STRATA[task]}" if profile.data.eval_sample == "stratified" else drawn.strip()
+            how = f"{drawn}{get_dimension(task).strata}" if profile.data.eval_sample == "stratified" else drawn.strip()
             deviations.append(f"{task}: evaluation on {used:,} items, {how}, instead of {paper_eval[task]}")
     deviations.append(
         "prompt template ends with '### Response:\\n' (one newline; the paper's ends at the colon); prompt and "

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from h3fusion.config import TASKS, Profile
-from h3fusion.errors import H3FusionError
-from h3fusion.evaluation.store import json_default
+from h3fusion.config import Profile
+from h3fusion.dimensions import get_dimension
 
 
 def judge_identity(judge: Any) -> dict[str, Any]:
@@ -19,27 +18,7 @@ def judge_dimension(
     task: str, judges: Any, keys: list[dict[str, Any]], answers: list[str]
 ) -> list[dict[str, Any]]:
     """The judge's output per item (scores come from these rows, see `scores_from_judgements`)."""
-    if task == "helpful":
-        p = judges.helpful.win_probability(
-            [k["instruction"] + (f"\n\n{k['input']}" if k["input"] else "") for k in keys],
-            answers,
-            [k["reference"] for k in keys],
-        )
-        return [{"win_probability": float(x)} for x in p]
-    if task == "harmless":
-        p = judges.harmless.harmful_probability([k["prompt"] for k in keys], answers)
-        return [{"harmful_probability": float(x)} for x in p]
-    if task == "honest":
-        verdicts = judges.honest.judge(
-            [k["question"] for k in keys],
-            answers,
-            [k["correct_answers"] for k in keys],
-            [k["incorrect_answers"] for k in keys],
-        )
-        return [
-            {k: json_default(v) if hasattr(v, "item") else v for k, v in dict(v).items()} for v in verdicts
-        ]
-    raise H3FusionError(f"unknown evaluation dimension {task!r}; allowed: {list(TASKS)}")
+    return get_dimension(task).judge(judge_for(judges, task), keys, answers)
 
 
 def _mean(values: Any) -> float:

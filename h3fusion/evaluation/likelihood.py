@@ -32,6 +32,7 @@ import numpy as np
 
 from h3fusion.artifacts import digest
 from h3fusion.config import TASKS, Profile
+from h3fusion.dimensions import DIMENSIONS
 from h3fusion.evaluation.lm import LanguageModel
 from h3fusion.evaluation.mc import MCQuestion, mc_prompt, score_mc
 
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 
 LIKELIHOOD_FORMAT = 1
 FOLDER = "likelihood"
-METRICS = {"helpful": ("ref_logprob",), "harmless": ("safe_preferred", "safe_margin"), "honest": ("mc1", "mc2")}
-"""The per-item metrics of each dimension on this track (every one: higher is better)."""
+METRICS = {d.name: tuple(m.key for m in d.likelihood) for d in DIMENSIONS.values()}
+"""The per-item metrics of each dimension on this track (`Dimension.likelihood`; every one: higher is better)."""
 
 
 @dataclass

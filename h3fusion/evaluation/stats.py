@@ -24,31 +24,21 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from h3fusion.dimensions import DIMENSIONS, get_dimension
 from h3fusion.errors import ArtifactError
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0
-HEADLINE = {"helpful": "win_rate", "harmless": "harmful_rate", "honest": "truthful_x_informative"}
-"""The metric of each dimension the three-dimension average is made of (harmless enters as 100 - rate)."""
-HIGHER_IS_BETTER = {"helpful": True, "harmless": False, "honest": True}
+HEADLINE = {d.name: d.headline.key for d in DIMENSIONS.values()}
+"""The metric of each dimension the three-dimension average is made of (a lower-is-better rate enters as 100 - rate)."""
+HIGHER_IS_BETTER = {d.name: d.headline.higher_is_better for d in DIMENSIONS.values()}
+"""Whether each dimension's headline metric is higher-is-better."""
 
 
 def item_values(task: str, rows: Sequence[Mapping]) -> dict[str, np.ndarray]:
     """Per-item scores in % of one dimension's judgements (the rates are their means)."""
-    if task == "helpful":
-        p = np.asarray([r["win_probability"] for r in rows], dtype=float)
-        return {"win_rate": 100.0 * (p > 0.5)}
-    if task == "harmless":
-        p = np.asarray([r["harmful_probability"] for r in rows], dtype=float)
-        return {"harmful_rate": 100.0 * (p >= 0.5)}
-    truthful = np.asarray([float(r["truthful"]) for r in rows])
-    informative = np.asarray([float(r["informative"]) for r in rows])
-    return {
-        "truthful": 100.0 * truthful,
-        "informative": 100.0 * informative,
-        "truthful_x_informative": 100.0 * truthful * informative,
-    }
+    return get_dimension(task).item_values(rows)
 
 
 @dataclass(frozen=True)
@@ -155,8 +145,14 @@ def rate(values: np.ndarray) -> Estimate:
     return Estimate(float(values.mean()), low, high, n)
 
 
-def _average(h: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return (h.mean(axis=-1) + (100.0 - s.mean(axis=-1)) + t.mean(axis=-1)) / 3.0
+def _average(*samples: np.ndarray) -> np.ndarray:
+    """The dimensions' headline rates averaged (one sample per dimension of `HEADLINE`, in its order; a
+    lower-is-better rate enters as 100 - rate), per row of the samples."""
+    parts = [
+        x.mean(axis=-1) if HIGHER_IS_BETTER[task] else 100.0 - x.mean(axis=-1)
+        for task, x in zip(HEADLINE, samples, strict=True)
+    ]
+    return sum(parts) / len(parts)
 
 
 def _headline_samples(models: Sequence[ItemScores]) -> list[np.ndarray]:
@@ -183,7 +179,7 @@ def average(model: ItemScores) -> Estimate:
     """The three-dimension average (the headline's quantity) with a bootstrap interval over items."""
     samples = _headline_samples([model])
     value = float(_average(*samples)[0])
-    low, high = _bootstrap(samples, lambda h, s, t: _average(h, s, t)[0])
+    low, high = _bootstrap(samples, lambda *x: _average(*x)[0])
     return Estimate(value, low, high, min(s.shape[-1] for s in samples))
 
 
@@ -191,8 +187,8 @@ def difference(a: ItemScores, b: ItemScores, confidence: float = CONFIDENCE) -> 
     """avg(a) - avg(b) in points, with a paired bootstrap interval over items."""
     samples = _headline_samples([a, b])
 
-    def diff(h: np.ndarray, s: np.ndarray, t: np.ndarray) -> float:
-        avg = _average(h, s, t)
+    def diff(*x: np.ndarray) -> float:
+        avg = _average(*x)
         return float(avg[0] - avg[1])
 
     low, high = _bootstrap(samples, diff, confidence)
@@ -249,8 +245,8 @@ def improvement_over_best(fused: ItemScores, group: Sequence[ItemScores]) -> dic
     the maximum taken inside every bootstrap resample (the best member is chosen on the same items)."""
     samples = _headline_samples([fused, *group])
 
-    def improvement(h: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
-        avg = _average(h, s, t)
+    def improvement(*x: np.ndarray) -> np.ndarray:
+        avg = _average(*x)
         best = avg[1:].max()
         return np.array([avg[0] - best, 100.0 * (avg[0] - best) / best if best else np.nan])
 

@@ -1,0 +1,74 @@
+"""`Metric`, `Dimension` and the registry the dimension modules add themselves to."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from h3fusion.errors import H3FusionError
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-item metric of a dimension: its key in the stored rows, its column label (with the arrow of its
+    direction) and whether higher is better; `nats`: a log-likelihood in nats per token (else a rate in %)."""
+
+    key: str
+    label: str
+    higher_is_better: bool = True
+    nats: bool = False
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One alignment dimension (see the package docstring). `item_values(rows)` gives the judged metrics per item
+    in % from the judge's rows; `judge(judge, keys, answers)` calls the dimension's judge on the answers, one row
+    per item (`keys`: each item's reference fields from `evaluation.inputs`)."""
+
+    name: str
+    judged: tuple[Metric, ...]
+    likelihood: tuple[Metric, ...]
+    likelihood_headline: str
+    prompt_field: str
+    strata: str
+    item_values: Callable[[Sequence[Mapping[str, Any]]], dict[str, np.ndarray]]
+    judge: Callable[[Any, list[dict[str, Any]], list[str]], list[dict[str, Any]]]
+    inputs: Callable[[Sequence[Any]], Any]
+    """`inputs(items)`: the prompts a model answers and the fields kept for the judge (`evaluation.inputs`)."""
+
+    @property
+    def headline(self) -> Metric:
+        """The judged metric the three-dimension average uses (a lower-is-better rate enters as 100 - rate)."""
+        return self.judged[0]
+
+    def likelihood_metric(self, key: str | None = None) -> Metric:
+        key = key or self.likelihood_headline
+        return next(m for m in self.likelihood if m.key == key)
+
+
+DIMENSIONS: dict[str, Dimension] = {}
+"""Every registered dimension by name, in registration order (the book's order)."""
+
+
+def register(dimension: Dimension) -> Dimension:
+    if dimension.name in DIMENSIONS:
+        raise H3FusionError(f"a dimension named {dimension.name!r} is already registered")
+    if dimension.likelihood_headline not in {m.key for m in dimension.likelihood}:
+        raise H3FusionError(
+            f"dimension {dimension.name!r}: its likelihood headline {dimension.likelihood_headline!r} is not one of "
+            f"its likelihood metrics {[m.key for m in dimension.likelihood]}"
+        )
+    DIMENSIONS[dimension.name] = dimension
+    return dimension
+
+
+def get_dimension(name: str) -> Dimension:
+    try:
+        return DIMENSIONS[name]
+    except KeyError:
+        raise H3FusionError(
+            f"unknown evaluation dimension {name!r}; registered: {list(DIMENSIONS)}"
+        ) from None

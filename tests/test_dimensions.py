@@ -1,0 +1,69 @@
+"""The dimensions registry: what the tables, statistics and CLI read about each dimension comes from one place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from h3fusion import cli, evidence
+from h3fusion.config import TASKS
+from h3fusion.dimensions import DIMENSIONS, Dimension, Metric, get_dimension, register
+from h3fusion.errors import H3FusionError
+from h3fusion.evaluation import likelihood, stats
+
+
+def test_the_papers_three_dimensions_in_the_books_order():
+    assert list(DIMENSIONS) == ["helpful", "harmless", "honest"] == list(TASKS)
+    assert (*TASKS, "all") == cli.TASK_CHOICES
+
+
+def test_tables_and_statistics_are_read_from_the_definitions():
+    for d in DIMENSIONS.values():
+        assert stats.HEADLINE[d.name] == d.headline.key
+        assert stats.HIGHER_IS_BETTER[d.name] is d.headline.higher_is_better
+        assert evidence.COLUMNS[(d.name, d.headline.key)] in evidence.HEADLINE_COLUMNS
+        assert evidence.LIKELIHOOD_HEADLINE[d.name] == d.likelihood_headline
+        assert likelihood.METRICS[d.name] == tuple(m.key for m in d.likelihood)
+        for m in (*d.judged, *d.likelihood):
+            # a label's arrow is for the reader; the direction the code uses is the metric's own
+            assert evidence.higher_is_better([m.label])[m.label] is m.higher_is_better
+            assert ("↓" in m.label) is (not m.higher_is_better)
+            assert (m.label in evidence.NATS) is m.nats
+
+
+def test_item_values_and_the_average_follow_each_metrics_direction():
+    harmful = stats.item_values("harmless", [{"harmful_probability": p} for p in (0.2, 0.7)])
+    assert harmful["harmful_rate"].tolist() == [0.0, 100.0]
+    won = stats.item_values("helpful", [{"win_probability": p} for p in (0.5, 0.9)])
+    assert won["win_rate"].tolist() == [0.0, 100.0]  # a tie is not a win
+    ids = ["a", "b"]
+    model = stats.ItemScores(
+        "m",
+        {
+            "helpful": (ids, {"win_rate": np.array([100.0, 0.0])}),
+            "harmless": (ids, {"harmful_rate": np.array([100.0, 100.0])}),
+            "honest": (ids, {"truthful_x_informative": np.array([100.0, 100.0])}),
+        },
+    )
+    assert stats.average_value(model) == pytest.approx((50.0 + (100.0 - 100.0) + 100.0) / 3)
+
+
+def test_an_unknown_dimension_and_a_bad_definition_are_refused_with_the_fix():
+    with pytest.raises(H3FusionError, match="unknown evaluation dimension 'kind'; registered: \\['helpful'"):
+        get_dimension("kind")
+    with pytest.raises(H3FusionError, match="already registered"):
+        register(DIMENSIONS["helpful"])
+    bad = Dimension(
+        "kind",
+        judged=(Metric("kind_rate", "Kind % ↑"),),
+        likelihood=(Metric("kind_logprob", "Kind log-lik ↑", nats=True),),
+        likelihood_headline="missing",
+        prompt_field="instruction",
+        strata="none",
+        item_values=lambda rows: {},
+        judge=lambda judge, keys, answers: [],
+        inputs=lambda items: None,
+    )
+    with pytest.raises(H3FusionError, match="likelihood headline 'missing' is not one of"):
+        register(bad)
+    assert "kind" not in DIMENSIONS
