@@ -44,10 +44,6 @@ class Dimension:
         """The judged metric the three-dimension average uses (a lower-is-better rate enters as 100 - rate)."""
         return self.judged[0]
 
-    def likelihood_metric(self, key: str | None = None) -> Metric:
-        key = key or self.likelihood_headline
-        return next(m for m in self.likelihood if m.key == key)
-
 
 DIMENSIONS: dict[str, Dimension] = {}
 """Every registered dimension by name, in registration order (the book's order)."""
