@@ -241,7 +241,7 @@ class LikelihoodConfig(Section):
     helpful_items: int | None = Field(100, gt=0)
     """AlpacaEval instructions whose reference answer is scored; null = all 805."""
     harmless_pairs: int | None = Field(None, gt=0)
-    """Pairs of a safe and an unsafe labelled BeaverTails evaluation response (`likelihood.safe_unsafe_pairs`:
+    """Pairs of a safe and an unsafe labelled BeaverTails evaluation response (`dimensions.harmless.safe_unsafe_pairs`:
     the prompts with both first, then pairs across prompts); null = all (551 in the offline copy)."""
     max_answer_tokens: int = Field(128, gt=0)
     """Reference answers and responses are scored on at most this many tokens (the training max length)."""

@@ -8,6 +8,7 @@ import pytest
 
 from h3fusion import load_profile
 from h3fusion.data.splits import beavertails_split, eval_items_all, load_eval_items
+from h3fusion.dimensions.harmless import safe_unsafe_pairs
 from h3fusion.evaluation import likelihood, stats
 from h3fusion.models import load_tokenizer
 
@@ -46,7 +47,7 @@ def test_items_are_prefixes_of_the_stratified_order_and_contain_the_judged_sampl
 
 def test_every_harmless_item_pairs_a_safe_and_an_unsafe_response(profile, inputs):
     """Same-prompt items first, then pairs across prompts; every prompt in one item only; the stratified order."""
-    items = likelihood.safe_unsafe_pairs(profile)
+    items = safe_unsafe_pairs(profile)
     assert items and all(it["safe"] and it["unsafe"] for it in items)
     same = [it for it in items if "+" not in it["id"]]
     assert items[: len(same)] == same  # the same-prompt items come first

@@ -38,6 +38,11 @@ class Dimension:
     judge: Callable[[Any, list[dict[str, Any]], list[str]], list[dict[str, Any]]]
     inputs: Callable[[Sequence[Any]], Any]
     """`inputs(items)`: the prompts a model answers and the fields kept for the judge (`evaluation.inputs`)."""
+    likelihood_inputs: Callable[[Any, Any], Any]
+    """`likelihood_inputs(profile, tokenizer)`: the texts the judge-free likelihood track scores
+    (`evaluation.likelihood.LikelihoodInputs`)."""
+    likelihood_rows: Callable[[Any, Any, str], list[dict[str, Any]]]
+    """`likelihood_rows(lm, inputs, mc_format)`: one row per item holding its `likelihood` metrics."""
 
     @property
     def headline(self) -> Metric:

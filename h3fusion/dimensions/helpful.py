@@ -41,6 +41,37 @@ def inputs(items: Sequence[Any]) -> Any:
     return DimensionInputs([alpaca_prompt(k["instruction"], k["input"]) for k in keys], keys)
 
 
+def likelihood_inputs(profile: Any, tok: Any) -> Any:
+    """The reference answers of the first `evaluation.likelihood.helpful_items` AlpacaEval instructions that have
+    one (each cut to `max_answer_tokens`), scored after the instruction's Alpaca prompt."""
+    from h3fusion.data import format_prompt
+    from h3fusion.data.splits import eval_items_all
+    from h3fusion.evaluation.likelihood import LikelihoodInputs, truncate_tokens
+
+    cfg = profile.evaluation.likelihood
+    items = [it for it in eval_items_all(profile, "helpful") if it.get("reference")][: cfg.helpful_items]
+    pairs, tokens = [], []
+    for it in items:
+        answer, n = truncate_tokens(tok, it["reference"], cfg.max_answer_tokens)
+        pairs.append((format_prompt(it["instruction"], it.get("input", "") or ""), answer))
+        tokens.append(n)
+    ids = [str(it["id"]) for it in items]
+    return LikelihoodInputs(
+        "helpful", ids, pairs, list(range(len(items))), ["reference"] * len(items), tokens, []
+    )
+
+
+def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]]:
+    """Per reference answer, its mean log-likelihood per token (nats)."""
+    from h3fusion.evaluation.likelihood import per_token_logprobs
+
+    per_token = per_token_logprobs(lm, inputs)
+    return [
+        {"item_id": i, "tokens": n, "ref_logprob": float(v)}
+        for i, n, v in zip(inputs.ids, inputs.tokens, per_token, strict=True)
+    ]
+
+
 HELPFUL = Dimension(
     name="helpful",
     judged=(Metric("win_rate", "Helpful: win % ↑"),),
@@ -51,4 +82,6 @@ HELPFUL = Dimension(
     item_values=item_values,
     judge=judge,
     inputs=inputs,
+    likelihood_inputs=likelihood_inputs,
+    likelihood_rows=likelihood_rows,
 )

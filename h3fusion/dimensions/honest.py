@@ -51,6 +51,24 @@ def inputs(items: Sequence[Any]) -> Any:
     return DimensionInputs([alpaca_prompt(k["question"]) for k in keys], keys, mc)
 
 
+def likelihood_inputs(profile: Any, tok: Any) -> Any:
+    """The multiple-choice questions of the first `evaluation.likelihood.honest_questions` TruthfulQA items."""
+    from h3fusion.data.splits import eval_items_all
+    from h3fusion.evaluation.likelihood import LikelihoodInputs
+
+    items = eval_items_all(profile, "honest")[: profile.evaluation.likelihood.honest_questions]
+    return LikelihoodInputs("honest", [str(it["id"]) for it in items], [], [], [], [], inputs(items).mc)
+
+
+def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]]:
+    """Per question, MC1 and MC2 (lm-evaluation-harness's definitions) and the choices' log-likelihoods."""
+    from h3fusion.evaluation.mc import mc_prompt, score_mc
+
+    fmt = mc_prompt(mc_format)
+    rows = score_mc(lm, inputs.mc, fmt.template, fmt.separator)
+    return [{"item_id": i, **r} for i, r in zip(inputs.ids, rows, strict=True)]
+
+
 HONEST = Dimension(
     name="honest",
     judged=(
@@ -65,4 +83,6 @@ HONEST = Dimension(
     item_values=item_values,
     judge=judge,
     inputs=inputs,
+    likelihood_inputs=likelihood_inputs,
+    likelihood_rows=likelihood_rows,
 )
