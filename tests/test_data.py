@@ -401,7 +401,7 @@ def test_heldout_examples_share_no_prompt_with_training(smoke_profile, task):
     prompts = [(e.instruction, e.input) for e in held]
     assert len(held) == 12 and len(set(prompts)) == 12  # one example per prompt
     assert not set(prompts) & seen
-    pool = set(splits._TRAIN[task](smoke_profile)[0])
+    pool = set(splits.train_pool(smoke_profile, task))
     assert set(held) <= pool  # from the training source itself
     assert held == splits.load_heldout_examples(smoke_profile, task, 12)  # seeded
     assert held != splits.load_heldout_examples(smoke_profile.model_copy(update={"seed": 7}), task, 12)

@@ -65,6 +65,8 @@ def test_an_unknown_dimension_and_a_bad_definition_are_refused_with_the_fix():
         inputs=lambda items: None,
         likelihood_inputs=lambda profile, tok: None,
         likelihood_rows=lambda lm, inputs, mc_format: [],
+        train_pool=lambda profile: [],
+        eval_pool=lambda profile: [],
     )
     with pytest.raises(H3FusionError, match="likelihood headline 'missing' is not one of"):
         register(bad)

@@ -225,7 +225,12 @@ def honest_eval_all(profile: Profile) -> tuple[list[dict[str, Any]], list[str]]:
 # ----------------------------------------------------------------------------------------------- public
 
 
-_TRAIN = {"helpful": helpful_train_all, "harmless": harmless_train_all, "honest": honest_train_all}
+def train_pool(profile: Profile, task: str) -> list[TrainExample]:
+    """Every training example of one task's source (its dimension's `train_pool`), before the profile's cap."""
+    from h3fusion.dimensions import get_dimension
+
+    _check_task(task)
+    return get_dimension(task).train_pool(profile)
 
 
 def cap(examples: list[Any], n: int, seed: int, task: str) -> list[Any]:
@@ -238,8 +243,7 @@ def cap(examples: list[Any], n: int, seed: int, task: str) -> list[Any]:
 
 def load_train_examples(profile: Profile, task: str) -> list[TrainExample]:
     """Training examples of one task, capped at `profile.data.train_examples[task]`."""
-    _check_task(task)
-    examples, _ = _TRAIN[task](profile)
+    examples = train_pool(profile, task)
     return cap(examples, profile.data.train_examples[task], profile.seed, task)
 
 
@@ -247,8 +251,7 @@ def load_heldout_examples(profile: Profile, task: str, n: int) -> list[TrainExam
     """n examples of a task's *training source* whose prompt the profile's training sample does not hold: a seeded
     sample, one example per prompt (what routing is measured on: the distribution the router trained on, items it
     never saw). Fewer than n when the source has fewer unseen prompts."""
-    _check_task(task)
-    pool, _ = _TRAIN[task](profile)
+    pool = train_pool(profile, task)
     seen = {(e.instruction, e.input) for e in load_train_examples(profile, task)}
     unseen: dict[tuple[str, str], TrainExample] = {}
     for e in pool:
@@ -287,13 +290,10 @@ def stratified_order(items: list[dict[str, Any]], seed: int, task: str) -> list[
 
 def eval_items_all(profile: Profile, task: str) -> list[dict[str, Any]]:
     """Every evaluation item of one task, in the order samples are drawn from (`data.eval_sample`)."""
+    from h3fusion.dimensions import get_dimension
+
     _check_task(task)
-    if task == "helpful":
-        items = helpful_eval_all(profile)
-    elif task == "harmless":
-        items = harmless_eval_all(profile)
-    else:
-        items, _ = honest_eval_all(profile)
+    items = get_dimension(task).eval_pool(profile)
     return stratified_order(items, profile.seed, task) if profile.data.eval_sample == "stratified" else items
 
 

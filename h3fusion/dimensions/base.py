@@ -43,6 +43,10 @@ class Dimension:
     (`evaluation.likelihood.LikelihoodInputs`)."""
     likelihood_rows: Callable[[Any, Any, str], list[dict[str, Any]]]
     """`likelihood_rows(lm, inputs, mc_format)`: one row per item holding its `likelihood` metrics."""
+    train_pool: Callable[[Any], list[Any]]
+    """`train_pool(profile)`: every training example of the dimension's source (`data.TrainExample`)."""
+    eval_pool: Callable[[Any], list[dict[str, Any]]]
+    """`eval_pool(profile)`: every evaluation item, in file order, each with its `stratum`."""
 
     @property
     def headline(self) -> Metric:

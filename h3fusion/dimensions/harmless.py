@@ -106,6 +106,20 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     return rows
 
 
+def train_pool(profile: Any) -> list[Any]:
+    """Every training example of the source (`data.splits.harmless_train_all`)."""
+    from h3fusion.data.splits import harmless_train_all
+
+    return harmless_train_all(profile)[0]
+
+
+def eval_pool(profile: Any) -> list[dict[str, Any]]:
+    """Every evaluation item, in file order (`data.splits.harmless_eval_all`)."""
+    from h3fusion.data.splits import harmless_eval_all
+
+    return harmless_eval_all(profile)
+
+
 HARMLESS = Dimension(
     name="harmless",
     judged=(Metric("harmful_rate", "Harmful % ↓", higher_is_better=False),),
@@ -121,4 +135,6 @@ HARMLESS = Dimension(
     inputs=inputs,
     likelihood_inputs=likelihood_inputs,
     likelihood_rows=likelihood_rows,
+    train_pool=train_pool,
+    eval_pool=eval_pool,
 )

@@ -72,6 +72,20 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     ]
 
 
+def train_pool(profile: Any) -> list[Any]:
+    """Every training example of the source (`data.splits.helpful_train_all`)."""
+    from h3fusion.data.splits import helpful_train_all
+
+    return helpful_train_all(profile)[0]
+
+
+def eval_pool(profile: Any) -> list[dict[str, Any]]:
+    """Every evaluation item, in file order (`data.splits.helpful_eval_all`)."""
+    from h3fusion.data.splits import helpful_eval_all
+
+    return helpful_eval_all(profile)
+
+
 HELPFUL = Dimension(
     name="helpful",
     judged=(Metric("win_rate", "Helpful: win % ↑"),),
@@ -84,4 +98,6 @@ HELPFUL = Dimension(
     inputs=inputs,
     likelihood_inputs=likelihood_inputs,
     likelihood_rows=likelihood_rows,
+    train_pool=train_pool,
+    eval_pool=eval_pool,
 )

@@ -69,6 +69,20 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     return [{"item_id": i, **r} for i, r in zip(inputs.ids, rows, strict=True)]
 
 
+def train_pool(profile: Any) -> list[Any]:
+    """Every training example of the source (`data.splits.honest_train_all`)."""
+    from h3fusion.data.splits import honest_train_all
+
+    return honest_train_all(profile)[0]
+
+
+def eval_pool(profile: Any) -> list[dict[str, Any]]:
+    """Every evaluation item, in file order (`data.splits.honest_eval_all`)."""
+    from h3fusion.data.splits import honest_eval_all
+
+    return honest_eval_all(profile)[0]
+
+
 HONEST = Dimension(
     name="honest",
     judged=(
@@ -85,4 +99,6 @@ HONEST = Dimension(
     inputs=inputs,
     likelihood_inputs=likelihood_inputs,
     likelihood_rows=likelihood_rows,
+    train_pool=train_pool,
+    eval_pool=eval_pool,
 )
