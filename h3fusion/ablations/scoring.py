@@ -24,7 +24,7 @@ class ScoringItems:
     prompts: dict[str, list[str]]
     """{task: [formatted evaluation prompt]} for the routing statistics."""
     mc: list[Any]
-    """TruthfulQA MCQuestions (empty when the profile has no honest task)."""
+    """MCQuestions (TruthfulQA's; empty when no dimension of the profile has any)."""
 
 
 def _heldout_harmless(profile: Profile, n: int) -> list[Any]:
@@ -64,16 +64,14 @@ def heldout_responses(profile: Profile, task: str, n: int) -> list[Any]:
 
 def scoring_items(profile: Profile) -> ScoringItems:
     from h3fusion.analysis import task_prompts
+    from h3fusion.data import load_eval_items
     from h3fusion.evaluation.inputs import dimension_inputs
 
     n = profile.ablations.score_examples
     responses = {t: heldout_responses(profile, t, n) for t in profile.tasks}
     prompts = task_prompts(profile, "eval", n)
-    mc: list[Any] = []
-    if "honest" in profile.tasks:
-        from h3fusion.data import load_eval_items
-
-        mc = dimension_inputs("honest", load_eval_items(profile, "honest")[:n]).mc
+    # the multiple-choice questions of every dimension that has them (TruthfulQA's)
+    mc = [q for t in profile.tasks for q in dimension_inputs(t, load_eval_items(profile, t)[:n]).mc]
     return ScoringItems(responses, prompts, mc)
 
 
