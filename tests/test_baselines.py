@@ -563,7 +563,7 @@ def test_instruct_scores_a_few_shot_mc_pair_as_its_alpaca_question(profile, tok,
 def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, monkeypatch):
     """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
     they generate the experts' answers themselves, and generate none of them."""
-    from h3fusion.baselines import answers, runner
+    from h3fusion.baselines import answers, shared
     from h3fusion.baselines.instruct import InstructFusion
     from h3fusion.baselines.select import SelectEnsemble
     from h3fusion.evaluation.run import evaluate_model
@@ -580,7 +580,7 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     assert len(known) == profile.num_experts * (len(profile.tasks) + 1)
     inputs = profile_inputs(profile)
     seed = profile.seed
-    bank, tok = runner.expert_bank(profile)
+    bank, tok = shared.expert_bank(profile)
 
     def cfg(d):
         return profile.evaluation.generation_for(d)

@@ -8,7 +8,7 @@ examples. Every folder is written atomically with a manifest (config hash, wall 
 is complete with the same hash; the hash covers the baseline's own parameters and the experts' manifests, so a
 re-trained expert rebuilds every baseline.
 
-Cost: the builders of one `run_baselines` call share one expert bank (base + every adapter, `_Shared`) and the
+Cost: the builders of one `run_baselines` call share one expert bank (base + every adapter, `shared.SharedExperts`) and the
 evaluations one set of judges; each loaded baseline has its own bank (one model's weights). What the ensembles
 would otherwise compute again comes from the experts' stored evaluations, keyed by content: the experts'
 per-token log-probabilities (`evaluation.logprob_cache`, which the token ensembles mix) and their answers to the
@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, digest, is_complete, make_manifest
-from h3fusion.baselines.answers import cached_dimensions, expert_eval_answers, expert_identities
+from h3fusion.baselines.answers import cached_dimensions, expert_identities
 from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
+from h3fusion.baselines.shared import SharedExperts, device
 from h3fusion.config import Profile, shown_path
 from h3fusion.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
-    from h3fusion.baselines.answers import KnownAnswers
-    from h3fusion.baselines.ensembles import AdapterBank, TokenEnsemble, Weighting
     from h3fusion.evaluation.lm import LanguageModel
     from h3fusion.evaluation.registry import ModelEntry
 
@@ -121,85 +118,7 @@ def baseline_hash(profile: Profile, name: str) -> str:
     return digest(payload)
 
 
-# ---------------------------------------------------------------------------------------------- shared state
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
-    """The base model loaded once with every expert's adapter (named after its task)."""
-    from h3fusion.baselines.ensembles import AdapterBank
-    from h3fusion.experts import check_experts_fit, expert_dir
-    from h3fusion.models import load_base
-
-    expert_identities(profile)
-    check_experts_fit(profile, profile.tasks)
-    model, tok = load_base(profile)
-    bank = AdapterBank(model.to(_device()), {t: expert_dir(profile, t) for t in profile.tasks})
-    return bank, tok
-
-
-@dataclass
-class _Shared:
-    """What the baselines of one `run_baselines` call share, each made on first use: the expert bank (n experts
-    cost one model), the uniform mixture (its MC scores serve ensemble-uniform and ensemble-select), the
-    judges, and the experts' cached evaluation answers."""
-
-    profile: Profile
-    judges: Any = None
-    _bank: tuple[AdapterBank, PreTrainedTokenizerBase] | None = field(default=None, init=False)
-    _mixture: TokenEnsemble | None = field(default=None, init=False)
-    _token_logprobs: dict[Any, Any] = field(default_factory=dict, init=False)
-    _known: KnownAnswers | None = field(default=None, init=False)
-
-    def bank(self) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
-        if self._bank is None:
-            self._bank = expert_bank(self.profile)
-        return self._bank
-
-    def mixture(self) -> TokenEnsemble:
-        if self._mixture is None:
-            self._mixture = self.token_ensemble("uniform", 1.0)
-        return self._mixture
-
-    def token_ensemble(self, weighting: Weighting, temperature: float) -> TokenEnsemble:
-        """A token-level ensemble of the shared bank; all of them share the experts' MC token log-probabilities."""
-        from h3fusion.baselines.ensembles import TokenEnsemble
-        from h3fusion.evaluation.logprob_cache import profile_cache
-
-        bank, tok = self.bank()
-        return TokenEnsemble(
-            bank,
-            tok,
-            weighting=weighting,
-            temperature=temperature,
-            token_logprobs=self._token_logprobs,
-            expert_logprobs=(profile_cache(self.profile.run_dir), expert_identities(self.profile)),
-        )
-
-    def get_judges(self) -> Any:
-        if self.judges is None:
-            from h3fusion.evaluation.judges import load_judges
-
-            self.judges = load_judges(self.profile)
-        return self.judges
-
-    def known(self) -> KnownAnswers:
-        if self._known is None:
-            self._known = expert_eval_answers(self.profile)
-        return self._known
-
-    def release(self) -> None:
-        """Drop the bank (and what holds it), e.g. while dense merged models are evaluated."""
-        self._bank = self._mixture = None
-        self._token_logprobs.clear()
-
-
-def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) -> None:
+def _ensure_expert_answers(profile: Profile, names: list[str], shared: SharedExperts) -> None:
     """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
     from them still has generations to make; the baselines then read them instead of generating them."""
     from h3fusion.evaluation.inputs import profile_inputs
@@ -227,7 +146,7 @@ def _ensure_expert_answers(profile: Profile, names: list[str], shared: _Shared) 
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def _build_merge(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+def _build_merge(profile: Profile, name: str, tmp: Path, shared: SharedExperts) -> dict[str, Any]:
     from h3fusion.baselines.merging import MergeSpec, merge_into, read_adapter
     from h3fusion.experts import expert_dir
     from h3fusion.models import load_base
@@ -250,11 +169,11 @@ def _build_merge(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dic
     }
 
 
-def _build_config_only(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+def _build_config_only(profile: Profile, name: str, tmp: Path, shared: SharedExperts) -> dict[str, Any]:
     return {}
 
 
-def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared) -> dict[str, Any]:
+def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: SharedExperts) -> dict[str, Any]:
     from h3fusion.baselines.instruct import InstructFusion, fuser_examples, train_fuser, write_fuser_examples
     from h3fusion.data import load_train_examples
 
@@ -284,7 +203,7 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: _Shared
     return {"train_examples": len(examples), "loss_log": log}
 
 
-_BUILDERS: dict[str, Callable[[Profile, str, Path, _Shared], dict[str, Any]]] = {
+_BUILDERS: dict[str, Callable[[Profile, str, Path, SharedExperts], dict[str, Any]]] = {
     "merge": _build_merge,
     "ensemble": _build_config_only,
     "data-mix": build_data_mix,
@@ -292,14 +211,14 @@ _BUILDERS: dict[str, Callable[[Profile, str, Path, _Shared], dict[str, Any]]] = 
 }
 
 
-def build_baseline(profile: Profile, name: str, shared: _Shared | None = None) -> Path:
+def build_baseline(profile: Profile, name: str, shared: SharedExperts | None = None) -> Path:
     """Build baseline NAME into its folder (skipped when complete with the same hash); returns the folder."""
     entry = get_baseline(name)
     folder, key = baseline_dir(profile, name), baseline_hash(profile, name)
     if is_complete(folder, key):
         print(f"[baselines] {name}: complete with this config, skipped ({shown_path(folder)})")
         return folder
-    shared = shared or _Shared(profile)
+    shared = shared or SharedExperts(profile)
     builder = _build_instruct_lora if name == "instruct-lora" else _BUILDERS[entry.kind]
     with atomic_dir(folder) as tmp:
         with Stopwatch() as sw:
@@ -335,7 +254,7 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     params = json.loads((folder / CONFIG_FILE).read_text())["params"]
     if entry.kind in DENSE_KINDS:
         return _load_merged(profile, folder)
-    shared = _Shared(profile)
+    shared = SharedExperts(profile)
     bank, tok = shared.bank()
     if entry.kind == "ensemble":
         from h3fusion.baselines.select import SelectEnsemble, likelihood_selector
@@ -383,7 +302,7 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return HFLanguageModel(model.to(_device()).eval(), tok)
+    return HFLanguageModel(model.to(device()).eval(), tok)
 
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:
@@ -414,7 +333,7 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
         get_baseline(n)
     expert_identities(profile)
     check_experts_fit(profile, profile.tasks)  # before any baseline is built: the adapters fit the base
-    shared = _Shared(profile)
+    shared = SharedExperts(profile)
     for n in names:
         build_baseline(profile, n, shared)
     shared.release()  # merged models load their own weights: free the builders' bank; it comes back once, lazily
