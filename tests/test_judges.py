@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from h3fusion.config import load_profile
+from h3fusion.dimensions import get_dimension
 from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation.judges import helpful
 from h3fusion.evaluation.judges.common import judges_dir, read_json
@@ -233,9 +234,7 @@ def test_real_judges_say_what_they_need(profile):
         for key, value in (("harmless_judge", "beaver-dam-7b"), ("honest_judge", "truthfulqa-judges")):
             ev = profile.evaluation.model_copy(update={key: value})
             with pytest.raises(H3FusionError, match="GPU"):
-                from h3fusion.evaluation import judges
-
-                getattr(judges, "_" + key.split("_")[0])(profile.model_copy(update={"evaluation": ev}))
+                get_dimension(key.split("_")[0]).load_judge(profile.model_copy(update={"evaluation": ev}))
 
 
 def test_helpful_validation_at_the_cap_equals_the_whole_answer_one_when_nothing_is_cut(

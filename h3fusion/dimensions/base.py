@@ -47,6 +47,8 @@ class Dimension:
     """`train_pool(profile)`: every training example of the dimension's source (`data.TrainExample`)."""
     eval_pool: Callable[[Any], list[dict[str, Any]]]
     """`eval_pool(profile)`: every evaluation item, in file order, each with its `stratum`."""
+    load_judge: Callable[[Any], Any]
+    """`load_judge(profile)`: the judge the profile chooses for this dimension (`evaluation.judges`)."""
 
     @property
     def headline(self) -> Metric:

@@ -120,6 +120,15 @@ def eval_pool(profile: Any) -> list[dict[str, Any]]:
     return harmless_eval_all(profile)
 
 
+def load_judge(profile: Any) -> Any:
+    """beaver-dam-7b (`evaluation.harmless_judge: beaver-dam-7b`), else the offline classifier (trained once)."""
+    from h3fusion.evaluation.judges import harmless
+
+    if profile.evaluation.harmless_judge == "beaver-dam-7b":
+        return harmless.BeaverDamJudge(profile)
+    return harmless.load_offline(profile)
+
+
 HARMLESS = Dimension(
     name="harmless",
     judged=(Metric("harmful_rate", "Harmful % ↓", higher_is_better=False),),
@@ -137,4 +146,5 @@ HARMLESS = Dimension(
     likelihood_rows=likelihood_rows,
     train_pool=train_pool,
     eval_pool=eval_pool,
+    load_judge=load_judge,
 )

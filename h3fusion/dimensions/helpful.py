@@ -86,6 +86,15 @@ def eval_pool(profile: Any) -> list[dict[str, Any]]:
     return helpful_eval_all(profile)
 
 
+def load_judge(profile: Any) -> Any:
+    """AlpacaEval with GPT-4 (`evaluation.helpful_judge: alpaca_eval`), else the offline judge (trained once)."""
+    from h3fusion.evaluation.judges import helpful
+
+    if profile.evaluation.helpful_judge == "alpaca_eval":
+        return helpful.AlpacaEvalJudge(profile)
+    return helpful.load_offline(profile)
+
+
 HELPFUL = Dimension(
     name="helpful",
     judged=(Metric("win_rate", "Helpful: win % ↑"),),
@@ -100,4 +109,5 @@ HELPFUL = Dimension(
     likelihood_rows=likelihood_rows,
     train_pool=train_pool,
     eval_pool=eval_pool,
+    load_judge=load_judge,
 )

@@ -83,6 +83,15 @@ def eval_pool(profile: Any) -> list[dict[str, Any]]:
     return honest_eval_all(profile)[0]
 
 
+def load_judge(profile: Any) -> Any:
+    """TruthfulQA's judge models (`evaluation.honest_judge: truthfulqa-judges`), else the offline judge."""
+    from h3fusion.evaluation.judges import honest
+
+    if profile.evaluation.honest_judge == "truthfulqa-judges":
+        return honest.TruthfulQAModelJudges(profile)
+    return honest.load_offline(profile)
+
+
 HONEST = Dimension(
     name="honest",
     judged=(
@@ -101,4 +110,5 @@ HONEST = Dimension(
     likelihood_rows=likelihood_rows,
     train_pool=train_pool,
     eval_pool=eval_pool,
+    load_judge=load_judge,
 )

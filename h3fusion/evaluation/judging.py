@@ -34,6 +34,7 @@ def load_profile_judges(profile: Profile) -> Any:
 
 
 def judge_for(judges: Any, task: str) -> Any:
+    """The judge of one dimension from `Judges` (or any object with one attribute per dimension)."""
     return getattr(judges, task)
 
 

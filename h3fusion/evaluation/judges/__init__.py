@@ -1,4 +1,5 @@
-"""The helpful / harmless / honest judges (book chapter 0), chosen by `profile.evaluation.*_judge`.
+"""The judges of the dimensions (book chapter 0), one per dimension (`Dimension.load_judge`), chosen by
+`profile.evaluation.<dimension>_judge`.
 
 `offline` judges are proxies built here and validated against real labels (GPT-4 verdicts, BeaverTails
 labels, TruthfulQA references); their validation figures travel with every score. The paper's judges
@@ -16,55 +17,35 @@ from h3fusion.config import Profile
 
 @dataclass
 class Judges:
-    helpful: Any
-    harmless: Any
-    honest: Any
+    """One judge per dimension (`by_dimension`; also readable as an attribute: ``judges.helpful``) and XSTest's
+    refusal classifier (`refusal.load_offline`; None when the profile's XSTest track is off)."""
+
+    by_dimension: dict[str, Any]
     refusal: Any = None
-    """XSTest's refusal classifier (`refusal.load_offline`); None when the profile's XSTest track is off."""
 
-
-def _helpful(profile: Profile) -> Any:
-    from h3fusion.evaluation.judges import helpful
-
-    if profile.evaluation.helpful_judge == "alpaca_eval":
-        return helpful.AlpacaEvalJudge(profile)
-    return helpful.load_offline(profile)
-
-
-def _harmless(profile: Profile) -> Any:
-    from h3fusion.evaluation.judges import harmless
-
-    if profile.evaluation.harmless_judge == "beaver-dam-7b":
-        return harmless.BeaverDamJudge(profile)
-    return harmless.load_offline(profile)
-
-
-def _honest(profile: Profile) -> Any:
-    from h3fusion.evaluation.judges import honest
-
-    if profile.evaluation.honest_judge == "truthfulqa-judges":
-        return honest.TruthfulQAModelJudges(profile)
-    return honest.load_offline(profile)
+    def __getattr__(self, name: str) -> Any:
+        by_dimension = self.__dict__.get("by_dimension", {})
+        if name in by_dimension:
+            return by_dimension[name]
+        raise AttributeError(f"no judge for {name!r}; the judges are {list(by_dimension)}")
 
 
 def load_judges(profile: Profile) -> Judges:
-    """The three judges of the profile and the refusal classifier of its XSTest track; offline ones are trained
-    once and then loaded from the cache."""
+    """The judge of each of the profile's dimensions (`Dimension.load_judge`, chosen by the profile) and the
+    refusal classifier of its XSTest track; offline ones are trained once and then loaded from the cache."""
+    from h3fusion.dimensions import get_dimension
     from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.judges import refusal
 
     return Judges(
-        helpful=_helpful(profile),
-        harmless=_harmless(profile),
-        honest=_honest(profile),
+        {t: get_dimension(t).load_judge(profile) for t in profile.tasks},
         refusal=refusal.load_offline(profile) if overrefusal.enabled(profile) else None,
     )
 
 
 def validation_lines(judges: Judges) -> list[str]:
     lines = []
-    for task in ("helpful", "harmless", "honest", "refusal"):
-        judge = getattr(judges, task, None)
+    for task, judge in {**judges.by_dimension, "refusal": judges.refusal}.items():
         if judge is None:
             continue
         lines.append(f"{task}: {judge.name}")
