@@ -72,3 +72,42 @@ def test_an_unknown_dimension_and_a_bad_definition_are_refused_with_the_fix():
     with pytest.raises(H3FusionError, match="likelihood headline 'missing' is not one of"):
         register(bad)
     assert "kind" not in DIMENSIONS
+
+
+class _Judge:
+    """A deterministic stand-in for any dimension's judge (these tests check the plumbing, not the judge)."""
+
+    name = "fake"
+    validation = {"accuracy": 0.9, "n_heldout": 10}
+
+    def win_probability(self, instructions, answers, references):
+        return np.array([0.9 if len(a) > len(r) else 0.1 for a, r in zip(answers, references, strict=True)])
+
+    def judge(self, questions, answers, correct, incorrect):
+        return [{"truthful": len(a) % 3 != 0, "informative": bool(a.strip())} for a in answers]
+
+
+def test_the_smoke_pipeline_runs_on_two_of_the_dimensions(tmp_path):
+    """A profile with two dimensions: two experts, a two-expert MoE, evaluated on exactly those two (its own
+    judges only), and the evidence tables hold those two dimensions and no three-dimension average."""
+    from types import SimpleNamespace
+
+    from h3fusion import load_profile
+    from h3fusion.evaluation.run import evaluate_model
+    from h3fusion.experts import align
+    from h3fusion.fusion import fuse
+    from h3fusion.moe import load_moe
+    from tests.helpers import FakeRefusal
+
+    profile = load_profile(
+        "smoke", {"runs_dir": str(tmp_path / "runs"), "tasks": ["helpful", "honest"], "ablations.top_ks": [1, 2]}
+    )
+    align(profile, "all")
+    folder = fuse(profile)
+    assert load_moe(folder).num_experts == 2
+    judges = SimpleNamespace(helpful=_Judge(), honest=_Judge(), refusal=FakeRefusal())  # no harmless judge
+    metrics = {name: evaluate_model(profile, name, judges=judges) for name in ("base", folder.name)}
+    for m in metrics.values():
+        assert set(m["scores"]) == set(m["likelihood"]) == {"helpful", "honest"}
+    long = evidence.estimates(evidence.item_scores(profile, {name: name for name in metrics}))
+    assert set(long["column"]) == {evidence.COLUMNS[k] for k in evidence.COLUMNS if k[0] in profile.tasks}
