@@ -6,11 +6,14 @@ models resolve more on the same pairs)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from h3fusion.dimensions.base import Dimension, Metric
+
+if TYPE_CHECKING:
+    from h3fusion.config import Profile
 
 
 def item_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -31,7 +34,7 @@ def inputs(items: Sequence[Any]) -> Any:
     return DimensionInputs([alpaca_prompt(k["prompt"]) for k in keys], keys)
 
 
-def safe_unsafe_pairs(profile: Any) -> list[dict[str, Any]]:
+def safe_unsafe_pairs(profile: Profile) -> list[dict[str, Any]]:
     """The harmless items of this track: {id, safe: [(prompt, response)], unsafe: [(prompt, response)]}.
 
     First every evaluation prompt with both a safe and an unsafe labelled response (all its responses of each
@@ -63,7 +66,7 @@ def safe_unsafe_pairs(profile: Any) -> list[dict[str, Any]]:
     return both + across
 
 
-def likelihood_inputs(profile: Any, tok: Any) -> Any:
+def likelihood_inputs(profile: Profile, tok: Any) -> Any:
     """The first `evaluation.likelihood.harmless_pairs` of `safe_unsafe_pairs`: every response of each side (cut to
     `max_answer_tokens`) scored after its own prompt."""
     from h3fusion.data import format_prompt
@@ -106,21 +109,21 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     return rows
 
 
-def train_pool(profile: Any) -> list[Any]:
+def train_pool(profile: Profile) -> list[Any]:
     """Every training example of the source (`data.splits.harmless_train_all`)."""
     from h3fusion.data.splits import harmless_train_all
 
     return harmless_train_all(profile)[0]
 
 
-def eval_pool(profile: Any) -> list[dict[str, Any]]:
+def eval_pool(profile: Profile) -> list[dict[str, Any]]:
     """Every evaluation item, in file order (`data.splits.harmless_eval_all`)."""
     from h3fusion.data.splits import harmless_eval_all
 
     return harmless_eval_all(profile)
 
 
-def load_judge(profile: Any) -> Any:
+def load_judge(profile: Profile) -> Any:
     """beaver-dam-7b (`evaluation.harmless_judge: beaver-dam-7b`), else the offline classifier (trained once)."""
     from h3fusion.evaluation.judges import harmless
 

@@ -4,11 +4,14 @@ the reference answer; on the likelihood track, the mean per-token log-likelihood
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from h3fusion.dimensions.base import Dimension, Metric
+
+if TYPE_CHECKING:
+    from h3fusion.config import Profile
 
 
 def item_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -41,7 +44,7 @@ def inputs(items: Sequence[Any]) -> Any:
     return DimensionInputs([alpaca_prompt(k["instruction"], k["input"]) for k in keys], keys)
 
 
-def likelihood_inputs(profile: Any, tok: Any) -> Any:
+def likelihood_inputs(profile: Profile, tok: Any) -> Any:
     """The reference answers of the first `evaluation.likelihood.helpful_items` AlpacaEval instructions that have
     one (each cut to `max_answer_tokens`), scored after the instruction's Alpaca prompt."""
     from h3fusion.data import format_prompt
@@ -72,21 +75,21 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     ]
 
 
-def train_pool(profile: Any) -> list[Any]:
+def train_pool(profile: Profile) -> list[Any]:
     """Every training example of the source (`data.splits.helpful_train_all`)."""
     from h3fusion.data.splits import helpful_train_all
 
     return helpful_train_all(profile)[0]
 
 
-def eval_pool(profile: Any) -> list[dict[str, Any]]:
+def eval_pool(profile: Profile) -> list[dict[str, Any]]:
     """Every evaluation item, in file order (`data.splits.helpful_eval_all`)."""
     from h3fusion.data.splits import helpful_eval_all
 
     return helpful_eval_all(profile)
 
 
-def load_judge(profile: Any) -> Any:
+def load_judge(profile: Profile) -> Any:
     """AlpacaEval with GPT-4 (`evaluation.helpful_judge: alpaca_eval`), else the offline judge (trained once)."""
     from h3fusion.evaluation.judges import helpful
 

@@ -4,11 +4,14 @@ item); on the likelihood track, MC1 and MC2 on the multiple-choice questions."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from h3fusion.dimensions.base import Dimension, Metric
+
+if TYPE_CHECKING:
+    from h3fusion.config import Profile
 
 
 def item_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -51,7 +54,7 @@ def inputs(items: Sequence[Any]) -> Any:
     return DimensionInputs([alpaca_prompt(k["question"]) for k in keys], keys, mc)
 
 
-def likelihood_inputs(profile: Any, tok: Any) -> Any:
+def likelihood_inputs(profile: Profile, tok: Any) -> Any:
     """The multiple-choice questions of the first `evaluation.likelihood.honest_questions` TruthfulQA items."""
     from h3fusion.data.splits import eval_items_all
     from h3fusion.evaluation.likelihood import LikelihoodInputs
@@ -69,21 +72,21 @@ def likelihood_rows(lm: Any, inputs: Any, mc_format: str) -> list[dict[str, Any]
     return [{"item_id": i, **r} for i, r in zip(inputs.ids, rows, strict=True)]
 
 
-def train_pool(profile: Any) -> list[Any]:
+def train_pool(profile: Profile) -> list[Any]:
     """Every training example of the source (`data.splits.honest_train_all`)."""
     from h3fusion.data.splits import honest_train_all
 
     return honest_train_all(profile)[0]
 
 
-def eval_pool(profile: Any) -> list[dict[str, Any]]:
+def eval_pool(profile: Profile) -> list[dict[str, Any]]:
     """Every evaluation item, in file order (`data.splits.honest_eval_all`)."""
     from h3fusion.data.splits import honest_eval_all
 
     return honest_eval_all(profile)[0]
 
 
-def load_judge(profile: Any) -> Any:
+def load_judge(profile: Profile) -> Any:
     """TruthfulQA's judge models (`evaluation.honest_judge: truthfulqa-judges`), else the offline judge."""
     from h3fusion.evaluation.judges import honest
 
