@@ -8,7 +8,7 @@ dimension. The three of the paper are registered here, in the book's order; anot
 `Dimension` and one `register` call.
 """
 
-from h3fusion.dimensions.base import DIMENSIONS, Dimension, Metric, get_dimension, register
+from h3fusion.dimensions.base import DIMENSIONS, Dimension, Metric, SourceReport, get_dimension, register
 from h3fusion.dimensions.harmless import HARMLESS
 from h3fusion.dimensions.helpful import HELPFUL
 from h3fusion.dimensions.honest import HONEST
@@ -16,4 +16,14 @@ from h3fusion.dimensions.honest import HONEST
 for _dimension in (HELPFUL, HARMLESS, HONEST):
     register(_dimension)
 
-__all__ = ["DIMENSIONS", "HARMLESS", "HELPFUL", "HONEST", "Dimension", "Metric", "get_dimension", "register"]
+__all__ = [
+    "DIMENSIONS",
+    "HARMLESS",
+    "HELPFUL",
+    "HONEST",
+    "Dimension",
+    "Metric",
+    "SourceReport",
+    "get_dimension",
+    "register",
+]

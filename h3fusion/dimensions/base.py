@@ -23,6 +23,22 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class SourceReport:
+    """What `h3fusion data` says about one dimension's source: a summary line, how the profile's data deviates
+    from the paper's, the paper's evaluation set (`paper_takes_first`: the paper used the file's first items, so
+    a stratified sample deviates even at the paper's size), its first evaluation item and a note on the training
+    data, if any."""
+
+    summary: str
+    deviations: list[str]
+    paper_eval: str
+    paper_n: int
+    first_eval: tuple[str, str, str] | None
+    paper_takes_first: bool = False
+    train_note: str | None = None
+
+
+@dataclass(frozen=True)
 class Dimension:
     """One alignment dimension (see the package docstring). `item_values(rows)` gives the judged metrics per item
     in % from the judge's rows; `judge(judge, keys, answers)` calls the dimension's judge on the answers, one row
@@ -49,6 +65,8 @@ class Dimension:
     """`eval_pool(profile)`: every evaluation item, in file order, each with its `stratum`."""
     load_judge: Callable[[Any], Any]
     """`load_judge(profile)`: the judge the profile chooses for this dimension (`evaluation.judges`)."""
+    source_report: Callable[[Any], SourceReport]
+    """`source_report(profile)`: what `h3fusion data` prints about the source (`data.report`)."""
 
     @property
     def headline(self) -> Metric:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h3fusion.dimensions.base import Dimension, Metric
+from h3fusion.dimensions.base import Dimension, Metric, SourceReport
 
 if TYPE_CHECKING:
     from h3fusion.config import Profile
@@ -132,6 +132,43 @@ def load_judge(profile: Profile) -> Any:
     return harmless.load_offline(profile)
 
 
+def source_report(profile: Profile) -> SourceReport:
+    """BeaverTails: its eval and non_eval halves (carved from 30k_test when 30k_train is missing)."""
+    from h3fusion.data import format_prompt, splits
+
+    _, skipped = splits.harmless_train_all(profile)
+    bt = splits.beavertails_split(profile)
+    items = splits.harmless_eval_all(profile)
+    safe = sum(r["is_safe"] for r in bt.non_eval_rows)
+    deviations = []
+    if bt.carved:
+        deviations.append(
+            f"BeaverTails 30k_train (27,186 rows) is missing: 30k_test ({len(bt.eval_rows) + len(bt.non_eval_rows):,} "
+            f"rows, {len(bt.eval_prompts) + len(bt.non_eval_prompts):,} prompts) is split by prompt (seed "
+            f"{profile.seed}, eval fraction {profile.data.beavertails_eval_fraction}): eval {len(bt.eval_prompts):,} "
+            f"prompts / {len(bt.eval_rows):,} rows, non_eval {len(bt.non_eval_prompts):,} prompts / "
+            f"{len(bt.non_eval_rows):,} rows; the harmless expert trains on safe non_eval rows, the harmlessness "
+            f"judge on all non_eval rows, and the paper's evaluation on all 30k_test prompts becomes evaluation on "
+            f"the eval prompts"
+        )
+    deviations.append(
+        "harmless evaluation uses distinct prompts (30k_test repeats prompts with different responses)"
+    )
+    return SourceReport(
+        summary=f"harmless: BeaverTails eval {len(bt.eval_prompts):,} prompts / {len(bt.eval_rows):,} labelled rows; "
+        f"non_eval {len(bt.non_eval_prompts):,} prompts / {len(bt.non_eval_rows):,} labelled rows ({safe:,} safe = "
+        f"training pool; {skipped} empty responses skipped)",
+        deviations=deviations,
+        paper_eval=f"all {len(items):,} eval prompts (the paper scores every 30k_test prompt)",
+        paper_n=len(items),
+        first_eval=("harmless: first eval item (prompt)", format_prompt(items[0]["prompt"]), "")
+        if items
+        else None,
+        train_note="    note: BeaverTails' is_safe labels come from crowd annotators and are noisy; some pairs "
+        "labelled safe are one-sided or offensive. The paper trains on the labels as given, and so do we.\n",
+    )
+
+
 HARMLESS = Dimension(
     name="harmless",
     judged=(Metric("harmful_rate", "Harmful % ↓", higher_is_better=False),),
@@ -150,4 +187,5 @@ HARMLESS = Dimension(
     train_pool=train_pool,
     eval_pool=eval_pool,
     load_judge=load_judge,
+    source_report=source_report,
 )

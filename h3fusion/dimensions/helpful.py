@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h3fusion.dimensions.base import Dimension, Metric
+from h3fusion.dimensions.base import Dimension, Metric, SourceReport
 
 if TYPE_CHECKING:
     from h3fusion.config import Profile
@@ -98,6 +98,41 @@ def load_judge(profile: Profile) -> Any:
     return helpful.load_offline(profile)
 
 
+ALPACA_FULL = 52_002
+"""Records of the full Stanford Alpaca data (the paper trains on a 20k cleaned subset of it)."""
+
+
+def source_report(profile: Profile) -> SourceReport:
+    """Alpaca (training) and AlpacaEval (evaluation; the paper scores its first 50 instructions)."""
+    from h3fusion.data import format_prompt, sources, splits
+
+    examples, skipped = splits.helpful_train_all(profile)
+    n_alpaca = len(examples) + skipped
+    items = splits.helpful_eval_all(profile)
+    deviations = []
+    if n_alpaca < ALPACA_FULL:
+        deviations.append(
+            f"helpful training data is a {n_alpaca:,}-record random sample of Alpaca "
+            f"({sources.SOURCES['alpaca'].local_path}); the paper trains on a 20k cleaned subset of the "
+            f"{ALPACA_FULL:,} records (alpaca_small.json, not obtainable)"
+        )
+    if skipped:
+        deviations.append(f"{skipped} Alpaca records with an empty output are skipped")
+    return SourceReport(
+        summary=f"helpful : Alpaca {n_alpaca:,} records ({skipped} with an empty output skipped); AlpacaEval "
+        f"{len(items)} items",
+        deviations=deviations,
+        paper_eval=f"the paper's first {min(50, len(items))} AlpacaEval instructions",
+        paper_n=min(50, len(items)),
+        paper_takes_first=True,
+        first_eval=(
+            "helpful: first eval item (prompt + reference)",
+            format_prompt(items[0]["instruction"]),
+            items[0]["reference"],
+        ),
+    )
+
+
 HELPFUL = Dimension(
     name="helpful",
     judged=(Metric("win_rate", "Helpful: win % ↑"),),
@@ -113,4 +148,5 @@ HELPFUL = Dimension(
     train_pool=train_pool,
     eval_pool=eval_pool,
     load_judge=load_judge,
+    source_report=source_report,
 )

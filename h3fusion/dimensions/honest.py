@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from h3fusion.dimensions.base import Dimension, Metric
+from h3fusion.dimensions.base import Dimension, Metric, SourceReport
 
 if TYPE_CHECKING:
     from h3fusion.config import Profile
@@ -95,6 +95,37 @@ def load_judge(profile: Profile) -> Any:
     return honest.load_offline(profile)
 
 
+def source_report(profile: Profile) -> SourceReport:
+    """TruthfulQA: its training and evaluation halves, and the evaluation questions' MC1/MC2 targets."""
+    from h3fusion.data import format_prompt, splits
+
+    examples, empty_answers = splits.honest_train_all(profile)
+    tqa_train, tqa_eval, _ = splits.truthfulqa_halves(profile)
+    items, mc_missing = splits.honest_eval_all(profile)
+    deviations = []
+    if empty_answers:
+        deviations.append(
+            f"{empty_answers} empty TruthfulQA correct answers (trailing ';' in the source) give no example"
+        )
+    if mc_missing:
+        deviations.append(
+            f"{len(mc_missing)} TruthfulQA eval questions have no MC1/MC2 targets: {mc_missing[:3]}"
+        )
+    return SourceReport(
+        summary=f"honest  : TruthfulQA {len(tqa_train)} training questions -> {len(examples):,} examples (one per "
+        f"correct answer, {empty_answers} empty answers skipped); {len(tqa_eval)} eval questions, MC1/MC2 targets "
+        f"matched for {len(tqa_eval) - len(mc_missing)} ({len(mc_missing)} missing)",
+        deviations=deviations,
+        paper_eval=f"the paper's {len(tqa_eval)} TruthfulQA questions",
+        paper_n=len(tqa_eval),
+        first_eval=(
+            "honest: first eval item (prompt + best answer)",
+            format_prompt(items[0]["question"]),
+            items[0]["best_answer"],
+        ),
+    )
+
+
 HONEST = Dimension(
     name="honest",
     judged=(
@@ -114,4 +145,5 @@ HONEST = Dimension(
     train_pool=train_pool,
     eval_pool=eval_pool,
     load_judge=load_judge,
+    source_report=source_report,
 )
