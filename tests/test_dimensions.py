@@ -69,6 +69,7 @@ def test_an_unknown_dimension_and_a_bad_definition_are_refused_with_the_fix():
         eval_pool=lambda profile: [],
         load_judge=lambda profile: None,
         source_report=lambda profile: None,
+        reference_responses=lambda profile, n: [],
     )
     with pytest.raises(H3FusionError, match="likelihood headline 'missing' is not one of"):
         register(bad)

@@ -27,33 +27,12 @@ class ScoringItems:
     """MCQuestions (TruthfulQA's; empty when no dimension of the profile has any)."""
 
 
-def _heldout_harmless(profile: Profile, n: int) -> list[Any]:
-    """Safe BeaverTails responses of the training pool that the profile's training sample left out."""
-    from h3fusion.data import load_train_examples
-    from h3fusion.data.splits import harmless_train_all
-
-    used = {(e.instruction, e.input, e.output) for e in load_train_examples(profile, "harmless")}
-    pool, _ = harmless_train_all(profile)
-    return [e for e in pool if (e.instruction, e.input, e.output) not in used][:n]
-
-
 def heldout_responses(profile: Profile, task: str, n: int) -> list[Any]:
-    """n held-out (prompt, reference answer) pairs of one task, as TrainExamples (see the module docstring)."""
-    from h3fusion.data import TrainExample, load_eval_items
+    """n held-out (prompt, reference answer) pairs of one task, as TrainExamples (its dimension's
+    `reference_responses`)."""
+    from h3fusion.dimensions import get_dimension
 
-    if task == "harmless":
-        out = _heldout_harmless(profile, n)
-    else:
-        items = load_eval_items(profile, task)[:n]
-        if task == "helpful":
-            out = [
-                TrainExample(
-                    task, it["instruction"], it.get("input", "") or "", it.get("reference") or it["output"]
-                )
-                for it in items
-            ]
-        else:
-            out = [TrainExample(task, it["question"], "", it["best_answer"]) for it in items]
+    out = get_dimension(task).reference_responses(profile, n)
     if not out:
         raise AblationError(
             f"no held-out {task} responses to score: the profile's data leaves none out; lower "

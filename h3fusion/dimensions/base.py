@@ -67,6 +67,9 @@ class Dimension:
     """`load_judge(profile)`: the judge the profile chooses for this dimension (`evaluation.judges`)."""
     source_report: Callable[[Any], SourceReport]
     """`source_report(profile)`: what `h3fusion data` prints about the source (`data.report`)."""
+    reference_responses: Callable[[Any, int], list[Any]]
+    """`reference_responses(profile, n)`: n held-out (prompt, reference answer) `TrainExample`s whose NLL the
+    ablations score."""
 
     @property
     def headline(self) -> Metric:

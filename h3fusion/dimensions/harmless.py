@@ -169,6 +169,17 @@ def source_report(profile: Profile) -> SourceReport:
     )
 
 
+def reference_responses(profile: Profile, n: int) -> list[Any]:
+    """n safe BeaverTails responses of the training pool that the profile's training sample left out (the
+    ablations' held-out NLL; the evaluation prompts have no single reference answer)."""
+    from h3fusion.data import load_train_examples
+    from h3fusion.data.splits import harmless_train_all
+
+    used = {(e.instruction, e.input, e.output) for e in load_train_examples(profile, "harmless")}
+    pool, _ = harmless_train_all(profile)
+    return [e for e in pool if (e.instruction, e.input, e.output) not in used][:n]
+
+
 HARMLESS = Dimension(
     name="harmless",
     judged=(Metric("harmful_rate", "Harmful % ↓", higher_is_better=False),),
@@ -188,4 +199,5 @@ HARMLESS = Dimension(
     eval_pool=eval_pool,
     load_judge=load_judge,
     source_report=source_report,
+    reference_responses=reference_responses,
 )

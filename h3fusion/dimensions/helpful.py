@@ -133,6 +133,18 @@ def source_report(profile: Profile) -> SourceReport:
     )
 
 
+def reference_responses(profile: Profile, n: int) -> list[Any]:
+    """The first n evaluation instructions with their reference answers (the ablations' held-out NLL)."""
+    from h3fusion.data import TrainExample, load_eval_items
+
+    return [
+        TrainExample(
+            "helpful", it["instruction"], it.get("input", "") or "", it.get("reference") or it["output"]
+        )
+        for it in load_eval_items(profile, "helpful")[:n]
+    ]
+
+
 HELPFUL = Dimension(
     name="helpful",
     judged=(Metric("win_rate", "Helpful: win % ↑"),),
@@ -149,4 +161,5 @@ HELPFUL = Dimension(
     eval_pool=eval_pool,
     load_judge=load_judge,
     source_report=source_report,
+    reference_responses=reference_responses,
 )

@@ -126,6 +126,16 @@ def source_report(profile: Profile) -> SourceReport:
     )
 
 
+def reference_responses(profile: Profile, n: int) -> list[Any]:
+    """The first n evaluation questions with their best answers (the ablations' held-out NLL)."""
+    from h3fusion.data import TrainExample, load_eval_items
+
+    return [
+        TrainExample("honest", it["question"], "", it["best_answer"])
+        for it in load_eval_items(profile, "honest")[:n]
+    ]
+
+
 HONEST = Dimension(
     name="honest",
     judged=(
@@ -146,4 +156,5 @@ HONEST = Dimension(
     eval_pool=eval_pool,
     load_judge=load_judge,
     source_report=source_report,
+    reference_responses=reference_responses,
 )
