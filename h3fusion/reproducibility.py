@@ -164,7 +164,7 @@ def settings_comparison(profile: Profile, paper: Profile) -> pd.DataFrame:
         return {
             "base model": p.model.base,
             "training examples per expert": ", ".join(f"{t} {d.train_examples[t]}" for t in p.tasks),
-            "examples an expert sees (helpful)": _examples_seen(e.train, d.train_examples["helpful"]),
+            f"examples an expert sees ({p.tasks[0]})": _examples_seen(e.train, d.train_examples[p.tasks[0]]),
             "max sequence length (tokens)": str(d.max_length),
             "expert LoRA r / alpha / dropout": f"{e.lora.r} / {e.lora.alpha:g} / {e.lora.dropout:g}",
             "expert learning rate": f"{e.train.lr:g}",
