@@ -153,6 +153,8 @@ def settings_comparison(profile: Profile, paper: Profile) -> pd.DataFrame:
     """The settings that shape the results, side by side with the paper profile's (which follows the paper),
     read from the two profiles, with a mark where they differ."""
 
+    first = profile.tasks[0]  # one expert's budget, the same dimension's in both profiles
+
     def rows(p: Profile) -> dict[str, str]:
         e, f, ev, d = p.experts, p.fusion, p.evaluation, p.data
         caps = {t: ev.generation_for(t).max_new_tokens for t in p.tasks}
@@ -164,7 +166,7 @@ def settings_comparison(profile: Profile, paper: Profile) -> pd.DataFrame:
         return {
             "base model": p.model.base,
             "training examples per expert": ", ".join(f"{t} {d.train_examples[t]}" for t in p.tasks),
-            f"examples an expert sees ({p.tasks[0]})": _examples_seen(e.train, d.train_examples[p.tasks[0]]),
+            f"examples an expert sees ({first})": _examples_seen(e.train, d.train_examples[first]),
             "max sequence length (tokens)": str(d.max_length),
             "expert LoRA r / alpha / dropout": f"{e.lora.r} / {e.lora.alpha:g} / {e.lora.dropout:g}",
             "expert learning rate": f"{e.train.lr:g}",
