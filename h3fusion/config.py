@@ -29,7 +29,6 @@ from h3fusion.config_sections import (
     LikelihoodConfig,
     LoraConfig,
     ModelConfig,
-    PerTask,
     ReleasedCodeSwitches,
     Section,
     TinyModelConfig,
@@ -81,6 +80,12 @@ class Profile(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
+        for key in ("train_examples", "eval_examples"):
+            missing = [t for t in self.tasks if t not in getattr(self.data, key)]
+            if missing:
+                raise ValueError(
+                    f"`data.{key}` has no entry for {missing} (a task of this profile); add one number per task"
+                )
         n = len(self.tasks)
         if self.fusion.top_k > n:
             raise ValueError(
@@ -255,7 +260,6 @@ __all__ = [
     "PACKAGE_ROOT",
     "PROFILES_DIR",
     "PROJECT_ROOT",
-    "PerTask",
     "Profile",
     "ReleasedCodeSwitches",
     "Section",

@@ -27,26 +27,16 @@ def check_task_names(names: list[str] | dict[str, Any], key: str) -> None:
         raise ValueError(f"unknown task name(s) {unknown} in `{key}`; allowed: {list(TASKS)}")
 
 
-class PerTask(Section):
-    """One number per task (examples, eval items, ...)."""
-
-    helpful: int = Field(ge=0)
-    harmless: int = Field(ge=0)
-    honest: int = Field(ge=0)
-
-    def __getitem__(self, task: str) -> int:
-        return getattr(self, task)
-
-
 class DataConfig(Section):
     source: Literal["local", "hub"] = "local"
     """`local`: a folder laid out as data/README.md says (plain or xz files); `hub`: the Hugging Face hub."""
     dir: str | None = None
     """Local data folder; default: $H3FUSION_DATA_DIR, else the copies shipped in data/offline/."""
     max_length: int = Field(gt=8)
-    train_examples: PerTask
-    """Training examples per task for both stages (capped by what the split holds)."""
-    eval_examples: PerTask
+    train_examples: dict[str, int]
+    """Training examples per dimension for both stages (capped by what the split holds); one entry per task of
+    the profile at least."""
+    eval_examples: dict[str, int]
     """Evaluation items per dimension (the paper: 50 AlpacaEval, all BeaverTails test, 409 TruthfulQA)."""
     eval_sample: Literal["stratified", "first"] = "stratified"
     """How evaluation items are drawn: a seeded sample stratified by each source's strata, or the first N of the
@@ -54,6 +44,17 @@ class DataConfig(Section):
     beavertails_eval_fraction: float = Field(0.5, gt=0, lt=1)
     """Share of BeaverTails prompts kept for evaluation when only 30k_test exists (split by prompt); the
     rest ("non_eval") trains the harmless expert (safe rows) and the harmlessness judge (all rows)."""
+
+    @field_validator("train_examples", "eval_examples")
+    @classmethod
+    def _per_dimension(cls, v: dict[str, int], info: Any) -> dict[str, int]:
+        key = f"data.{info.field_name}"
+        check_task_names(v, key)
+        negative = {t: n for t, n in v.items() if n < 0}
+        if negative:
+            raise ValueError(f"negative count(s) {negative} in `{key}`; use numbers >= 0")
+        return v
+
 
 
 class TinyModelConfig(Section):

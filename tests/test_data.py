@@ -51,8 +51,8 @@ def _with(profile: Profile, **data: object) -> Profile:
 
 
 def _uncapped(profile: Profile) -> Profile:
-    sizes = profile.data.train_examples.model_copy(update=dict.fromkeys(profile.tasks, ALL))
-    evals = profile.data.eval_examples.model_copy(update=dict.fromkeys(profile.tasks, ALL))
+    sizes = {**profile.data.train_examples, **dict.fromkeys(profile.tasks, ALL)}
+    evals = {**profile.data.eval_examples, **dict.fromkeys(profile.tasks, ALL)}
     return _with(profile, train_examples=sizes, eval_examples=evals)
 
 
@@ -88,7 +88,7 @@ def test_alpaca_eval_805_with_reference_and_first_n(smoke_profile):
     by_id = {i["id"]: i for i in items}
     assert [by_id[f"alpaca_eval-{k}"]["reference"] for k in range(805)] == [r["output"] for r in raw]
     first = load_eval_items(smoke_profile, "helpful")
-    assert first == items[: smoke_profile.data.eval_examples.helpful]
+    assert first == items[: smoke_profile.data.eval_examples["helpful"]]
 
 
 def test_alpaca_train_skips_empty_outputs(smoke_profile):
@@ -144,7 +144,7 @@ def test_beavertails_30k_train_used_when_present(smoke_profile, tmp_path):
 def test_train_cap_is_seeded_subset(smoke_profile):
     full = splits.helpful_train_all(smoke_profile)[0]
     a = load_train_examples(smoke_profile, "helpful")
-    assert len(a) == smoke_profile.data.train_examples.helpful
+    assert len(a) == smoke_profile.data.train_examples["helpful"]
     assert a == load_train_examples(smoke_profile, "helpful")
     index = {e: i for i, e in enumerate(full)}
     positions = [index[e] for e in a]
@@ -262,7 +262,7 @@ def test_released_code_label_bug_reproduced_behind_switch(smoke_profile, tokeniz
 
 def test_task_dataset_and_collator(smoke_profile, tokenizer):
     ds = build_task_dataset(smoke_profile, tokenizer, "harmless")
-    assert len(ds) == smoke_profile.data.train_examples.harmless
+    assert len(ds) == smoke_profile.data.train_examples["harmless"]
     assert {item["task_label"] for item in ds} == {smoke_profile.tasks.index("harmless")}
     features = [ds[i] for i in range(4)]
     batch = PadCollator(tokenizer.pad_token_id)(features)

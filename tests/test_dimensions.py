@@ -113,3 +113,17 @@ def test_the_smoke_pipeline_runs_on_two_of_the_dimensions(tmp_path):
         assert set(m["scores"]) == set(m["likelihood"]) == {"helpful", "honest"}
     long = evidence.estimates(evidence.item_scores(profile, {name: name for name in metrics}))
     assert set(long["column"]) == {evidence.COLUMNS[k] for k in evidence.COLUMNS if k[0] in profile.tasks}
+
+
+def test_the_data_counts_are_per_dimension_and_cover_every_task():
+    import yaml
+
+    from h3fusion.config import PROFILES_DIR, ConfigError, profile_from_dict
+
+    raw = yaml.safe_load((PROFILES_DIR / "smoke.yaml").read_text())
+    two = {**raw, "tasks": ["helpful", "honest"], "ablations": {**raw.get("ablations", {}), "top_ks": [1, 2]}}
+    two["data"] = {**raw["data"], "train_examples": {"helpful": 8, "honest": 8}, "eval_examples": {"helpful": 4, "honest": 4}}
+    assert profile_from_dict(two).data.train_examples == {"helpful": 8, "honest": 8}  # no entry for a dimension not used
+    del two["data"]["eval_examples"]["honest"]
+    with pytest.raises(ConfigError, match=r"`data.eval_examples` has no entry for \['honest'\]"):
+        profile_from_dict(two)

@@ -308,7 +308,7 @@ def config_hash(profile: Profile) -> str:
         "v": JUDGE_CODE_VERSION,
         "params": GBT_PARAMS,
         "seed": profile.seed,
-        "scored": profile.data.eval_examples.helpful,
+        "scored": profile.data.eval_examples["helpful"],
         "eval_sample": profile.data.eval_sample,
         "val": profile.judges.helpful_validation_instructions,
         "data": str(profile.data_dir),
