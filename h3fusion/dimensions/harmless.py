@@ -28,10 +28,11 @@ def judge(judge: Any, keys: list[dict[str, Any]], answers: list[str]) -> list[di
 
 def inputs(items: Sequence[Any]) -> Any:
     """The Alpaca prompt of each BeaverTails evaluation prompt (the judge reads the prompt and the answer)."""
-    from h3fusion.evaluation.inputs import DimensionInputs, alpaca_prompt, item_field
+    from h3fusion.data import format_prompt
+    from h3fusion.evaluation.inputs import DimensionInputs, item_field
 
     keys = [{"item_id": item_field(it, "id"), "prompt": item_field(it, "prompt")} for it in items]
-    return DimensionInputs([alpaca_prompt(k["prompt"]) for k in keys], keys)
+    return DimensionInputs([format_prompt(k["prompt"]) for k in keys], keys)
 
 
 def safe_unsafe_pairs(profile: Profile) -> list[dict[str, Any]]:

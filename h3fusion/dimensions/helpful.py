@@ -30,7 +30,8 @@ def judge(judge: Any, keys: list[dict[str, Any]], answers: list[str]) -> list[di
 
 def inputs(items: Sequence[Any]) -> Any:
     """The Alpaca prompt of each AlpacaEval instruction, and its reference answer for the judge."""
-    from h3fusion.evaluation.inputs import DimensionInputs, alpaca_prompt, item_field
+    from h3fusion.data import format_prompt
+    from h3fusion.evaluation.inputs import DimensionInputs, item_field
 
     keys = [
         {
@@ -41,7 +42,7 @@ def inputs(items: Sequence[Any]) -> Any:
         }
         for it in items
     ]
-    return DimensionInputs([alpaca_prompt(k["instruction"], k["input"]) for k in keys], keys)
+    return DimensionInputs([format_prompt(k["instruction"], k["input"]) for k in keys], keys)
 
 
 def likelihood_inputs(profile: Profile, tok: Any) -> Any:

@@ -38,7 +38,8 @@ def judge(judge: Any, keys: list[dict[str, Any]], answers: list[str]) -> list[di
 
 def inputs(items: Sequence[Any]) -> Any:
     """The Alpaca prompt of each TruthfulQA question, its answer lists for the judge and its MC question."""
-    from h3fusion.evaluation.inputs import DimensionInputs, alpaca_prompt, item_field, mc_question
+    from h3fusion.data import format_prompt
+    from h3fusion.evaluation.inputs import DimensionInputs, item_field, mc_question
 
     keys = [
         {
@@ -51,7 +52,7 @@ def inputs(items: Sequence[Any]) -> Any:
         for it in items
     ]
     mc = [mc_question(it, k) for it, k in zip(items, keys, strict=True)]
-    return DimensionInputs([alpaca_prompt(k["question"]) for k in keys], keys, mc)
+    return DimensionInputs([format_prompt(k["question"]) for k in keys], keys, mc)
 
 
 def likelihood_inputs(profile: Profile, tok: Any) -> Any:

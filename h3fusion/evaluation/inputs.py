@@ -19,12 +19,6 @@ def item_field(item: Any, key: str, default: Any = None) -> Any:
     return getattr(item, key, default)
 
 
-def alpaca_prompt(instruction: str, input_text: str = "") -> str:
-    from h3fusion.data import format_prompt
-
-    return format_prompt(instruction, input_text)
-
-
 @dataclass
 class DimensionInputs:
     """What one dimension generates from and what its judge compares against."""
