@@ -27,7 +27,7 @@ from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, digest,
 from h3fusion.baselines.answers import cached_dimensions, expert_identities
 from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
-from h3fusion.baselines.shared import SharedExperts, device
+from h3fusion.baselines.shared import SharedExperts
 from h3fusion.config import Profile, shown_path
 from h3fusion.errors import ArtifactError
 
@@ -293,7 +293,7 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from h3fusion.evaluation.lm import HFLanguageModel
+    from h3fusion.evaluation.registry import wrap_model
     from h3fusion.models import prepare_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -302,7 +302,7 @@ def _load_merged(profile: Profile, folder: Path) -> LanguageModel:
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return HFLanguageModel(model.to(device()).eval(), tok)
+    return wrap_model(model, tok)
 
 
 def model_entries(profile: Profile) -> dict[str, ModelEntry]:

@@ -17,23 +17,17 @@ if TYPE_CHECKING:
     from h3fusion.baselines.ensembles import AdapterBank, TokenEnsemble, Weighting
 
 
-def device() -> str:
-    """Where the baselines run: the GPU when there is one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]:
     """The base model loaded once with every expert's adapter (named after its task)."""
     from h3fusion.baselines.ensembles import AdapterBank
+    from h3fusion.evaluation.registry import inference_device
     from h3fusion.experts import check_experts_fit, expert_dir
     from h3fusion.models import load_base
 
     expert_identities(profile)
     check_experts_fit(profile, profile.tasks)
     model, tok = load_base(profile)
-    bank = AdapterBank(model.to(device()), {t: expert_dir(profile, t) for t in profile.tasks})
+    bank = AdapterBank(model.to(inference_device()), {t: expert_dir(profile, t) for t in profile.tasks})
     return bank, tok
 
 

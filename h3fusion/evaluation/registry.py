@@ -79,20 +79,22 @@ def manifest_identity(folder: Path, what: str, fix: str) -> str:
     return artifact_identity(manifest)
 
 
-def _device() -> str:
+def inference_device() -> str:
+    """Where models are evaluated: the GPU when there is one."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HFLanguageModel:
-    return HFLanguageModel(model.to(_device()).eval(), tokenizer)
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HFLanguageModel:
+    """A Hugging Face model on `inference_device`, in eval mode, as a `LanguageModel`."""
+    return HFLanguageModel(model.to(inference_device()).eval(), tokenizer)
 
 
 def _load_base_lm(profile: Profile) -> HFLanguageModel:
     from h3fusion.models import load_base
 
-    return _wrap(*load_base(profile))
+    return wrap_model(*load_base(profile))
 
 
 def _expert_identity(profile: Profile, task: str) -> str:
@@ -120,7 +122,7 @@ def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load the {task} expert adapter from {folder}: {err}") from err
-    return _wrap(merged, tok)
+    return wrap_model(merged, tok)
 
 
 def _load_folder_lm(profile: Profile, folder: Path, what: str, fix: str) -> HFLanguageModel:
@@ -142,7 +144,7 @@ def _load_folder_lm(profile: Profile, folder: Path, what: str, fix: str) -> HFLa
     )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return _wrap(model, tok)
+    return wrap_model(model, tok)
 
 
 def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
