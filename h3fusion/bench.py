@@ -101,7 +101,7 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
             target_modules=list(lora.target_modules),
         ),
     )
-    adapters = random_adapters(base.config, len(profile.tasks), lora.r, device="cpu")
+    adapters = random_adapters(base.config, profile.num_experts, lora.r, device="cpu")
     moe = fuse_random(copy.deepcopy(base), profile, "delta", adapters)
     prepare_for_training(moe, profile)
     dense.train()
@@ -143,7 +143,7 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
 def bench_generation(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
     """Batched greedy decoding (the evaluation's batch size and new tokens) of fused vs dense models."""
     gen_cfg = profile.evaluation.generation
-    adapters = random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
+    adapters = random_adapters(base.config, profile.num_experts, profile.experts.lora.r, device="cpu")
     models = {"dense": base}
     for storage in ("delta", "materialised"):
         models[storage] = fuse_random(copy.deepcopy(base), profile, storage, adapters).eval()

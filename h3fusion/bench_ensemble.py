@@ -153,7 +153,7 @@ def bench_ensemble(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict[s
     what one row costs; where it is bound by arithmetic (the 2-core CPU this was measured on, even at batch 1),
     up to n times.
     """
-    n = len(profile.tasks)
+    n = profile.num_experts
     cfg = profile.evaluation.generation.model_copy(update={"temperature": 0.0})
     prompts = _prompts(cfg.batch_size, profile.seed)
     with tempfile.TemporaryDirectory() as tmp:

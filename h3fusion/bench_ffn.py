@@ -47,7 +47,7 @@ def _ffn_pair(
     from h3fusion.moe.low_rank import projection_shapes
 
     gen = torch.Generator().manual_seed(seed)
-    num, r = len(profile.tasks), profile.experts.lora.r
+    num, r = profile.num_experts, profile.experts.lora.r
     shapes = projection_shapes(hidden, ffn)
     base = {p: torch.randn(shape, generator=gen) / math.sqrt(shape[1]) for p, shape in shapes.items()}
     deltas = [torch.randn(num, r, shapes[p][1], generator=gen) / math.sqrt(shapes[p][1]) for p in shapes] + [
@@ -191,7 +191,7 @@ def bench_params(profile: Profile, configs: dict[str, Any]) -> list[dict[str, An
         with torch.device("meta"):
             dense = AutoModelForCausalLM.from_config(config)
         dense_bytes = _param_bytes(dense)
-        adapters = random_adapters(config, len(profile.tasks), profile.experts.lora.r)
+        adapters = random_adapters(config, profile.num_experts, profile.experts.lora.r)
         for storage in ("delta", "materialised"):
             with torch.device("meta"):
                 fused = fuse_random(copy.deepcopy(dense), profile, storage, adapters)

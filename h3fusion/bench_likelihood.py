@@ -115,7 +115,7 @@ def bench_likelihood(profile: Any, plan: Any, base: Any, tokenizer: Any) -> dict
 
     prompts, conts = synthetic_mc_workload(plan.lik_questions, profile.seed)
     tokens = scored_tokens(tokenizer, prompts, conts)
-    adapters = random_adapters(base.config, len(profile.tasks), profile.experts.lora.r, device="cpu")
+    adapters = random_adapters(base.config, profile.num_experts, profile.experts.lora.r, device="cpu")
     models = {"dense": base, "moe": fuse_random(copy.deepcopy(base), profile, "delta", adapters).eval()}
     out: dict[str, Any] = {"questions": plan.lik_questions, "pairs": len(prompts), "tokens": tokens}
     for name, model in models.items():

@@ -76,7 +76,7 @@ def _offline_data(args: argparse.Namespace) -> None:
 
 
 def cmd_align(args: argparse.Namespace) -> None:
-    _call("experts", "align")(_profile(args), args.task)
+    _call("experts", "align")(_profile(args), args.expert)
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
@@ -147,8 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     shipped.add_argument(
         "--from", dest="from_dir", metavar="DIR", help="refresh data/offline/ from a plain folder of the same layout"
     )
-    p = add("align", cmd_align, "stage 1: LoRA-align one expert per task")
-    p.add_argument("--task", "-t", choices=TASK_CHOICES, default="all")
+    p = add("align", cmd_align, "stage 1: LoRA-align the profile's experts (by default one per task)")
+    p.add_argument(
+        "--expert",
+        "-e",
+        "--task",
+        "-t",
+        dest="expert",
+        default="all",
+        help="an expert's name (the default experts are named after their task: helpful, harmless, honest) or all",
+    )
     p = add("fuse", cmd_fuse, "upcycle the experts into an MoE and run fusion training (stage 2)")
     p.add_argument("--raw-only", action="store_true", help="only build the raw (untrained) MoE")
     p = add("evaluate", cmd_evaluate, "evaluate one model on the helpful, harmless and honest dimensions")

@@ -23,6 +23,7 @@ from h3fusion.config_sections import (
     DataConfig,
     EvaluationConfig,
     ExpertsConfig,
+    ExpertSpec,
     FusionConfig,
     GenerationConfig,
     JudgesConfig,
@@ -86,24 +87,85 @@ class Profile(Section):
                 raise ValueError(
                     f"`data.{key}` has no entry for {missing} (a task of this profile); add one number per task"
                 )
-        n = len(self.tasks)
+        self._check_experts()
+        n = self.num_experts
         if self.fusion.top_k > n:
             raise ValueError(
-                f"`fusion.top_k` = {self.fusion.top_k} is larger than the number of experts ({n}, one per task "
-                f"in `tasks`); use a top_k between 1 and {n}"
+                f"`fusion.top_k` = {self.fusion.top_k} is larger than the number of experts ({n}); use a top_k "
+                f"between 1 and {n}"
             )
         top_ks = self.ablations.top_ks or ()
         outside = [k for k in top_ks if not 1 <= k <= n]
         if outside:
             raise ValueError(
-                f"`ablations.top_ks` = {list(top_ks)} has k = {outside} outside 1..{n} (the number of experts, one "
-                f"per task in `tasks`); use values between 1 and {n}, or null for all of them"
+                f"`ablations.top_ks` = {list(top_ks)} has k = {outside} outside 1..{n} (the number of experts); "
+                f"use values between 1 and {n}, or null for all of them"
             )
         return self
 
+    def _check_experts(self) -> None:
+        specs = self.expert_specs
+        outside = [e.name for e in specs if e.dimension not in self.tasks]
+        if outside:
+            raise ValueError(
+                f"`experts.members` {outside} are aligned on a dimension that is not in `tasks` {list(self.tasks)}; "
+                "add the dimension to `tasks` or remove the expert"
+            )
+        expertless = [t for t in self.tasks if t not in self.expert_dimensions]
+        if expertless:
+            raise ValueError(
+                f"the task(s) {expertless} have no expert in `experts.members`, so the gating loss could route their "
+                "examples nowhere; add an expert for each task"
+            )
+        recipes = [(e.dimension, self.expert_seed(e.name), e.train_examples) for e in specs]
+        twins = [e.name for e, r in zip(specs, recipes, strict=True) if recipes.count(r) > 1]
+        if twins:
+            raise ValueError(
+                f"`experts.members` {twins} have the same dimension, seed and training examples, so they would be "
+                "the same expert twice; give each a different `seed`"
+            )
+        # a dimension's name is accepted without its expert (a profile with fewer tasks keeps the shared gammas)
+        unknown = [k for k in self.fusion.drift_gammas if k not in self.expert_names and k not in TASKS]
+        if unknown:
+            raise ValueError(
+                f"`fusion.drift_gammas` names {unknown}, which are no experts of this profile; its experts are "
+                f"{self.expert_names}"
+            )
+
+    @property
+    def expert_specs(self) -> tuple[ExpertSpec, ...]:
+        """The experts in the MoE's order: `experts.members`, or one per task named after it."""
+        if self.experts.members is not None:
+            return self.experts.members
+        return tuple(ExpertSpec(name=t, dimension=t) for t in self.tasks)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.expert_specs]
+
+    @property
+    def expert_dimensions(self) -> list[str]:
+        """The dimension of each expert, in expert order (what a routed token's expert is correct for)."""
+        return [e.dimension for e in self.expert_specs]
+
     @property
     def num_experts(self) -> int:
-        return len(self.tasks)
+        return len(self.expert_specs)
+
+    def expert_spec(self, name: str) -> ExpertSpec:
+        for spec in self.expert_specs:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"{name!r} is not an expert of profile {self.name!r}; its experts are {self.expert_names}")
+
+    def expert_seed(self, name: str) -> int:
+        seed = self.expert_spec(name).seed
+        return self.seed if seed is None else seed
+
+    @property
+    def default_experts(self) -> bool:
+        """One expert per task, named after it (the paper's layout)."""
+        return self.expert_names == list(self.tasks) and self.expert_dimensions == list(self.tasks)
 
     @property
     def run_dir(self) -> Path:
@@ -120,6 +182,10 @@ class Profile(Section):
         from h3fusion.artifacts import digest  # artifacts imports config
 
         dump = self.model_dump(mode="json")
+        for field, section in self:
+            for key in getattr(section, "HASHED_WHEN_SET", ()):
+                if dump[field][key] is None:
+                    del dump[field][key]
         payload = {}
         for key in keys:
             node = dump
@@ -250,6 +316,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvaluationConfig",
+    "ExpertSpec",
     "ExpertsConfig",
     "FusionConfig",
     "GenerationConfig",

@@ -12,13 +12,17 @@ from h3fusion.dimensions import DIMENSIONS
 
 TASKS: tuple[str, ...] = tuple(DIMENSIONS)
 """The registered alignment dimensions (`h3fusion.dimensions`), in the book's order; a profile's tasks are some of
-them, and a task's position in `tasks` is its expert index."""
+them, and (with the default experts, one per task) a task's position in `tasks` is its expert index."""
 
 
 class Section(BaseModel):
     """Base of every config section: frozen, unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    HASHED_WHEN_SET: ClassVar[tuple[str, ...]] = ()
+    """Keys added after artifacts existed: they enter the artifacts' hashes only when not None, so that artifacts
+    built before the key existed stay valid."""
 
 
 def check_task_names(names: list[str] | dict[str, Any], key: str) -> None:
@@ -108,9 +112,48 @@ class TrainConfig(Section):
         return self
 
 
+class ExpertSpec(Section):
+    """One expert of the mixture: a LoRA adapter aligned on one dimension's training data."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    """The expert's name: its folder (runs/<profile>/experts/<name>), its model name in the evaluation tables and
+    its key in `fusion.drift_gammas`."""
+    dimension: str
+    """The dimension (one of the profile's `tasks`) whose training data it is aligned on and whose prompts the
+    gating loss routes to it."""
+    seed: int | None = None
+    """Seed of its training sample, LoRA initialisation and data order (None: the profile's seed). Two experts on
+    one dimension need different seeds, or they are the same expert twice."""
+    train_examples: int | None = Field(None, gt=0)
+    """Training examples (None: `data.train_examples` of its dimension)."""
+
+    @field_validator("dimension")
+    @classmethod
+    def _dimension(cls, v: str) -> str:
+        check_task_names([v], "experts.members.dimension")
+        return v
+
+
 class ExpertsConfig(Section):
     lora: LoraConfig
+    """The experts' LoRA (one rank and scale for all: the MoE stacks their factors)."""
     train: TrainConfig
+    members: tuple[ExpertSpec, ...] | None = None
+    """The experts, in the MoE's expert order. None: one expert per task of the profile, named after it (the
+    paper's three)."""
+
+    HASHED_WHEN_SET: ClassVar[tuple[str, ...]] = ("members",)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, v: tuple[ExpertSpec, ...] | None) -> tuple[ExpertSpec, ...] | None:
+        if v is None:
+            return v
+        names = [e.name for e in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"`experts.members` repeats the name(s) {repeated}; give every expert its own name")
+        return v
 
 
 class ReleasedCodeSwitches(Section):
@@ -174,7 +217,7 @@ class FusionConfig(Section):
     router_lr: float | None = Field(None, gt=0)
     """Learning rate of the routers' own optimiser group (None: `train.lr`, one group as in the paper)."""
     drift_gammas: dict[str, float]
-    """gamma_i per task (expert), the weight of expert i's drift penalty."""
+    """gamma_i per expert (by name; missing: 0), the weight of expert i's drift penalty."""
     load_balance_weight: float = Field(0.0, ge=0)
     lora: LoraConfig
     """LoRA on the experts during fusion training (trained with the router)."""
@@ -195,20 +238,20 @@ class FusionConfig(Section):
     @field_validator("drift_gammas")
     @classmethod
     def _gammas(cls, v: dict[str, float]) -> dict[str, float]:
-        check_task_names(v, "fusion.drift_gammas")
         negative = {k: g for k, g in v.items() if g < 0}
         if negative:
             raise ValueError(f"negative loss weight(s) {negative} in `fusion.drift_gammas`; use values >= 0")
         return v
 
-    def gamma(self, task: str) -> float:
-        return self.drift_gammas.get(task, 0.0)
+    def gamma(self, expert: str) -> float:
+        return self.drift_gammas.get(expert, 0.0)
 
     @property
     def variant(self) -> str:
         """Name of the trained model's folder, after lambda, gamma and k (and the released code's switches that
         are on, e.g. ``_rc-lab-gl-att``)."""
-        gammas = "-".join(f"{self.gamma(t):g}" for t in TASKS)
+        extra = sorted(e for e in self.drift_gammas if e not in TASKS)  # experts not named after a dimension
+        gammas = "-".join(f"{self.gamma(t):g}" for t in (*TASKS, *extra))
         return f"lam{self.gate_weight:g}_gam{gammas}_k{self.top_k}{self.released_code_suffix()}"
 
     def released_code_suffix(self, names: tuple[str, ...] | None = None) -> str:

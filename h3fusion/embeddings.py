@@ -37,7 +37,7 @@ def embedding_models(profile: Profile) -> tuple[list[str], list[str]]:
     """(models to embed, expected ones that do not exist yet): base, experts, raw MoE, H3Fusion-MoE, no gate."""
     from h3fusion.evaluation.registry import known_models
 
-    wanted = ["base", *profile.tasks, RAW_MOE, fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)]
+    wanted = ["base", *profile.expert_names, RAW_MOE, fused_variant(profile), fused_variant(profile, NO_GATE_WEIGHT)]
     wanted = list(dict.fromkeys(wanted))
     entries, present, missing = known_models(profile), [], []
     for name in wanted:

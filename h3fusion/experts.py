@@ -1,10 +1,11 @@
-"""Stage 1: LoRA-align one expert per task (peft + the transformers Trainer).
+"""Stage 1: LoRA-align the profile's experts (peft + the transformers Trainer).
 
-Each expert is the base model with LoRA on the FFN projections only (`experts.lora.target_modules`), trained
-on its task's examples with the loss on response tokens. Artifacts: ``runs/<profile>/experts/<task>/`` holds
-the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash), written atomically; a
+An expert (`Profile.expert_specs`: by default one per task, named after it) is the base model with LoRA on the
+FFN projections only (`experts.lora.target_modules`), trained on its dimension's examples (its own seeded sample,
+`data.load_expert_examples`) with the loss on response tokens. Artifacts: ``runs/<profile>/experts/<name>/``
+holds the peft adapter folder and ``manifest.json`` (loss log, final loss, config hash), written atomically; a
 complete expert with the same config hash is skipped. Trainer checkpoints go to a working folder
-``experts/.work-<task>/``, so a killed run resumes from its last complete checkpoint when re-run.
+``experts/.work-<name>/``, so a killed run resumes from its last complete checkpoint when re-run.
 
 `load_expert_adapter_weights` reads the trained deltas with `h3fusion.moe.load_adapter` (through `h3fusion.lora_files`) (A, B and alpha/r per
 layer and projection), not through peft module paths.
@@ -44,28 +45,28 @@ HASHED_SECTIONS = (*TRAINING_DATA_KEYS, "model", "experts", "seed", "tasks")
 # ---------------------------------------------------------------------------------------------- paths
 
 
-def expert_dir(profile: Profile, task: str) -> Path:
+def expert_dir(profile: Profile, expert: str) -> Path:
     """The finished expert: peft adapter folder + manifest.json."""
-    return profile.run_dir / "experts" / task
+    return profile.run_dir / "experts" / expert
 
 
-def work_dir(profile: Profile, task: str) -> Path:
+def work_dir(profile: Profile, expert: str) -> Path:
     """Trainer checkpoints of an expert still in training (removed once the expert is complete)."""
-    return profile.run_dir / "experts" / f".work-{task}"
+    return profile.run_dir / "experts" / f".work-{expert}"
 
 
 def expert_hash(profile: Profile) -> str:
     return profile.section_hash(*HASHED_SECTIONS)
 
 
-def _tasks(profile: Profile, task: str) -> list[str]:
-    if task == "all":
-        return list(profile.tasks)
-    if task not in profile.tasks:
+def _experts(profile: Profile, expert: str) -> list[str]:
+    if expert == "all":
+        return profile.expert_names
+    if expert not in profile.expert_names:
         raise ConfigError(
-            f"task {task!r} is not one of this profile's tasks {list(profile.tasks)}; use one of them or 'all'"
+            f"{expert!r} is not one of this profile's experts {profile.expert_names}; use one of them or 'all'"
         )
-    return [task]
+    return [expert]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -127,7 +128,7 @@ class LMCollator:
 
 def _write_expert(
     profile: Profile,
-    task: str,
+    expert: str,
     model: Any,
     tok: PreTrainedTokenizerBase,
     trainer: Trainer,
@@ -135,7 +136,7 @@ def _write_expert(
 ) -> None:
     config_hash = expert_hash(profile)
     losses = loss_log(trainer)
-    with atomic_dir(expert_dir(profile, task)) as tmp:
+    with atomic_dir(expert_dir(profile, expert)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         manifest = make_manifest(
@@ -143,7 +144,8 @@ def _write_expert(
             config_hash,
             info.pop("wall_time_s"),
             stage="experts",
-            task=task,
+            task=expert,
+            dimension=profile.expert_spec(expert).dimension,
             base=profile.model.base,
             lora=profile.experts.lora.model_dump(mode="json"),
             scale=profile.experts.lora.scale,
@@ -155,7 +157,7 @@ def _write_expert(
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
-def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None) -> Path:
+def train_expert(profile: Profile, expert: str, callbacks: list[Any] | None = None) -> Path:
     """Train (or resume) one expert and write its artifact; returns the artifact folder.
 
     `callbacks` are extra `transformers.TrainerCallback`s (progress hooks, early stopping, tests).
@@ -163,22 +165,19 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
     from accelerate import PartialState
     from transformers import Trainer, set_seed
 
-    from h3fusion.data import PadCollator, build_task_dataset
+    from h3fusion.data import PadCollator, build_task_dataset, load_expert_examples
     from h3fusion.models import load_base
 
     config_hash = expert_hash(profile)
-    work = work_dir(profile, task)
+    work = work_dir(profile, expert)
+    seed, dimension = profile.expert_seed(expert), profile.expert_spec(expert).dimension
     with Stopwatch() as sw:
-        set_seed(profile.seed)
+        set_seed(seed)
         base, tok = load_base(profile)
         base.train()
         model = lora_model(profile, base)
-        dataset = build_task_dataset(profile, tok, task)
-        if len(dataset) == 0:
-            raise ConfigError(f"no training examples for task {task!r}; raise `data.train_examples.{task}`")
-        args = training_arguments(
-            profile.experts.train, profile.seed, work
-        )  # also sets up torch.distributed under torchrun
+        dataset = build_task_dataset(profile, tok, dimension, load_expert_examples(profile, expert))
+        args = training_arguments(profile.experts.train, seed, work)  # also sets up torch.distributed under torchrun
         with PartialState().main_process_first():  # one rank cleans the working folder, then the others look
             resume = prepare_work_dir(work, config_hash, ADAPTER_WEIGHTS)
         trainer = Trainer(
@@ -189,7 +188,7 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
             callbacks=callbacks,
         )
         hide_progress(trainer)
-        print(f"[experts] {task}: {len(dataset)} examples" + (f", resuming from {resume}" if resume else ""))
+        print(f"[experts] {expert}: {len(dataset)} examples" + (f", resuming from {resume}" if resume else ""))
         train_loss_mean = train_from(trainer, resume)
     trainable, total = model.get_nb_trainable_parameters()
     info = {
@@ -202,17 +201,18 @@ def train_expert(profile: Profile, task: str, callbacks: list[Any] | None = None
         "world_size": trainer.args.world_size,
     }
     if trainer.is_world_process_zero():
-        _write_expert(profile, task, model, tok, trainer, info)
+        _write_expert(profile, expert, model, tok, trainer, info)
         shutil.rmtree(work, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    return expert_dir(profile, task)
+    return expert_dir(profile, expert)
 
 
-def align(profile: Profile, task: str = "all") -> dict[str, Path]:
-    """Stage 1 for one task or "all": skip experts that are complete with this config, train the others."""
+def align(profile: Profile, expert: str = "all") -> dict[str, Path]:
+    """Stage 1 for one expert (by name) or "all": skip experts that are complete with this config, train the
+    others."""
     config_hash = expert_hash(profile)
     out = {}
-    for t in _tasks(profile, task):
+    for t in _experts(profile, expert):
         folder = expert_dir(profile, t)
         if is_complete(folder, config_hash):
             print(f"[experts] {t}: complete with this config, skipped ({shown_path(folder)})")
@@ -225,30 +225,30 @@ def align(profile: Profile, task: str = "all") -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def require_expert(profile: Profile, task: str, needed_by: str) -> Path:
+def require_expert(profile: Profile, expert: str, needed_by: str) -> Path:
     """The folder of a complete expert trained with this profile's config, else an error naming the command."""
-    folder = expert_dir(profile, task)
+    folder = expert_dir(profile, expert)
     if not is_complete(folder, expert_hash(profile)):
         raise ArtifactError(
-            f"expert {task!r} is missing or was trained with another config ({folder}); {needed_by} needs it: "
-            f"run `h3fusion align --profile {profile.name} --task {task}` (or `--task all`) first"
+            f"expert {expert!r} is missing or was trained with another config ({folder}); {needed_by} needs it: "
+            f"run `h3fusion align --profile {profile.name} --expert {expert}` (or `--expert all`) first"
         )
-    check_weight_files(folder, f"re-run `h3fusion align --profile {profile.name} --task {task}`")
+    check_weight_files(folder, f"re-run `h3fusion align --profile {profile.name} --expert {expert}`")
     return folder
 
 
-def load_expert_adapter_weights(profile: Profile, task: str) -> ExpertAdapter:
+def load_expert_adapter_weights(profile: Profile, expert: str) -> ExpertAdapter:
     """A trained expert's LoRA factors and scale (`h3fusion.moe.load_adapter`), refused when missing or stale."""
     from h3fusion.moe import load_adapter
 
-    return load_adapter(require_expert(profile, task, "reading its adapter"), task)
+    return load_adapter(require_expert(profile, expert, "reading its adapter"), expert)
 
 
-def check_experts_fit(profile: Profile, tasks: Sequence[str]) -> None:
+def check_experts_fit(profile: Profile, experts: Sequence[str]) -> None:
     """`fuse`'s check (`moe.upcycle.check_adapters`: layers and shapes vs the base) for the consumers that load
     experts with peft, which fails with a size mismatch or silently drops the layers the base lacks; run on the
     base's config, before anything heavy."""
     from h3fusion.models import base_config
     from h3fusion.moe.upcycle import check_adapters
 
-    check_adapters(base_config(profile), [load_expert_adapter_weights(profile, t) for t in tasks])
+    check_adapters(base_config(profile), [load_expert_adapter_weights(profile, e) for e in experts])

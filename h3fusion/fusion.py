@@ -111,10 +111,13 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
     from h3fusion.moe.export import check_base_family
 
     check_base_family(base_config(profile))
-    folders = [require_expert(profile, task, "`h3fusion fuse`") for task in profile.tasks]
+    folders = [require_expert(profile, name, "`h3fusion fuse`") for name in profile.expert_names]
     base, tok = load_base(profile)
     f = profile.fusion
-    hidden = [_prompt_batches(profile, tok, t) for t in profile.tasks] if f.router_init == "hidden" else None
+    # the hidden init: each expert's router row is the mean hidden state of its dimension's training prompts
+    hidden = (
+        [_prompt_batches(profile, tok, d) for d in profile.expert_dimensions] if f.router_init == "hidden" else None
+    )
     moe = upcycle(
         base,
         released_code_adapters(folders, f.released_code),
@@ -123,7 +126,7 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
         router_init=f.router_init,
         seed=profile.seed,
         hidden_batches=hidden,
-        expert_names=list(profile.tasks),
+        expert_names=profile.expert_names,
         show_progress=show_progress,
     )
     return moe, tok

@@ -46,6 +46,15 @@ def gate_masks(
     return [masks[name] for name in gate_mask_names(profile)]
 
 
+def expert_groups(profile: Profile) -> torch.Tensor | None:
+    """[tasks, experts] 1 where an expert is aligned on a task (what `losses.gating_loss` routes a task's examples
+    to); None when expert i is task i, the paper's layout."""
+    dims = profile.expert_dimensions
+    if dims == list(profile.tasks):
+        return None
+    return torch.tensor([[float(d == t) for d in dims] for t in profile.tasks])
+
+
 def fusion_losses(
     moe: MoECausalLM,
     out: Any,
@@ -68,10 +77,11 @@ def fusion_losses(
             batch["task_labels"],
             released_code=rc.gating_loss,
             prompt_mask=masks[1] if len(masks) > 1 else None,
+            expert_groups=expert_groups(profile),
         ),
         "drift_loss": drift_loss(
             moe.drift_factors(),
-            [f.gamma(t) for t in profile.tasks],
+            [f.gamma(e) for e in profile.expert_names],
             moe.fusion_lora_scale(),
             released_code=rc.drift,
             expert_sq_norms=moe.expert_sq_norms() if rc.drift else None,

@@ -61,23 +61,34 @@ def gating_loss(
     task_labels: torch.Tensor,
     released_code: bool = False,
     prompt_mask: torch.Tensor | None = None,
+    expert_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_gate = mean_b -log P_b[y_b]: the router should send sequence b to the expert of its task y_b.
 
     prompt_mask ([B, T], 1 = a prompt token): the loss is then the mean of the sequence term and the same term
     on each sequence's prompt tokens alone, so the prompt, from which generation starts, is routed too.
+    expert_groups ([D, E], 1 where expert e is aligned on task d): with several experts on one task, P_b[y_b] is
+    the probability of the task's experts together, -log sum_{e in y_b} P_b[e] (None: expert e is task e).
     released_code=True: the released form, cross-entropy of a *second* softmax of the probabilities
     averaged over all tokens, padding included (its minimum is far above 0 and its gradient small).
     """
     labels = task_labels.long()
     batch = labels.shape[0]
+
+    def grouped(p: torch.Tensor) -> torch.Tensor:
+        if expert_groups is None:
+            return p
+        if expert_groups.shape[-1] != p.shape[-1]:
+            raise LossInputError(f"expert_groups has {expert_groups.shape[-1]} experts, the router {p.shape[-1]}")
+        return p @ expert_groups.to(p.device, p.dtype).T
+
     if released_code:
-        avg = _per_layer_probs(router_logits, batch).mean(dim=(0, 2))
+        avg = grouped(_per_layer_probs(router_logits, batch).mean(dim=(0, 2)))
         return F.cross_entropy(avg, labels.to(avg.device))
     masks = [attention_mask] if prompt_mask is None else [attention_mask, prompt_mask]
     terms = []
     for mask in masks:
-        p = sequence_routing(router_logits, mask, batch)
+        p = grouped(sequence_routing(router_logits, mask, batch))
         terms.append(F.nll_loss(torch.log(p.clamp_min(1e-12)), labels.to(p.device)))
     return torch.stack(terms).mean()
 

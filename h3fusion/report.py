@@ -65,7 +65,7 @@ def model_groups(profile: Profile) -> dict[str, list[str]]:
         by_kind[b.kind].append(name)
     return {
         "base": ["base"],
-        "experts": list(profile.tasks),
+        "experts": profile.expert_names,
         "fused": fused,
         "merges": by_kind["merge"],
         "ensembles": by_kind["ensemble"],

@@ -1,6 +1,6 @@
 """Routing measured where it means something: on held-out items of the routers' own training sources.
 
-The gating loss trains the router to send a sequence of task t to expert t. Whether it learned that can only be
+The gating loss trains the router to send a sequence of task t to t's expert (or experts). Whether it learned that can only be
 read on text of the distribution it trained on, held out: the evaluation prompts of another source (AlpacaEval
 for "helpful") need not read like that task's training data at all, so their routing is a description, not an
 accuracy (`h3fusion.analysis.routing_per_prompt` describes it).
@@ -21,7 +21,7 @@ the header (`fusion.gate_skip_template`). The book's headline accuracies are alw
 header, whatever the loss did with it: an accuracy over the header would measure the header's routing, which
 no router can make depend on the task (and which decides the argmax of a short prompt's average).
 
-An item is routed correctly when its layer-averaged top expert is its task's expert. Accuracies carry Wilson
+An item is routed correctly when its layer-averaged top expert is aligned on its task. Accuracies carry Wilson
 95 % intervals. Two reference routers give the floor: a constant router (every item to one expert) and a
 uniformly random one.
 """
@@ -159,13 +159,20 @@ def wilson(correct: int, n: int) -> tuple[float, float]:
     return 100.0 * ci.low, 100.0 * ci.high
 
 
-def accuracy_rows(top_by_task: Mapping[str, np.ndarray], tasks: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per task and one for all items: n, accuracy % and its Wilson 95 % interval."""
+def accuracy_rows(
+    top_by_task: Mapping[str, np.ndarray], expert_dimensions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One row per task and one for all items: n, accuracy % and its Wilson 95 % interval. An item is routed
+    correctly when its top expert is aligned on the item's task (`expert_dimensions`: each expert's task, in
+    expert order; `Profile.expert_dimensions`)."""
     rows, hits = [], []
+    dims = np.asarray(list(expert_dimensions))
     for task, top in top_by_task.items():
-        if task not in tasks:
-            raise H3FusionError(f"routing accuracy: task {task!r} has no expert; experts are {list(tasks)}")
-        correct = np.asarray(top) == list(tasks).index(task)
+        if task not in expert_dimensions:
+            raise H3FusionError(
+                f"routing accuracy: task {task!r} has no expert; the experts' tasks are {list(expert_dimensions)}"
+            )
+        correct = dims[np.asarray(top, dtype=int)] == task
         hits.append(correct)
         rows.append({"task": task, "n": len(correct), "correct": int(correct.sum())})
     everything = np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
@@ -180,12 +187,13 @@ def accuracy_rows(top_by_task: Mapping[str, np.ndarray], tasks: Sequence[str]) -
 
 def routing_table(
     per_item_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-    tasks: Sequence[str],
+    expert_dimensions: Sequence[str],
     masks: Sequence[str] = MASKS,
     references: bool = True,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Routing accuracy per model, mask and task (+ all), with Wilson intervals; reference routers appended."""
+    """Routing accuracy per model, mask and task (+ all), with Wilson intervals; reference routers appended.
+    `expert_dimensions`: each expert's task, in expert order (`Profile.expert_dimensions`)."""
     import pandas as pd
 
     records = []
@@ -194,10 +202,10 @@ def routing_table(
         for mask in masks:
             top = {t: top_experts(by_mask[mask]) for t, by_mask in by_task.items()}
             n_by_task = {t: len(v) for t, v in top.items()}
-            records += [{"model": model, "tokens": mask, **r} for r in accuracy_rows(top, tasks)]
+            records += [{"model": model, "tokens": mask, **r} for r in accuracy_rows(top, expert_dimensions)]
     if references and n_by_task:
-        for name, top in reference_routers(n_by_task, len(tasks), seed).items():
-            records += [{"model": name, "tokens": "any", **r} for r in accuracy_rows(top, tasks)]
+        for name, top in reference_routers(n_by_task, len(expert_dimensions), seed).items():
+            records += [{"model": name, "tokens": "any", **r} for r in accuracy_rows(top, expert_dimensions)]
     return pd.DataFrame.from_records(records).set_index(["model", "tokens", "task"])
 
 

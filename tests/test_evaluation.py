@@ -304,7 +304,7 @@ def test_unknown_model_lists_known_ones(profile):
 
 
 def test_missing_expert_says_how_to_build_it(profile):
-    with pytest.raises(ArtifactError, match="h3fusion align --profile smoke --task harmless"):
+    with pytest.raises(ArtifactError, match="h3fusion align --profile smoke --expert harmless"):
         runmod.evaluate_model(profile, "harmless")
 
 

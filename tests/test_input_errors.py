@@ -246,7 +246,7 @@ def test_truncated_expert_adapter_is_named_and_nothing_is_written(tmp_path, caps
     code, err = _run(_cli(tmp_path, *command), capsys)
     assert code == 2
     _expect_damaged(
-        err, folder / ADAPTER_WEIGHTS, folder, "re-run `h3fusion align --profile smoke --task helpful`"
+        err, folder / ADAPTER_WEIGHTS, folder, "re-run `h3fusion align --profile smoke --expert helpful`"
     )
     with pytest.raises(ArtifactError, match="adapter_model.safetensors is truncated"):
         load_expert_adapter_weights(experts_profile, "helpful")
@@ -324,6 +324,6 @@ def test_top_ks_error_through_the_cli(tmp_path, capsys):
         "h3fusion data: error: invalid profile "
         + str(Path(__file__).resolve().parent.parent / "profiles/smoke.yaml")
         + ":",
-        "  - `ablations.top_ks` = [1, 5] has k = [5] outside 1..3 (the number of experts, one per task in `tasks`); "
+        "  - `ablations.top_ks` = [1, 5] has k = [5] outside 1..3 (the number of experts); "
         "use values between 1 and 3, or null for all of them",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.config import Profile, derived_profile
+from h3fusion.config import ConfigError, Profile, derived_profile
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,6 +81,11 @@ def gating_loss_forms(profile: Profile, margin: float = 20.0) -> pd.DataFrame:
     from h3fusion.data import PadCollator, build_mixed_dataset
     from h3fusion.fusion import upcycle_profile
 
+    if not profile.default_experts:
+        raise ConfigError(
+            "the released code's gating-loss forms are measured with one expert per task (expert i for task i), "
+            f"the released code's layout; this profile's experts are {profile.expert_names}: remove `experts.members`"
+        )
     moe, tok = upcycle_profile(profile, show_progress=False)
     mixed = build_mixed_dataset(derived_profile(profile, {"fusion.released_code.labels": False}), tok)
     per_task = profile.fusion.train.batch_size // profile.num_experts or 1
@@ -128,7 +133,7 @@ def drift_forms(profile: Profile) -> pd.DataFrame:
 
     moe, _ = upcycle_profile(profile, show_progress=False)
     prepare_for_training(moe, profile)
-    gammas = [profile.fusion.gamma(t) for t in profile.tasks]
+    gammas = [profile.fusion.gamma(e) for e in profile.expert_names]
     params = [p for n, p in moe.named_parameters() if p.requires_grad and "router" not in n]
     rows = []
     for released in (False, True):

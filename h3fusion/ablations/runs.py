@@ -28,7 +28,7 @@ def top_ks(profile: Profile) -> list[int]:
 
 def gamma_overrides(profile: Profile, gammas: Mapping[str, float]) -> dict[str, Any]:
     """Override of `fusion.drift_gammas` that changes the named experts' gamma and keeps the others."""
-    current = {t: profile.fusion.gamma(t) for t in profile.tasks}
+    current = {e: profile.fusion.gamma(e) for e in profile.expert_names}
     return {"fusion.drift_gammas": {**current, **dict(gammas)}}
 
 
@@ -181,7 +181,7 @@ def run_ablation(
         "router_lr": run_profile.fusion.router_lr,
         "gate_averages": list(run_profile.fusion.gate_averages),
         "router_init": run_profile.fusion.router_init,
-        "drift_gammas": {t: run_profile.fusion.gamma(t) for t in run_profile.tasks},
+        "drift_gammas": {e: run_profile.fusion.gamma(e) for e in run_profile.expert_names},
         "released_code": run_profile.fusion.released_code.model_dump(),
         "tasks": list(run_profile.tasks),
         "reused_from": str(exported) if exported else None,

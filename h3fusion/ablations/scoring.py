@@ -121,7 +121,7 @@ def score_model(
         )
     finally:
         model.train(was_training)
-    table = routing_table({"model": heldout}, profile.tasks, references=False)["accuracy %"]
+    table = routing_table({"model": heldout}, profile.expert_dimensions, references=False)["accuracy %"]
     return {
         "nll": nll,
         "mc1": 100.0 * mc["mc1"] if mc else float("nan"),

@@ -36,9 +36,9 @@ def drift_per_expert(profile: Profile) -> dict[str, dict[str, Any]]:
     """The paper's Figure 2 analogue: gamma raised to `ablations.drift_high` for one expert at a time."""
     high = profile.ablations.drift_high
     runs = {"reference": reference_run(profile)}
-    for task in profile.tasks:
-        runs[f"gamma_{task} = {high:g}"] = run_ablation(
-            profile, gamma_overrides(profile, {task: high}), label=f"gamma_{task}={high:g}"
+    for expert in profile.expert_names:
+        runs[f"gamma_{expert} = {high:g}"] = run_ablation(
+            profile, gamma_overrides(profile, {expert: high}), label=f"gamma_{expert}={high:g}"
         )
     return runs
 
@@ -55,7 +55,7 @@ def drift_sweep(profile: Profile) -> dict[float, dict[str, Any]]:
     """gamma sensitivity: the same gamma for every expert."""
     return {
         g: run_ablation(
-            profile, gamma_overrides(profile, dict.fromkeys(profile.tasks, g)), label=f"gamma={g:g}"
+            profile, gamma_overrides(profile, dict.fromkeys(profile.expert_names, g)), label=f"gamma={g:g}"
         )
         for g in profile.ablations.drift_gammas
     }

@@ -24,14 +24,14 @@ if TYPE_CHECKING:
 
 
 def expert_identities(profile: Profile) -> dict[str, str]:
-    """{task: sha of the expert's manifest}; an error naming the command to run when an expert is missing."""
+    """{expert: sha of its manifest}; an error naming the command to run when an expert is missing."""
     from h3fusion.evaluation.registry import manifest_identity
     from h3fusion.experts import require_expert
 
     out = {}
-    for task in profile.tasks:
-        folder = require_expert(profile, task, "the baselines (they combine the experts)")
-        out[task] = manifest_identity(folder, f"the {task} expert", "run `h3fusion align`")
+    for expert in profile.expert_names:
+        folder = require_expert(profile, expert, "the baselines (they combine the experts)")
+        out[expert] = manifest_identity(folder, f"the {expert} expert", "run `h3fusion align`")
     return out
 
 
@@ -47,15 +47,15 @@ def expert_eval_answers(profile: Profile) -> KnownAnswers:
     identities = expert_identities(profile)
     inputs = profile_inputs(profile)
     runs: dict[str, dict[tuple[str, tuple[str, ...]], tuple[str, ...]]] = {}
-    for task in profile.tasks:
-        for dim in cached_dimensions(profile, task, identities[task], inputs):
-            rows = read_jsonl(eval_dir(profile, task) / "generations" / f"{dim}.jsonl")
+    for expert in profile.expert_names:
+        for dim in cached_dimensions(profile, expert, identities[expert], inputs):
+            rows = read_jsonl(eval_dir(profile, expert) / "generations" / f"{dim}.jsonl")
             if [r.get("prompt") for r in rows] == inputs[dim].prompts:
                 key = (profile.evaluation.generation_for(dim).model_dump_json(), tuple(inputs[dim].prompts))
-                runs.setdefault(task, {})[key] = tuple(r["answer"] for r in rows)
-        found = overrefusal.stored_answers(profile, task, identities[task])  # the XSTest track's answers
+                runs.setdefault(expert, {})[key] = tuple(r["answer"] for r in rows)
+        found = overrefusal.stored_answers(profile, expert, identities[expert])  # the XSTest track's answers
         if found is not None:
-            runs.setdefault(task, {})[found[0]] = found[1]
+            runs.setdefault(expert, {})[found[0]] = found[1]
     return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
 
 

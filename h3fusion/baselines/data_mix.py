@@ -33,13 +33,17 @@ def stage_steps(train: TrainConfig, examples: int) -> int:
 
 
 def step_budget(profile: Profile) -> dict[str, int]:
-    """H3Fusion-MoE's training steps: {task: its expert's, "fusion": fusion's, "total": their sum}.
+    """H3Fusion-MoE's training steps: {expert: its steps, "fusion": fusion's, "total": their sum}.
 
     Epochs are counted over `data.train_examples` (what a source lacks or tokenisation drops aside), so the budget,
     and with it the baseline's hash, follows from the profile alone."""
-    sizes = {t: profile.data.train_examples[t] for t in profile.tasks}
-    budget = {t: stage_steps(profile.experts.train, n) for t, n in sizes.items()}
-    budget["fusion"] = stage_steps(profile.fusion.train, sum(sizes.values()))
+    sizes = {
+        e.name: profile.data.train_examples[e.dimension] if e.train_examples is None else e.train_examples
+        for e in profile.expert_specs
+    }
+    budget = {e: stage_steps(profile.experts.train, n) for e, n in sizes.items()}
+    fusion_examples = sum(profile.data.train_examples[t] for t in profile.tasks)
+    budget["fusion"] = stage_steps(profile.fusion.train, fusion_examples)
     budget["total"] = sum(budget.values())
     return budget
 
@@ -54,7 +58,7 @@ def data_mix_train(profile: Profile) -> TrainConfig:
 def data_mix_params(profile: Profile) -> dict[str, Any]:
     """What determines the data-mix LoRA (its hash and its baseline.json), the budget stated in words."""
     budget, train = step_budget(profile), data_mix_train(profile)
-    experts = " + ".join(str(budget[t]) for t in profile.tasks)
+    experts = " + ".join(str(budget[e]) for e in profile.expert_names)
     return {
         "recipe": "one LoRA (experts.lora) on the fusion's mixed data, trained like an expert",
         "budget": f"{experts} expert steps + {budget['fusion']} fusion steps = {budget['total']} steps at the "

@@ -134,13 +134,13 @@ def _ensure_expert_answers(profile: Profile, names: list[str], shared: SharedExp
     if not pending:
         return
     identities = expert_identities(profile)
-    for task in profile.tasks:
-        if len(cached_dimensions(profile, task, identities[task], inputs)) < len(profile.tasks):
+    for expert in profile.expert_names:
+        if len(cached_dimensions(profile, expert, identities[expert], inputs)) < len(profile.tasks):
             print(
-                f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {task} expert "
-                f"first (cached in eval/{task}/, as chapter 1 does)"
+                f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {expert} expert "
+                f"first (cached in eval/{expert}/, as chapter 1 does)"
             )
-            evaluate_model(profile, task, judges=shared.get_judges())
+            evaluate_model(profile, expert, judges=shared.get_judges())
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -160,7 +160,7 @@ def _build_merge(profile: Profile, name: str, tmp: Path, shared: SharedExperts) 
         seed=params.get("seed", 0),
     )
     model, tok = load_base(profile)
-    norms = merge_into(model, [read_adapter(expert_dir(profile, t)) for t in profile.tasks], spec)
+    norms = merge_into(model, [read_adapter(expert_dir(profile, e)) for e in profile.expert_names], spec)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     return {
@@ -179,7 +179,7 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: SharedE
 
     b = profile.baselines
     bank, tok = shared.bank()
-    fusion = InstructFusion(bank, tok, profile.tasks, profile.evaluation.generation, seed=profile.seed)
+    fusion = InstructFusion(bank, tok, profile.expert_names, profile.evaluation.generation, seed=profile.seed)
     source = [
         ex for t in profile.tasks for ex in load_train_examples(profile, t)[: b.instruct_train_examples]
     ]
@@ -198,7 +198,7 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: SharedE
     try:
         bank.model.save_pretrained(str(tmp), selected_adapters=[FUSER_ADAPTER])
     finally:
-        bank.use(profile.tasks[0])  # an expert active again before the fuser goes (peft warns otherwise)
+        bank.use(profile.expert_names[0])  # an expert active again before the fuser goes (peft warns otherwise)
         bank.model.delete_adapter(FUSER_ADAPTER)
     return {"train_examples": len(examples), "loss_log": log}
 
@@ -281,7 +281,7 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     return InstructFusion(
         bank,
         tok,
-        profile.tasks,
+        profile.expert_names,
         profile.evaluation.generation,
         fuser=fuser,
         seed=profile.seed,
@@ -332,7 +332,7 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
     for n in names:
         get_baseline(n)
     expert_identities(profile)
-    check_experts_fit(profile, profile.tasks)  # before any baseline is built: the adapters fit the base
+    check_experts_fit(profile, profile.expert_names)  # before any baseline is built: the adapters fit the base
     shared = SharedExperts(profile)
     for n in names:
         build_baseline(profile, n, shared)

@@ -25,9 +25,9 @@ def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]
     from h3fusion.models import load_base
 
     expert_identities(profile)
-    check_experts_fit(profile, profile.tasks)
+    check_experts_fit(profile, profile.expert_names)
     model, tok = load_base(profile)
-    bank = AdapterBank(model.to(inference_device()), {t: expert_dir(profile, t) for t in profile.tasks})
+    bank = AdapterBank(model.to(inference_device()), {e: expert_dir(profile, e) for e in profile.expert_names})
     return bank, tok
 
 

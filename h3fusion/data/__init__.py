@@ -7,6 +7,7 @@ from h3fusion.data.splits import (
     load_alpaca_eval_annotations,
     load_beavertails_labelled,
     load_eval_items,
+    load_expert_examples,
     load_train_examples,
 )
 from h3fusion.data.template import IGNORE_INDEX, encode_prompt, format_prompt, split_prompt, tokenize_example
@@ -24,6 +25,7 @@ __all__ = [
     "load_alpaca_eval_annotations",
     "load_beavertails_labelled",
     "load_eval_items",
+    "load_expert_examples",
     "load_train_examples",
     "tokenize_example",
 ]

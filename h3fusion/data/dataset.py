@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from h3fusion.config import Profile
-from h3fusion.data.splits import load_train_examples
+from h3fusion.data.splits import TrainExample, load_train_examples
 from h3fusion.data.template import IGNORE_INDEX, tokenize_example
 from h3fusion.errors import DataError
 from h3fusion.progress import progress
@@ -50,8 +50,10 @@ def _task_index(profile: Profile, task: str) -> int:
     return profile.tasks.index(task)
 
 
-def _tokenize_task(profile: Profile, tokenizer: Any, task: str) -> tuple[list[dict[str, Any]], int]:
-    examples = load_train_examples(profile, task)
+def _tokenize_task(
+    profile: Profile, tokenizer: Any, task: str, examples: Sequence[TrainExample] | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    examples = load_train_examples(profile, task) if examples is None else examples
     items, dropped = [], 0
     for example in progress(examples, desc=f"tokenising {task}", leave=False, show=len(examples) >= 1000):
         tok = tokenize_example(tokenizer, example, profile.data.max_length)
@@ -71,10 +73,13 @@ def _tokenize_task(profile: Profile, tokenizer: Any, task: str) -> tuple[list[di
     return items, dropped
 
 
-def build_task_dataset(profile: Profile, tokenizer: Any, task: str) -> TokenizedDataset:
-    """The tokenised training set of one task (stage 1: one expert per task)."""
+def build_task_dataset(
+    profile: Profile, tokenizer: Any, task: str, examples: Sequence[TrainExample] | None = None
+) -> TokenizedDataset:
+    """The tokenised training set of one task (default: its training sample), or of `examples` of that task (an
+    expert's own sample, `load_expert_examples`)."""
     label = _task_index(profile, task)
-    items, dropped = _tokenize_task(profile, tokenizer, task)
+    items, dropped = _tokenize_task(profile, tokenizer, task, examples)
     for item in items:
         item["task_label"] = label
     return TokenizedDataset(items, [task] * len(items), {task: dropped})

@@ -247,12 +247,24 @@ def load_train_examples(profile: Profile, task: str) -> list[TrainExample]:
     return cap(examples, profile.data.train_examples[task], profile.seed, task)
 
 
+def load_expert_examples(profile: Profile, expert: str) -> list[TrainExample]:
+    """An expert's training examples: its dimension's pool, capped by the expert's own sample (its seed and size;
+    for the default experts exactly `load_train_examples` of their dimension)."""
+    spec = profile.expert_spec(expert)
+    n = profile.data.train_examples[spec.dimension] if spec.train_examples is None else spec.train_examples
+    return cap(train_pool(profile, spec.dimension), n, profile.expert_seed(expert), spec.dimension)
+
+
 def load_heldout_examples(profile: Profile, task: str, n: int) -> list[TrainExample]:
-    """n examples of a task's *training source* whose prompt the profile's training sample does not hold: a seeded
-    sample, one example per prompt (what routing is measured on: the distribution the router trained on, items it
-    never saw). Fewer than n when the source has fewer unseen prompts."""
+    """n examples of a task's *training source* whose prompt no training sample of the profile holds (fusion's,
+    and every expert's of that dimension): a seeded sample, one example per prompt (what routing is measured on:
+    the distribution the router trained on, items it never saw). Fewer than n when the source has fewer unseen
+    prompts."""
     pool = train_pool(profile, task)
-    seen = {(e.instruction, e.input) for e in load_train_examples(profile, task)}
+    used = load_train_examples(profile, task) + [
+        e for spec in profile.expert_specs if spec.dimension == task for e in load_expert_examples(profile, spec.name)
+    ]
+    seen = {(e.instruction, e.input) for e in used}
     unseen: dict[tuple[str, str], TrainExample] = {}
     for e in pool:
         if (e.instruction, e.input) not in seen:

@@ -97,31 +97,31 @@ def _load_base_lm(profile: Profile) -> HFLanguageModel:
     return wrap_model(*load_base(profile))
 
 
-def _expert_identity(profile: Profile, task: str) -> str:
+def _expert_identity(profile: Profile, expert: str) -> str:
     """The expert's manifest hash; an error when it is missing or was trained with another config."""
     from h3fusion.experts import check_experts_fit, require_expert
 
-    folder = require_expert(profile, task, "evaluating it")
-    check_experts_fit(profile, [task])
+    folder = require_expert(profile, expert, "evaluating it")
+    check_experts_fit(profile, [expert])
     return manifest_identity(
-        folder, f"the {task} expert", f"re-run `h3fusion align --profile {profile.name} --task {task}`"
+        folder, f"the {expert} expert", f"re-run `h3fusion align --profile {profile.name} --expert {expert}`"
     )
 
 
-def _load_expert_lm(profile: Profile, task: str) -> HFLanguageModel:
-    """Base + the task's LoRA adapter, merged into the weights (same function, dense-speed generation)."""
+def _load_expert_lm(profile: Profile, expert: str) -> HFLanguageModel:
+    """Base + the expert's LoRA adapter, merged into the weights (same function, dense-speed generation)."""
     from peft import PeftModel
 
     from h3fusion.experts import expert_dir
     from h3fusion.models import load_base
 
-    _expert_identity(profile, task)
-    folder = expert_dir(profile, task)
+    _expert_identity(profile, expert)
+    folder = expert_dir(profile, expert)
     model, tok = load_base(profile)
     try:
         merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the {task} expert adapter from {folder}: {err}") from err
+        raise ModelError(f"cannot load the {expert} expert adapter from {folder}: {err}") from err
     return wrap_model(merged, tok)
 
 
@@ -158,13 +158,15 @@ def _builtin_models(profile: Profile) -> dict[str, ModelEntry]:
             f"the base model ({profile.model.base})",
         )
     }
-    for task in profile.tasks:
-        entries[task] = ModelEntry(
-            task,
+    for spec in profile.expert_specs:
+        entries[spec.name] = ModelEntry(
+            spec.name,
             "expert",
-            lambda t=task: _load_expert_lm(profile, t),
-            lambda t=task: _expert_identity(profile, t),
-            f"base + the {task} LoRA expert (merged into the weights)",
+            lambda e=spec.name: _load_expert_lm(profile, e),
+            lambda e=spec.name: _expert_identity(profile, e),
+            f"base + the {spec.name} LoRA expert"
+            + (f", aligned on {spec.dimension}" if spec.name != spec.dimension else "")
+            + " (merged into the weights)",
         )
     from h3fusion.fusion import RAW_FOLDERS, TRAINING_FREE_MOE
 
