@@ -156,7 +156,9 @@ class Profile(Section):
         for spec in self.expert_specs:
             if spec.name == name:
                 return spec
-        raise ConfigError(f"{name!r} is not an expert of profile {self.name!r}; its experts are {self.expert_names}")
+        raise ConfigError(
+            f"{name!r} is not an expert of profile {self.name!r}; its experts are {self.expert_names}"
+        )
 
     def expert_seed(self, name: str) -> int:
         seed = self.expert_spec(name).seed
@@ -207,6 +209,29 @@ TRAINING_DATA_KEYS: tuple[str, ...] = (
 
 RENAMED_KEYS: dict[str, str] = {
     "evaluation.likelihood.harmless_prompts": "evaluation.likelihood.harmless_pairs",
+    # the judges' settings moved into one section per dimension (its `Dimension.judge_settings`)
+    "evaluation.helpful_judge": "judges.helpful.judge",
+    "evaluation.harmless_judge": "judges.harmless.judge",
+    "evaluation.honest_judge": "judges.honest.judge",
+    "judges.alpaca_eval_annotator": "judges.helpful.annotator",
+    "judges.helpful_validation_instructions": "judges.helpful.validation_instructions",
+    **{
+        f"judges.harmless_{k}": f"judges.harmless.{k}"
+        for k in (
+            "train_rows",
+            "validation_rows",
+            "epochs",
+            "max_length",
+            "batch_size",
+            "lr",
+            "frozen_layers",
+        )
+    },
+    "judges.beaver_dam_model": "judges.harmless.model",
+    "judges.honest_validation_questions": "judges.honest.validation_questions",
+    "judges.honest_informative_min_similarity": "judges.honest.informative_min_similarity",
+    "judges.truthfulqa_truth_model": "judges.honest.truth_model",
+    "judges.truthfulqa_info_model": "judges.honest.info_model",
 }
 """Keys an older profile may still use -> their current name (the error says so instead of "unknown key")."""
 

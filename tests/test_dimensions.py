@@ -127,3 +127,20 @@ def test_the_data_counts_are_per_dimension_and_cover_every_task():
     del two["data"]["eval_examples"]["honest"]
     with pytest.raises(ConfigError, match=r"`data.eval_examples` has no entry for \['honest'\]"):
         profile_from_dict(two)
+
+
+def test_the_judges_have_one_section_per_dimension_and_old_keys_name_their_new_place():
+    from h3fusion import load_profile
+    from h3fusion.config import ConfigError
+
+    smoke = load_profile("smoke")
+    for name, dimension in DIMENSIONS.items():
+        assert isinstance(smoke.judges.of(name), dimension.judge_settings)
+    assert smoke.judges.harmless.train_rows == 64 and smoke.judges.helpful.judge == "offline"
+    renamed = r"`judges.harmless_epochs` was renamed: use `judges.harmless.epochs`"
+    with pytest.raises(ConfigError, match=renamed):
+        load_profile("smoke", {"judges.harmless_epochs": 3})
+    with pytest.raises(ConfigError, match=r"`evaluation.honest_judge` was renamed: use `judges.honest.judge`"):
+        load_profile("smoke", {"evaluation.honest_judge": "offline"})
+    with pytest.raises(ConfigError, match=r"judges.helpful.judge"):
+        load_profile("smoke", {"judges.helpful.judge": "gpt-5"})

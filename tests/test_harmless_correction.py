@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from h3fusion.config import derived_profile
 from h3fusion.errors import ArtifactError
 from h3fusion.evaluation import stats
 
@@ -115,9 +116,7 @@ def test_the_correction_table_has_one_row_per_model_with_both_rates(smoke_profil
 
     monkeypatch.setattr(harmless, "confusion", lambda profile: COUNTS)  # the default counts are the judge's
     assert evidence.harmless_correction(smoke_profile, scores).equals(table)
-    paper = smoke_profile.model_copy(
-        update={"evaluation": smoke_profile.evaluation.model_copy(update={"harmless_judge": "beaver-dam-7b"})}
-    )
+    paper = derived_profile(smoke_profile, {"judges.harmless.judge": "beaver-dam-7b"})
     assert evidence.harmless_correction(paper, scores).empty
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from h3fusion.config import load_profile
+from h3fusion.config import derived_profile, load_profile
 from h3fusion.dimensions import get_dimension
 from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation.judges import helpful
@@ -48,7 +48,7 @@ def test_helpful_validation_is_on_heldout_instructions(profile, helpful_judge):
     assert scored == {int(i["id"].rsplit("-", 1)[1]) for i in load_eval_items(profile, "helpful")}
     assert not (scored & val) and not (scored & train) and not (val & train)
     v = helpful_judge.validation
-    assert v["heldout_instructions"] == len(val) == profile.judges.helpful_validation_instructions
+    assert v["heldout_instructions"] == len(val) == profile.judges.helpful.validation_instructions
     assert 0 < v["heldout_pairs"] <= 8 * len(val)
     assert {"accuracy", "cohen_kappa", "longer_answer_rule_accuracy", "close_length_accuracy"} <= set(v)
     # its training time is shown, but stays out of the figures that identify it in metrics.json
@@ -124,9 +124,7 @@ def test_a_foreign_helpful_judge_file_is_refused_not_run(profile, helpful_judge,
 def test_helpful_cache_rebuilds_when_its_config_changes(profile, helpful_judge):
     from h3fusion.evaluation.judges import helpful
 
-    other = profile.model_copy(
-        update={"judges": profile.judges.model_copy(update={"helpful_validation_instructions": 50})}
-    )
+    other = derived_profile(profile, {"judges.helpful.validation_instructions": 50})
     assert helpful.config_hash(other) != helpful.config_hash(profile)
     assert helpful.load_offline(other).validation["heldout_instructions"] == 50
 
@@ -158,7 +156,7 @@ def test_honest_validation_figures(profile):
 
     judge = honest.load_offline(profile)
     v = judge.validation
-    assert v["heldout_questions"] == profile.judges.honest_validation_questions
+    assert v["heldout_questions"] == profile.judges.honest.validation_questions
     assert v["heldout_answers"] > v["heldout_questions"]
     assert v["truthful_accuracy"] > 0.5
 
@@ -180,10 +178,8 @@ def test_moderation_training_learns_a_separable_fixture(profile):
     ]
     rows = [{"prompt": "How do I do it?", "response": r, "is_safe": False} for r in harmful]
     rows += [{"prompt": "How do I do it?", "response": r, "is_safe": True} for r in safe]
-    cfg = profile.judges.model_copy(
-        update={"harmless_epochs": 6.0, "harmless_batch_size": 8, "harmless_lr": 1e-4}
-    )
-    model = train_cross_encoder(profile.model_copy(update={"judges": cfg}), rows)
+    longer = {"judges.harmless.epochs": 6.0, "judges.harmless.batch_size": 8, "judges.harmless.lr": 1e-4}
+    model = train_cross_encoder(derived_profile(profile, longer), rows)
     p = model.probabilities(
         ["How can I hurt my brother?"] * 2,
         [
@@ -203,8 +199,8 @@ def test_harmless_judge_trains_on_prompts_disjoint_from_eval_and_is_cached(profi
     assert train and heldout and not (train & heldout)
     judge = harmless.load_offline(profile)
     v = judge.validation
-    assert v["heldout_pairs"] == profile.judges.harmless_validation_rows
-    assert v["train_pairs"] == profile.judges.harmless_train_rows
+    assert v["heldout_pairs"] == profile.judges.harmless.validation_rows
+    assert v["train_pairs"] == profile.judges.harmless.train_rows
     assert 0.0 <= v["accuracy"] <= 1.0
     p = judge.harmful_probability(["Hi"], ["Hello! How can I help?"])
     assert p.shape == (1,) and 0.0 <= p[0] <= 1.0
@@ -225,16 +221,12 @@ def test_real_judges_say_what_they_need(profile):
     from h3fusion.evaluation.judges import load_judges
 
     if importlib.util.find_spec("alpaca_eval") is None:
-        p = profile.model_copy(
-            update={"evaluation": profile.evaluation.model_copy(update={"helpful_judge": "alpaca_eval"})}
-        )
         with pytest.raises(H3FusionError, match="alpaca"):
-            load_judges(p)
+            load_judges(derived_profile(profile, {"judges.helpful.judge": "alpaca_eval"}))
     if not torch.cuda.is_available():
-        for key, value in (("harmless_judge", "beaver-dam-7b"), ("honest_judge", "truthfulqa-judges")):
-            ev = profile.evaluation.model_copy(update={key: value})
+        for dimension, judge in (("harmless", "beaver-dam-7b"), ("honest", "truthfulqa-judges")):
             with pytest.raises(H3FusionError, match="GPU"):
-                get_dimension(key.split("_")[0]).load_judge(profile.model_copy(update={"evaluation": ev}))
+                get_dimension(dimension).load_judge(derived_profile(profile, {f"judges.{dimension}.judge": judge}))
 
 
 def test_helpful_validation_at_the_cap_equals_the_whole_answer_one_when_nothing_is_cut(

@@ -8,7 +8,15 @@ dimension. The three of the paper are registered here, in the book's order; anot
 `Dimension` and one `register` call.
 """
 
-from h3fusion.dimensions.base import DIMENSIONS, Dimension, Metric, SourceReport, get_dimension, register
+from h3fusion.dimensions.base import (
+    DIMENSIONS,
+    Dimension,
+    Judge,
+    Metric,
+    SourceReport,
+    get_dimension,
+    register,
+)
 from h3fusion.dimensions.harmless import HARMLESS
 from h3fusion.dimensions.helpful import HELPFUL
 from h3fusion.dimensions.honest import HONEST
@@ -22,6 +30,7 @@ __all__ = [
     "HELPFUL",
     "HONEST",
     "Dimension",
+    "Judge",
     "Metric",
     "SourceReport",
     "get_dimension",

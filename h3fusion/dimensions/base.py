@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from h3fusion.errors import H3FusionError
+from h3fusion.sections import JudgeSettings
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class SourceReport:
     train_note: str | None = None
 
 
+@runtime_checkable
+class Judge(Protocol):
+    """What every judge is to the rest of the package: a name and its validation figures, which travel with every
+    score it gives (`evaluation.judging.judge_identity`). How a judge is called on answers is its dimension's
+    `judge` function, so judges of different shapes (a pairwise preference, a moderation classifier, truth and
+    information verdicts) need no common scoring method."""
+
+    name: str
+    validation: Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class Dimension:
     """One alignment dimension (see the package docstring). `item_values(rows)` gives the judged metrics per item
@@ -51,7 +63,7 @@ class Dimension:
     prompt_field: str
     strata: str
     item_values: Callable[[Sequence[Mapping[str, Any]]], dict[str, np.ndarray]]
-    judge: Callable[[Any, list[dict[str, Any]], list[str]], list[dict[str, Any]]]
+    judge: Callable[[Judge, list[dict[str, Any]], list[str]], list[dict[str, Any]]]
     inputs: Callable[[Sequence[Any]], Any]
     """`inputs(items)`: the prompts a model answers and the fields kept for the judge (`evaluation.inputs`)."""
     likelihood_inputs: Callable[[Any, Any], Any]
@@ -63,13 +75,16 @@ class Dimension:
     """`train_pool(profile)`: every training example of the dimension's source (`data.TrainExample`)."""
     eval_pool: Callable[[Any], list[dict[str, Any]]]
     """`eval_pool(profile)`: every evaluation item, in file order, each with its `stratum`."""
-    load_judge: Callable[[Any], Any]
-    """`load_judge(profile)`: the judge the profile chooses for this dimension (`evaluation.judges`)."""
+    load_judge: Callable[[Any], Judge]
+    """`load_judge(profile)`: the judge the profile chooses for this dimension (``judges.<name>.judge``)."""
     source_report: Callable[[Any], SourceReport]
     """`source_report(profile)`: what `h3fusion data` prints about the source (`data.report`)."""
     reference_responses: Callable[[Any, int], list[Any]]
     """`reference_responses(profile, n)`: n held-out (prompt, reference answer) `TrainExample`s whose NLL the
     ablations score."""
+    judge_settings: type[JudgeSettings] = JudgeSettings
+    """Its section of the profile's `judges` (``judges.<name>``): which judge and that judge's settings, read by
+    `load_judge`."""
 
     @property
     def headline(self) -> Metric:

@@ -6,11 +6,13 @@ models resolve more on the same pairs)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from h3fusion.dimensions.base import Dimension, Metric, SourceReport
+from h3fusion.sections import JudgeSettings
 
 if TYPE_CHECKING:
     from h3fusion.config import Profile
@@ -124,11 +126,31 @@ def eval_pool(profile: Profile) -> list[dict[str, Any]]:
     return harmless_eval_all(profile)
 
 
+class HarmlessJudgeSettings(JudgeSettings):
+    """``judges.harmless``: the offline moderation judge's training budget and held-out size, or the paper's judge."""
+
+    judge: Literal["offline", "beaver-dam-7b"] = "offline"
+    """`offline`: a cross-encoder fine-tuned here on BeaverTails' labelled pairs (a proxy, validated in chapter 0);
+    `beaver-dam-7b`: the paper's moderation model (a CUDA GPU and hub access)."""
+    train_rows: int | None = Field(None, gt=0)
+    """Labelled BeaverTails pairs (non_eval split) the offline judge trains on; null = all."""
+    validation_rows: int | None = Field(None, gt=0)
+    """Held-out labelled pairs (eval split) it is validated on; null = all."""
+    epochs: float = Field(2.0, gt=0)
+    max_length: int = Field(128, gt=8)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(5.0e-5, gt=0)
+    frozen_layers: int = Field(3, ge=0)
+    """Bottom encoder layers kept frozen while fine-tuning (cheaper backward pass)."""
+    model: str = "PKU-Alignment/beaver-dam-7b"
+    """Hub id or local folder of the `beaver-dam-7b` judge."""
+
+
 def load_judge(profile: Profile) -> Any:
-    """beaver-dam-7b (`evaluation.harmless_judge: beaver-dam-7b`), else the offline classifier (trained once)."""
+    """beaver-dam-7b (`judges.harmless.judge: beaver-dam-7b`), else the offline classifier (trained once)."""
     from h3fusion.evaluation.judges import harmless
 
-    if profile.evaluation.harmless_judge == "beaver-dam-7b":
+    if profile.judges.harmless.judge == "beaver-dam-7b":
         return harmless.BeaverDamJudge(profile)
     return harmless.load_offline(profile)
 
@@ -201,4 +223,5 @@ HARMLESS = Dimension(
     load_judge=load_judge,
     source_report=source_report,
     reference_responses=reference_responses,
+    judge_settings=HarmlessJudgeSettings,
 )

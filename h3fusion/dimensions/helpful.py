@@ -4,11 +4,13 @@ the reference answer; on the likelihood track, the mean per-token log-likelihood
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from h3fusion.dimensions.base import Dimension, Metric, SourceReport
+from h3fusion.sections import JudgeSettings
 
 if TYPE_CHECKING:
     from h3fusion.config import Profile
@@ -90,11 +92,23 @@ def eval_pool(profile: Profile) -> list[dict[str, Any]]:
     return helpful_eval_all(profile)
 
 
+class HelpfulJudgeSettings(JudgeSettings):
+    """``judges.helpful``."""
+
+    judge: Literal["offline", "alpaca_eval"] = "offline"
+    """`offline`: the pairwise judge trained here on GPT-4's AlpacaEval verdicts (a proxy, validated in chapter 0);
+    `alpaca_eval`: AlpacaEval with GPT-4, the paper's judge (needs the alpaca_eval package and OPENAI_API_KEY)."""
+    validation_instructions: int = Field(200, gt=0)
+    """AlpacaEval instructions held out (beyond the scored ones) to validate the offline pairwise judge."""
+    annotator: str = "alpaca_eval_gpt4"
+    """The alpaca_eval annotator config of the `alpaca_eval` judge."""
+
+
 def load_judge(profile: Profile) -> Any:
-    """AlpacaEval with GPT-4 (`evaluation.helpful_judge: alpaca_eval`), else the offline judge (trained once)."""
+    """AlpacaEval with GPT-4 (`judges.helpful.judge: alpaca_eval`), else the offline judge (trained once)."""
     from h3fusion.evaluation.judges import helpful
 
-    if profile.evaluation.helpful_judge == "alpaca_eval":
+    if profile.judges.helpful.judge == "alpaca_eval":
         return helpful.AlpacaEvalJudge(profile)
     return helpful.load_offline(profile)
 
@@ -163,4 +177,5 @@ HELPFUL = Dimension(
     load_judge=load_judge,
     source_report=source_report,
     reference_responses=reference_responses,
+    judge_settings=HelpfulJudgeSettings,
 )

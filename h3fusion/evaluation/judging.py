@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from h3fusion.config import Profile
-from h3fusion.dimensions import get_dimension
+from h3fusion.dimensions import Judge, get_dimension
 
 
-def judge_identity(judge: Any) -> dict[str, Any]:
+def judge_identity(judge: Judge) -> dict[str, Any]:
     return {"name": judge.name, "validation": getattr(judge, "validation", {})}
 
 

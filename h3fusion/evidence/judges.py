@@ -127,7 +127,7 @@ def harmless_correction(
     `counts`: the judge's confusion counts, default `harmless.confusion(profile)` (which may score the held-out
     pairs once). Cells are "value [low, high]" (95 %); `_observed` and `_corrected` hold the estimates. Empty when
     the profile uses the paper's judge, which is not validated here."""
-    if profile.evaluation.harmless_judge != "offline":
+    if profile.judges.harmless.judge != "offline":
         return pd.DataFrame()
     if counts is None:
         from h3fusion.evaluation.judges import harmless

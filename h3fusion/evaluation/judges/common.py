@@ -132,11 +132,11 @@ def cached_judge(
 
 
 def load_gpu_judge(
-    auto_class: Any, profile: Profile, model_key: str, needs_gpu: str, fallback: str
+    auto_class: Any, model_id: str, model_key: str, needs_gpu: str, fallback: str
 ) -> tuple[Any, Any]:
-    """Tokenizer and bfloat16 model of one of the paper's judges, `judges.<model_key>` (hub id or local folder), in
-    eval mode. needs_gpu names the setting that asked for it, fallback the fix (e.g. `harmless_judge: offline`);
-    both go into the errors raised without a CUDA GPU or without hub access."""
+    """Tokenizer and bfloat16 model of one of the paper's judges, `model_id` (hub id or local folder; the profile's
+    key `model_key`), in eval mode. needs_gpu names the setting that asked for it, fallback the fix (e.g.
+    `judges.harmless.judge: offline`); both go into the errors raised without a CUDA GPU or without hub access."""
     import torch
     from transformers import AutoTokenizer
 
@@ -144,14 +144,13 @@ def load_gpu_judge(
         raise H3FusionError(
             f"{needs_gpu} needs a CUDA GPU; none is visible. Run on a GPU machine or use {fallback}"
         )
-    model_id = getattr(profile.judges, model_key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model = auto_class.from_pretrained(model_id, torch_dtype=torch.bfloat16, device_map="auto")
     except OSError as exc:
         raise ModelError(
             f"cannot load {model_id} ({exc}); it needs Hugging Face hub access (or a local copy: set "
-            f"judges.{model_key} to its folder), or use {fallback}"
+            f"{model_key} to its folder), or use {fallback}"
         ) from None
     return tokenizer, model.eval()
 

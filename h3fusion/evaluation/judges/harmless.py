@@ -93,16 +93,16 @@ def train_cross_encoder(profile: Profile, rows: list[dict[str, Any]]) -> CrossEn
 
     from h3fusion.progress import progress
 
-    cfg = profile.judges
+    cfg = profile.judges.harmless
     torch.manual_seed(profile.seed)
-    tokenizer, encoder = load_encoder(cfg.encoder)
+    tokenizer, encoder = load_encoder(profile.judges.encoder)
     head = torch.nn.Linear(encoder.config.hidden_size, 1)
-    model = CrossEncoder(tokenizer, encoder, head, cfg.harmless_max_length)
-    _freeze_bottom(encoder, cfg.harmless_frozen_layers)
+    model = CrossEncoder(tokenizer, encoder, head, cfg.max_length)
+    _freeze_bottom(encoder, cfg.frozen_layers)
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.harmless_lr, weight_decay=0.01)
-    per_epoch = -(-len(rows) // cfg.harmless_batch_size)
-    steps = max(1, round(per_epoch * cfg.harmless_epochs))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    per_epoch = -(-len(rows) // cfg.batch_size)
+    steps = max(1, round(per_epoch * cfg.epochs))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / steps)
@@ -112,10 +112,10 @@ def train_cross_encoder(profile: Profile, rows: list[dict[str, Any]]) -> CrossEn
     step, bar = 0, progress(total=steps, desc="training moderation judge", leave=False)
     while step < steps:
         order = rng.permutation(len(rows))
-        for s in range(0, len(rows), cfg.harmless_batch_size):
+        for s in range(0, len(rows), cfg.batch_size):
             if step >= steps:
                 break
-            batch = [rows[i] for i in order[s : s + cfg.harmless_batch_size]]
+            batch = [rows[i] for i in order[s : s + cfg.batch_size]]
             y = torch.tensor([0.0 if r["is_safe"] else 1.0 for r in batch])
             z = model.logits([r["prompt"] for r in batch], [r["response"] for r in batch])
             loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
@@ -138,7 +138,7 @@ def _freeze_bottom(encoder: Any, n_layers: int) -> None:
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
     if layers is None:
         raise ModelError(
-            "judges.harmless_frozen_layers needs a BERT-like encoder (encoder.layer); set it to 0"
+            "judges.harmless.frozen_layers needs a BERT-like encoder (encoder.layer); set it to 0"
         )
     for module in [encoder.embeddings, *list(layers)[:n_layers]]:
         for p in module.parameters():
@@ -183,10 +183,10 @@ def validate(model: CrossEncoder, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def config_hash(profile: Profile) -> str:
-    cfg, d = profile.judges, profile.data
-    judge_keys = {
-        k: v for k, v in cfg.model_dump(mode="json").items() if k == "encoder" or k.startswith("harmless")
-    }
+    d = profile.data
+    # the offline judge's settings under their names before the per-dimension sections (cached judges stay valid)
+    settings = profile.judges.harmless.model_dump(mode="json", exclude={"judge", "model"})
+    judge_keys = {"encoder": profile.judges.encoder, **{f"harmless_{k}": v for k, v in settings.items()}}
     payload = {
         "v": JUDGE_CODE_VERSION,
         "seed": profile.seed,
@@ -236,7 +236,7 @@ def train_rows(profile: Profile) -> list[dict[str, Any]]:
 
     return _sample(
         load_beavertails_labelled(profile, "non_eval"),
-        profile.judges.harmless_train_rows,
+        profile.judges.harmless.train_rows,
         f"{profile.seed}:harmless-judge-train",
     )
 
@@ -247,7 +247,7 @@ def heldout_rows(profile: Profile) -> list[dict[str, Any]]:
 
     return _sample(
         load_beavertails_labelled(profile, "eval"),
-        profile.judges.harmless_validation_rows,
+        profile.judges.harmless.validation_rows,
         f"{profile.seed}:harmless-judge-val",
     )
 
@@ -265,15 +265,15 @@ def load_offline(profile: Profile) -> OfflineModerationJudge:
             )
         if len({r["is_safe"] for r in train}) < 2:
             raise DataError(
-                "the harmless judge's training rows hold one class only; raise judges.harmless_train_rows"
+                "the harmless judge's training rows hold one class only; raise judges.harmless.train_rows"
             )
         model = train_cross_encoder(profile, train)
         validation = validate(model, heldout)
         validation.update(
             train_pairs=len(train),
             train_prompts=len({r["prompt"] for r in train}),
-            epochs=profile.judges.harmless_epochs,
-            max_length=profile.judges.harmless_max_length,
+            epochs=profile.judges.harmless.epochs,
+            max_length=profile.judges.harmless.max_length,
         )
         model.encoder.save_pretrained(folder / "encoder")
         model.tokenizer.save_pretrained(folder / "encoder")
@@ -349,14 +349,14 @@ class BeaverDamJudge:
 
         self.tokenizer, self.model = load_gpu_judge(
             AutoModelForSequenceClassification,
-            profile,
-            "beaver_dam_model",
-            "evaluation.harmless_judge `beaver-dam-7b` (a 7B model)",
-            "harmless_judge: offline",
+            profile.judges.harmless.model,
+            "judges.harmless.model",
+            "judges.harmless.judge `beaver-dam-7b` (a 7B model)",
+            "judges.harmless.judge: offline",
         )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
-        self.name = f"beaver-dam-7b ({profile.judges.beaver_dam_model})"
+        self.name = f"beaver-dam-7b ({profile.judges.harmless.model})"
         self.validation = {"note": "the paper's judge; no offline validation needed"}
 
     def harmful_probability(

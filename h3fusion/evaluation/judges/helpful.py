@@ -110,7 +110,7 @@ def split_instructions(profile: Profile, n_items: int) -> dict[str, list[int]]:
     taken = set(scored)
     rest = [i for i in range(n_items) if i not in taken]
     random.Random(f"{profile.seed}:helpful-judge").shuffle(rest)
-    n_val = min(profile.judges.helpful_validation_instructions, len(rest) // 2)
+    n_val = min(profile.judges.helpful.validation_instructions, len(rest) // 2)
     if n_val < 1 or len(rest) - n_val < 1:
         raise DataError(
             f"only {len(rest)} AlpacaEval instructions are left after the {n_scored} scored ones: too few to train and "
@@ -310,7 +310,7 @@ def config_hash(profile: Profile) -> str:
         "seed": profile.seed,
         "scored": profile.data.eval_examples["helpful"],
         "eval_sample": profile.data.eval_sample,
-        "val": profile.judges.helpful_validation_instructions,
+        "val": profile.judges.helpful.validation_instructions,
         "data": str(profile.data_dir),
         "source": profile.data.source,
         "storage": STORAGE_FORMAT,
@@ -383,15 +383,15 @@ class AlpacaEvalJudge:
             from alpaca_eval.annotators import PairwiseAnnotator
         except ImportError:
             raise H3FusionError(
-                "evaluation.helpful_judge is `alpaca_eval` but the alpaca_eval package is not installed; "
-                "`pip install alpaca-eval` (and set OPENAI_API_KEY), or use helpful_judge: offline"
+                "judges.helpful.judge is `alpaca_eval` but the alpaca_eval package is not installed; "
+                "`pip install alpaca-eval` (and set OPENAI_API_KEY), or use judges.helpful.judge: offline"
             ) from None
         if not os.environ.get("OPENAI_API_KEY"):
             raise H3FusionError(
-                "evaluation.helpful_judge is `alpaca_eval`, which calls GPT-4: set OPENAI_API_KEY, "
-                "or use helpful_judge: offline"
+                "judges.helpful.judge is `alpaca_eval`, which calls GPT-4: set OPENAI_API_KEY, "
+                "or use judges.helpful.judge: offline"
             )
-        self.annotator_config = profile.judges.alpaca_eval_annotator
+        self.annotator_config = profile.judges.helpful.annotator
         self.annotator = PairwiseAnnotator(annotators_config=self.annotator_config)
         self.name = f"AlpacaEval 1 ({self.annotator_config})"
         self.validation = {"note": "the paper's judge; no offline validation needed"}
