@@ -3,7 +3,8 @@
 Sizes, seeds and model ids live in profiles (``profiles/*.yaml``), never in code. Every
 section forbids unknown keys, so a typo is an error that names the key instead of a silently
 ignored setting. Errors are raised as `ConfigError` with one line per problem. The sections themselves live in
-`h3fusion.config_sections`; import them from here.
+`h3fusion.config_sections` (building the models) and `h3fusion.config_evaluation` (evaluating them); import them
+from here.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from typing import Any
 import yaml
 from pydantic import ValidationError, field_validator, model_validator
 
-from h3fusion.config_sections import (
-    TASKS,
+from h3fusion.config_evaluation import (
     AblationsConfig,
     BaselinesConfig,
-    DataConfig,
     EvaluationConfig,
-    ExpertsConfig,
-    ExpertSpec,
-    FusionConfig,
     GenerationConfig,
     JudgesConfig,
     LikelihoodConfig,
+)
+from h3fusion.config_sections import (
+    TASKS,
+    DataConfig,
+    ExpertsConfig,
+    ExpertSpec,
+    FusionConfig,
     LoraConfig,
     ModelConfig,
     ReleasedCodeSwitches,
@@ -208,7 +211,11 @@ TRAINING_DATA_KEYS: tuple[str, ...] = (
 
 
 RENAMED_KEYS: dict[str, str] = {
-    "evaluation.likelihood.harmless_prompts": "evaluation.likelihood.harmless_pairs",
+    "evaluation.likelihood.harmless_prompts": "evaluation.likelihood.items.harmless",
+    # the likelihood track's sizes moved into one entry per dimension
+    "evaluation.likelihood.harmless_pairs": "evaluation.likelihood.items.harmless",
+    "evaluation.likelihood.helpful_items": "evaluation.likelihood.items.helpful",
+    "evaluation.likelihood.honest_questions": "evaluation.likelihood.items.honest",
     # the judges' settings moved into one section per dimension (its `Dimension.judge_settings`)
     "evaluation.helpful_judge": "judges.helpful.judge",
     "evaluation.harmless_judge": "judges.harmless.judge",

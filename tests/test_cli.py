@@ -92,10 +92,11 @@ def test_unknown_key_in_profile_file(capsys: pytest.CaptureFixture[str], tmp_pat
 
 def test_renamed_key_names_its_new_name(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     old = tmp_path / "old.yaml"
-    old.write_text((PROFILES_DIR / "smoke.yaml").read_text().replace("harmless_pairs:", "harmless_prompts:"))
+    text = (PROFILES_DIR / "smoke.yaml").read_text()
+    old.write_text(text.replace("items: {honest: 6, helpful: 4, harmless: 46}", "honest_questions: 6"))
     code, err = _run(["data", "--profile", str(old)], capsys)
     assert code == 2
-    assert "`evaluation.likelihood.harmless_prompts` was renamed: use `evaluation.likelihood.harmless_pairs`" in err
+    assert "`evaluation.likelihood.honest_questions` was renamed: use `evaluation.likelihood.items.honest`" in err
 
 
 def test_set_without_equals_sign(capsys: pytest.CaptureFixture[str]) -> None:

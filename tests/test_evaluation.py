@@ -349,8 +349,8 @@ def test_evaluate_base_is_deterministic_and_cached(profile, judges, tmp_path):
     m, lk = first["scores"], first["likelihood"]
     assert set(m) == set(profile.tasks)
     assert 0 <= m["helpful"]["win_rate"] <= 100 and 0 <= lk["honest"]["mc2"] <= 100
-    assert lk["honest"]["n"] == profile.evaluation.likelihood.honest_questions
-    assert lk["helpful"]["n"] == profile.evaluation.likelihood.helpful_items
+    assert lk["honest"]["n"] == profile.evaluation.likelihood.items_of("honest")
+    assert lk["helpful"]["n"] == profile.evaluation.likelihood.items_of("helpful")
     assert lk["helpful"]["ref_logprob"] < 0  # a mean log-probability per token
     assert first["judges"]["helpful"]["name"] == "fake-length-judge"
     assert first["judges"]["harmless"]["validation"]["n_heldout"] == 10

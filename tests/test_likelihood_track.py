@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from h3fusion import load_profile
+from h3fusion.config import derived_profile
 from h3fusion.data.splits import beavertails_split, eval_items_all, load_eval_items
 from h3fusion.dimensions.harmless import safe_unsafe_pairs
 from h3fusion.evaluation import likelihood, stats
@@ -37,11 +38,11 @@ class WordCountLM:
 def test_items_are_prefixes_of_the_stratified_order_and_contain_the_judged_sample(profile, inputs):
     cfg = profile.evaluation.likelihood
     honest = [str(it["id"]) for it in eval_items_all(profile, "honest")]
-    assert inputs["honest"].ids == honest[: cfg.honest_questions]
+    assert inputs["honest"].ids == honest[: cfg.items_of("honest")]
     judged = [str(it["id"]) for it in load_eval_items(profile, "honest")]
     assert set(judged) <= set(inputs["honest"].ids)
     helpful = [str(it["id"]) for it in eval_items_all(profile, "helpful") if it.get("reference")]
-    assert inputs["helpful"].ids == helpful[: cfg.helpful_items]
+    assert inputs["helpful"].ids == helpful[: cfg.items_of("helpful")]
     assert len(inputs["honest"].mc) == len(inputs["honest"].ids)
 
 
@@ -66,7 +67,7 @@ def test_every_harmless_item_pairs_a_safe_and_an_unsafe_response(profile, inputs
         positions = [order.index(it["id"].split("+")[0]) for it in part]
         assert positions == sorted(positions)
     li = inputs["harmless"]
-    assert li.ids == [it["id"] for it in items][: profile.evaluation.likelihood.harmless_pairs]
+    assert li.ids == [it["id"] for it in items][: profile.evaluation.likelihood.items_of("harmless")]
     for k in range(len(li.ids)):
         sides = {s for o, s in zip(li.owners, li.sides, strict=True) if o == k}
         assert sides == {"safe", "unsafe"}
@@ -111,8 +112,7 @@ def test_the_hash_follows_the_model_and_the_items(profile, inputs):
     li = inputs["helpful"]
     assert li.digest("a", "qa6") == li.digest("a", "qa6")
     assert li.digest("a", "qa6") != li.digest("b", "qa6")
-    fewer = likelihood.likelihood_inputs(profile.model_copy(update={"evaluation": profile.evaluation.model_copy(
-        update={"likelihood": profile.evaluation.likelihood.model_copy(update={"helpful_items": 2})})}))
+    fewer = likelihood.likelihood_inputs(derived_profile(profile, {"evaluation.likelihood.items.helpful": 2}))
     assert fewer["helpful"].digest("a", "qa6") != li.digest("a", "qa6")
     assert inputs["honest"].digest("a", "qa6") != inputs["honest"].digest("a", "alpaca")
 

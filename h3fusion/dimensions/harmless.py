@@ -70,13 +70,13 @@ def safe_unsafe_pairs(profile: Profile) -> list[dict[str, Any]]:
 
 
 def likelihood_inputs(profile: Profile, tok: Any) -> Any:
-    """The first `evaluation.likelihood.harmless_pairs` of `safe_unsafe_pairs`: every response of each side (cut to
+    """The first `evaluation.likelihood.items.harmless` of `safe_unsafe_pairs`: every response of each side (cut to
     `max_answer_tokens`) scored after its own prompt."""
     from h3fusion.data import format_prompt
     from h3fusion.evaluation.likelihood import LikelihoodInputs, truncate_tokens
 
     cfg = profile.evaluation.likelihood
-    items = safe_unsafe_pairs(profile)[: cfg.harmless_pairs]
+    items = safe_unsafe_pairs(profile)[: cfg.items_of("harmless")]
     pairs, owners, sides, tokens = [], [], [], []
     for i, it in enumerate(items):
         for side in ("safe", "unsafe"):

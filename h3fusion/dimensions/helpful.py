@@ -48,14 +48,14 @@ def inputs(items: Sequence[Any]) -> Any:
 
 
 def likelihood_inputs(profile: Profile, tok: Any) -> Any:
-    """The reference answers of the first `evaluation.likelihood.helpful_items` AlpacaEval instructions that have
+    """The reference answers of the first `evaluation.likelihood.items.helpful` AlpacaEval instructions that have
     one (each cut to `max_answer_tokens`), scored after the instruction's Alpaca prompt."""
     from h3fusion.data import format_prompt
     from h3fusion.data.splits import eval_items_all
     from h3fusion.evaluation.likelihood import LikelihoodInputs, truncate_tokens
 
     cfg = profile.evaluation.likelihood
-    items = [it for it in eval_items_all(profile, "helpful") if it.get("reference")][: cfg.helpful_items]
+    items = [it for it in eval_items_all(profile, "helpful") if it.get("reference")][: cfg.items_of("helpful")]
     pairs, tokens = [], []
     for it in items:
         answer, n = truncate_tokens(tok, it["reference"], cfg.max_answer_tokens)

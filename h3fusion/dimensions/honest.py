@@ -58,11 +58,11 @@ def inputs(items: Sequence[Any]) -> Any:
 
 
 def likelihood_inputs(profile: Profile, tok: Any) -> Any:
-    """The multiple-choice questions of the first `evaluation.likelihood.honest_questions` TruthfulQA items."""
+    """The multiple-choice questions of the first `evaluation.likelihood.items.honest` TruthfulQA items."""
     from h3fusion.data.splits import eval_items_all
     from h3fusion.evaluation.likelihood import LikelihoodInputs
 
-    items = eval_items_all(profile, "honest")[: profile.evaluation.likelihood.honest_questions]
+    items = eval_items_all(profile, "honest")[: profile.evaluation.likelihood.items_of("honest")]
     return LikelihoodInputs("honest", [str(it["id"]) for it in items], [], [], [], [], inputs(items).mc)
 
 
