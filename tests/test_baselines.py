@@ -528,12 +528,17 @@ def test_merged_adapter_generates_like_the_evaluated_expert_and_restores_the_bas
     assert not any(m.merged for m in bank.model.modules() if hasattr(m, "merged_adapters"))
 
 
-def test_known_answers_hit_only_for_the_same_list_config_and_seed():
+def test_known_answers_hit_only_for_the_same_model_list_config_and_seed(tmp_path):
     from h3fusion.baselines.answers import KnownAnswers
+    from h3fusion.evaluation.generation_cache import GenerationCache
 
     cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
-    known = KnownAnswers(42, ("###",), {"a": {(cfg.model_dump_json(), ("p1", "p2")): ("x", "y")}})
+    known = KnownAnswers(GenerationCache(tmp_path), {"a": "identity-a", "b": "identity-b"})
+    assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) is None
+    known.store("a", ["p1", "p2"], cfg, 42, ["###"], ["x", "y"])
     assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) == ["x", "y"]
+    retrained = KnownAnswers(GenerationCache(tmp_path), {"a": "identity-a2"})
+    assert retrained.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) is None  # another expert's weights
     assert known.lookup("a", ["p2", "p1"], cfg, 42, ["###"]) is None  # another batching: generated
     assert known.lookup("a", ["p1"], cfg, 42, ["###"]) is None
     assert known.lookup("b", ["p1", "p2"], cfg, 42, ["###"]) is None
@@ -561,8 +566,8 @@ def test_instruct_scores_a_few_shot_mc_pair_as_its_alpaca_question(profile, tok,
 
 
 def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, monkeypatch):
-    """ensemble-select and H3Fusion-Instruct from the experts' cached evaluation answers answer exactly as when
-    they generate the experts' answers themselves, and generate none of them."""
+    """ensemble-select and H3Fusion-Instruct from the answers the experts' evaluations stored in the generation
+    cache answer exactly as when they generate the experts' answers themselves, and generate none of them."""
     from h3fusion.baselines import answers, shared
     from h3fusion.baselines.instruct import InstructFusion
     from h3fusion.baselines.select import SelectEnsemble
@@ -571,15 +576,22 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     profile, judges = own_experts, fake_judges()
     for task in profile.tasks:
         evaluate_model(profile, task, judges=judges)
-    known = answers.expert_eval_answers(profile)
+    known = answers.known_answers(profile)
+    from h3fusion.data import format_prompt
+    from h3fusion.data.splits import xstest_eval_items
     from h3fusion.evaluation import overrefusal
+    from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
     from h3fusion.evaluation.inputs import profile_inputs
 
     assert overrefusal.enabled(profile)
-    # every expert, every dimension and the XSTest prompts
-    assert len(known) == profile.num_experts * (len(profile.tasks) + 1)
     inputs = profile_inputs(profile)
     seed = profile.seed
+    xstest = [format_prompt(it["prompt"]) for it in xstest_eval_items(profile)]
+    asked = [(inputs[d].prompts, profile.evaluation.generation_for(d)) for d in profile.tasks]
+    asked.append((xstest, profile.evaluation.generation))
+    for expert in profile.expert_names:  # every expert's answers on every dimension and the XSTest prompts
+        for prompts, gen in asked:
+            assert known.lookup(expert, prompts, gen, seed, DEFAULT_STOP_STRINGS) is not None
     bank, tok = shared.expert_bank(profile)
 
     def cfg(d):
@@ -614,10 +626,20 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
 
 def test_stale_expert_answers_are_not_reused(own_experts):
     from h3fusion.baselines import answers
+    from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+    from h3fusion.evaluation.inputs import profile_inputs
     from h3fusion.evaluation.run import evaluate_model
 
-    evaluate_model(own_experts, own_experts.tasks[0], judges=fake_judges())
-    assert answers.expert_eval_answers(own_experts).runs.keys() == {own_experts.tasks[0]}
+    first, *others = own_experts.expert_names
+    evaluate_model(own_experts, first, judges=fake_judges())
+    prompts = profile_inputs(own_experts)["helpful"].prompts
+
+    def hits(profile):
+        known, cfg = answers.known_answers(profile), profile.evaluation.generation_for("helpful")
+        seed = profile.seed
+        return [e for e in profile.expert_names if known.lookup(e, prompts, cfg, seed, DEFAULT_STOP_STRINGS)]
+
+    assert hits(own_experts) == [first]
     ev = own_experts.evaluation
     longer = own_experts.model_copy(
         update={
@@ -633,7 +655,7 @@ def test_stale_expert_answers_are_not_reused(own_experts):
             )
         }
     )
-    assert len(answers.expert_eval_answers(longer)) == 0  # generated with another config: regenerate
+    assert hits(longer) == []  # generated with another config: regenerate
 
 
 def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adapters):
@@ -654,9 +676,13 @@ def test_uniform_and_packllm_share_the_experts_token_logprobs(profile, tok, adap
     assert len(store) == filled and want_p != want_u
 
 
-def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(own_experts, monkeypatch):
+def test_a_baseline_before_the_experts_evaluations_stores_their_answers_for_them(own_experts, monkeypatch):
+    """ensemble-select built before any expert is evaluated generates the experts' answers itself (it does not run
+    their evaluations); the experts' evaluations afterwards read those answers instead of generating them."""
     from h3fusion.baselines import run_baselines
     from h3fusion.evaluation import judges as judges_mod
+    from h3fusion.evaluation import lm as lm_mod
+    from h3fusion.evaluation.run import evaluate_model
     from h3fusion.evaluation.store import eval_dir, read_jsonl
 
     loads = []
@@ -665,7 +691,13 @@ def test_run_baselines_evaluates_missing_experts_once_and_reuses_their_answers(o
     calls = count_expert_generations(monkeypatch)
     metrics = run_baselines(profile, only="ensemble-select")
     assert set(metrics) == {"ensemble-select"} and loads == [1]  # the judges loaded once
-    assert calls == []  # the experts were evaluated (cached) first, their answers read back
+    assert calls and not any(eval_dir(profile, e).exists() for e in profile.expert_names)
+    evaluated = []
+    real = lm_mod.generate_texts
+    monkeypatch.setattr(lm_mod, "generate_texts", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+    for expert in profile.expert_names:
+        evaluate_model(profile, expert, judges=fake_judges())
+    assert evaluated == []  # every expert answer came from the cache
     for task in profile.tasks:
         experts_answers = [
             [r["answer"] for r in read_jsonl(eval_dir(profile, e) / "generations" / f"{task}.jsonl")]

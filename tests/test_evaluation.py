@@ -443,3 +443,41 @@ def test_models_evaluated_in_worker_processes_equal_one_process(tmp_path):
     side_by_side = evaluate_models(two, ["base", "base"])
     assert side_by_side == {"base": alone}
     assert json.loads(store.metrics_path(two, "base").read_text()) == alone
+
+
+def test_generation_cache_answers_a_repeated_call_of_the_same_model_only(tmp_path, monkeypatch):
+    """`HFLanguageModel.generate` with a generation cache: the same model, prompt list, config, seed and stop
+    strings read the stored answers; anything else generates; a damaged entry counts as missing."""
+    from h3fusion.config import GenerationConfig
+    from h3fusion.evaluation import lm as lm_mod
+    from h3fusion.evaluation.generation_cache import GenerationCache, call_key
+
+    calls = []
+
+    def fake_generate(model, tok, prompts, cfg, seed, **kwargs):
+        calls.append(list(prompts))
+        return [f"{p}:{seed}:{cfg.max_new_tokens}" for p in prompts]
+
+    monkeypatch.setattr(lm_mod, "generate_texts", fake_generate)
+    cache = GenerationCache(tmp_path / "generations")
+
+    class _Model:
+        def eval(self):
+            return self
+
+    def model(identity):
+        m = lm_mod.HFLanguageModel(_Model(), tokenizer=None, progress=False)
+        m.store_generations(cache, identity)
+        return m
+
+    cfg = GenerationConfig(max_new_tokens=4, batch_size=2)
+    first = model("a").generate(["p", "q"], cfg, 1)
+    assert model("a").generate(["p", "q"], cfg, 1) == first and len(calls) == 1
+    model("b").generate(["p", "q"], cfg, 1)  # another model
+    model("a").generate(["q", "p"], cfg, 1)  # another list (batching may differ)
+    model("a").generate(["p", "q"], cfg, 2)  # another seed
+    model("a").generate(["p", "q"], cfg.model_copy(update={"max_new_tokens": 5}), 1)
+    assert len(calls) == 5
+    path = tmp_path / "generations" / f"{call_key('a', ['p', 'q'], cfg, 1, lm_mod.DEFAULT_STOP_STRINGS)}.json"
+    path.write_text('["only one"]')
+    assert model("a").generate(["p", "q"], cfg, 1) == first and len(calls) == 6

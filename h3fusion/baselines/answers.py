@@ -1,18 +1,18 @@
-"""The experts' answers to the evaluation prompts: cached by their own evaluations, or generated.
+"""The experts' answers the output-level baselines start from: read from the generation cache, or generated.
 
-Ensemble-select and H3Fusion-Instruct start from every expert's answer to each evaluation prompt. The experts'
-evaluations (book chapter 1) already generated exactly those answers (same items, generation config, seed, stop
-strings, expert weights), so the baselines read them from ``eval/<expert>/`` instead of generating them again;
-a cached answer is used only under the generation hash `evaluate_model` itself would check (`KnownAnswers`,
-`expert_eval_answers`); anything else is generated with the expert merged into the weights, as its evaluation
-generates it, which gives the same tokens (`expert_answers`).
+Ensemble-select and H3Fusion-Instruct start from every expert's answer to each prompt they are asked, which are
+the prompts the experts answer in their own evaluations (book chapter 1). Whichever stage generates an expert's
+answers to a prompt list first stores them in the language-model-level generation cache
+(`evaluation.generation_cache`) under the expert's identity, the one its evaluation uses; the other reads them
+(`KnownAnswers`). A miss is generated with the expert merged into the weights, as its evaluation generates it,
+which gives the same tokens (`expert_answers`), and stored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from h3fusion.config import GenerationConfig, Profile
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS, generate_texts
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from h3fusion.baselines.ensembles import AdapterBank
+    from h3fusion.evaluation.generation_cache import GenerationCache
 
 
 def expert_identities(profile: Profile) -> dict[str, str]:
@@ -35,58 +36,14 @@ def expert_identities(profile: Profile) -> dict[str, str]:
     return out
 
 
-def expert_eval_answers(profile: Profile) -> KnownAnswers:
-    """The experts' answers cached by their evaluation (eval/<expert>/generations/<dimension>.jsonl), for each
-    dimension whose generation hash matches this profile and the current expert (same items, generation config,
-    seed, stop strings, expert weights: what `evaluate_model` would regenerate)."""
-    from h3fusion.evaluation import overrefusal
-    from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
-    from h3fusion.evaluation.inputs import profile_inputs
-    from h3fusion.evaluation.store import eval_dir, read_jsonl
-
-    identities = expert_identities(profile)
-    inputs = profile_inputs(profile)
-    runs: dict[str, dict[tuple[str, tuple[str, ...]], tuple[str, ...]]] = {}
-    for expert in profile.expert_names:
-        for dim in cached_dimensions(profile, expert, identities[expert], inputs):
-            rows = read_jsonl(eval_dir(profile, expert) / "generations" / f"{dim}.jsonl")
-            if [r.get("prompt") for r in rows] == inputs[dim].prompts:
-                key = (profile.evaluation.generation_for(dim).model_dump_json(), tuple(inputs[dim].prompts))
-                runs.setdefault(expert, {})[key] = tuple(r["answer"] for r in rows)
-        found = overrefusal.stored_answers(profile, expert, identities[expert])  # the XSTest track's answers
-        if found is not None:
-            runs.setdefault(expert, {})[found[0]] = found[1]
-    return KnownAnswers(profile.seed, tuple(DEFAULT_STOP_STRINGS), runs)
-
-
-def cached_dimensions(profile: Profile, name: str, identity: str, inputs: dict[str, Any]) -> list[str]:
-    """The dimensions whose generations eval/<name>/ holds for this model identity and profile (run.py's key)."""
-    from h3fusion.artifacts import read_manifest
-    from h3fusion.evaluation.run import generation_hash
-    from h3fusion.evaluation.store import eval_dir
-
-    folder = eval_dir(profile, name)
-    stored = (read_manifest(folder) or {}).get("generation_hashes", {})
-    return [
-        t
-        for t in profile.tasks
-        if stored.get(t) == generation_hash(profile, identity, t, inputs[t])
-        and (folder / "generations" / f"{t}.jsonl").is_file()
-    ]
-
-
 @dataclass(frozen=True)
 class KnownAnswers:
-    """Answers the experts already gave to whole prompt lists (their evaluation generations), keyed by expert.
+    """The experts' answers in the generation cache, under each expert's identity (`expert_identities`, the one its
+    own evaluation stores its answers under). A lookup hits only for the same expert weights, prompt list (in
+    order), generation config, seed and stop strings."""
 
-    A lookup hits only for the same generation config, seed and stop strings and the SAME prompt list in the
-    same order: batching (which prompts share a padded batch) can move a greedy answer at the rounding level, so
-    only the list the expert generated is certain to give the same tokens again. Anything else is generated."""
-
-    seed: int
-    stop_strings: tuple[str, ...]
-    runs: Mapping[str, Mapping[tuple[str, tuple[str, ...]], tuple[str, ...]]] = field(default_factory=dict)
-    """{expert: {(generation config as JSON, prompts): answers}}: dimensions may have their own caps."""
+    cache: GenerationCache
+    identities: Mapping[str, str]
 
     def lookup(
         self,
@@ -96,13 +53,29 @@ class KnownAnswers:
         seed: int,
         stop_strings: Sequence[str],
     ) -> list[str] | None:
-        if (seed, tuple(stop_strings)) != (self.seed, self.stop_strings):
+        if expert not in self.identities:
             return None
-        hit = self.runs.get(expert, {}).get((cfg.model_dump_json(), tuple(prompts)))
-        return list(hit) if hit is not None else None
+        return self.cache.get(self.identities[expert], prompts, cfg, seed, stop_strings)
 
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.runs.values())
+    def store(
+        self,
+        expert: str,
+        prompts: Sequence[str],
+        cfg: GenerationConfig,
+        seed: int,
+        stop_strings: Sequence[str],
+        answers: Sequence[str],
+    ) -> None:
+        if expert in self.identities:
+            self.cache.put(self.identities[expert], prompts, cfg, seed, stop_strings, answers)
+
+
+def known_answers(profile: Profile) -> KnownAnswers:
+    """The profile's generation cache under its experts' identities (an error naming `h3fusion align` when an
+    expert is missing)."""
+    from h3fusion.evaluation.generation_cache import profile_generation_cache
+
+    return KnownAnswers(profile_generation_cache(profile.run_dir), expert_identities(profile))
 
 
 def expert_answers(
@@ -117,8 +90,8 @@ def expert_answers(
     known: KnownAnswers | None = None,
     progress: bool = True,
 ) -> dict[str, list[str]]:
-    """{expert: its answer to each prompt}: the known (cached evaluation) answers when they cover this exact
-    prompt list, else generated with the expert merged into the weights, which gives the same tokens."""
+    """{expert: its answer to each prompt}: the known (cached) answers when they cover this exact prompt list, else
+    generated with the expert merged into the weights, which gives the same tokens, and stored in `known`."""
     out: dict[str, list[str]] = {}
     for e in experts:
         hit = known.lookup(e, prompts, cfg, seed, stop_strings) if known is not None else None
@@ -134,5 +107,7 @@ def expert_answers(
                     desc=f"answers of {e}",
                     progress=progress,
                 )
+            if known is not None:
+                known.store(e, prompts, cfg, seed, stop_strings, hit)
         out[e] = hit
     return out

@@ -69,7 +69,7 @@ class InstructFusion:
 
     `continuation_logprobs` scores a continuation under the fuser given the fuser prompt, whose candidate
     answers are generated once per distinct prompt (greedy, `candidate_cfg`) and cached. The experts' answers
-    come from `known` (their cached evaluation answers) when it covers the prompts, see `expert_answers`.
+    come from `known` (the generation cache under the experts' identities) when it holds them, see `expert_answers`.
     """
 
     def __init__(

@@ -10,10 +10,10 @@ re-trained expert rebuilds every baseline.
 
 Cost: the builders of one `run_baselines` call share one expert bank (base + every adapter, `shared.SharedExperts`) and the
 evaluations one set of judges; each loaded baseline has its own bank (one model's weights). What the ensembles
-would otherwise compute again comes from the experts' stored evaluations, keyed by content: the experts'
-per-token log-probabilities (`evaluation.logprob_cache`, which the token ensembles mix) and their answers to the
-evaluation prompts (`answers.expert_eval_answers`, which ensemble-select and H3Fusion-Instruct start from; the
-experts are evaluated first when those are missing). No module-level state is shared between calls.
+would otherwise compute again comes from the language-model-level caches, keyed by content: the experts'
+per-token log-probabilities (`evaluation.logprob_cache`, which the token ensembles mix) and their answers
+(`evaluation.generation_cache`, which ensemble-select and H3Fusion-Instruct start from), whichever stage computed
+them first. No module-level state is shared between calls.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from h3fusion.artifacts import Stopwatch, atomic_dir, atomic_write_json, digest, is_complete, make_manifest
-from h3fusion.baselines.answers import cached_dimensions, expert_identities
+from h3fusion.baselines.answers import expert_identities
 from h3fusion.baselines.data_mix import build_data_mix, data_mix_params
 from h3fusion.baselines.registry import BASELINES, baseline_names, get_baseline
 from h3fusion.baselines.shared import SharedExperts
@@ -32,7 +32,6 @@ from h3fusion.config import Profile, shown_path
 from h3fusion.errors import ArtifactError
 
 if TYPE_CHECKING:
-
     from h3fusion.evaluation.lm import LanguageModel
     from h3fusion.evaluation.registry import ModelEntry
 
@@ -40,8 +39,6 @@ BASELINE_FORMAT = 1
 """Bump when a baseline's construction changes: every baseline is then rebuilt."""
 CONFIG_FILE = "baseline.json"
 FUSER_ADAPTER = "fuser"
-EXPERT_ANSWER_BASELINES = ("ensemble-select", "instruct-zeroshot", "instruct-lora")
-"""The baselines that start from the experts' answers to the evaluation prompts."""
 DENSE_KINDS = ("merge", "data-mix")
 """The kinds stored as a dense Hugging Face folder (loaded like any model folder)."""
 
@@ -118,31 +115,6 @@ def baseline_hash(profile: Profile, name: str) -> str:
     return digest(payload)
 
 
-def _ensure_expert_answers(profile: Profile, names: list[str], shared: SharedExperts) -> None:
-    """Evaluate (and so cache) every expert whose evaluation answers are missing, when a baseline that starts
-    from them still has generations to make; the baselines then read them instead of generating them."""
-    from h3fusion.evaluation.inputs import profile_inputs
-    from h3fusion.evaluation.run import evaluate_model
-
-    inputs = profile_inputs(profile)
-    pending = [
-        n
-        for n in names
-        if n in EXPERT_ANSWER_BASELINES
-        and len(cached_dimensions(profile, n, _baseline_identity(profile, n), inputs)) < len(profile.tasks)
-    ]
-    if not pending:
-        return
-    identities = expert_identities(profile)
-    for expert in profile.expert_names:
-        if len(cached_dimensions(profile, expert, identities[expert], inputs)) < len(profile.tasks):
-            print(
-                f"[baselines] {', '.join(pending)} start from the experts' answers: evaluating the {expert} expert "
-                f"first (cached in eval/{expert}/, as chapter 1 does)"
-            )
-            evaluate_model(profile, expert, judges=shared.get_judges())
-
-
 # ---------------------------------------------------------------------------------------------- builders
 
 
@@ -198,7 +170,8 @@ def _build_instruct_lora(profile: Profile, name: str, tmp: Path, shared: SharedE
     try:
         bank.model.save_pretrained(str(tmp), selected_adapters=[FUSER_ADAPTER])
     finally:
-        bank.use(profile.expert_names[0])  # an expert active again before the fuser goes (peft warns otherwise)
+        # an expert active again before the fuser goes (peft warns otherwise)
+        bank.use(profile.expert_names[0])
         bank.model.delete_adapter(FUSER_ADAPTER)
     return {"train_examples": len(examples), "loss_log": log}
 
@@ -246,8 +219,8 @@ def load_baseline(profile: Profile, name: str) -> LanguageModel:
     """Baseline NAME as a `LanguageModel` (an error naming the command to run when it is not built).
 
     The expert bank is loaded here, once per baseline; what the ensembles would otherwise compute again (the
-    experts' per-token log-probabilities, their answers to the evaluation prompts) comes from the experts' stored
-    evaluations (`evaluation.logprob_cache`, `answers.expert_eval_answers`)."""
+    experts' per-token log-probabilities, their answers to the evaluation prompts) comes from the caches the
+    experts' evaluations fill (`evaluation.logprob_cache`, `evaluation.generation_cache`)."""
     entry = get_baseline(name)
     folder = baseline_dir(profile, name)
     _baseline_identity(profile, name)
@@ -332,12 +305,12 @@ def run_baselines(profile: Profile, only: str | None = None) -> dict[str, dict[s
     for n in names:
         get_baseline(n)
     expert_identities(profile)
-    check_experts_fit(profile, profile.expert_names)  # before any baseline is built: the adapters fit the base
+    # before any baseline is built: the adapters fit the base
+    check_experts_fit(profile, profile.expert_names)
     shared = SharedExperts(profile)
     for n in names:
         build_baseline(profile, n, shared)
     shared.release()  # merged models load their own weights: free the builders' bank; it comes back once, lazily
-    _ensure_expert_answers(profile, names, shared)
     if profile.evaluation.workers > 1:  # each worker process loads its own bank and judges
         from h3fusion.evaluation.parallel import evaluate_models
 

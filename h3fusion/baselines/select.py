@@ -1,7 +1,8 @@
 """Output-level ensemble (book chapter 3): every expert answers, a judge-free rule picks one answer per prompt.
 
-The experts' answers come from their own cached evaluations when they cover the prompts (`answers.KnownAnswers`),
-so selecting costs one likelihood scoring of the candidates, not three generations.
+The experts' answers come from the generation cache when an earlier stage (their own evaluations, usually) stored
+them for the same prompts (`answers.KnownAnswers`), so selecting costs one likelihood scoring of the candidates, not
+three generations.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """What the baselines of one `run_baselines` call share: the base model loaded once with every expert's adapter
 (`expert_bank`: n experts cost one model), the token ensembles made from it, the judges and the experts' cached
-evaluation answers, each made on first use (`SharedExperts`)."""
+answers (the generation cache under their identities), each made on first use (`SharedExperts`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from h3fusion.baselines.answers import expert_eval_answers, expert_identities
+from h3fusion.baselines.answers import expert_identities, known_answers
 from h3fusion.config import Profile
 
 if TYPE_CHECKING:
@@ -27,7 +27,9 @@ def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]
     expert_identities(profile)
     check_experts_fit(profile, profile.expert_names)
     model, tok = load_base(profile)
-    bank = AdapterBank(model.to(inference_device()), {e: expert_dir(profile, e) for e in profile.expert_names})
+    bank = AdapterBank(
+        model.to(inference_device()), {e: expert_dir(profile, e) for e in profile.expert_names}
+    )
     return bank, tok
 
 
@@ -35,7 +37,7 @@ def expert_bank(profile: Profile) -> tuple[AdapterBank, PreTrainedTokenizerBase]
 class SharedExperts:
     """What the baselines of one `run_baselines` call share, each made on first use: the expert bank (n experts
     cost one model), the uniform mixture (its MC scores serve ensemble-uniform and ensemble-select), the
-    judges, and the experts' cached evaluation answers."""
+    judges, and the experts' answers in the generation cache."""
 
     profile: Profile
     judges: Any = None
@@ -78,7 +80,7 @@ class SharedExperts:
 
     def known(self) -> KnownAnswers:
         if self._known is None:
-            self._known = expert_eval_answers(self.profile)
+            self._known = known_answers(self.profile)
         return self._known
 
     def release(self) -> None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from h3fusion.evaluation.generation_cache import GenerationCache
     from h3fusion.evaluation.logprob_cache import TokenLogprobCache
 
 
@@ -94,12 +95,18 @@ class HFLanguageModel:
         self.share_prompt_prefix = share_prompt_prefix
         self.progress = progress
         self.logprob_cache: TokenLogprobCache | None = None
+        self.generation_cache: GenerationCache | None = None
         self.identity: str | None = None
 
     def store_logprobs(self, cache: TokenLogprobCache, identity: str) -> None:
         """Keep every `continuation_token_logprobs` call's result in CACHE under IDENTITY (the model's artifact
         identity), and answer repeated calls from it: token ensembles mix their experts' stored values."""
         self.logprob_cache, self.identity = cache, identity
+
+    def store_generations(self, cache: GenerationCache, identity: str) -> None:
+        """Keep every `generate` call's answers in CACHE under IDENTITY (the model's artifact identity), and
+        answer a repeated call from it: the output-level baselines read their experts' answers there."""
+        self.generation_cache, self.identity = cache, identity
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +120,13 @@ class HFLanguageModel:
     def generate(
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "generate"
     ) -> list[str]:
-        return generate_texts(
+        """One answer per prompt (`generate_texts`); read from and written to `generation_cache` when set."""
+        cache, identity = self.generation_cache, self.identity
+        if cache is not None and identity is not None:
+            hit = cache.get(identity, prompts, cfg, seed, self.stop_strings)
+            if hit is not None:
+                return hit
+        answers = generate_texts(
             self.model,
             self.tokenizer,
             prompts,
@@ -123,6 +136,9 @@ class HFLanguageModel:
             desc=desc,
             progress=self.progress,
         )
+        if cache is not None and identity is not None:
+            cache.put(identity, prompts, cfg, seed, self.stop_strings, answers)
+        return answers
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         """log p(continuation | prompt) per pair: the sum of its tokens' log-probabilities."""

@@ -140,28 +140,6 @@ def run(
     return Track(rows, now, times, judge_identity(judge))
 
 
-def stored_answers(
-    profile: Profile, name: str, model_identity: str
-) -> tuple[tuple[str, tuple[str, ...]], tuple[str, ...]] | None:
-    """((generation config as JSON, prompts), answers) of model NAME's stored XSTest answers when they are what
-    `run` would generate now (same answers hash), else None: the key and value of `baselines.answers.KnownAnswers.runs`,
-    so that an output-level ensemble reads its experts' XSTest answers instead of generating them again."""
-    from h3fusion.artifacts import read_manifest
-    from h3fusion.data import format_prompt
-    from h3fusion.data.splits import xstest_eval_items
-    from h3fusion.evaluation.store import eval_dir, read_jsonl
-
-    if not enabled(profile):
-        return None
-    folder = eval_dir(profile, name)
-    prompts = tuple(format_prompt(it["prompt"]) for it in xstest_eval_items(profile))
-    stored = (read_manifest(folder) or {}).get(HASHES, {}).get("answers")
-    if stored != _answers_hash(profile, model_identity, prompts) or not (folder / FILE).is_file():
-        return None
-    answers = tuple(r["answer"] for r in read_jsonl(folder / FILE))
-    return (profile.evaluation.generation.model_dump_json(), prompts), answers
-
-
 SAFE, UNSAFE = "xstest_safe", "xstest_unsafe"
 """The per-item score sets of the book's tables (`stats.ItemScores` tasks): safe prompts, unsafe prompts."""
 OVER_REFUSAL, UNSAFE_COMPLIANCE = "over_refusal", "unsafe_compliance"

@@ -47,6 +47,7 @@ from h3fusion.config import GenerationConfig, Profile
 from h3fusion.errors import ArtifactError
 from h3fusion.evaluation import likelihood, overrefusal
 from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+from h3fusion.evaluation.generation_cache import profile_generation_cache
 from h3fusion.evaluation.inputs import DimensionInputs, profile_inputs
 from h3fusion.evaluation.judging import (
     judge_dimension,
@@ -177,10 +178,10 @@ def evaluate_model(
             print(f"loading {name}: {entry.description}")
             with Stopwatch() as sw:
                 model = entry.load()
-            if isinstance(
-                model, HFLanguageModel
-            ):  # token ensembles of this model reuse its log-probabilities
+            if isinstance(model, HFLanguageModel):
+                # token ensembles of this model reuse its log-probabilities, output-level ones its answers
                 model.store_logprobs(profile_cache(profile.run_dir), identity)
+                model.store_generations(profile_generation_cache(profile.run_dir), identity)
             times["load_model"] = {"load_s": round(sw.seconds, 2)}
         return model
 

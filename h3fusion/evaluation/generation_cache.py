@@ -1,0 +1,92 @@
+"""A content-addressed store of generated answers, at the language-model level.
+
+Why: the output-level baselines (ensemble-select, H3Fusion-Instruct) start from every expert's answer to the
+prompts they are asked, which are the prompts the experts answer in their own evaluation. Whichever generates an
+expert's answers first stores them here under the expert's identity; the other reads them, so no stage has to read
+another stage's files or run it first.
+
+A key is one generation call: the model's identity (`artifacts.artifact_identity` of its manifest, so a re-trained
+model misses), the generation config, the seed, the stop strings and the prompts *in order*. The whole list is the
+key, not each prompt: batching (which prompts share a padded batch) can move a greedy answer at the rounding level,
+so only the same list is certain to give the same tokens again. Files are written atomically, so concurrent
+evaluations may share the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from h3fusion.artifacts import atomic_write_text
+
+if TYPE_CHECKING:
+    from h3fusion.config import GenerationConfig
+
+CACHE_FORMAT = 1
+"""Bump when what a stored answer means changes (decoding rules, answer post-processing)."""
+
+
+def call_key(
+    identity: str, prompts: Sequence[str], cfg: GenerationConfig, seed: int, stop_strings: Sequence[str]
+) -> str:
+    """The digest of one generation call of one model."""
+    head = json.dumps(
+        [CACHE_FORMAT, identity, cfg.model_dump(mode="json"), seed, list(stop_strings), len(prompts)]
+    )
+    h = hashlib.sha256(head.encode())
+    for p in prompts:
+        h.update(b"\0p" + p.encode())
+    return h.hexdigest()[:32]
+
+
+class GenerationCache:
+    """`folder/<key>.json`: the answers of one generation call, one per prompt, in the prompts' order."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, *key: object) -> Path:
+        return self.folder / f"{call_key(*key)}.json"  # type: ignore[arg-type]
+
+    def get(
+        self,
+        identity: str,
+        prompts: Sequence[str],
+        cfg: GenerationConfig,
+        seed: int,
+        stop_strings: Sequence[str],
+    ) -> list[str] | None:
+        """The stored answers of this call, or None (a damaged file counts as missing)."""
+        try:
+            answers = json.loads(self._path(identity, prompts, cfg, seed, stop_strings).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if (
+            not isinstance(answers, list)
+            or len(answers) != len(prompts)
+            or not all(isinstance(a, str) for a in answers)
+        ):
+            return None
+        return answers
+
+    def put(
+        self,
+        identity: str,
+        prompts: Sequence[str],
+        cfg: GenerationConfig,
+        seed: int,
+        stop_strings: Sequence[str],
+        answers: Sequence[str],
+    ) -> None:
+        if len(answers) != len(prompts):
+            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self._path(identity, prompts, cfg, seed, stop_strings), json.dumps(list(answers)))
+
+
+def profile_generation_cache(run_dir: Path) -> GenerationCache:
+    """The cache of one profile's runs folder (`runs/<profile>/cache/generations/`)."""
+    return GenerationCache(Path(run_dir) / "cache" / "generations")
