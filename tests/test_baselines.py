@@ -530,21 +530,25 @@ def test_merged_adapter_generates_like_the_evaluated_expert_and_restores_the_bas
 
 def test_known_answers_hit_only_for_the_same_model_list_config_and_seed(tmp_path):
     from h3fusion.baselines.answers import KnownAnswers
-    from h3fusion.evaluation.generation_cache import GenerationCache
+    from h3fusion.evaluation.generation_cache import GenerationCache, GenerationCall
 
     cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
+
+    def call(prompts=("p1", "p2"), config=cfg, seed=42, stops=("###",)):
+        return GenerationCall.of(prompts, config, seed, stops)
+
     known = KnownAnswers(GenerationCache(tmp_path), {"a": "identity-a", "b": "identity-b"})
-    assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) is None
-    known.store("a", ["p1", "p2"], cfg, 42, ["###"], ["x", "y"])
-    assert known.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) == ["x", "y"]
+    assert known.lookup("a", call()) is None
+    known.store("a", call(), ["x", "y"])
+    assert known.lookup("a", call()) == ["x", "y"]
     retrained = KnownAnswers(GenerationCache(tmp_path), {"a": "identity-a2"})
-    assert retrained.lookup("a", ["p1", "p2"], cfg, 42, ["###"]) is None  # another expert's weights
-    assert known.lookup("a", ["p2", "p1"], cfg, 42, ["###"]) is None  # another batching: generated
-    assert known.lookup("a", ["p1"], cfg, 42, ["###"]) is None
-    assert known.lookup("b", ["p1", "p2"], cfg, 42, ["###"]) is None
-    assert known.lookup("a", ["p1", "p2"], cfg, 7, ["###"]) is None
-    assert known.lookup("a", ["p1", "p2"], cfg.model_copy(update={"max_new_tokens": 9}), 42, ["###"]) is None
-    assert known.lookup("a", ["p1", "p2"], cfg, 42, []) is None
+    assert retrained.lookup("a", call()) is None  # another expert's weights
+    assert known.lookup("a", call(("p2", "p1"))) is None  # another batching: generated
+    assert known.lookup("a", call(("p1",))) is None
+    assert known.lookup("b", call()) is None
+    assert known.lookup("a", call(seed=7)) is None
+    assert known.lookup("a", call(config=cfg.model_copy(update={"max_new_tokens": 9}))) is None
+    assert known.lookup("a", call(stops=())) is None
 
 
 def test_instruct_scores_a_few_shot_mc_pair_as_its_alpaca_question(profile, tok, adapters):
@@ -581,6 +585,7 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     from h3fusion.data.splits import xstest_eval_items
     from h3fusion.evaluation import overrefusal
     from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+    from h3fusion.evaluation.generation_cache import GenerationCall
     from h3fusion.evaluation.inputs import profile_inputs
 
     assert overrefusal.enabled(profile)
@@ -591,7 +596,7 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
     asked.append((xstest, profile.evaluation.generation))
     for expert in profile.expert_names:  # every expert's answers on every dimension and the XSTest prompts
         for prompts, gen in asked:
-            assert known.lookup(expert, prompts, gen, seed, DEFAULT_STOP_STRINGS) is not None
+            assert known.lookup(expert, GenerationCall.of(prompts, gen, seed, DEFAULT_STOP_STRINGS)) is not None
     bank, tok = shared.expert_bank(profile)
 
     def cfg(d):
@@ -627,6 +632,7 @@ def test_reused_expert_answers_give_the_regenerated_final_answers(own_experts, m
 def test_stale_expert_answers_are_not_reused(own_experts):
     from h3fusion.baselines import answers
     from h3fusion.evaluation.generate import DEFAULT_STOP_STRINGS
+    from h3fusion.evaluation.generation_cache import GenerationCall
     from h3fusion.evaluation.inputs import profile_inputs
     from h3fusion.evaluation.run import evaluate_model
 
@@ -636,8 +642,8 @@ def test_stale_expert_answers_are_not_reused(own_experts):
 
     def hits(profile):
         known, cfg = answers.known_answers(profile), profile.evaluation.generation_for("helpful")
-        seed = profile.seed
-        return [e for e in profile.expert_names if known.lookup(e, prompts, cfg, seed, DEFAULT_STOP_STRINGS)]
+        call = GenerationCall.of(prompts, cfg, profile.seed, DEFAULT_STOP_STRINGS)
+        return [e for e in profile.expert_names if known.lookup(e, call)]
 
     assert hits(own_experts) == [first]
     ev = own_experts.evaluation

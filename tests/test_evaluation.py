@@ -450,7 +450,7 @@ def test_generation_cache_answers_a_repeated_call_of_the_same_model_only(tmp_pat
     strings read the stored answers; anything else generates; a damaged entry counts as missing."""
     from h3fusion.config import GenerationConfig
     from h3fusion.evaluation import lm as lm_mod
-    from h3fusion.evaluation.generation_cache import GenerationCache, call_key
+    from h3fusion.evaluation.generation_cache import GenerationCache, GenerationCall
 
     calls = []
 
@@ -478,6 +478,5 @@ def test_generation_cache_answers_a_repeated_call_of_the_same_model_only(tmp_pat
     model("a").generate(["p", "q"], cfg, 2)  # another seed
     model("a").generate(["p", "q"], cfg.model_copy(update={"max_new_tokens": 5}), 1)
     assert len(calls) == 5
-    path = tmp_path / "generations" / f"{call_key('a', ['p', 'q'], cfg, 1, lm_mod.DEFAULT_STOP_STRINGS)}.json"
-    path.write_text('["only one"]')
+    cache.path("a", GenerationCall.of(["p", "q"], cfg, 1, lm_mod.DEFAULT_STOP_STRINGS)).write_text('["only one"]')
     assert model("a").generate(["p", "q"], cfg, 1) == first and len(calls) == 6

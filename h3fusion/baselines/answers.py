@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from h3fusion.baselines.ensembles import AdapterBank
-    from h3fusion.evaluation.generation_cache import GenerationCache
+    from h3fusion.evaluation.generation_cache import GenerationCache, GenerationCall
 
 
 def expert_identities(profile: Profile) -> dict[str, str]:
@@ -45,29 +45,14 @@ class KnownAnswers:
     cache: GenerationCache
     identities: Mapping[str, str]
 
-    def lookup(
-        self,
-        expert: str,
-        prompts: Sequence[str],
-        cfg: GenerationConfig,
-        seed: int,
-        stop_strings: Sequence[str],
-    ) -> list[str] | None:
+    def lookup(self, expert: str, call: GenerationCall) -> list[str] | None:
         if expert not in self.identities:
             return None
-        return self.cache.get(self.identities[expert], prompts, cfg, seed, stop_strings)
+        return self.cache.get(self.identities[expert], call)
 
-    def store(
-        self,
-        expert: str,
-        prompts: Sequence[str],
-        cfg: GenerationConfig,
-        seed: int,
-        stop_strings: Sequence[str],
-        answers: Sequence[str],
-    ) -> None:
+    def store(self, expert: str, call: GenerationCall, answers: Sequence[str]) -> None:
         if expert in self.identities:
-            self.cache.put(self.identities[expert], prompts, cfg, seed, stop_strings, answers)
+            self.cache.put(self.identities[expert], call, answers)
 
 
 def known_answers(profile: Profile) -> KnownAnswers:
@@ -92,9 +77,12 @@ def expert_answers(
 ) -> dict[str, list[str]]:
     """{expert: its answer to each prompt}: the known (cached) answers when they cover this exact prompt list, else
     generated with the expert merged into the weights, which gives the same tokens, and stored in `known`."""
+    from h3fusion.evaluation.generation_cache import GenerationCall
+
+    call = GenerationCall.of(prompts, cfg, seed, stop_strings)
     out: dict[str, list[str]] = {}
     for e in experts:
-        hit = known.lookup(e, prompts, cfg, seed, stop_strings) if known is not None else None
+        hit = known.lookup(e, call) if known is not None else None
         if hit is None:
             with bank.merged(e) as model:
                 hit = generate_texts(
@@ -108,6 +96,6 @@ def expert_answers(
                     progress=progress,
                 )
             if known is not None:
-                known.store(e, prompts, cfg, seed, stop_strings, hit)
+                known.store(e, call, hit)
         out[e] = hit
     return out

@@ -17,29 +17,39 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from h3fusion.artifacts import atomic_write_text
-
-if TYPE_CHECKING:
-    from h3fusion.config import GenerationConfig
+from h3fusion.config import GenerationConfig
 
 CACHE_FORMAT = 1
 """Bump when what a stored answer means changes (decoding rules, answer post-processing)."""
 
 
-def call_key(
-    identity: str, prompts: Sequence[str], cfg: GenerationConfig, seed: int, stop_strings: Sequence[str]
-) -> str:
-    """The digest of one generation call of one model."""
-    head = json.dumps(
-        [CACHE_FORMAT, identity, cfg.model_dump(mode="json"), seed, list(stop_strings), len(prompts)]
-    )
-    h = hashlib.sha256(head.encode())
-    for p in prompts:
-        h.update(b"\0p" + p.encode())
-    return h.hexdigest()[:32]
+@dataclass(frozen=True)
+class GenerationCall:
+    """What decides a generation's answers besides the model: the prompts in order, the config, the seed and the
+    stop strings."""
+
+    prompts: tuple[str, ...]
+    cfg: GenerationConfig
+    seed: int
+    stop_strings: tuple[str, ...]
+
+    @classmethod
+    def of(
+        cls, prompts: Sequence[str], cfg: GenerationConfig, seed: int, stop_strings: Sequence[str]
+    ) -> GenerationCall:
+        return cls(tuple(prompts), cfg, seed, tuple(stop_strings))
+
+    def key(self, identity: str) -> str:
+        """The digest of this call by the model IDENTITY."""
+        head = [CACHE_FORMAT, identity, self.cfg.model_dump(mode="json"), self.seed, list(self.stop_strings)]
+        h = hashlib.sha256(json.dumps([*head, len(self.prompts)]).encode())
+        for p in self.prompts:
+            h.update(b"\0p" + p.encode())
+        return h.hexdigest()[:32]
 
 
 class GenerationCache:
@@ -48,43 +58,24 @@ class GenerationCache:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
 
-    def _path(self, *key: object) -> Path:
-        return self.folder / f"{call_key(*key)}.json"  # type: ignore[arg-type]
+    def path(self, identity: str, call: GenerationCall) -> Path:
+        return self.folder / f"{call.key(identity)}.json"
 
-    def get(
-        self,
-        identity: str,
-        prompts: Sequence[str],
-        cfg: GenerationConfig,
-        seed: int,
-        stop_strings: Sequence[str],
-    ) -> list[str] | None:
+    def get(self, identity: str, call: GenerationCall) -> list[str] | None:
         """The stored answers of this call, or None (a damaged file counts as missing)."""
         try:
-            answers = json.loads(self._path(identity, prompts, cfg, seed, stop_strings).read_text())
+            answers = json.loads(self.path(identity, call).read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        if (
-            not isinstance(answers, list)
-            or len(answers) != len(prompts)
-            or not all(isinstance(a, str) for a in answers)
-        ):
+        if not isinstance(answers, list) or len(answers) != len(call.prompts):
             return None
-        return answers
+        return answers if all(isinstance(a, str) for a in answers) else None
 
-    def put(
-        self,
-        identity: str,
-        prompts: Sequence[str],
-        cfg: GenerationConfig,
-        seed: int,
-        stop_strings: Sequence[str],
-        answers: Sequence[str],
-    ) -> None:
-        if len(answers) != len(prompts):
-            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    def put(self, identity: str, call: GenerationCall, answers: Sequence[str]) -> None:
+        if len(answers) != len(call.prompts):
+            raise ValueError(f"{len(answers)} answers for {len(call.prompts)} prompts")
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self._path(identity, prompts, cfg, seed, stop_strings), json.dumps(list(answers)))
+        atomic_write_text(self.path(identity, call), json.dumps(list(answers)))
 
 
 def profile_generation_cache(run_dir: Path) -> GenerationCache:

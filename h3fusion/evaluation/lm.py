@@ -121,9 +121,12 @@ class HFLanguageModel:
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "generate"
     ) -> list[str]:
         """One answer per prompt (`generate_texts`); read from and written to `generation_cache` when set."""
+        from h3fusion.evaluation.generation_cache import GenerationCall
+
         cache, identity = self.generation_cache, self.identity
+        call = GenerationCall.of(prompts, cfg, seed, self.stop_strings)
         if cache is not None and identity is not None:
-            hit = cache.get(identity, prompts, cfg, seed, self.stop_strings)
+            hit = cache.get(identity, call)
             if hit is not None:
                 return hit
         answers = generate_texts(
@@ -137,7 +140,7 @@ class HFLanguageModel:
             progress=self.progress,
         )
         if cache is not None and identity is not None:
-            cache.put(identity, prompts, cfg, seed, self.stop_strings, answers)
+            cache.put(identity, call, answers)
         return answers
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
