@@ -163,6 +163,11 @@ class Profile(Section):
             f"{name!r} is not an expert of profile {self.name!r}; its experts are {self.expert_names}"
         )
 
+    def expert_lora(self, name: str) -> LoraConfig:
+        """The expert's LoRA: its own, else `experts.lora`."""
+        own = self.expert_spec(name).lora
+        return self.experts.lora if own is None else own
+
     def expert_seed(self, name: str) -> int:
         seed = self.expert_spec(name).seed
         return self.seed if seed is None else seed

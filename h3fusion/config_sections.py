@@ -117,6 +117,9 @@ class ExpertSpec(Section):
     one dimension need different seeds, or they are the same expert twice."""
     train_examples: int | None = Field(None, gt=0)
     """Training examples (None: `data.train_examples` of its dimension)."""
+    lora: LoraConfig | None = None
+    """Its own LoRA (None: `experts.lora`). Ranks and scales may differ between experts: the MoE stores the experts'
+    factors zero-padded to the largest rank, which leaves every expert's delta exactly as trained."""
 
     @field_validator("dimension")
     @classmethod
@@ -127,7 +130,7 @@ class ExpertSpec(Section):
 
 class ExpertsConfig(Section):
     lora: LoraConfig
-    """The experts' LoRA (one rank and scale for all: the MoE stacks their factors)."""
+    """The experts' LoRA (an expert of `members` may have its own)."""
     train: TrainConfig
     members: tuple[ExpertSpec, ...] | None = None
     """The experts, in the MoE's expert order. None: one expert per task of the profile, named after it (the

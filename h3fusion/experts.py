@@ -72,37 +72,46 @@ def _experts(profile: Profile, expert: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def check_target_modules(profile: Profile, model: nn.Module) -> None:
-    """`experts.lora.target_modules` must name modules of the base (as peft matches them: the name or its last
-    dotted parts) and include an FFN projection, which upcycling reads; otherwise peft fails with a traceback or
-    three experts train that `fuse` then refuses."""
+def _lora_key(profile: Profile, expert: str | None) -> str:
+    """Where the LoRA an expert trains with is set, as error messages name it."""
+    if expert is None or profile.expert_spec(expert).lora is None:
+        return "experts.lora"
+    return f"experts.members[{profile.expert_names.index(expert)}].lora"
+
+
+def check_target_modules(profile: Profile, model: nn.Module, expert: str | None = None) -> None:
+    """`experts.lora.target_modules` (or EXPERT's own) must name modules of the base (as peft matches them: the
+    name or its last dotted parts) and include an FFN projection, which upcycling reads; otherwise peft fails with
+    a traceback or experts train that `fuse` then refuses."""
     from torch import nn
 
     from h3fusion.moe.low_rank import PROJECTIONS
 
-    targets = profile.experts.lora.target_modules
+    targets = (profile.experts.lora if expert is None else profile.expert_lora(expert)).target_modules
+    key = _lora_key(profile, expert)
     names = [n for n, _ in model.named_modules()]
     valid = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if unknown:
         raise ConfigError(
-            f"`experts.lora.target_modules` = {list(targets)}: {unknown} name no module of the base model "
+            f"`{key}.target_modules` = {list(targets)}: {unknown} name no module of the base model "
             f"{profile.model.base!r}; its linear modules are {valid} (fusion needs {list(PROJECTIONS)})"
         )
     if not any(t.rsplit(".", 1)[-1] in PROJECTIONS for t in targets):
         raise ConfigError(
-            f"`experts.lora.target_modules` = {list(targets)} adapts no FFN projection, so `h3fusion fuse` could not "
+            f"`{key}.target_modules` = {list(targets)} adapts no FFN projection, so `h3fusion fuse` could not "
             f"upcycle the experts; include {list(PROJECTIONS)} (the default), e.g. "
-            f"--set 'experts.lora.target_modules=[{', '.join(PROJECTIONS)}]'"
+            f"--set '{key}.target_modules=[{', '.join(PROJECTIONS)}]'"
         )
 
 
-def lora_model(profile: Profile, model: PreTrainedModel) -> Any:
-    """`model` with the experts' LoRA (`experts.lora`) added: the experts' and the data-mix baseline's adapter."""
+def lora_model(profile: Profile, model: PreTrainedModel, expert: str | None = None) -> Any:
+    """`model` with the LoRA of EXPERT (its own, else `experts.lora`) added; without an expert, `experts.lora`
+    (the data-mix baseline's adapter)."""
     from peft import LoraConfig, get_peft_model
 
-    check_target_modules(profile, model)
-    lora = profile.experts.lora
+    check_target_modules(profile, model, expert)
+    lora = profile.experts.lora if expert is None else profile.expert_lora(expert)
     cfg = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -147,8 +156,8 @@ def _write_expert(
             task=expert,
             dimension=profile.expert_spec(expert).dimension,
             base=profile.model.base,
-            lora=profile.experts.lora.model_dump(mode="json"),
-            scale=profile.experts.lora.scale,
+            lora=profile.expert_lora(expert).model_dump(mode="json"),
+            scale=profile.expert_lora(expert).scale,
             final_train_loss=losses[-1]["loss"] if losses else None,
             loss_log=losses,
             global_step=trainer.state.global_step,
@@ -175,7 +184,7 @@ def train_expert(profile: Profile, expert: str, callbacks: list[Any] | None = No
         set_seed(seed)
         base, tok = load_base(profile)
         base.train()
-        model = lora_model(profile, base)
+        model = lora_model(profile, base, expert)
         dataset = build_task_dataset(profile, tok, dimension, load_expert_examples(profile, expert))
         args = training_arguments(profile.experts.train, seed, work)  # also sets up torch.distributed under torchrun
         with PartialState().main_process_first():  # one rank cleans the working folder, then the others look

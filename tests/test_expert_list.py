@@ -14,7 +14,7 @@ from h3fusion.routing import accuracy_rows
 
 FOUR = [
     {"name": "helpful", "dimension": "helpful"},
-    {"name": "helpful-b", "dimension": "helpful", "seed": 7},
+    {"name": "helpful-b", "dimension": "helpful", "seed": 7, "lora": {"r": 2, "alpha": 2}},
     {"name": "harmless", "dimension": "harmless"},
     {"name": "honest", "dimension": "honest"},
 ]
@@ -136,9 +136,9 @@ def test_the_smoke_pipeline_runs_with_two_experts_on_one_dimension(tmp_path):
     from h3fusion.data import load_expert_examples
     from h3fusion.evaluation.run import evaluate_model
     from h3fusion.experts import align, load_expert_adapter_weights
-    from h3fusion.fusion import fuse, fusion_dir
+    from h3fusion.fusion import fuse, fusion_dir, raw_dir
     from h3fusion.fusion_objective import expert_groups
-    from h3fusion.models import load_tokenizer
+    from h3fusion.models import load_base, load_tokenizer
     from h3fusion.moe import load_moe
     from h3fusion.routing import heldout_routing, routing_table
     from tests.helpers import FakeRefusal
@@ -151,13 +151,20 @@ def test_the_smoke_pipeline_runs_with_two_experts_on_one_dimension(tmp_path):
     assert expert_groups(profile).tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert set(align(profile, "all")) == {"helpful", "helpful-b", "harmless", "honest"}
     a, b = (load_expert_adapter_weights(profile, e).factors for e in ("helpful", "helpful-b"))
-    # two experts, not one twice
-    assert a.keys() == b.keys() and not any(torch.equal(a[k][1], b[k][1]) for k in a)
+    # two experts, not one twice: its own LoRA (rank 2, scale 1 against the profile's rank 4, scale 2)
+    ranks = [{f[0].shape[0] for f in factors.values()} for factors in (a, b)]
+    assert a.keys() == b.keys() and ranks == [{4}, {2}]
+    assert load_expert_adapter_weights(profile, "helpful-b").scale == 1.0
 
     folder = fuse(profile)
     assert folder == fusion_dir(profile, profile.fusion.variant)
     moe = load_moe(folder)
     assert moe.num_experts == 4 and list(moe.expert_names) == profile.expert_names
+    # the upcycled experts are the trained ones, the rank-2 one included (zero-padded to rank 4)
+    raw, base = load_moe(raw_dir(profile)).moe_layers()[0], load_base(profile)[0].model.layers[0].mlp
+    for e, name in enumerate(profile.expert_names):
+        upcycled = raw.expert_weight("down_proj")[e] - base.down_proj.weight
+        torch.testing.assert_close(upcycled, load_expert_adapter_weights(profile, name).delta(0, "down_proj"))
 
     heldout = heldout_routing(moe, load_tokenizer(profile), profile, 3)
     table = routing_table({"moe": heldout}, profile.expert_dimensions, references=False)
