@@ -24,8 +24,8 @@ class LikelihoodConfig(Section):
     scores. Items are the first of each dimension's seeded stratified order, so they contain the judged sample."""
 
     items: dict[str, int | None] = Field(default_factory=lambda: {"helpful": 100})
-    """Items scored per dimension, in the dimension's own unit (default: helpful 100); a dimension without an
-    entry, or null: all of them.
+    """Items scored per dimension, in the dimension's own unit; a dimension without an entry, or null: all of them
+    (the key unset: {helpful: 100}, so a profile that sets it lists helpful too when it wants fewer than all).
     helpful: AlpacaEval instructions whose reference answer is scored (805); harmless: pairs of a safe and an unsafe
     labelled BeaverTails evaluation response (`dimensions.harmless.safe_unsafe_pairs`: the prompts with both first,
     then pairs across prompts; 551 in the offline copy); honest: TruthfulQA evaluation questions scored for MC1/MC2
