@@ -148,10 +148,10 @@ class HarmlessJudgeSettings(JudgeSettings):
 
 def load_judge(profile: Profile) -> Any:
     """beaver-dam-7b (`judges.harmless.judge: beaver-dam-7b`), else the offline classifier (trained once)."""
-    from h3fusion.evaluation.judges import harmless
+    from h3fusion.evaluation.judges import harmless, paper
 
     if profile.judges.harmless.judge == "beaver-dam-7b":
-        return harmless.BeaverDamJudge(profile)
+        return paper.BeaverDamJudge(profile)
     return harmless.load_offline(profile)
 
 

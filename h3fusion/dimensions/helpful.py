@@ -55,7 +55,8 @@ def likelihood_inputs(profile: Profile, tok: Any) -> Any:
     from h3fusion.evaluation.likelihood import LikelihoodInputs, truncate_tokens
 
     cfg = profile.evaluation.likelihood
-    items = [it for it in eval_items_all(profile, "helpful") if it.get("reference")][: cfg.items_of("helpful")]
+    with_reference = [it for it in eval_items_all(profile, "helpful") if it.get("reference")]
+    items = with_reference[: cfg.items_of("helpful")]
     pairs, tokens = [], []
     for it in items:
         answer, n = truncate_tokens(tok, it["reference"], cfg.max_answer_tokens)
@@ -106,10 +107,10 @@ class HelpfulJudgeSettings(JudgeSettings):
 
 def load_judge(profile: Profile) -> Any:
     """AlpacaEval with GPT-4 (`judges.helpful.judge: alpaca_eval`), else the offline judge (trained once)."""
-    from h3fusion.evaluation.judges import helpful
+    from h3fusion.evaluation.judges import helpful, paper
 
     if profile.judges.helpful.judge == "alpaca_eval":
-        return helpful.AlpacaEvalJudge(profile)
+        return paper.AlpacaEvalJudge(profile)
     return helpful.load_offline(profile)
 
 

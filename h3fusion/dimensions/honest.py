@@ -105,10 +105,10 @@ class HonestJudgeSettings(JudgeSettings):
 
 def load_judge(profile: Profile) -> Any:
     """TruthfulQA's judge models (`judges.honest.judge: truthfulqa-judges`), else the offline judge."""
-    from h3fusion.evaluation.judges import honest
+    from h3fusion.evaluation.judges import honest, paper
 
     if profile.judges.honest.judge == "truthfulqa-judges":
-        return honest.TruthfulQAModelJudges(profile)
+        return paper.TruthfulQAModelJudges(profile)
     return honest.load_offline(profile)
 
 

@@ -1,10 +1,10 @@
 """The judges of the dimensions (book chapter 0), one per dimension (`Dimension.load_judge`), chosen by
-`profile.evaluation.<dimension>_judge`.
+``judges.<dimension>.judge`` of the profile.
 
 `offline` judges are proxies built here and validated against real labels (GPT-4 verdicts, BeaverTails
 labels, TruthfulQA references); their validation figures travel with every score. The paper's judges
-(AlpacaEval/GPT-4, beaver-dam-7b, the TruthfulQA judge models) are options of the same interface for users
-with an API key or a GPU and hub access. Offline judges are cached under runs/<profile>/judges/<dimension>/.
+(AlpacaEval/GPT-4, beaver-dam-7b, the TruthfulQA judge models; `judges.paper`) are options of the same interface
+for users with an API key or a GPU and hub access. Offline judges are cached under runs/<profile>/judges/<dimension>/.
 """
 
 from __future__ import annotations

@@ -371,37 +371,3 @@ def load_offline(profile: Profile) -> OfflinePairwiseJudge:
     judge = OfflinePairwiseJudge(fit_model(x, y, profile.seed), dict(manifest.get("validation", {})))
     judge.train_wall_time_s = manifest.get("wall_time_s")
     return judge
-
-
-class AlpacaEvalJudge:
-    """The paper's judge: AlpacaEval 1 (GPT-4 annotator) through the `alpaca_eval` package and an OpenAI key."""
-
-    def __init__(self, profile: Profile) -> None:
-        import os
-
-        try:
-            from alpaca_eval.annotators import PairwiseAnnotator
-        except ImportError:
-            raise H3FusionError(
-                "judges.helpful.judge is `alpaca_eval` but the alpaca_eval package is not installed; "
-                "`pip install alpaca-eval` (and set OPENAI_API_KEY), or use judges.helpful.judge: offline"
-            ) from None
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise H3FusionError(
-                "judges.helpful.judge is `alpaca_eval`, which calls GPT-4: set OPENAI_API_KEY, "
-                "or use judges.helpful.judge: offline"
-            )
-        self.annotator_config = profile.judges.helpful.annotator
-        self.annotator = PairwiseAnnotator(annotators_config=self.annotator_config)
-        self.name = f"AlpacaEval 1 ({self.annotator_config})"
-        self.validation = {"note": "the paper's judge; no offline validation needed"}
-
-    def win_probability(
-        self, instructions: Sequence[str], answers: Sequence[str], references: Sequence[str]
-    ) -> np.ndarray:
-        """1 when GPT-4 prefers the answer, 0 when it prefers the reference, 0.5 for a tie."""
-        refs = [{"instruction": i, "output": r} for i, r in zip(instructions, references, strict=True)]
-        outs = [{"instruction": i, "output": a} for i, a in zip(instructions, answers, strict=True)]
-        annotated = self.annotator.annotate_head2head(outputs_1=refs, outputs_2=outs)
-        prefs = [a.get("preference") for a in annotated]
-        return np.array([0.5 if p is None or float(p) not in (1.0, 2.0) else float(p) - 1.0 for p in prefs])
