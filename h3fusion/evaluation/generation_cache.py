@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,14 @@ class GenerationCache:
         if not isinstance(answers, list) or len(answers) != len(call.prompts):
             return None
         return answers if all(isinstance(a, str) for a in answers) else None
+
+    def answers(self, identity: str, call: GenerationCall, generate: Callable[[], list[str]]) -> list[str]:
+        """The stored answers of this call, else `generate()`'s, stored."""
+        hit = self.get(identity, call)
+        if hit is None:
+            hit = generate()
+            self.put(identity, call, hit)
+        return hit
 
     def put(self, identity: str, call: GenerationCall, answers: Sequence[str]) -> None:
         if len(answers) != len(call.prompts):

@@ -120,28 +120,20 @@ class HFLanguageModel:
     def generate(
         self, prompts: list[str], cfg: GenerationConfig, seed: int, desc: str = "generate"
     ) -> list[str]:
-        """One answer per prompt (`generate_texts`); read from and written to `generation_cache` when set."""
+        """One answer per prompt (`generate_texts`), through `generation_cache` when set."""
         from h3fusion.evaluation.generation_cache import GenerationCall
 
-        cache, identity = self.generation_cache, self.identity
-        call = GenerationCall.of(prompts, cfg, seed, self.stop_strings)
-        if cache is not None and identity is not None:
-            hit = cache.get(identity, call)
-            if hit is not None:
-                return hit
-        answers = generate_texts(
-            self.model,
-            self.tokenizer,
-            prompts,
-            cfg,
-            seed,
-            stop_strings=self.stop_strings,
-            desc=desc,
-            progress=self.progress,
+        def run() -> list[str]:
+            stops, show = self.stop_strings, self.progress
+            return generate_texts(
+                self.model, self.tokenizer, prompts, cfg, seed, stop_strings=stops, desc=desc, progress=show
+            )
+
+        if self.generation_cache is None or self.identity is None:
+            return run()
+        return self.generation_cache.answers(
+            self.identity, GenerationCall.of(prompts, cfg, seed, self.stop_strings), run
         )
-        if cache is not None and identity is not None:
-            cache.put(identity, call, answers)
-        return answers
 
     def continuation_logprobs(self, prompts: list[str], continuations: list[str]) -> list[float]:
         """log p(continuation | prompt) per pair: the sum of its tokens' log-probabilities."""
