@@ -13,10 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from h3fusion.dimensions import DIMENSIONS
 from h3fusion.errors import H3FusionError
-
-TASK_CHOICES = (*DIMENSIONS, "all")
 
 
 def _parse_set(values: list[str] | None) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from h3fusion import cli, evidence
+from h3fusion import evidence
 from h3fusion.config import TASKS
 from h3fusion.dimensions import DIMENSIONS, Dimension, Metric, get_dimension, register
 from h3fusion.errors import H3FusionError
@@ -14,7 +14,6 @@ from h3fusion.evaluation import likelihood, stats
 
 def test_the_papers_three_dimensions_in_the_books_order():
     assert list(DIMENSIONS) == ["helpful", "harmless", "honest"] == list(TASKS)
-    assert (*TASKS, "all") == cli.TASK_CHOICES
 
 
 def test_tables_and_statistics_are_read_from_the_definitions():
