@@ -168,6 +168,11 @@ class Profile(Section):
         own = self.expert_spec(name).lora
         return self.experts.lora if own is None else own
 
+    def expert_train_examples(self, name: str) -> int:
+        """The expert's training examples: its own count, else `data.train_examples` of its dimension."""
+        own = self.expert_spec(name).train_examples
+        return self.data.train_examples[self.expert_spec(name).dimension] if own is None else own
+
     def expert_seed(self, name: str) -> int:
         seed = self.expert_spec(name).seed
         return self.seed if seed is None else seed

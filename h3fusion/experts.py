@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+    from h3fusion.config import LoraConfig as LoraSection
     from h3fusion.moe.upcycle import ExpertAdapter
 
 HASHED_SECTIONS = (*TRAINING_DATA_KEYS, "model", "experts", "seed", "tasks")
@@ -72,6 +73,11 @@ def _experts(profile: Profile, expert: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- training
 
 
+def _lora(profile: Profile, expert: str | None) -> LoraSection:
+    """The LoRA an expert trains with (its own, else `experts.lora`); without an expert, `experts.lora`."""
+    return profile.experts.lora if expert is None else profile.expert_lora(expert)
+
+
 def _lora_key(profile: Profile, expert: str | None) -> str:
     """Where the LoRA an expert trains with is set, as error messages name it."""
     if expert is None or profile.expert_spec(expert).lora is None:
@@ -87,7 +93,7 @@ def check_target_modules(profile: Profile, model: nn.Module, expert: str | None 
 
     from h3fusion.moe.low_rank import PROJECTIONS
 
-    targets = (profile.experts.lora if expert is None else profile.expert_lora(expert)).target_modules
+    targets = _lora(profile, expert).target_modules
     key = _lora_key(profile, expert)
     names = [n for n, _ in model.named_modules()]
     valid = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -111,7 +117,7 @@ def lora_model(profile: Profile, model: PreTrainedModel, expert: str | None = No
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(profile, model, expert)
-    lora = profile.experts.lora if expert is None else profile.expert_lora(expert)
+    lora = _lora(profile, expert)
     cfg = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -143,7 +149,7 @@ def _write_expert(
     trainer: Trainer,
     info: dict[str, Any],
 ) -> None:
-    config_hash = expert_hash(profile)
+    config_hash, lora = expert_hash(profile), _lora(profile, expert)
     losses = loss_log(trainer)
     with atomic_dir(expert_dir(profile, expert)) as tmp:
         model.save_pretrained(tmp)
@@ -156,8 +162,8 @@ def _write_expert(
             task=expert,
             dimension=profile.expert_spec(expert).dimension,
             base=profile.model.base,
-            lora=profile.expert_lora(expert).model_dump(mode="json"),
-            scale=profile.expert_lora(expert).scale,
+            lora=lora.model_dump(mode="json"),
+            scale=lora.scale,
             final_train_loss=losses[-1]["loss"] if losses else None,
             loss_log=losses,
             global_step=trainer.state.global_step,
@@ -186,7 +192,8 @@ def train_expert(profile: Profile, expert: str, callbacks: list[Any] | None = No
         base.train()
         model = lora_model(profile, base, expert)
         dataset = build_task_dataset(profile, tok, dimension, load_expert_examples(profile, expert))
-        args = training_arguments(profile.experts.train, seed, work)  # also sets up torch.distributed under torchrun
+        # also sets up torch.distributed under torchrun
+        args = training_arguments(profile.experts.train, seed, work)
         with PartialState().main_process_first():  # one rank cleans the working folder, then the others look
             resume = prepare_work_dir(work, config_hash, ADAPTER_WEIGHTS)
         trainer = Trainer(

@@ -37,11 +37,9 @@ def step_budget(profile: Profile) -> dict[str, int]:
 
     Epochs are counted over `data.train_examples` (what a source lacks or tokenisation drops aside), so the budget,
     and with it the baseline's hash, follows from the profile alone."""
-    sizes = {
-        e.name: profile.data.train_examples[e.dimension] if e.train_examples is None else e.train_examples
-        for e in profile.expert_specs
+    budget = {
+        e: stage_steps(profile.experts.train, profile.expert_train_examples(e)) for e in profile.expert_names
     }
-    budget = {e: stage_steps(profile.experts.train, n) for e, n in sizes.items()}
     fusion_examples = sum(profile.data.train_examples[t] for t in profile.tasks)
     budget["fusion"] = stage_steps(profile.fusion.train, fusion_examples)
     budget["total"] = sum(budget.values())

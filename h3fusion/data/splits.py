@@ -247,12 +247,14 @@ def load_train_examples(profile: Profile, task: str) -> list[TrainExample]:
     return cap(examples, profile.data.train_examples[task], profile.seed, task)
 
 
-def load_expert_examples(profile: Profile, expert: str) -> list[TrainExample]:
-    """An expert's training examples: its dimension's pool, capped by the expert's own sample (its seed and size;
-    for the default experts exactly `load_train_examples` of their dimension)."""
-    spec = profile.expert_spec(expert)
-    n = profile.data.train_examples[spec.dimension] if spec.train_examples is None else spec.train_examples
-    return cap(train_pool(profile, spec.dimension), n, profile.expert_seed(expert), spec.dimension)
+def load_expert_examples(
+    profile: Profile, expert: str, pool: list[TrainExample] | None = None
+) -> list[TrainExample]:
+    """An expert's training examples: its dimension's pool (`pool`, when the caller has it), capped by the expert's
+    own sample (its seed and size; for the default experts exactly `load_train_examples` of their dimension)."""
+    dimension = profile.expert_spec(expert).dimension
+    pool = train_pool(profile, dimension) if pool is None else pool
+    return cap(pool, profile.expert_train_examples(expert), profile.expert_seed(expert), dimension)
 
 
 def load_heldout_examples(profile: Profile, task: str, n: int) -> list[TrainExample]:
@@ -261,9 +263,10 @@ def load_heldout_examples(profile: Profile, task: str, n: int) -> list[TrainExam
     the distribution the router trained on, items it never saw). Fewer than n when the source has fewer unseen
     prompts."""
     pool = train_pool(profile, task)
-    used = load_train_examples(profile, task) + [
-        e for spec in profile.expert_specs if spec.dimension == task for e in load_expert_examples(profile, spec.name)
-    ]
+    used = cap(pool, profile.data.train_examples[task], profile.seed, task)  # fusion's sample
+    for spec in profile.expert_specs:
+        if spec.dimension == task:
+            used += load_expert_examples(profile, spec.name, pool)
     seen = {(e.instruction, e.input) for e in used}
     unseen: dict[tuple[str, str], TrainExample] = {}
     for e in pool:
