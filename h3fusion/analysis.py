@@ -1,11 +1,9 @@
 """Analysis of fused models: routing statistics, hidden-state embeddings and expert drift.
 
 Everything here is a function of a model (or of arrays) that returns numpy arrays, so the notebooks only
-glue calls together and plot. Two kinds of MoE model are supported without hooks:
-
-- `h3fusion.moe.MoECausalLM`, whose forward always returns ``.router_logits``;
-- an exported fused model (a plain ``MixtralForCausalLM`` folder), asked for them with
-  ``output_router_logits=True``.
+glue calls together and plot. A fused model is a Mixtral (`h3fusion.moe.MoECausalLM` in memory, a plain
+``MixtralForCausalLM`` loaded from an exported folder); both return their router logits when asked with
+``output_router_logits=True``.
 
 Router logits come per layer, either as ``[B, T, E]`` or flattened ``[B*T, E]`` (Mixtral); both are reshaped
 with the attention mask's shape. Averages are taken over each prompt's non-padding tokens only (the attention
@@ -14,7 +12,6 @@ mask), then over prompts, so padding never dilutes a statistic and a batch size 
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -139,37 +136,20 @@ def task_prompts(profile: Profile, split: str = "eval", n: int | None = None) ->
 # ---------------------------------------------------------------------------------------------- routing
 
 
-def _accepts(model: Any, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _last_logits_only(model: Any) -> dict[str, Any]:
-    """``logits_to_keep=1`` for a forward that takes it (by name or through ``**kwargs``, as the MoE wrapper and
-    peft models pass it on): routing and hidden-state statistics need no vocabulary logits, which cost a fifth
-    of a SmolLM2 forward and a [batch, tokens, 49152] tensor."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    takes = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return {"logits_to_keep": 1} if takes else {}
-
-
 def router_logits(model: Any, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Per-layer router logits of one forward pass, for an MoECausalLM or an exported MixtralForCausalLM."""
-    kwargs: dict[str, Any] = _last_logits_only(model)
-    if _accepts(model, "output_router_logits"):
-        kwargs["output_router_logits"] = True
-    out = model(**batch, **kwargs)
+    """Per-layer router logits of one forward pass of a fused model (an `MoECausalLM` or any Mixtral).
+
+    ``logits_to_keep=1``: routing and hidden-state statistics need no vocabulary logits, which cost a fifth of a
+    SmolLM2 forward and a [batch, tokens, 49152] tensor."""
+    if getattr(getattr(model, "config", None), "num_local_experts", None) is None:
+        raise ModelError(
+            f"{type(model).__name__} has no experts, so no router logits: routing statistics need a fused MoE model "
+            "(h3fusion.moe.MoECausalLM or an exported MixtralForCausalLM), not a dense model"
+        )
+    out = model(**batch, output_router_logits=True, logits_to_keep=1)
     logits = getattr(out, "router_logits", None)
     if not logits:
-        raise ModelError(
-            f"{type(model).__name__} returned no router logits: routing statistics need a fused MoE model "
-            f"(h3fusion.moe.MoECausalLM or an exported MixtralForCausalLM), not a dense model"
-        )
+        raise ModelError(f"{type(model).__name__} returned no router logits for output_router_logits=True")
     return list(logits)
 
 
@@ -268,7 +248,7 @@ def hidden_embeddings(
         batches = _batches(prompts, batch_size)
         for chunk in _progress(batches, _n_batches(len(prompts), batch_size), "embeddings"):
             batch = {k: v.to(device) for k, v in encode(tokenizer, chunk, max_length).items()}
-            result = model(**batch, output_hidden_states=True, **_last_logits_only(model))
+            result = model(**batch, output_hidden_states=True, logits_to_keep=1)
             states = getattr(result, "hidden_states", None)
             if not states:
                 raise ModelError(

@@ -121,7 +121,7 @@ def bench_train_step(profile: Profile, plan: Plan, base: Any) -> dict[str, Any]:
 
     def fusion_step() -> None:
         opt_moe.zero_grad(set_to_none=True)
-        out = moe(**lm_batch)
+        out = moe(**lm_batch, output_router_logits=True)
         total_loss(fusion_losses(moe, out, batch, profile, no_template), profile).backward()
         opt_moe.step()
 

@@ -64,27 +64,45 @@ def _moe_layer(
     router: torch.Tensor,
     profile: Profile,
 ) -> nn.Module:
-    """An upcycled MoE layer sharing the dense base tensors (delta) or holding base + delta (materialised)."""
-    from h3fusion.moe.layer import PROJECTIONS, MoEFeedForward
+    """An upcycled Mixtral MoE block sharing the dense base tensors (delta) or holding base + delta (materialised)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from h3fusion.moe import PROJECTIONS, DeltaExperts, MaterialisedExperts
 
     f, d = base["gate_proj"].shape
     num, r = router.shape[0], deltas[0].shape[1]
-    moe = MoEFeedForward(d, f, num, profile.fusion.top_k, storage, delta_rank=r)  # type: ignore[arg-type]
-    moe.router.weight = nn.Parameter(router.clone())
+    cfg = MixtralConfig(
+        hidden_size=d,
+        intermediate_size=f,
+        num_local_experts=num,
+        num_experts_per_tok=profile.fusion.top_k,
+        router_jitter_noise=0.0,
+    )
+    with torch.device("meta"):
+        block = MixtralSparseMoeBlock(cfg)
+    block.gate.weight = nn.Parameter(router.clone())
     a_of, b_of = (
         dict(zip(PROJECTIONS, deltas[:3], strict=True)),
         dict(zip(PROJECTIONS, deltas[3:], strict=True)),
     )
     with torch.no_grad():
-        for p in PROJECTIONS:
-            if storage == "delta":
-                moe.register_parameter(f"base_{p}", nn.Parameter(base[p], requires_grad=False))
-                assert moe.expert_deltas is not None
-                moe.expert_deltas.A[p].copy_(a_of[p])
-                moe.expert_deltas.B[p].copy_(b_of[p])
-            else:
-                setattr(moe, p, nn.Parameter(base[p] + torch.bmm(b_of[p], a_of[p]), requires_grad=False))
-    return moe
+        if storage == "delta":
+            experts = DeltaExperts(d, f, num, r)
+            for p in PROJECTIONS:
+                experts.register_parameter(f"base_{p}", nn.Parameter(base[p], requires_grad=False))
+                experts.expert_deltas.A[p].copy_(a_of[p])
+                experts.expert_deltas.B[p].copy_(b_of[p])
+        else:
+            with torch.device("meta"):
+                experts = MaterialisedExperts(cfg)
+            w = {p: base[p] + torch.bmm(b_of[p], a_of[p]) for p in PROJECTIONS}
+            experts.gate_up_proj = nn.Parameter(
+                torch.cat([w["gate_proj"], w["up_proj"]], 1), requires_grad=False
+            )
+            experts.down_proj = nn.Parameter(w["down_proj"], requires_grad=False)
+    block.experts = experts
+    return block
 
 
 def _train_setting(module: nn.Module, profile: Profile, dense: bool) -> nn.Module:
@@ -101,10 +119,10 @@ def _train_setting(module: nn.Module, profile: Profile, dense: bool) -> nn.Modul
         for name, p in module.named_parameters():
             p.requires_grad_("lora_" in name)
         return module
-    module.add_fusion_lora(lora.r, lora.alpha, lora.target_modules)
+    module.experts.add_fusion_lora(lora.r, lora.alpha, lora.target_modules)
     module.requires_grad_(False)
-    module.router.requires_grad_(True)
-    module.fusion_lora.requires_grad_(True)
+    module.gate.requires_grad_(True)
+    module.experts.fusion_lora.requires_grad_(True)
     return module
 
 
@@ -136,9 +154,9 @@ def bench_ffn(profile: Profile, plan: Plan) -> list[dict[str, Any]]:
         dense = _Mlp(base["gate_proj"], base["up_proj"], base["down_proj"])
         moes = {s: _moe_layer(s, base, deltas, router, profile) for s in ("delta", "materialised")}
         gen = torch.Generator().manual_seed(profile.seed + 1)
-        x = torch.randn(tokens, hidden, generator=gen)
+        x = torch.randn(1, tokens, hidden, generator=gen)
         x_grad = x.clone().requires_grad_(True)
-        grad = torch.randn(tokens, hidden, generator=gen)
+        grad = torch.randn(1, tokens, hidden, generator=gen)
         fwd = interleaved_medians(
             {"dense": _fwd(dense, x), **{s: _fwd(m, x) for s, m in moes.items()}},
             plan.warmup,

@@ -107,8 +107,7 @@ def upcycle_profile(profile: Profile, show_progress: bool = True) -> tuple[MoECa
     The base's family is checked from its config first: an unsupported base fails before any weights load."""
     from h3fusion.experts import require_expert
     from h3fusion.models import base_config, load_base
-    from h3fusion.moe import upcycle
-    from h3fusion.moe.export import check_base_family
+    from h3fusion.moe import check_base_family, upcycle
 
     check_base_family(base_config(profile))
     folders = [require_expert(profile, name, "`h3fusion fuse`") for name in profile.expert_names]
@@ -178,18 +177,18 @@ def add_attention_lora(moe: MoECausalLM, r: int, alpha: float, dropout: float) -
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(ATTENTION_PROJECTIONS))
-    inject_adapter_in_model(cfg, moe.model)
+    inject_adapter_in_model(cfg, moe)
 
 
 def merge_attention_lora(moe: MoECausalLM) -> None:
     """Fold attention LoRA into the base weights and restore plain Linear modules (for a clean export)."""
     from peft.tuners.lora import LoraLayer
 
-    for name, module in list(moe.model.named_modules()):
+    for name, module in list(moe.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
-            setattr(moe.model.get_submodule(parent_name), child, module.get_base_layer())
+            setattr(moe.get_submodule(parent_name), child, module.get_base_layer())
 
 
 def prepare_for_training(moe: MoECausalLM, profile: Profile) -> None:

@@ -3,7 +3,8 @@
 ``L = L_LM + lambda * L_gate + L_drift (+ w_lb * L_balance)``: `fusion_losses` computes each term of one batch
 from the model's output (the loss functions themselves are pure, in `h3fusion.losses`), `total_loss` weighs them,
 and `fusion_trainer_class` is the transformers Trainer that logs every term, puts the routers in an optimiser
-group of their own and checkpoints only the trainable tensors (so a killed run resumes)."""
+group of their own and checkpoints only the trainable tensors (so a killed run resumes). The router logits and the
+load-balancing term are the Mixtral model's own outputs (``router_logits``, ``aux_loss``)."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def fusion_losses(
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch (each unweighted), from the model output and the batch's masks and labels;
     `template`: each row's template length (`h3fusion.routing.template_lengths`)."""
-    from h3fusion.losses import drift_loss, gating_loss, load_balancing_loss
+    from h3fusion.losses import drift_loss, gating_loss
 
     f = profile.fusion
     rc = f.released_code
@@ -88,9 +89,11 @@ def fusion_losses(
         ),
     }
     if f.load_balance_weight > 0:
-        terms["balance_loss"] = load_balancing_loss(
-            out.router_logits, batch["attention_mask"], moe.top_k, moe.num_experts
-        )
+        if out.aux_loss is None:
+            raise ValueError(
+                "the load-balancing term needs the model's aux_loss: call it with output_router_logits=True"
+            )
+        terms["balance_loss"] = out.aux_loss  # transformers' Mixtral load_balancing_loss_func, padding masked
     return terms
 
 
@@ -128,7 +131,7 @@ def fusion_trainer_class() -> type[Trainer]:
             from h3fusion.routing import template_lengths
 
             task_labels = inputs.pop("task_labels")
-            out = model(**inputs)
+            out = model(**inputs, output_router_logits=True)
             template = template_lengths(inputs["input_ids"], self.template_headers)
             terms = fusion_losses(moe, out, {**inputs, "task_labels": task_labels}, self.profile, template)
             loss = total_loss(terms, self.profile)
@@ -157,6 +160,10 @@ def fusion_trainer_class() -> type[Trainer]:
                 self._sums, self._count = {}, 0
             super().log(logs, start_time)
 
+        # The checkpoint holds the trainable tensors only, written and read here: transformers 5.24's own resume
+        # reads a Mixtral checkpoint without converting its per-expert keys back and silently keeps the experts
+        # it has (huggingface/transformers#48805, fix pending in #48822); a full checkpoint would also copy the
+        # frozen base and experts at every save.
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if not self.args.should_save:
                 return

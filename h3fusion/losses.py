@@ -1,7 +1,8 @@
 """Fusion-stage losses (book: method.md, released_code_bugs.md): pure functions of tensors and masks, no model objects.
 
-Router logits are what `MoECausalLM.forward` returns: a sequence with one tensor per MoE layer,
-each [B*T, E] (batch-major) or [B, T, E]. Masks are the usual attention masks [B, T] (1 = token).
+Router logits are what the fused model (a Mixtral) returns with ``output_router_logits=True``: a sequence with one
+tensor per MoE layer, each [B*T, E] (batch-major) or [B, T, E]. Masks are the usual attention masks [B, T]
+(1 = token). The load-balancing term is the model's own ``aux_loss`` (transformers' `load_balancing_loss_func`).
 
 The released code's forms are kept behind ``released_code=True`` to measure what they change:
 the gating loss applied a second softmax to the averaged probabilities and counted padding, and the
@@ -162,33 +163,3 @@ def weight_norm_penalty(expert_sq_norms: Sequence[torch.Tensor], gammas: torch.T
 def sq_norms(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
     """Per layer, the [E] squared norms of dense expert weights (one [E, out, in] tensor per projection)."""
     return [sum(w.float().pow(2).sum(dim=(1, 2)) for w in layer) for layer in expert_weights]  # type: ignore[misc]
-
-
-def load_balancing_loss(
-    router_logits: Sequence[torch.Tensor], attention_mask: torch.Tensor | None, top_k: int, num_experts: int
-) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss E * sum_e f_e * P_e over non-padding tokens of all layers.
-
-    f_e: share of top-k assignments that go to expert e (summing to k, as transformers' Mixtral);
-    P_e: mean router probability of expert e. Equals `load_balancing_loss_func` of transformers.
-    """
-    if not router_logits:
-        raise LossInputError("router_logits is empty")
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    prob_sum = torch.zeros_like(counts)
-    rows = torch.zeros((), dtype=torch.float32, device=counts.device)
-    flat_mask = (
-        None if attention_mask is None else attention_mask.reshape(-1).to(counts.device, torch.float32)
-    )
-    for logits in router_logits:
-        probs = F.softmax(logits.float().reshape(-1, num_experts), dim=-1)
-        selected = torch.topk(probs, top_k, dim=-1).indices
-        weight = torch.ones(probs.shape[0], device=counts.device) if flat_mask is None else flat_mask
-        if weight.shape[0] != probs.shape[0]:
-            raise LossInputError(
-                f"attention_mask has {weight.shape[0]} tokens, router logits {probs.shape[0]}"
-            )
-        counts = counts.scatter_add(0, selected.reshape(-1), weight.repeat_interleave(top_k))
-        prob_sum = prob_sum + (probs * weight[:, None]).sum(dim=0)
-        rows = rows + weight.sum()
-    return num_experts * ((counts / rows) * (prob_sum / rows)).sum()

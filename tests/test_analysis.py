@@ -220,24 +220,24 @@ def moe(profile, tokenizer):
 
 
 def test_moe_causal_lm_and_its_mixtral_export_route_alike(moe, tokenizer, profile):
-    from h3fusion.moe import to_mixtral
+    from h3fusion.moe import plain_mixtral
 
     prof = analysis.routing_profile(moe, tokenizer, PROMPTS, batch_size=2)
     assert prof.shape == (profile.model.tiny.num_hidden_layers, profile.num_experts)
     np.testing.assert_allclose(prof.sum(axis=1), 1.0, atol=1e-6)
-    exported = analysis.routing_profile(to_mixtral(moe), tokenizer, PROMPTS, batch_size=3)
+    exported = analysis.routing_profile(plain_mixtral(moe), tokenizer, PROMPTS, batch_size=3)
     np.testing.assert_allclose(prof, exported, atol=1e-5)
     emb = analysis.hidden_embeddings(moe, tokenizer, PROMPTS[:2])
     assert emb.shape == (2, profile.model.tiny.hidden_size)
 
 
 def test_expert_drift_of_moe_models(moe, profile):
-    from h3fusion.moe import to_mixtral
+    from h3fusion.moe import plain_mixtral
 
     drift = analysis.expert_drift(moe, moe)
     assert drift.shape == (profile.model.tiny.num_hidden_layers, profile.num_experts)
     assert (drift == 0).all()
-    mixtral = to_mixtral(moe)
+    mixtral = plain_mixtral(moe)
     moved = {k: v.clone() for k, v in mixtral.state_dict().items()}
     key = next(k for k in moved if "layers.0." in k and "experts" in k)
     moved[key][1] += 1.0

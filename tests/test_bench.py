@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from h3fusion import bench, bench_common, bench_ffn
 from h3fusion.cli import main
 from h3fusion.config import load_profile
-from h3fusion.moe.layer import PROJECTIONS
+from h3fusion.moe import PROJECTIONS
 
 
 @pytest.mark.slow

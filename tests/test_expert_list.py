@@ -161,7 +161,7 @@ def test_the_smoke_pipeline_runs_with_two_experts_on_one_dimension(tmp_path):
     moe = load_moe(folder)
     assert moe.num_experts == 4 and list(moe.expert_names) == profile.expert_names
     # the upcycled experts are the trained ones, the rank-2 one included (zero-padded to rank 4)
-    raw, base = load_moe(raw_dir(profile)).moe_layers()[0], load_base(profile)[0].model.layers[0].mlp
+    raw, base = load_moe(raw_dir(profile)).experts_modules()[0], load_base(profile)[0].model.layers[0].mlp
     for e, name in enumerate(profile.expert_names):
         upcycled = raw.expert_weight("down_proj")[e] - base.down_proj.weight
         torch.testing.assert_close(upcycled, load_expert_adapter_weights(profile, name).delta(0, "down_proj"))

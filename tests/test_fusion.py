@@ -87,7 +87,7 @@ def test_fusion_steps_lower_the_total_loss(tmp_path, experts_root):
 
     def loss() -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "task_labels"}
-        return total_loss(fusion_losses(moe, moe(**inputs), batch, profile, template), profile)
+        return total_loss(fusion_losses(moe, moe(**inputs, output_router_logits=True), batch, profile, template), profile)
 
     before = loss().item()
     for _ in range(6):
@@ -108,7 +108,7 @@ def test_router_gets_gradient_from_the_gating_loss_alone(tmp_path, experts_root)
     batch = PadCollator(tok.pad_token_id)([data[0], data[len(data) - 1]])
     inputs = {k: v for k, v in batch.items() if k != "task_labels"}
     template = template_lengths(batch["input_ids"], template_header_ids(tok))
-    fusion_losses(moe, moe(**inputs), batch, profile, template)["gate_loss"].backward()
+    fusion_losses(moe, moe(**inputs, output_router_logits=True), batch, profile, template)["gate_loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router_parameters())
 
 

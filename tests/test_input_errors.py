@@ -49,7 +49,7 @@ def _fake_expert(profile: Profile, task: str, **tiny: int) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from h3fusion.models import load_tokenizer, tiny_random_llama
-    from h3fusion.moe.layer import PROJECTIONS
+    from h3fusion.moe import PROJECTIONS
 
     base = tiny_random_llama(profile.model.tiny.model_copy(update=tiny), len(load_tokenizer(profile)), 0)
     lora = profile.experts.lora

@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from h3fusion.errors import H3FusionError
 from h3fusion.losses import (
     drift_loss,
     gating_loss,
-    load_balancing_loss,
     prompt_token_mask,
     sequence_routing,
     sq_norms,
@@ -169,17 +167,3 @@ def test_released_drift_penalises_weight_norms():
     torch.testing.assert_close(released, weight_norm_penalty(sq_norms(weights), gammas))
     with pytest.raises(H3FusionError, match="expert_sq_norms"):
         drift_loss(f, gammas, 1.0, released_code=True)
-
-
-# ------------------------------------------------------------------------ load balance
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_load_balancing_matches_transformers(top_k):
-    gen = torch.Generator().manual_seed(top_k)
-    logits = tuple(torch.randn(2 * 5, 4, generator=gen) for _ in range(3))
-    mask = torch.ones(2, 5)
-    mask[0, :2] = 0
-    ours = load_balancing_loss(logits, mask, top_k, 4)
-    torch.testing.assert_close(ours, load_balancing_loss_func(logits, 4, top_k, mask))
-    torch.testing.assert_close(
-        load_balancing_loss(logits, None, top_k, 4), load_balancing_loss_func(logits, 4, top_k)
-    )

@@ -17,23 +17,25 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
 )
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from h3fusion.errors import ArtifactError, ModelError
 from h3fusion.losses import drift_loss, gating_loss
 from h3fusion.moe import (
     PROJECTIONS,
+    DeltaExperts,
     ExpertAdapter,
     MoECausalLM,
-    MoEFeedForward,
     adapter_from_state_dict,
     export_mixtral,
     load_adapter,
     load_moe,
     upcycle,
 )
-from h3fusion.moe import export as export_module
+from h3fusion.moe import model as model_module
 
 HIDDEN, FFN, LAYERS, VOCAB = 32, 48, 3, 97
 R, ALPHA = 4, 8.0
@@ -124,17 +126,17 @@ def test_experts_equal_base_plus_scaled_delta_and_do_not_alias(base, adapters):
                 a, b = state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"]
                 expected = getattr(base.model.layers[layer].mlp, p).weight + scale * b @ a
                 torch.testing.assert_close(
-                    getattr(moe.moe_layers()[layer], p)[i], expected, atol=ATOL, rtol=0
+                    moe.experts_modules()[layer].stored_weight(p)[i], expected, atol=ATOL, rtol=0
                 )
                 torch.testing.assert_close(
-                    delta.moe_layers()[layer].expert_weight(p)[i], expected, atol=ATOL, rtol=0
+                    delta.experts_modules()[layer].expert_weight(p)[i], expected, atol=ATOL, rtol=0
                 )
-    layer = moe.moe_layers()[0]
-    before = layer.gate_proj[1].clone()
+    gate = moe.experts_modules()[0].stored_weight("gate_proj")
+    before = gate[1].clone()
     with torch.no_grad():
-        layer.gate_proj[0].add_(1.0)  # writing expert 0 must leave the other experts alone
-    torch.testing.assert_close(layer.gate_proj[1], before)
-    assert len({layer.gate_proj[e].data_ptr() for e in range(3)}) == 3
+        gate[0].add_(1.0)  # writing expert 0 must leave the other experts alone
+    torch.testing.assert_close(gate[1], before)
+    assert len({gate[e].data_ptr() for e in range(3)}) == 3
 
 
 def test_zero_deltas_give_dense_logits_whatever_the_router(base, tmp_path, batch):
@@ -164,12 +166,30 @@ def test_forced_expert_reproduces_base_with_merged_adapter(base, adapters, batch
 
 def test_router_logits_come_out_of_forward(base, adapters, batch):
     moe = fused(base, adapters)
-    out = moe(**batch, labels=batch["input_ids"])
+    out = moe(**batch, labels=batch["input_ids"], output_router_logits=True)
     assert out.loss is not None and out.loss.ndim == 0
     assert len(out.router_logits) == moe.config.num_hidden_layers == LAYERS
     b, t = batch["input_ids"].shape
     assert all(lg.shape == (b * t, 3) for lg in out.router_logits)
-    assert all(layer.last_router_logits is None for layer in moe.moe_layers())
+    # the auxiliary loss is transformers' own, and it stays out of the LM loss
+    assert out.aux_loss is not None and out.aux_loss.ndim == 0
+    torch.testing.assert_close(out.loss, moe(**batch, labels=batch["input_ids"]).loss)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_aux_loss_is_the_load_balancing_loss_over_real_tokens_at_the_current_k(base, adapters, batch, top_k):
+    """The fusion objective's balance term is the model's `aux_loss`: transformers' Mixtral load-balancing loss
+    over the non-padding tokens, with the k in use (also after `set_top_k`)."""
+    moe = fused(base, adapters, top_k=top_k)
+    with torch.no_grad():  # decisive routing, so that padding tokens change the statistics
+        for w in moe.router_parameters():
+            w.mul_(50)
+    for k in (top_k, 3 - top_k):
+        moe.set_top_k(k)
+        out = moe(**batch, output_router_logits=True)
+        mask = batch["attention_mask"]
+        torch.testing.assert_close(out.aux_loss, load_balancing_loss_func(out.router_logits, 3, k, mask))
+        assert not torch.allclose(out.aux_loss, load_balancing_loss_func(out.router_logits, 3, k))
 
 
 def test_random_router_init_is_seeded(base, adapters):
@@ -199,17 +219,17 @@ def test_hidden_router_init_is_the_mean_ffn_input(base, adapters, batch):
 
 
 # ------------------------------------------------------------------------ layer maths
-def reference_moe(layer: MoEFeedForward, h: torch.Tensor) -> torch.Tensor:
-    """The MoE layer written out densely: every expert on every token, then top-k mixing."""
+def reference_moe(layer, h: torch.Tensor) -> torch.Tensor:
+    """The MoE block written out densely: every expert on every token, then top-k mixing."""
     x = h.reshape(-1, h.shape[-1])
-    p = F.softmax(layer.router(x).float(), dim=-1)
-    top, idx = torch.topk(p, layer.top_k, dim=-1)
+    p = F.softmax((x @ layer.gate.weight.T).float(), dim=-1)
+    top, idx = torch.topk(p, layer.gate.top_k, dim=-1)
     mix = torch.zeros(p.shape).scatter(1, idx, top / top.sum(-1, keepdim=True))  # p~ on S, 0 elsewhere
-    w = layer.expert_weights()
+    w = layer.experts.expert_weights()
     outs = torch.stack(
         [
             (F.silu(x @ w["gate_proj"][e].T) * (x @ w["up_proj"][e].T)) @ w["down_proj"][e].T
-            for e in range(layer.num_experts)
+            for e in range(layer.experts.num_experts)
         ],
         dim=1,
     )
@@ -250,17 +270,17 @@ def test_any_number_of_experts_and_k(base, num_experts, top_k):
 
 
 def _loss_and_grads(moe: MoECausalLM, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = moe(**batch, labels=batch["input_ids"])
+    out = moe(**batch, labels=batch["input_ids"], output_router_logits=True)
     labels = torch.tensor([0, 2, 1])
     loss = out.loss + 0.5 * gating_loss(out.router_logits, batch["attention_mask"], labels)
     loss = loss + drift_loss(moe.drift_factors(), [0.1, 0.2, 0.3], moe.fusion_lora_scale())
     loss.backward()
-    grads = {f"router{i}": layer.router.weight.grad for i, layer in enumerate(moe.moe_layers())}
-    for i, layer in enumerate(moe.moe_layers()):
-        for p in layer.fusion_lora.targets:
-            grads[f"A{i}{p}"] = layer.fusion_lora.A[p].grad
-            grads[f"B{i}{p}"] = layer.fusion_lora.B[p].grad
-    grads["q_proj"] = moe.model.model.layers[0].self_attn.q_proj.weight.grad
+    grads = {f"router{i}": layer.gate.weight.grad for i, layer in enumerate(moe.moe_layers())}
+    for i, experts in enumerate(moe.experts_modules()):
+        for p in experts.fusion_lora.targets:
+            grads[f"A{i}{p}"] = experts.fusion_lora.A[p].grad
+            grads[f"B{i}{p}"] = experts.fusion_lora.B[p].grad
+    grads["q_proj"] = moe.model.layers[0].self_attn.q_proj.weight.grad
     return loss.detach(), grads
 
 
@@ -271,13 +291,13 @@ def test_delta_and_materialised_give_same_logits_and_gradients(base, adapters, b
         moe.add_fusion_lora(rank=3, alpha=6.0, seed=5)
         with torch.no_grad():  # non-zero fusion deltas, identical in both models
             gen = torch.Generator().manual_seed(0)
-            for layer in moe.moe_layers():
-                for p in layer.fusion_lora.targets:
-                    layer.fusion_lora.B[p].copy_(
-                        torch.randn(layer.fusion_lora.B[p].shape, generator=gen) * 0.1
+            for experts in moe.experts_modules():
+                for p in experts.fusion_lora.targets:
+                    experts.fusion_lora.B[p].copy_(
+                        torch.randn(experts.fusion_lora.B[p].shape, generator=gen) * 0.1
                     )
         trainable = moe.freeze_for_fusion()
-        moe.model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+        moe.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
         assert all(p.requires_grad for p in trainable)
         results.append((logits_of(moe, batch), *_loss_and_grads(moe, batch)))
     (l0, loss0, g0), (l1, loss1, g1) = results
@@ -292,7 +312,7 @@ def test_delta_and_materialised_give_same_logits_and_gradients(base, adapters, b
 def test_router_gets_gradient_from_gating_loss(base, adapters, batch):
     moe = fused(base, adapters, top_k=1)  # k=1: the LM loss alone gives the router no gradient
     moe.freeze_for_fusion()
-    out = moe(**batch)
+    out = moe(**batch, output_router_logits=True)
     gating_loss(out.router_logits, batch["attention_mask"], torch.tensor([0, 1, 2])).backward()
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in moe.router_parameters())
 
@@ -303,16 +323,16 @@ def test_router_logits_keep_their_graph_under_gradient_checkpointing(base, adapt
         moe = fused(base, adapters, top_k=2)
         moe.freeze_for_fusion()
         if checkpointing:
-            moe.gradient_checkpointing_enable()
+            moe.activation_checkpointing_enable()
         moe.train()
-        out = moe(**batch, use_cache=False)
+        out = moe(**batch, use_cache=False, output_router_logits=True)
         assert all(lg.requires_grad for lg in out.router_logits)
         gating_loss(out.router_logits, batch["attention_mask"], torch.tensor([0, 1, 2])).backward()
         grads.append([w.grad for w in moe.router_parameters()])
     for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g0, g1)
     with pytest.raises(ModelError, match="reentrant"):
-        moe.gradient_checkpointing_enable({"use_reentrant": True})
+        moe.activation_checkpointing_enable({"use_reentrant": True})
 
 
 @pytest.mark.parametrize("storage", ["delta", "materialised"])
@@ -323,13 +343,13 @@ def test_fusion_lora_starts_at_zero_and_merges_exactly(base, adapters, batch, st
     torch.testing.assert_close(logits_of(moe, batch), before, atol=0, rtol=0)
     assert drift_loss(moe.drift_factors(), [1.0, 1.0, 1.0], moe.fusion_lora_scale()).item() == 0.0
     with torch.no_grad():
-        for layer in moe.moe_layers():
-            for p in layer.fusion_lora.targets:
-                layer.fusion_lora.B[p].normal_(0, 0.1)
+        for experts in moe.experts_modules():
+            for p in experts.fusion_lora.targets:
+                experts.fusion_lora.B[p].normal_(0, 0.1)
     trained = logits_of(moe, batch)
     assert (trained - before).abs().max() > 1e-3
     moe.merge_fusion_lora()
-    assert all(layer.fusion_lora is None for layer in moe.moe_layers())
+    assert all(experts.fusion_lora is None for experts in moe.experts_modules())
     torch.testing.assert_close(logits_of(moe, batch), trained, atol=ATOL, rtol=0)
 
 
@@ -342,9 +362,9 @@ def test_low_rank_weight_norms_equal_the_dense_ones_with_their_gradients(base, a
         moe.add_fusion_lora(rank=2, alpha=4.0, targets=("gate_proj", "down_proj"), seed=1)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
-            for layer in moe.moe_layers():
-                for p in layer.fusion_lora.targets:
-                    layer.fusion_lora.B[p].copy_(torch.randn(layer.fusion_lora.B[p].shape, generator=gen) * 0.1)
+            for experts in moe.experts_modules():
+                for p in experts.fusion_lora.targets:
+                    experts.fusion_lora.B[p].copy_(torch.randn(experts.fusion_lora.B[p].shape, generator=gen) * 0.1)
         params = moe.freeze_for_fusion()
         fast = moe.expert_sq_norms()
         dense = [sum(w.pow(2).sum(dim=(1, 2)) for w in layer) for layer in moe.expert_weights()]
@@ -366,7 +386,7 @@ def test_low_rank_weight_norms_equal_the_dense_ones_with_their_gradients(base, a
 def test_set_top_k(base, adapters):
     moe = fused(base, adapters, top_k=2)
     moe.set_top_k(3)
-    assert all(layer.top_k == 3 for layer in moe.moe_layers())
+    assert all(layer.gate.top_k == 3 for layer in moe.moe_layers()) and moe.num_experts_per_tok == 3
     with pytest.raises(ModelError, match="top_k"):
         moe.set_top_k(4)
 
@@ -377,9 +397,9 @@ def test_exported_mixtral_gives_the_same_logits(base, adapters, batch, tmp_path,
     moe = fused(base, adapters, storage, top_k=2, seed=2)
     moe.add_fusion_lora(rank=2, alpha=4.0, seed=3)
     with torch.no_grad():
-        for layer in moe.moe_layers():
-            for p in layer.fusion_lora.targets:
-                layer.fusion_lora.B[p].normal_(0, 0.1)
+        for experts in moe.experts_modules():
+            for p in experts.fusion_lora.targets:
+                experts.fusion_lora.B[p].normal_(0, 0.1)
     expected = logits_of(moe, batch)
     folder = export_mixtral(moe, None, tmp_path / "raw", manifest={"config_hash": "abc"})
     assert json.loads((folder / "manifest.json").read_text())["config_hash"] == "abc"
@@ -400,7 +420,7 @@ def test_exported_mixtral_gives_the_same_logits(base, adapters, batch, tmp_path,
     back = load_moe(folder).eval()
     assert back.expert_names == moe.expert_names and back.storage == "materialised"
     torch.testing.assert_close(logits_of(back, batch), expected, atol=ATOL, rtol=0)
-    assert len(back(**batch).router_logits) == LAYERS
+    assert len(back(**batch, output_router_logits=True).router_logits) == LAYERS
     again = AutoModelForCausalLM.from_pretrained(export_mixtral(back, None, tmp_path / "again")).eval()
     torch.testing.assert_close(logits_of(again, batch), expected, atol=ATOL, rtol=0)
 
@@ -485,7 +505,7 @@ def test_other_families_are_refused_before_upcycling(family):
     base = family_base(family)
     with pytest.raises(ModelError, match=rf"{family!r} model.*\['llama', 'mistral'\].*model\.base"):
         upcycle(base, family_adapters(base), top_k=2, show_progress=False)
-    assert all(not isinstance(layer.mlp, MoEFeedForward) for layer in base.model.layers)
+    assert all(type(layer.mlp).__name__ != "MixtralSparseMoeBlock" for layer in base.model.layers)
 
 
 def test_llama_with_attention_biases_is_refused():
@@ -494,14 +514,13 @@ def test_llama_with_attention_biases_is_refused():
         upcycle(base, family_adapters(base), top_k=2, show_progress=False)
 
 
-def test_a_wrong_export_is_caught_by_the_round_trip(monkeypatch, tmp_path):
-    """Gemma let through the allow-list: the folder's logits differ, so export refuses and leaves no folder."""
-    monkeypatch.setattr(export_module, "MIXTRAL_EXACT_FAMILIES", ("llama", "mistral", "gemma"))
+def test_a_wrong_family_is_caught_by_the_shell_check(monkeypatch):
+    """Gemma let through the allow-list: the Mixtral around its weights computes another function, so upcycling
+    refuses before any experts are built."""
+    monkeypatch.setattr(model_module, "MIXTRAL_EXACT_FAMILIES", ("llama", "mistral", "gemma"))
     base = family_base("gemma")
-    moe = upcycle(base, family_adapters(base), top_k=2, show_progress=False).eval()
     with pytest.raises(ModelError, match="does not reproduce"):
-        export_mixtral(moe, None, tmp_path / "m")
-    assert not (tmp_path / "m").exists() and not list(tmp_path.glob("m.tmp-*"))
+        upcycle(base, family_adapters(base), top_k=2, show_progress=False)
 
 
 def test_fuse_checks_the_family_before_loading_the_base(tmp_path, monkeypatch):
@@ -608,22 +627,24 @@ def test_swiglu_mix_matches_the_plain_formula_and_its_gradients(num_experts, top
 def test_delta_training_path_equals_the_plain_path():
     """`_forward_delta_sorted` (autograd) = the per-slot ops (no autograd / other activation) to rounding."""
     torch.manual_seed(0)
-    layer = MoEFeedForward(HIDDEN, FFN, 3, 2, "delta", delta_rank=R)
+    cfg = MixtralConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_local_experts=3, num_experts_per_tok=2)
+    layer = MixtralSparseMoeBlock(cfg)
+    layer.experts = DeltaExperts(HIDDEN, FFN, 3, delta_rank=R)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.3)
-    layer.add_fusion_lora(rank=3, alpha=6.0)
+    layer.experts.add_fusion_lora(rank=3, alpha=6.0)
     with torch.no_grad():
-        for b in layer.fusion_lora.B.values():
+        for b in layer.experts.fusion_lora.B.values():
             b.normal_(0, 0.1)
     layer.requires_grad_(False)
-    layer.router.requires_grad_(True)
-    layer.fusion_lora.requires_grad_(True)
+    layer.gate.requires_grad_(True)
+    layer.experts.fusion_lora.requires_grad_(True)
     h = torch.randn(2, 9, HIDDEN)
     grad_out = torch.randn(2, 9, HIDDEN)
     results = []
     for act in ("silu", "plain"):  # any other name than "silu" takes the per-slot ops (same act_fn)
-        layer.hidden_act = act
+        layer.experts.hidden_act = act
         x = h.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         out = layer(x)

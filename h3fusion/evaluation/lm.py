@@ -261,7 +261,7 @@ class HFLanguageModel:
         )
         logp = torch.log_softmax(out.logits[0].float(), dim=-1)
         own = logp[:-1].gather(-1, ids[0, 1:, None])[:, 0].tolist() if every_position else []
-        return _SharedPrefix(length, _output_cache(out), logp[-1], own)
+        return _SharedPrefix(length, out.cache, logp[-1], own)
 
     def _after_prefix(
         self, rest: list[list[int]], shared: _SharedPrefix | None
@@ -280,7 +280,7 @@ class HFLanguageModel:
         }
         if shared is not None:
             mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, skip), mask], dim=1)
-            inputs.update({_cache_argument(self.model): shared.cache_for(len(rest)), "use_cache": True})
+            inputs.update({"cache": shared.cache_for(len(rest)), "use_cache": True})
         inputs["attention_mask"] = mask
         return ids, inputs
 
@@ -324,7 +324,7 @@ class HFLanguageModel:
         mask[:, 0, :, skip:].masked_fill_(~allowed, torch.finfo(dtype).min)
         inputs: dict[str, Any] = {"use_cache": False}
         if shared is not None:
-            inputs.update({_cache_argument(self.model): shared.cache_for(len(batch)), "use_cache": True})
+            inputs.update({"cache": shared.cache_for(len(batch)), "use_cache": True})
         logits = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -376,25 +376,3 @@ class _SharedPrefix:
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(rows)
         return cache
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """`cache` (transformers >= 5.2x) or `past_key_values` (earlier 5.x), whichever the forward takes.
-
-    A wrapper whose forward only has **kwargs (the MoE model) passes them to a transformers model: use the name
-    the installed transformers' Llama takes.
-    """
-    import inspect
-
-    from transformers import LlamaForCausalLM
-
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-def _output_cache(output: object) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values

@@ -1,9 +1,9 @@
-"""The delta storage's forward pass (`MoEFeedForward` with ``storage="delta"``; book: method.md).
+"""The delta storage's forward pass (`DeltaExperts`; book: method.md).
 
 One shared, frozen base FFN plus each expert's low-rank delta kept factored: the base gate/up matmuls run once for
 all tokens, the base down matmul once on the routing-weighted mix of the experts' activations, and per expert only
-rank-r products and the element-wise SwiGLU are computed (`DeltaPath._forward_delta`). Kept apart from the layer's
-construction, routing and weight bookkeeping (`h3fusion.moe.layer`), which it is mixed into.
+rank-r products and the element-wise SwiGLU are computed (`DeltaPath._forward_delta`). Kept apart from the experts'
+construction and weight bookkeeping (`h3fusion.moe.experts`), which it is mixed into.
 """
 
 from __future__ import annotations
@@ -40,15 +40,14 @@ def _add_masked(
 
 
 class DeltaPath:
-    """The delta storage's forward, mixed into `MoEFeedForward` (which owns the attributes read here: the base
-    weights ``base_<proj>``, `expert_deltas`, `fusion_lora`, `router`, `num_experts`, `hidden_act`, `act_fn`,
-    `training` and the inference cache `_stack_cache`)."""
+    """The delta storage's forward, mixed into `DeltaExperts` (which owns the attributes read here: the base
+    weights ``base_<proj>``, `expert_deltas`, `fusion_lora`, `num_experts`, `hidden_act`, `act_fn`, `training` and
+    the inference cache `_stack_cache`)."""
 
     num_experts: int
     hidden_act: str
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     training: bool
-    router: nn.Linear
     expert_deltas: LowRankExperts | None
     fusion_lora: LowRankExperts | None
     base_gate_proj: torch.Tensor
@@ -84,7 +83,7 @@ class DeltaPath:
             b_parts.append(
                 torch.cat([st.B[p].transpose(1, 2) * st.scale for st in sets[p]], dim=1).flatten(0, 1)
             )
-        a = torch.cat(a_parts) if a_parts else self.router.weight.new_empty(0, 0)
+        a = torch.cat(a_parts) if a_parts else self.base_gate_proj.new_empty(0, 0)
         if not torch.is_grad_enabled():
             self._stack_cache[projs] = (version, (a, b_parts))
         return a, b_parts

@@ -1,6 +1,6 @@
 """The rank-r deltas, per-slot SwiGLU and routing mix of the delta MoE as one autograd node (book: method.md).
 
-`MoEFeedForward._forward_delta` computes, for the k routing slots of every token (slot s of token n
+`DeltaExperts._forward_delta` computes, for the k routing slots of every token (slot s of token n
 routed to expert e = idx[n, s] with weight w[n, s]), ``g_s = g0 + B_gate,e z_gate,e``,
 ``u_s = u0 + B_up,e z_up,e``, ``a_s = silu(g_s) * u_s``, ``mix = sum_s w_s a_s`` and the down codes
 ``A_down,e a_s``. Written with plain tensor ops, the rank-r products of a slot run over the codes of

@@ -5,8 +5,8 @@ attention, embeddings, norms and LM head stay the base's. Every adapter is read 
 against the base (family, shapes, layers, targets) before any layer is touched, so a wrong folder fails in
 milliseconds with a message that says what to do.
 
-`upcycle` takes ownership of `base_model`: its MLP modules are replaced in place (delta storage
-reuses the base FFN tensors without a copy). Pass ``copy.deepcopy(base)`` to keep the dense model.
+The fused model is a `MixtralForCausalLM` (`MoECausalLM`) built on `base_model`'s tensors without a copy (delta
+storage also reuses the base FFN tensors): pass ``copy.deepcopy(base)`` to keep using the dense model.
 
 Router init: ``random`` (seeded normal, std = the config's initializer_range, as Mixtral/the paper)
 or ``hidden`` (mergekit's hidden gate mode): row i of layer l's router is the unit-normalised mean,
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel
 
 from h3fusion.errors import ModelError
-from h3fusion.moe.export import check_base_family
-from h3fusion.moe.layer import MoEFeedForward, Storage
+from h3fusion.moe.experts import DeltaExperts, MaterialisedExperts, Storage, check_storage
 from h3fusion.moe.low_rank import PROJECTIONS, check_top_k, projection_shapes
-from h3fusion.moe.model import MoECausalLM, decoder_layers
+from h3fusion.moe.model import MoECausalLM, check_base_family, decoder_layers, moe_config
 from h3fusion.progress import progress
 
 _KEY = re.compile(
@@ -227,47 +226,94 @@ def random_router_weights(
 
 
 # ----------------------------------------------------------------------- upcycle
-def _build_layer(
-    mlp: nn.Module,
-    layer_idx: int,
-    adapters: Sequence[ExpertAdapter],
-    top_k: int,
-    storage: Storage,
-    router_weight: torch.Tensor,
-    hidden_act: str,
-) -> MoEFeedForward:
-    base = {p: getattr(mlp, p).weight for p in PROJECTIONS}
-    ref = base["gate_proj"]
-    f, d = ref.shape
-    num = len(adapters)
+def _delta_experts(
+    mlp: nn.Module, layer_idx: int, adapters: Sequence[ExpertAdapter], hidden_act: str
+) -> DeltaExperts:
+    """The base FFN's own tensors (no copy) and every adapter's factors, scale folded into B."""
+    f, d = mlp.gate_proj.weight.shape
+    ref = mlp.gate_proj.weight
     rank = max(1, max((ad.rank for ad in adapters), default=1))
-    moe = MoEFeedForward(
-        d, f, num, top_k, storage, delta_rank=rank, hidden_act=hidden_act, dtype=ref.dtype, device=ref.device
-    )
+    experts = DeltaExperts(d, f, len(adapters), rank, hidden_act, dtype=ref.dtype, device=ref.device)
+    for p in PROJECTIONS:
+        experts.register_parameter(
+            f"base_{p}", nn.Parameter(getattr(mlp, p).weight.detach(), requires_grad=False)
+        )
     with torch.no_grad():
-        moe.router.weight.copy_(router_weight)
-        if storage == "materialised":
+        for e, ad in enumerate(adapters):
             for p in PROJECTIONS:
-                target = getattr(moe, p)
-                for e, ad in enumerate(adapters):
-                    delta = ad.delta(layer_idx, p)
-                    w = base[p].float() + delta.to(ref.device) if delta is not None else base[p]
-                    target[e].copy_(w)  # its own slice: experts never alias
-        else:
-            for p in PROJECTIONS:
-                moe.register_parameter(f"base_{p}", nn.Parameter(base[p].detach(), requires_grad=False))
-            deltas = moe.expert_deltas
-            assert deltas is not None
+                ab = ad.factors.get((layer_idx, p))
+                if ab is None:
+                    continue
+                a, b = ab
+                r = a.shape[0]  # ranks may differ across experts: zero padding is exact
+                experts.expert_deltas.A[p][e, :r].copy_(a)
+                experts.expert_deltas.B[p][e, :, :r].copy_(b.float() * ad.scale)
+    return experts
+
+
+def _materialised_experts(
+    mlp: nn.Module, layer_idx: int, adapters: Sequence[ExpertAdapter], config: MixtralConfig
+) -> MaterialisedExperts:
+    """Mixtral's experts, expert i = base + adapter i's delta, each in its own slice (experts never alias)."""
+    ref = mlp.gate_proj.weight
+    with torch.device(ref.device):
+        experts = MaterialisedExperts(config).to(ref.dtype)
+    with torch.no_grad():
+        for p in PROJECTIONS:
+            base = getattr(mlp, p).weight
+            target = experts.stored_weight(p)
             for e, ad in enumerate(adapters):
-                for p in PROJECTIONS:
-                    ab = ad.factors.get((layer_idx, p))
-                    if ab is None:
-                        continue
-                    a, b = ab
-                    r = a.shape[0]  # ranks may differ across experts: zero padding is exact
-                    deltas.A[p][e, :r].copy_(a)
-                    deltas.B[p][e, :, :r].copy_(b.float() * ad.scale)
+                delta = ad.delta(layer_idx, p)
+                target[e].copy_(base.float() + delta.to(ref.device) if delta is not None else base)
+    return experts
+
+
+def _mixtral_shell(base_model: PreTrainedModel, config: MixtralConfig) -> MoECausalLM:
+    """An `MoECausalLM` holding the base's attention, norms, embeddings and LM head (the same tensors, no copy)."""
+    with torch.device("meta"):
+        moe = MoECausalLM(config)
+    state = {k: v for k, v in base_model.state_dict().items() if ".mlp." not in k}
+    missing, unexpected = moe.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(".mlp." not in k and k != "lm_head.weight" for k in missing):
+        raise ModelError(
+            f"the base model's weights do not map onto a Mixtral (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); report this with the base model's config.json"
+        )
+    if config.tie_word_embeddings or "lm_head.weight" in missing:
+        moe.lm_head.weight = moe.model.embed_tokens.weight
+    # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
+    moe.model.rotary_emb = type(moe.model.rotary_emb)(config).to(base_model.device)
+    moe.generation_config = base_model.generation_config
     return moe
+
+
+@torch.no_grad()
+def _check_shell(base_model: PreTrainedModel, moe: MoECausalLM) -> None:
+    """The Mixtral around the base's tensors, with the base's own MLPs in place of the MoE blocks, must give the
+    base's logits: a family whose norms, embeddings or attention Mixtral computes differently is caught here."""
+    from h3fusion.moe.export import ROUND_TRIP_TOKENS, round_trip_tolerance
+
+    ids = torch.arange(min(ROUND_TRIP_TOKENS, base_model.config.vocab_size), device=base_model.device)[None]
+    was_training = base_model.training
+    base_model.eval()
+    expected = base_model(input_ids=ids).logits.float()
+    base_model.train(was_training)
+    layers = decoder_layers(moe)
+    blocks = [layer.mlp for layer in layers]
+    for layer, dense in zip(layers, decoder_layers(base_model), strict=True):
+        layer.mlp = dense.mlp
+    try:
+        got = moe.eval()(input_ids=ids).logits.float()
+    finally:
+        for layer, block in zip(layers, blocks, strict=True):
+            layer.mlp = block
+    diff = (got - expected).abs().max().item()
+    tol = round_trip_tolerance(base_model.dtype) * max(1.0, expected.abs().max().item())
+    if not diff <= tol:
+        raise ModelError(
+            f"the Mixtral built on the {base_model.config.model_type!r} base does not reproduce the base: logits "
+            f"differ by up to {diff:.3g} (tolerance {tol:.3g}); report this as a bug with the base's config.json"
+        )
 
 
 def upcycle(
@@ -281,19 +327,17 @@ def upcycle(
     expert_names: Sequence[str] | None = None,
     show_progress: bool = True,
 ) -> MoECausalLM:
-    """Fuse `base_model` and one LoRA adapter per expert into an `MoECausalLM` (base modified in place).
+    """Fuse `base_model` and one LoRA adapter per expert into an `MoECausalLM` (a Mixtral; built on the base's
+    tensors, so the base is consumed: its MLPs become the experts' base or are dropped).
 
-    adapters: peft folders (``runs/<p>/experts/<task>/``) or loaded `ExpertAdapter`s, in expert order.
+    adapters: peft folders (``runs/<p>/experts/<name>/``) or loaded `ExpertAdapter`s, in expert order.
     router_init: ``random`` (seeded by `seed`) or ``hidden`` (needs `hidden_batches`, one iterable of
     token batches per expert, e.g. each task's training prompts).
     """
     if not adapters:
         raise ModelError("upcycling needs at least one expert adapter")
     check_top_k(top_k, len(adapters))
-    if storage not in ("delta", "materialised"):
-        raise ModelError(
-            f"unknown MoE storage {storage!r}; use 'delta' or 'materialised' (profile key `fusion.storage`)"
-        )
+    check_storage(storage)
     if router_init not in ("random", "hidden"):
         raise ModelError(
             f"unknown router init {router_init!r}; use 'random' or 'hidden' (profile key `fusion.router_init`)"
@@ -316,9 +360,24 @@ def upcycle(
         routers = random_router_weights(
             len(layers), len(loaded), cfg.hidden_size, cfg.initializer_range, seed
         )
+    config = moe_config(cfg, len(loaded), top_k, names, base_model.dtype)
+    moe = _mixtral_shell(base_model, config)
+    if base_model.device.type != "meta":  # shapes only (the bench's parameter count): nothing to compute
+        _check_shell(base_model, moe)
     hidden_act = getattr(cfg, "hidden_act", "silu")
-    for i, layer in enumerate(
-        progress(layers, desc=f"upcycling ({storage})", show=show_progress, leave=False)
+    for i, (layer, block) in enumerate(
+        progress(
+            list(zip(layers, moe.moe_layers(), strict=True)),
+            desc=f"upcycling ({storage})",
+            show=show_progress,
+            leave=False,
+        )
     ):
-        layer.mlp = _build_layer(layer.mlp, i, loaded, top_k, storage, routers[i], hidden_act)
-    return MoECausalLM(base_model, names)
+        ref = layer.mlp.gate_proj.weight
+        block.gate.weight = nn.Parameter(routers[i].to(device=ref.device, dtype=ref.dtype))
+        block.experts = (
+            _materialised_experts(layer.mlp, i, loaded, config)
+            if storage == "materialised"
+            else _delta_experts(layer.mlp, i, loaded, hidden_act)
+        )
+    return moe
