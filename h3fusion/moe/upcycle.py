@@ -284,7 +284,7 @@ def _mixtral_shell(base_model: PreTrainedModel, config: MixtralConfig) -> MoECau
     # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
     moe.model.rotary_emb = type(moe.model.rotary_emb)(config).to(base_model.device)
     moe.generation_config = base_model.generation_config
-    return moe
+    return moe.train(base_model.training)
 
 
 @torch.no_grad()
@@ -305,6 +305,7 @@ def _check_shell(base_model: PreTrainedModel, moe: MoECausalLM) -> None:
     try:
         got = moe.eval()(input_ids=ids).logits.float()
     finally:
+        moe.train(was_training)  # the fused model keeps the base's mode
         for layer, block in zip(layers, blocks, strict=True):
             layer.mlp = block
     diff = (got - expected).abs().max().item()
