@@ -78,6 +78,7 @@ def _moe_layer(
         num_local_experts=num,
         num_experts_per_tok=profile.fusion.top_k,
         router_jitter_noise=0.0,
+        experts_implementation="eager",  # what a model would set; a standalone block has no model to set it
     )
     with torch.device("meta"):
         block = MixtralSparseMoeBlock(cfg)
