@@ -162,8 +162,8 @@ def fusion_trainer_class() -> type[Trainer]:
 
         # The checkpoint holds the trainable tensors only, written and read here: transformers 5.24's own resume
         # reads a Mixtral checkpoint without converting its per-expert keys back and silently keeps the experts
-        # it has (huggingface/transformers#48805, fix pending in #48822); a full checkpoint would also copy the
-        # frozen base and experts at every save.
+        # it has (huggingface/transformers#48805, fix pending in #48822; tests/test_fusion.py fails once it is
+        # fixed); a full checkpoint would also copy the frozen base and experts at every save.
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if not self.args.should_save:
                 return

@@ -87,7 +87,8 @@ def test_fusion_steps_lower_the_total_loss(tmp_path, experts_root):
 
     def loss() -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "task_labels"}
-        return total_loss(fusion_losses(moe, moe(**inputs, output_router_logits=True), batch, profile, template), profile)
+        out = moe(**inputs, output_router_logits=True)
+        return total_loss(fusion_losses(moe, out, batch, profile, template), profile)
 
     before = loss().item()
     for _ in range(6):
@@ -108,7 +109,8 @@ def test_router_gets_gradient_from_the_gating_loss_alone(tmp_path, experts_root)
     batch = PadCollator(tok.pad_token_id)([data[0], data[len(data) - 1]])
     inputs = {k: v for k, v in batch.items() if k != "task_labels"}
     template = template_lengths(batch["input_ids"], template_header_ids(tok))
-    fusion_losses(moe, moe(**inputs, output_router_logits=True), batch, profile, template)["gate_loss"].backward()
+    out = moe(**inputs, output_router_logits=True)
+    fusion_losses(moe, out, batch, profile, template)["gate_loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.router_parameters())
 
 
@@ -239,3 +241,31 @@ def test_torchrun_two_processes_gloo(tmp_path, experts_root):
     manifest = read_manifest(fusion_dir(profile))
     assert manifest is not None and manifest["global_step"] == profile.fusion.train.max_steps
     assert manifest["world_size"] == 2  # real DDP over gloo, not two independent copies
+
+
+def test_transformers_own_resume_still_drops_a_mixtral_s_experts(tmp_path):
+    """Why `FusionTrainer` checkpoints its trainable tensors itself: transformers' `save_pretrained` writes a
+    Mixtral's experts under per-expert keys and the Trainer's resume loads them back without converting, so the
+    experts keep whatever they held (huggingface/transformers#48805). When this test fails, transformers resumes a
+    Mixtral correctly: drop `FusionTrainer._save` / `_load_from_checkpoint` and let the Trainer checkpoint."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments
+
+    cfg = MixtralConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    saved = MixtralForCausalLM(cfg)
+    saved.save_pretrained(tmp_path / "checkpoint")
+    torch.manual_seed(1)
+    resumed = MixtralForCausalLM(cfg)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    Trainer(model=resumed, args=args)._load_from_checkpoint(str(tmp_path / "checkpoint"))
+    experts = "model.layers.0.mlp.experts.down_proj"
+    assert not torch.equal(resumed.state_dict()[experts], saved.state_dict()[experts])
