@@ -274,12 +274,13 @@ def _mixtral_shell(base_model: PreTrainedModel, config: MixtralConfig) -> MoECau
         moe = MoECausalLM(config)
     state = {k: v for k, v in base_model.state_dict().items() if ".mlp." not in k}
     missing, unexpected = moe.load_state_dict(state, strict=False, assign=True)
-    if unexpected or any(".mlp." not in k and k != "lm_head.weight" for k in missing):
+    tied = config.tie_word_embeddings
+    if unexpected or any(".mlp." not in k and not (tied and k == "lm_head.weight") for k in missing):
         raise ModelError(
             f"the base model's weights do not map onto a Mixtral (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); report this with the base model's config.json"
         )
-    if config.tie_word_embeddings or "lm_head.weight" in missing:
+    if tied:
         moe.lm_head.weight = moe.model.embed_tokens.weight
     # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
     moe.model.rotary_emb = type(moe.model.rotary_emb)(config).to(base_model.device)
