@@ -48,7 +48,7 @@ class FusionExperts:
     """What both storages share: the experts' effective weights, their norms and the fusion LoRA.
 
     The storage supplies `stored_weight` (its own part of an expert's weights, without the fusion LoRA) and
-    `_merge_dense` / `_merge_factored` (how a trained fusion LoRA is folded in)."""
+    `_merge` (how a trained fusion LoRA is folded in)."""
 
     storage: str
     num_experts: int
