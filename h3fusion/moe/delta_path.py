@@ -41,22 +41,21 @@ def _add_masked(
 
 class DeltaPath:
     """The delta storage's forward, mixed into `DeltaExperts` (which owns the attributes read here: the base
-    weights ``base_<proj>``, `expert_deltas`, `fusion_lora`, `num_experts`, `hidden_act`, `act_fn`, `training` and
-    the inference cache `_stack_cache`)."""
+    weights ``base_<proj>``, `low_rank_sets` (the experts' deltas and the fusion LoRA), `num_experts`, `hidden_act`,
+    `act_fn`, `training` and the inference cache `_stack_cache`)."""
 
     num_experts: int
     hidden_act: str
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     training: bool
-    expert_deltas: LowRankExperts | None
-    fusion_lora: LowRankExperts | None
+    low_rank_sets: Callable[[], list[LowRankExperts]]
     base_gate_proj: torch.Tensor
     base_up_proj: torch.Tensor
     base_down_proj: torch.Tensor
     _stack_cache: dict
 
     def _sets(self, proj: str) -> list[LowRankExperts]:
-        return [s for s in (self.expert_deltas, self.fusion_lora) if s is not None and proj in s.A]
+        return [s for s in self.low_rank_sets() if proj in s.A]
 
     def _stack(self, projs: tuple[str, ...]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """All experts' and sets' rank-r factors of `projs` stacked for one matmul.

@@ -47,8 +47,8 @@ def check_storage(storage: str) -> None:
 class FusionExperts:
     """What both storages share: the experts' effective weights, their norms and the fusion LoRA.
 
-    The storage supplies `stored_weight` (its own part of an expert's weights, without the fusion LoRA) and
-    `_merge` (how a trained fusion LoRA is folded in)."""
+    The storage supplies `stored_weight` (its dense part of the experts' weights), `low_rank_sets` (its factored
+    parts) and `_merge` (how a trained fusion LoRA is folded in)."""
 
     storage: str
     num_experts: int
@@ -60,17 +60,18 @@ class FusionExperts:
     def stored_weight(self, proj: str) -> torch.Tensor:  # pragma: no cover - every storage overrides it
         raise NotImplementedError
 
-    def _reference(self) -> torch.Tensor:
-        return self.stored_weight("down_proj")
+    def low_rank_sets(self) -> list[LowRankExperts]:
+        """The factored parts of the experts' weights: the fusion LoRA when present (delta storage: its deltas too)."""
+        return [] if self.fusion_lora is None else [self.fusion_lora]
 
     def expert_weight(self, proj: str) -> torch.Tensor:
-        """Effective weights [E, out, in] of one projection, fusion LoRA included (differentiable)."""
+        """Effective weights [E, out, in] of one projection, every low-rank set included (differentiable)."""
         w = self.stored_weight(proj)
-        extra = None if self.fusion_lora is None else self.fusion_lora.dense(proj)
-        if extra is None:
+        extras = [d for s in self.low_rank_sets() if (d := s.dense(proj)) is not None]
+        if not extras:
             return w
         # sum in float32 so that bf16 weights lose no more than one rounding
-        return (w.float() + extra.float()).to(w.dtype)
+        return (w.float() + sum(x.float() for x in extras)).to(w.dtype)
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
         return {p: self.expert_weight(p) for p in PROJECTIONS}
@@ -90,7 +91,7 @@ class FusionExperts:
         """Add trainable per-expert LoRA factors (B = 0: the function is unchanged at init)."""
         if self.fusion_lora is not None:
             raise ModelError("these experts already have fusion LoRA factors; call merge_fusion_lora() first")
-        ref = self._reference()
+        ref = self.stored_weight("down_proj")
         lora = LowRankExperts(
             self.num_experts,
             rank,
@@ -211,14 +212,12 @@ class DeltaExperts(DeltaPath, FusionExperts, nn.Module):
     ) -> torch.Tensor:
         return self._forward_delta(hidden_states, top_k_weights, top_k_index)
 
-    def expert_weight(self, proj: str) -> torch.Tensor:
-        """Effective weights [E, out, in] of one projection: base + deltas + fusion LoRA, summed in float32."""
-        w = getattr(self, f"base_{proj}").unsqueeze(0).expand(self.num_experts, -1, -1)
-        extras = [s.dense(proj) for s in (self.expert_deltas, self.fusion_lora) if s is not None]
-        extras = [x for x in extras if x is not None]
-        if not extras:
-            return w
-        return (w.float() + sum(x.float() for x in extras)).to(w.dtype)
+    def stored_weight(self, proj: str) -> torch.Tensor:
+        """The shared base weight seen as every expert's [E, out, in] (a view, no copy)."""
+        return getattr(self, f"base_{proj}").unsqueeze(0).expand(self.num_experts, -1, -1)
+
+    def low_rank_sets(self) -> list[LowRankExperts]:
+        return [s for s in (self.expert_deltas, self.fusion_lora) if s is not None]
 
     def expert_sq_norms(self) -> torch.Tensor:
         """[E] squared norms of the effective weights without forming them (the released-code penalty).
@@ -229,10 +228,11 @@ class DeltaExperts(DeltaPath, FusionExperts, nn.Module):
         total = torch.zeros(self.num_experts, dtype=torch.float32, device=self.base_gate_proj.device)
         for p in PROJECTIONS:
             base = getattr(self, f"base_{p}").float()
-            factors = []
-            for low_rank in (self.expert_deltas, self.fusion_lora):
-                if low_rank is not None and p in low_rank.A:
-                    factors.append((low_rank.A[p].float(), low_rank.B[p].float() * low_rank.scale))
+            factors = [
+                (low_rank.A[p].float(), low_rank.B[p].float() * low_rank.scale)
+                for low_rank in self.low_rank_sets()
+                if p in low_rank.A
+            ]
             total = total + base.pow(2).sum()
             if factors:
                 a = torch.cat([f[0] for f in factors], dim=1)  # [E, R, in]
@@ -241,9 +241,6 @@ class DeltaExperts(DeltaPath, FusionExperts, nn.Module):
                 gram = (b.transpose(1, 2) @ b * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
                 total = total + 2 * cross + gram
         return total
-
-    def _reference(self) -> torch.Tensor:
-        return self.base_gate_proj
 
     def _merge(self, lora: LowRankExperts) -> None:
         deltas = self.expert_deltas

@@ -24,7 +24,7 @@ from transformers import MixtralForCausalLM
 
 from h3fusion.artifacts import MANIFEST, atomic_dir, atomic_write_json, check_weight_files
 from h3fusion.errors import ArtifactError, ModelError
-from h3fusion.moe.model import MoECausalLM
+from h3fusion.moe.model import MoECausalLM, mixtral_on_tensors
 
 ROUND_TRIP_TOKENS = 8
 """Token ids the exported folder's logits are checked on."""
@@ -36,20 +36,15 @@ def plain_mixtral(moe: MoECausalLM) -> MixtralForCausalLM:
 
     Every tensor but the experts' is `moe`'s own (no copy): treat it as a read-only view, for saving.
     """
-    with torch.device("meta"):
-        mixtral = MixtralForCausalLM(moe.config)
     state = {k: v for k, v in moe.state_dict().items() if ".mlp.experts." not in k}
     for i, experts in enumerate(moe.experts_modules()):
         w = {p: t.detach() for p, t in experts.expert_weights().items()}
         prefix = f"model.layers.{i}.mlp.experts."
         state[prefix + "gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1).contiguous()
         state[prefix + "down_proj"] = w["down_proj"].contiguous()
-    mixtral.load_state_dict(state, strict=True, assign=True)
-    if moe.config.tie_word_embeddings:
-        mixtral.lm_head.weight = mixtral.model.embed_tokens.weight
-    # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
-    mixtral.model.rotary_emb = type(mixtral.model.rotary_emb)(moe.config).to(moe.device)
-    mixtral.generation_config = moe.generation_config
+    mixtral, missing, unexpected = mixtral_on_tensors(MixtralForCausalLM, moe.config, state, moe)
+    if missing or unexpected:
+        raise ModelError(f"export: the fused model's state lacks {missing[:3]} or has extra {unexpected[:3]}")
     return mixtral.eval()
 
 
@@ -80,6 +75,23 @@ def round_trip_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
+def logit_gap(reference: Any, candidate: Any) -> tuple[float, float]:
+    """The largest |logit difference| of `candidate` from `reference` on the first `ROUND_TRIP_TOKENS` token ids
+    (each model in eval mode, its own mode restored after), and the gap `round_trip_tolerance` allows there."""
+    ids = torch.arange(min(ROUND_TRIP_TOKENS, reference.config.vocab_size), device=reference.device)[None]
+    logits = []
+    for model in (reference, candidate):
+        was_training = model.training
+        model.eval()
+        try:
+            logits.append(model(input_ids=ids).logits.float())
+        finally:
+            model.train(was_training)
+    expected, got = logits
+    tol = round_trip_tolerance(reference.dtype) * max(1.0, expected.abs().max().item())
+    return (got - expected).abs().max().item(), tol
+
+
 def check_round_trip(moe: MoECausalLM, folder: str | Path) -> float:
     """Load `folder` with plain transformers and compare its logits with `moe`'s on a few token ids.
 
@@ -87,21 +99,10 @@ def check_round_trip(moe: MoECausalLM, folder: str | Path) -> float:
     """
     from transformers import AutoModelForCausalLM
 
-    loaded = (
-        AutoModelForCausalLM.from_pretrained(folder, dtype=moe.dtype, use_safetensors=True)
-        .to(moe.device)
-        .eval()
-    )
-    ids = torch.arange(min(ROUND_TRIP_TOKENS, moe.config.vocab_size), device=moe.device).unsqueeze(0)
-    was_training = moe.training
-    moe.eval()
-    try:
-        expected = moe(input_ids=ids).logits.float()
-    finally:
-        moe.train(was_training)
-    diff = (loaded(input_ids=ids).logits.float() - expected).abs().max().item()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=moe.dtype, use_safetensors=True)
+    loaded.to(moe.device)
+    diff, tol = logit_gap(moe, loaded)
     del loaded
-    tol = round_trip_tolerance(moe.dtype) * max(1.0, expected.abs().max().item())
     if not diff <= tol:
         raise ModelError(
             f"the exported Mixtral folder does not reproduce the fused model: logits differ by up to {diff:.3g} "

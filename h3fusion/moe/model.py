@@ -109,6 +109,25 @@ def moe_config(
     return cfg
 
 
+def mixtral_on_tensors(
+    model_class: type[MixtralForCausalLM], config: MixtralConfig, state: dict[str, torch.Tensor], source: Any
+) -> tuple[Any, list[str], list[str]]:
+    """A `model_class` (a Mixtral) holding `state`'s tensors without a copy: built on the meta device, its LM head
+    tied when the config says so, its RoPE buffers rebuilt on `source`'s device, `source`'s generation config.
+
+    Returns the model and the keys `state` lacked and had in excess: which may be missing is the caller's to say.
+    """
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(source.device)
+    model.generation_config = source.generation_config
+    return model, missing, unexpected
+
+
 class MoECausalLM(MixtralForCausalLM):
     """A `MixtralForCausalLM` with H3Fusion's experts modules and helpers over its MoE blocks."""
 

@@ -28,7 +28,7 @@ from transformers import MixtralConfig, PretrainedConfig, PreTrainedModel
 from h3fusion.errors import ModelError
 from h3fusion.moe.experts import DeltaExperts, MaterialisedExperts, Storage, check_storage
 from h3fusion.moe.low_rank import PROJECTIONS, check_top_k, projection_shapes
-from h3fusion.moe.model import MoECausalLM, check_base_family, decoder_layers, moe_config
+from h3fusion.moe.model import MoECausalLM, check_base_family, decoder_layers, mixtral_on_tensors, moe_config
 from h3fusion.progress import progress
 
 _KEY = re.compile(
@@ -270,21 +270,14 @@ def _materialised_experts(
 
 def _mixtral_shell(base_model: PreTrainedModel, config: MixtralConfig) -> MoECausalLM:
     """An `MoECausalLM` holding the base's attention, norms, embeddings and LM head (the same tensors, no copy)."""
-    with torch.device("meta"):
-        moe = MoECausalLM(config)
     state = {k: v for k, v in base_model.state_dict().items() if ".mlp." not in k}
-    missing, unexpected = moe.load_state_dict(state, strict=False, assign=True)
+    moe, missing, unexpected = mixtral_on_tensors(MoECausalLM, config, state, base_model)
     tied = config.tie_word_embeddings
     if unexpected or any(".mlp." not in k and not (tied and k == "lm_head.weight") for k in missing):
         raise ModelError(
             f"the base model's weights do not map onto a Mixtral (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); report this with the base model's config.json"
         )
-    if tied:
-        moe.lm_head.weight = moe.model.embed_tokens.weight
-    # non-persistent buffers (RoPE inverse frequencies) are not in the state dict: rebuild them
-    moe.model.rotary_emb = type(moe.model.rotary_emb)(config).to(base_model.device)
-    moe.generation_config = base_model.generation_config
     return moe.train(base_model.training)
 
 
@@ -292,25 +285,17 @@ def _mixtral_shell(base_model: PreTrainedModel, config: MixtralConfig) -> MoECau
 def _check_shell(base_model: PreTrainedModel, moe: MoECausalLM) -> None:
     """The Mixtral around the base's tensors, with the base's own MLPs in place of the MoE blocks, must give the
     base's logits: a family whose norms, embeddings or attention Mixtral computes differently is caught here."""
-    from h3fusion.moe.export import ROUND_TRIP_TOKENS, round_trip_tolerance
+    from h3fusion.moe.export import logit_gap
 
-    ids = torch.arange(min(ROUND_TRIP_TOKENS, base_model.config.vocab_size), device=base_model.device)[None]
-    was_training = base_model.training
-    base_model.eval()
-    expected = base_model(input_ids=ids).logits.float()
-    base_model.train(was_training)
     layers = decoder_layers(moe)
     blocks = [layer.mlp for layer in layers]
     for layer, dense in zip(layers, decoder_layers(base_model), strict=True):
         layer.mlp = dense.mlp
     try:
-        got = moe.eval()(input_ids=ids).logits.float()
+        diff, tol = logit_gap(base_model, moe)
     finally:
-        moe.train(was_training)  # the fused model keeps the base's mode
         for layer, block in zip(layers, blocks, strict=True):
             layer.mlp = block
-    diff = (got - expected).abs().max().item()
-    tol = round_trip_tolerance(base_model.dtype) * max(1.0, expected.abs().max().item())
     if not diff <= tol:
         raise ModelError(
             f"the Mixtral built on the {base_model.config.model_type!r} base does not reproduce the base: logits "
