@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 import shutil
 from types import SimpleNamespace
 
@@ -16,7 +18,12 @@ from h3fusion.config import GenerationConfig, load_profile
 from h3fusion.errors import ArtifactError, H3FusionError
 from h3fusion.evaluation import registry, store
 from h3fusion.evaluation import run as runmod
-from h3fusion.evaluation.generate import cut_at_stop, length_sorted_batches
+from h3fusion.evaluation.generate import (
+    DECODE_STEP_COST,
+    cut_at_stop,
+    generation_batches,
+    length_sorted_batches,
+)
 from h3fusion.evaluation.lm import HFLanguageModel, LanguageModel, split_continuation
 from h3fusion.evaluation.logprob_cache import profile_cache
 from h3fusion.evaluation.mc import MCQuestion, mc1_score, mc2_score, mc_prompt, score_mc
@@ -127,6 +134,38 @@ def test_length_sorted_batches_cover_every_index_once():
     batches = length_sorted_batches(lengths, 3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+
+
+def _plan_cost(lengths: list[int], batches: list[list[int]], new_tokens: int) -> float:
+    fixed, per_row = DECODE_STEP_COST
+    return sum(len(b) * max(lengths[i] for i in b) + new_tokens * (fixed + per_row * len(b)) for b in batches)
+
+
+def test_generation_batches_are_the_cheapest_split_of_the_sorted_prompts():
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.choice([rng.randint(20, 80), rng.randint(100, 300)]) for _ in range(rng.randint(1, 9))]
+        max_batch, new_tokens = rng.randint(1, 5), rng.choice([8, 48, 128])
+        batches = generation_batches(lengths, max_batch, new_tokens)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert [lengths[i] for b in batches for i in b] == sorted(lengths, reverse=True)
+        assert all(1 <= len(b) <= max_batch for b in batches)
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        splits = (  # every way to cut the sorted order into contiguous batches
+            [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))]
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        cheapest = min(_plan_cost(lengths, s, new_tokens) for s in splits if max(map(len, s)) <= max_batch)
+        assert _plan_cost(lengths, batches, new_tokens) == pytest.approx(cheapest)
+
+
+def test_generation_batches_split_off_a_long_outlier_and_keep_equal_prompts_together():
+    assert len(generation_batches([60] * 50, 48, 128)) == 2  # no padding to save: as few batches as fit
+    assert len(generation_batches([60] * 40, 48, 48)) == 1
+    outlier = generation_batches([299, *[70] * 48], 48, 128)
+    assert outlier[0] == [0] and len(outlier[1]) == 48  # the long prompt alone, not padding 48 rows to 299
+    assert len(generation_batches([80, *[70] * 48], 49, 128)) == 1  # a little padding costs less than a batch
 
 
 def test_cut_at_stop_removes_a_new_turn():

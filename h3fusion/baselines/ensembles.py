@@ -29,8 +29,8 @@ from h3fusion.evaluation.generate import (
     cut_at_stop,
     encode_prompts,
     eos_token_ids,
+    generation_batches,
     left_pad,
-    length_sorted_batches,
 )
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class TokenEnsemble:
         weights = self.prompt_weights(prompts)  # uniform: no prompt pass
         bar = progress(total=len(prompts), desc=desc, show=self.progress, unit="prompt")
         with torch.inference_mode():
-            for batch in length_sorted_batches([len(e) for e in encoded], cfg.batch_size):
+            for batch in generation_batches([len(e) for e in encoded], cfg.batch_size, cfg.max_new_tokens):
                 texts = self._generate_batch([encoded[i] for i in batch], cfg, gen, weights[batch])
                 for i, text in zip(batch, texts, strict=True):
                     answers[i] = text

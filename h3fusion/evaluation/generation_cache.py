@@ -23,8 +23,9 @@ from pathlib import Path
 from h3fusion.artifacts import atomic_write_text
 from h3fusion.config import GenerationConfig
 
-CACHE_FORMAT = 1
-"""Bump when what a stored answer means changes (decoding rules, answer post-processing)."""
+CACHE_FORMAT = 2
+"""Bump when what a stored answer means changes (decoding rules, batching, answer post-processing); 2: batches
+planned by cost (`h3fusion.evaluation.generate.generation_batches`)."""
 
 
 @dataclass(frozen=True)

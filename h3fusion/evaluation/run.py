@@ -62,8 +62,10 @@ from h3fusion.evaluation.mc import mc_prompt
 from h3fusion.evaluation.registry import resolve_model
 from h3fusion.evaluation.store import METRICS, eval_dir, read_jsonl, write_jsonl
 
-EVAL_FORMAT = 1
-"""Bump when prompts, stop rules or the files' layout change: every cached generation is then redone."""
+EVAL_FORMAT = 2
+"""Bump when prompts, stop rules, batching or the files' layout change: every cached generation is then redone
+(2: batches planned by cost, `generation.generation_batches`; a batch's composition can move a greedy answer at
+the rounding level)."""
 
 PHASE_TIMES = "phase_times"
 """Manifest key: {phase or dimension: seconds and whether generations/judgements were reused}."""
