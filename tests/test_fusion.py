@@ -154,6 +154,26 @@ class _KillAfterFirstSave(TrainerCallback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def test_evaluation_runs_the_exported_fused_model_on_factored_experts(tmp_path, experts_root):
+    """The registry factors the exported experts back into the base FFN plus low-rank deltas (smoke: expert rank 4
+    + fusion rank 4, within the cap of 8 at widths 64 and 128) with the exported model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from h3fusion.evaluation.registry import resolve_model
+    from h3fusion.moe.experts import DeltaExperts
+
+    profile = _profile(tmp_path, experts_root)
+    folder = fuse(profile)
+    evaluated = resolve_model(profile, profile.fusion.variant)().model
+    assert all(isinstance(layer.mlp.experts, DeltaExperts) for layer in evaluated.model.layers)
+    full = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, full.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            evaluated(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, experts_root):
     """The smoke variant fused once without interruption: the reference of the kill tests."""

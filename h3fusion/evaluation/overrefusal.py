@@ -34,8 +34,9 @@ PHASE = "xstest"
 """The track's key in the metrics and in the manifest's phase times."""
 HASHES = "xstest_hashes"
 """Manifest key: {"answers": hash of what the answers depend on, "verdicts": that and the classifier}."""
-FORMAT = 1
-"""Bump when the prompts or the stored rows change: cached XSTest answers are then redone."""
+FORMAT = 2
+"""Bump when the prompts, the batching or the stored rows change: cached XSTest answers are then redone (2: batches
+planned by cost, `h3fusion.evaluation.generate.generation_batches`)."""
 
 
 @dataclass
