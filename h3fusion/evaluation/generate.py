@@ -2,9 +2,9 @@
 
 Prompts are sorted by token length and cut into the batches that cost least (`generation_batches`: a batch
 holds prompts of similar length, so little padding and little wasted compute), generated with the KV cache
-under ``torch.inference_mode``, and the answers are put back in the caller's order. A sequence stops at the tokenizer's end-of-turn token (``<|im_end|>`` for SmolLM2,
-``</s>`` for Llama-2) or when it starts a new turn of the Alpaca template (``### Instruction:`` ...); the stop
-text is cut from the answer. ``temperature == 0`` is greedy decoding (deterministic); ``temperature > 0`` is
+under ``torch.inference_mode``, and the answers are put back in the caller's order. A sequence stops at the
+tokenizer's end-of-turn token (``<|im_end|>`` for SmolLM2, ``</s>`` for Llama-2) or when it starts a new turn of
+the Alpaca template (``### Instruction:`` ...); the stop text is cut from the answer. ``temperature == 0`` is greedy decoding (deterministic); ``temperature > 0`` is
 pure temperature sampling (no top-k / top-p), seeded by ``seed``.
 """
 

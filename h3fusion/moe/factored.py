@@ -4,9 +4,9 @@ Why: an exported fused model is a plain Mixtral whose experts are full FFNs, so 
 per token where the delta storage (`DeltaExperts`) computes the base FFN once plus rank-r corrections. Every
 fused model of this project is the base model plus low-rank changes per expert (the experts' LoRA, the fusion
 LoRA; the released code's aliasing sums them), so ``W_e - W_base`` has a small rank, recovered exactly (up to
-float32 rounding) from a randomised sketch of it (`_low_rank`). Evaluation uses it to score and generate at about the cost of the dense model; a
-layer whose differences are not of low rank (a model fused from other bases, a full fine-tune) keeps Mixtral's
-experts, so the result never depends on the shortcut being valid.
+float32 rounding) from a randomised sketch of it (`_low_rank`). Evaluation uses it to score and generate at
+about the cost of the dense model; a layer whose differences are not of low rank (a model fused from other
+bases, a full fine-tune) keeps Mixtral's experts, so the result never depends on the shortcut being valid.
 """
 
 from __future__ import annotations
