@@ -18,6 +18,7 @@ from torch import nn
 
 from h3fusion.moe.experts import DeltaExperts
 from h3fusion.moe.low_rank import PROJECTIONS
+from h3fusion.moe.upcycle import ExpertAdapter, delta_experts
 
 MAX_RANK_SHARE = 0.125
 """A delta of rank above this share of min(d, f) is not worth factoring (the delta path would cost more)."""
@@ -67,7 +68,7 @@ def factored_experts(
     weights = _expert_weights(experts)
     num, f, d = weights["gate_proj"].shape
     max_rank = max_rank or max(1, int(MAX_RANK_SHARE * min(d, f)))
-    factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num)]
     generator = torch.Generator().manual_seed(0)
     for p in PROJECTIONS:
         base = getattr(base_mlp, p).weight.detach()
@@ -82,17 +83,10 @@ def factored_experts(
             rebuilt = base.double() + b @ a
             if float((rebuilt - w.double()).abs().max()) > RELATIVE_TOLERANCE * float(w.abs().max()):
                 return None
-            factors[e, p] = (a.to(w.dtype), b.to(w.dtype))
-    rank = max(a.shape[0] for a, _ in factors.values())
-    out = DeltaExperts(d, f, num, rank, hidden_act, dtype=weights["gate_proj"].dtype, device=base.device)
-    with torch.no_grad():
-        for p in PROJECTIONS:
-            getattr(out, f"base_{p}").copy_(getattr(base_mlp, p).weight)
-            for e in range(num):
-                a, b = factors[e, p]
-                out.expert_deltas.A[p][e, : a.shape[0]].copy_(a)
-                out.expert_deltas.B[p][e, :, : a.shape[0]].copy_(b)
-    return out
+            factors[e][0, p] = (a.to(w.dtype), b.to(w.dtype))
+    # the factors as one adapter per expert on a one-layer view: upcycling's own builder of the delta storage
+    adapters = [ExpertAdapter(name=str(e), scale=1.0, factors=own) for e, own in enumerate(factors)]
+    return delta_experts(base_mlp, 0, adapters, hidden_act).eval()
 
 
 def factor_experts(model: Any, base_model: Any, max_rank: int | None = None) -> int:
@@ -109,6 +103,6 @@ def factor_experts(model: Any, base_model: Any, max_rank: int | None = None) -> 
             continue
         factored = factored_experts(block.experts, base_layer.mlp, model.config.hidden_act, max_rank)
         if factored is not None:
-            block.experts = factored.eval()
+            block.experts = factored
             replaced += 1
     return replaced

@@ -226,7 +226,7 @@ def random_router_weights(
 
 
 # ----------------------------------------------------------------------- upcycle
-def _delta_experts(
+def delta_experts(
     mlp: nn.Module, layer_idx: int, adapters: Sequence[ExpertAdapter], hidden_act: str
 ) -> DeltaExperts:
     """The base FFN's own tensors (no copy) and every adapter's factors, scale folded into B."""
@@ -365,6 +365,6 @@ def upcycle(
         block.experts = (
             _materialised_experts(layer.mlp, i, loaded, config)
             if storage == "materialised"
-            else _delta_experts(layer.mlp, i, loaded, hidden_act)
+            else delta_experts(layer.mlp, i, loaded, hidden_act)
         )
     return moe
